@@ -1,0 +1,510 @@
+"""The engine: a model registry, a Dask cluster, and the runs between them.
+
+It lives in the notebook kernel and never imports TensorFlow; models load inside the
+workers. ``nbtool.start()`` builds one; the module-level shortcuts (``nbtool.predict`` ...)
+act on the last one started, like Dask's default client.
+
+Example:
+    >>> import nbtool
+    >>> eng = nbtool.start()                                   # doctest: +SKIP
+    >>> eng.register("cnn", "models/cnn.keras")                # doctest: +SKIP
+    >>> res = eng.predict(["cnn"], x_test)                     # doctest: +SKIP
+    >>> eng.close()                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dask.utils import parse_bytes
+from distributed import Client
+
+from .devices import WorkerInfo, discover_gpus, place, plan_workers, select_gpus
+from .errors import ModelLoadError, NbtoolError
+from .registry import ModelSpec, Registry, find_models, inspect_model
+from .results import Prediction, check_combine
+from .runner import PredictionRun, check_fits, resolve_chunk_size
+from .sources import as_source
+from .tables import Table, human_bytes
+from .worker import NbtoolWorkerPlugin, load_model, unload_models, worker_status
+
+logger = logging.getLogger("nbtool")
+
+#: Seconds to wait for workers to start (each imports TensorFlow: a few seconds per core).
+WORKER_START_TIMEOUT = 120
+
+_NAME = re.compile(r"^[^\s]+$")
+_default_engine: "Engine | None" = None
+
+
+class Engine:
+    """Registered models, the cluster that runs them, and the runs so far.
+
+    Build one with :func:`nbtool.start`; ``eng.client`` is the underlying
+    :class:`distributed.Client` for people who know Dask.
+
+    Example:
+        >>> eng = nbtool.start(n_workers=2)              # doctest: +SKIP
+        >>> eng.register("mlp", "models/mlp.h5", device="cpu", replicas=2)  # doctest: +SKIP
+        >>> eng.predict("mlp", x).combined.shape         # doctest: +SKIP
+        (1000, 10)
+    """
+
+    def __init__(self, client: Client, cluster=None, work_dir: str | None = None):
+        self.client = client
+        self.cluster = cluster
+        self.registry = Registry()
+        self.placement: dict[str, list[str]] = {}    # model -> worker names
+        self.history: list[dict[str, Any]] = []      # one summary per prediction
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nbtool-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.workers: dict[str, WorkerInfo] = {}
+        self.refresh_workers()
+
+    # -- workers ---------------------------------------------------------------------------
+    def refresh_workers(self) -> dict[str, WorkerInfo]:
+        """Ask every worker for its device and budget; returns them by worker name."""
+        statuses = self._statuses()
+        self.workers = {name: WorkerInfo(name, s["device"], s["budget"])
+                        for name, s in sorted(statuses.items())}
+        if not self.workers:
+            raise NbtoolError("the cluster has no workers. Fix: start workers for the "
+                              "scheduler (dask worker ADDRESS) or use nbtool.start() for a "
+                              "local cluster.")
+        return self.workers
+
+    def _addresses(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Current address of each worker name (addresses change when workers restart)."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        by_name = {str(w["name"]): addr for addr, w in info.items()}
+        if names is None:
+            return by_name
+        return {n: by_name[n] for n in names if n in by_name}
+
+    def _statuses(self, names: Iterable[str] | None = None) -> dict[str, dict]:
+        """``worker_status()`` of the given workers (all by default), by worker name."""
+        addrs = self._addresses(names)
+        if not addrs:
+            return {}
+        raw = self.client.run(worker_status, workers=list(addrs.values()))
+        back = {a: n for n, a in addrs.items()}
+        return {back[a]: s for a, s in raw.items() if a in back}
+
+    # -- registering ---------------------------------------------------------------------
+    def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
+                 batch_size: int | None = None, preprocess: Callable | None = None,
+                 trusted: bool = False) -> ModelSpec:
+        """Register a model file (or a Keras model object) under ``name`` and place it.
+
+        ``model`` is a path to a ``.keras``/``.h5`` file or a SavedModel directory, or a
+        Keras model you just built: that one is saved once as ``.keras`` in the engine's
+        work folder. ``device`` is ``"auto"``, ``"cpu"``, ``"gpu"`` or e.g. ``"gpu:1"``;
+        ``replicas`` places it on that many workers so its chunks run in parallel.
+        Nothing loads now: the model loads on a worker the first time it is used (or on
+        :meth:`load`). ``trusted=True`` lets Keras deserialize Lambda layers and custom
+        code from this file (safe mode is on otherwise). Registering a name again replaces
+        it (a no-op if nothing changed).
+
+        Example:
+            >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
+            >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
+        """
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"model name {name!r}: expected a non-empty string without "
+                             "spaces, e.g. 'cnn' or 'resnet_v2'.")
+        path = self._model_path(name, model)
+        spec = inspect_model(name, path, device=device, replicas=int(replicas),
+                             batch_size=batch_size, preprocess=preprocess,
+                             trusted=bool(trusted))
+        return self._add(spec)
+
+    def _model_path(self, name: str, model: Any) -> str:
+        if isinstance(model, (str, os.PathLike)):
+            return str(model)
+        if hasattr(model, "save") and hasattr(model, "inputs"):   # a Keras model object
+            path = self.work_dir / f"{name}.keras"
+            model.save(path)
+            return str(path)
+        raise TypeError(f"model {name!r}: expected a path to a .keras/.h5 file or SavedModel "
+                        f"directory, or a Keras model; got {type(model).__name__}.")
+
+    def _add(self, spec: ModelSpec) -> ModelSpec:
+        old = self.registry.get(spec.name) if spec.name in self.registry else None
+        if old == spec:
+            return old
+        if old is not None:   # replaced: the old copies must not keep serving
+            self._soft_unload([spec.name])
+            del self.placement[spec.name]
+        self.placement[spec.name] = place(spec.name, spec.size_bytes, spec.device,
+                                          spec.replicas, self.workers.values(),
+                                          self._assigned_bytes())
+        self.registry.add(spec)
+        return spec
+
+    def _assigned_bytes(self) -> dict[str, int]:
+        assigned: dict[str, int] = {}
+        for name, workers in self.placement.items():
+            for w in workers:
+                assigned[w] = assigned.get(w, 0) + self.registry.get(name).size_bytes
+        return assigned
+
+    def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
+                     batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:
+        """Register every ``.keras``/``.h5`` file and SavedModel directory in ``folder``.
+
+        Each is named after its file (without suffix). They are placed largest first, so
+        ``device="auto"`` spreads them evenly over the workers' budgets.
+
+        Example:
+            >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
+            ['cnn', 'mlp', 'exported']
+        """
+        found = find_models(folder)
+        if not found:
+            raise NbtoolError(f"folder {folder}: no models found; expected .keras or .h5 "
+                              "files or SavedModel directories inside. Fix: save models "
+                              "there with model.save('folder/name.keras').")
+        specs = [inspect_model(n, p, device=device, replicas=int(replicas),
+                               batch_size=batch_size, trusted=bool(trusted))
+                 for n, p in found.items()]
+        specs.sort(key=lambda s: -s.size_bytes)
+        return [self._add(s) for s in specs]
+
+    # -- looking -----------------------------------------------------------------------
+    def models(self) -> Table:
+        """A table of the registered models: format, size, placement, state per worker.
+
+        Example:
+            >>> eng.models()     # doctest: +SKIP
+            name  format  size    device  state
+            cnn   keras   1.2 MB  cpu:0   cpu0: loaded
+        """
+        statuses = self._statuses()
+        rows = []
+        for spec in self.registry:
+            states, footprints, loads = [], [], []
+            for w in self.placement.get(spec.name, []):
+                info = statuses.get(w, {}).get("models", {}).get(spec.name)
+                state = _state_text(info)
+                states.append(f"{w}: {state}")
+                if info and info.get("state") == "loaded":
+                    footprints.append(info.get("accounted") or info.get("footprint"))
+                    loads.append(info.get("load_seconds"))
+            rows.append({
+                "name": spec.name, "format": spec.format,
+                "size": human_bytes(spec.size_bytes),
+                "device": ", ".join(self.workers[w].device for w in
+                                    self.placement.get(spec.name, []) if w in self.workers),
+                "state": "; ".join(states),
+                "footprint": human_bytes(max(footprints)) if footprints else "-",
+                "load s": f"{max(loads):.2f}" if loads else "-",
+                "path": spec.path,
+            })
+        return Table(rows, title="models")
+
+    def devices(self) -> Table:
+        """A table of the workers: device, memory in use, model budget, resident models.
+
+        Example:
+            >>> eng.devices()    # doctest: +SKIP
+            worker  device  memory    budget  resident  models
+            cpu0    cpu:0   812.0 MB  5.6 GB  1.2 MB    cnn
+        """
+        rows = []
+        for name, s in sorted(self._statuses().items()):
+            rows.append({
+                "worker": name, "device": s["device"],
+                "memory": human_bytes(s["memory_in_use"]),
+                "idle memory": human_bytes(s["idle_memory"]),
+                "budget": human_bytes(s["budget"]),
+                "resident": human_bytes(s["resident_bytes"]),
+                "models": ", ".join(s["lru_order"]) or "-",
+                "pid": s["pid"],
+            })
+        return Table(rows, title="devices")
+
+    # -- loading and unloading -----------------------------------------------------------
+    def load(self, *models: str | list[str]) -> dict[str, dict[str, dict]]:
+        """Load models now on every worker they are placed on (else they load on first use).
+
+        Returns, per model and worker, the cache entry (state, footprint, load seconds).
+        Raises :class:`~nbtool.errors.ModelLoadError` if any load fails; the others stay
+        loaded.
+
+        Example:
+            >>> eng.load("cnn", "mlp")["cnn"]["cpu0"]["state"]   # doctest: +SKIP
+            'loaded'
+        """
+        names = _names(models)
+        specs = [self.registry.get(n) for n in names]
+        futures = {}
+        for spec in specs:
+            for w in self.placement[spec.name]:
+                futures[(spec.name, w)] = self.client.submit(
+                    load_model, spec, workers=[w], allow_other_workers=False, pure=False,
+                    key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
+        out: dict[str, dict[str, dict]] = {n: {} for n in names}
+        failures = []
+        for (name, w), fut in futures.items():
+            try:
+                out[name][w] = entry = fut.result()
+            except ModelLoadError as e:
+                failures.append(e)
+                continue
+            self._learn_signature(name, entry)
+        if failures:
+            raise failures[0]
+        return out
+
+    def _learn_signature(self, name: str, entry: dict) -> None:
+        """SavedModels tell their input only once loaded: remember it for input checks."""
+        spec = self.registry.get(name)
+        if spec.input_shape is None and entry.get("input_shape"):
+            self.registry.add(spec.with_input(tuple(entry["input_shape"]),
+                                              entry.get("input_dtype"),
+                                              entry.get("n_outputs")))
+
+    def unload(self, models: str | list[str] | None = None, hard: bool = False) -> list[str]:
+        """Unload models (all if ``None``) from the workers.
+
+        Soft (default): the workers drop them and clear Keras' state; the memory becomes
+        reusable inside those workers. ``hard=True``: the worker processes that held them
+        restart (TensorFlow never returns memory otherwise) and the models they held that
+        were not asked to go are loaded again. Returns the workers restarted (hard) or the
+        models dropped (soft).
+
+        Example:
+            >>> eng.unload("cnn")                  # doctest: +SKIP
+            >>> eng.unload(hard=True)              # doctest: +SKIP
+            ['cpu0', 'cpu1']
+        """
+        names = self.registry.names() if models is None else _names([models])
+        for n in names:
+            self.registry.get(n)   # unknown names fail before anything happens
+        if not hard:
+            return self._soft_unload(names)
+        statuses = self._statuses()
+        holders = {w: s for w, s in statuses.items()
+                   if any(n in s["lru_order"] for n in names)}
+        if not holders:
+            return []
+        keep = {w: [m for m in s["lru_order"] if m not in names and m in self.registry]
+                for w, s in holders.items()}
+        self.client.restart_workers(sorted(holders))
+        self._wait_for_workers(sorted(holders))
+        futures = [self.client.submit(load_model, self.registry.get(m), workers=[w],
+                                      allow_other_workers=False, pure=False,
+                                      key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
+                   for w, ms in keep.items() for m in ms]
+        self.client.gather(futures)
+        return sorted(holders)
+
+    def _soft_unload(self, names: list[str]) -> list[str]:
+        workers = sorted({w for n in names for w in self.placement.get(n, [])})
+        addrs = self._addresses(workers)
+        if not addrs:
+            return []
+        dropped = self.client.run(unload_models, names, workers=list(addrs.values()))
+        return sorted({m for ms in dropped.values() for m in ms})
+
+    def _wait_for_workers(self, names: list[str], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self._addresses(names)) == len(names):
+                return
+            time.sleep(0.1)
+        raise NbtoolError(f"workers {names} did not come back within {timeout:.0f}s after a "
+                          "restart. Fix: look at the Dask dashboard or the worker logs "
+                          "(eng.client.get_worker_logs()).")
+
+    # -- predicting --------------------------------------------------------------------------
+    def predict(self, models: str | list[str], x: Any, chunk_size: int | None = None,
+                combine: str | None = "mean", save: str | None = None) -> Prediction:
+        """Run models on ``x`` in chunks on the workers; returns a :class:`Prediction`.
+
+        ``x`` is an ndarray, a path to a ``.npy`` (workers memory-map their slices) or a
+        Dask array (its row blocks become the chunks). The input is checked against every
+        model before anything is scheduled. ``combine`` is ``"mean"``, ``"vote"`` or
+        ``None``. A chunk that fails does not discard the others: see ``res.errors`` and
+        ``res.raise_for_errors()``. ``save="preds.npz"`` also writes the outputs there.
+
+        Example:
+            >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
+            >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
+            ((2000, 10), (2000,))
+        """
+        run = self._start_run(models, x, chunk_size, combine)
+        return self._finish_run(run, run.collect(), save)
+
+    async def predict_async(self, models: str | list[str], x: Any,
+                            chunk_size: int | None = None, combine: str | None = "mean",
+                            save: str | None = None) -> Prediction:
+        """The awaitable twin of :meth:`predict`: the event loop stays free while it runs.
+
+        Example:
+            >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
+        """
+        run = self._start_run(models, x, chunk_size, combine)
+        res = await asyncio.to_thread(run.collect)
+        return self._finish_run(run, res, save)
+
+    def _start_run(self, models, x, chunk_size, combine) -> PredictionRun:
+        check_combine(combine)
+        names = list(dict.fromkeys(_names([models])))
+        if not names:
+            raise ValueError("predict needs at least one model name.")
+        specs = [self.registry.get(n) for n in names]
+        source = as_source(x)
+        unknown = [s.name for s in specs if s.input_shape is None and s.preprocess is None]
+        if unknown:   # SavedModels: learn their input signature before checking
+            self.load(*unknown)
+            specs = [self.registry.get(n) for n in names]
+        for spec in specs:
+            check_fits(spec, source)
+        used = {w for n in names for w in self.placement[n]}
+        size = resolve_chunk_size(chunk_size, source, len(used))
+        run = PredictionRun(self.client, [(s, self.placement[s.name]) for s in specs],
+                            source, size, combine)
+        run.submit()
+        return run
+
+    def _finish_run(self, run: PredictionRun, res: Prediction, save) -> Prediction:
+        if save:
+            res.save(save)
+        self.history.append({
+            "time": time.time(), "models": res.models, "rows": res.n_rows,
+            "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
+            "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
+            "errors": len(res.errors)})
+        return res
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Shut down the client (and the local cluster, if this engine started it).
+
+        Example:
+            >>> eng.close()   # doctest: +SKIP
+        """
+        global _default_engine
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+            if self._own_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            if _default_engine is self:
+                _default_engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """Dask's dashboard for this cluster (served on 127.0.0.1 for a local cluster)."""
+        return getattr(self.client, "dashboard_link", None)
+
+    def __repr__(self) -> str:
+        ws = ", ".join(f"{w.name} ({w.device})" for w in self.workers.values())
+        return (f"<nbtool.Engine: {len(self.workers)} worker(s) [{ws}], "
+                f"{len(self.registry)} model(s), dashboard {self.dashboard_link}>")
+
+
+def _names(models) -> list[str]:
+    out: list[str] = []
+    for m in models:
+        if m is None:
+            continue
+        if isinstance(m, str):
+            out.append(m)
+        else:
+            out.extend(_names(list(m)))
+    return out
+
+
+def _state_text(info: dict | None) -> str:
+    if not info:
+        return "not loaded"
+    state = info.get("state", "not loaded")
+    if state == "failed":
+        return f"failed: {info.get('reason')}"
+    return state
+
+
+def start(address: str | None = None, *, gpus: str | int | list[int] | None = "auto",
+          memory_budget: str | int | None = None, n_workers: int | None = None,
+          dashboard_address: str = "127.0.0.1:8787", work_dir: str | None = None) -> Engine:
+    """Start an engine: a local GPU-pinned cluster, or a client of an existing one.
+
+    Without ``address``, it starts a local cluster on 127.0.0.1 with one worker per GPU
+    (``gpus="auto"`` finds them with NVML; ``gpus=[0, 1]`` picks; ``gpus="none"`` uses the
+    CPU), each worker seeing exactly one GPU. With no GPU, it starts single-threaded CPU
+    workers, one per core. With ``address="tcp://host:8786"`` it connects to that Dask
+    scheduler instead; its workers run the same worker code (nbtool must be installed
+    there). ``memory_budget`` (e.g. ``"6GB"``) is the model memory each worker may hold
+    before it evicts the least recently used model. The new engine becomes the default
+    one for ``nbtool.predict`` and friends.
+
+    Example:
+        >>> eng = nbtool.start()                                  # doctest: +SKIP
+        >>> eng = nbtool.start(gpus=[0, 1], memory_budget="6GB")  # doctest: +SKIP
+        >>> eng = nbtool.start(address="tcp://10.0.0.5:8786")     # doctest: +SKIP
+    """
+    global _default_engine
+    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
+    cluster = None
+    if address is None:
+        from .cluster import PinnedCluster
+
+        slots = plan_workers(select_gpus(gpus, discover_gpus()), n_workers=n_workers,
+                             memory_budget=budget)
+        cluster = PinnedCluster(slots, dashboard_address=dashboard_address)
+        client = Client(cluster)
+        n_expected = len(slots)
+        plugin = NbtoolWorkerPlugin()    # budgets travel in each worker's environment
+    else:
+        client = Client(address)
+        n_expected = 1
+        plugin = NbtoolWorkerPlugin(budget)
+    try:
+        try:
+            client.wait_for_workers(n_expected, timeout=WORKER_START_TIMEOUT)
+        except TimeoutError:
+            raise NbtoolError(
+                f"fewer than {n_expected} worker(s) started within {WORKER_START_TIMEOUT}s"
+                + (f" at {address}" if address else "") + ". Fix: look at the worker logs "
+                "above; in a script, guard the call with `if __name__ == '__main__':` "
+                "(workers are spawned processes that import the main module).") from None
+        client.register_plugin(plugin)
+        eng = Engine(client, cluster, work_dir)
+    except BaseException:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise
+    _default_engine = eng
+    return eng
+
+
+def default_engine() -> Engine:
+    """The engine started last (what ``nbtool.predict`` and friends use).
+
+    Example:
+        >>> nbtool.default_engine() is eng   # doctest: +SKIP
+        True
+    """
+    if _default_engine is None:
+        raise NbtoolError("no nbtool engine is running. Fix: eng = nbtool.start() first.")
+    return _default_engine

@@ -1,0 +1,282 @@
+"""Model specs and the registry, read from the files without importing TensorFlow.
+
+The notebook kernel must not import TensorFlow (it would grab GPU memory), so everything the
+client needs to know about a model (format, size, input shape and dtype) is read from the
+file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config`` attribute of
+an ``.h5`` file. SavedModel directories only tell their size here; their input signature is
+learned on the worker the first time the model loads.
+
+Example:
+    >>> from nbtool.registry import Registry
+    >>> reg = Registry()
+    >>> spec = reg.register("mlp", "models/mlp.keras")      # doctest: +SKIP
+    >>> spec.format, spec.input_shape                        # doctest: +SKIP
+    ('keras', (None, 8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ModelFileError, ModelNotFound, UnsupportedFormat
+
+#: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
+FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load and run one registered model.
+
+    It is small and picklable: it travels with every task. ``fingerprint`` changes when the
+    file changes, so a worker never keeps serving a stale copy.
+
+    Example:
+        >>> spec = ModelSpec(name="mlp", path="/m/mlp.keras", format="keras",
+        ...                  size_bytes=1024, fingerprint="1024-1")
+        >>> spec.input_row_shape
+        >>> spec.cache_key
+        ('mlp', '1024-1')
+    """
+
+    name: str
+    path: str
+    format: str
+    size_bytes: int
+    fingerprint: str
+    input_shape: tuple | None = None      # batch shape, e.g. (None, 8); None if unknown
+    input_dtype: str | None = None
+    n_inputs: int = 1
+    n_outputs: int | None = None
+    device: str = "auto"
+    replicas: int = 1
+    batch_size: int | None = None
+    preprocess: Callable | None = None
+    trusted: bool = False
+
+    @property
+    def input_row_shape(self) -> tuple | None:
+        """The shape of one input row (the batch shape without its first axis), if known."""
+        return None if self.input_shape is None else tuple(self.input_shape[1:])
+
+    @property
+    def cache_key(self) -> tuple[str, str]:
+        """What a worker's cache is keyed by: a changed file is a different model."""
+        return (self.name, self.fingerprint)
+
+    def with_input(self, shape: tuple | None, dtype: str | None, n_outputs: int | None):
+        """A copy that knows its input signature (learned on a worker for SavedModels)."""
+        return dataclasses.replace(self, input_shape=shape, input_dtype=dtype,
+                                   n_outputs=n_outputs)
+
+
+def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
+    """Say which format a model path is in: ``"keras"``, ``"h5"`` or ``"savedmodel"``.
+
+    Raises :class:`ModelFileError` if the path does not exist and
+    :class:`UnsupportedFormat` if nbtool cannot run it.
+
+    Example:
+        >>> detect_format("does/not/exist.keras")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.ModelFileError: file does/not/exist.keras: the path does not exist...
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(model, str(path), "the path does not exist",
+                             f"check the path (the working directory is {os.getcwd()})")
+    if p.is_dir():
+        if (p / "saved_model.pb").exists():
+            return "savedmodel"
+        raise UnsupportedFormat(model, str(path), "a directory without saved_model.pb")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise UnsupportedFormat(model, str(path))
+    return fmt
+
+
+def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSpec:
+    """Build a :class:`ModelSpec` by reading the model file (never importing TensorFlow).
+
+    Example:
+        >>> spec = inspect_model("mlp", "models/mlp.keras", replicas=2)  # doctest: +SKIP
+        >>> spec.size_bytes > 0                                         # doctest: +SKIP
+        True
+    """
+    fmt = detect_format(path, name)
+    p = Path(path).resolve()
+    reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel}[fmt]
+    size, inputs, n_outputs = reader(name, p)
+    shape, dtype = inputs[0] if inputs else (None, None)
+    return ModelSpec(name=name, path=str(p), format=fmt, size_bytes=size,
+                     fingerprint=_fingerprint(p), input_shape=shape, input_dtype=dtype,
+                     n_inputs=max(len(inputs), 1), n_outputs=n_outputs, **options)
+
+
+def _fingerprint(p: Path) -> str:
+    """Size and modification time of the file (or the newest file of a directory)."""
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    stats = [f.stat() for f in files]
+    return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+def _read_keras_zip(name: str, p: Path):
+    try:
+        with zipfile.ZipFile(p) as z:
+            config = json.loads(z.read("config.json"))
+            weights = sum(i.file_size for i in z.infolist() if i.filename.endswith(".h5")
+                          or i.filename.endswith(".npz"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ModelFileError(name, str(p), f"not a readable .keras archive ({e})",
+                             "re-save the model with model.save('name.keras')") from None
+    return max(weights, p.stat().st_size), *_signature_from_config(config)
+
+
+def _read_h5(name: str, p: Path):
+    import h5py  # light: no TensorFlow behind it
+
+    try:
+        with h5py.File(p, "r") as f:
+            raw = f.attrs.get("model_config")
+    except OSError as e:
+        raise ModelFileError(name, str(p), f"not a readable HDF5 file ({e})",
+                             "re-save the model with model.save('name.keras')") from None
+    if raw is None:
+        raise ModelFileError(name, str(p), "the HDF5 file holds weights only, no model "
+                             "config", "save the whole model with model.save('name.keras'), "
+                             "not model.save_weights()")
+    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return p.stat().st_size, *_signature_from_config(config)
+
+
+def _read_savedmodel(name: str, p: Path):
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return size, [], None
+
+
+def _signature_from_config(config: dict) -> tuple[list[tuple[tuple, str]], int | None]:
+    """Inputs ``[(batch_shape, dtype), ...]`` and the number of outputs of a Keras config."""
+    cfg = config.get("config", {})
+    layers = cfg.get("layers", [])
+    by_name = {l.get("config", {}).get("name"): l for l in layers}
+    inputs: list[tuple[tuple, str]] = []
+    if config.get("class_name") == "Sequential":
+        first = layers[0] if layers else {}
+        if first.get("class_name") == "InputLayer":
+            inputs.append(_input_layer_signature(first))
+        elif cfg.get("build_input_shape"):
+            inputs.append((tuple(cfg["build_input_shape"]), _dtype_name(cfg.get("dtype"))))
+        return inputs, 1
+    for ref in _refs(cfg.get("input_layers")):
+        layer = by_name.get(ref)
+        if layer is not None and layer.get("class_name") == "InputLayer":
+            inputs.append(_input_layer_signature(layer))
+    outputs = _refs(cfg.get("output_layers"))
+    return inputs, (len(outputs) or None)
+
+
+def _refs(spec) -> list[str]:
+    """Layer names from Keras' ``input_layers``/``output_layers`` (one ref or a list)."""
+    if not spec:
+        return []
+    if isinstance(spec, list) and spec and isinstance(spec[0], str):
+        return [spec[0]]
+    if isinstance(spec, dict):
+        return [r[0] for r in spec.values()]
+    return [r[0] for r in spec if isinstance(r, list) and r]
+
+
+def _input_layer_signature(layer: dict) -> tuple[tuple, str]:
+    c = layer.get("config", {})
+    shape = c.get("batch_shape") or c.get("batch_input_shape")
+    return (tuple(shape) if shape else None), _dtype_name(c.get("dtype"))
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, dict):  # a DTypePolicy
+        name = dtype.get("config", {}).get("name", "float32")
+        return "float32" if name.startswith("mixed_") else name
+    return dtype or "float32"
+
+
+class Registry:
+    """The registered models of one engine, by name.
+
+    Example:
+        >>> reg = Registry()
+        >>> reg.names()
+        []
+        >>> reg.get("cnn")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.ModelNotFound: no model named 'cnn' is registered; ...
+    """
+
+    def __init__(self):
+        self._specs: dict[str, ModelSpec] = {}
+
+    def add(self, spec: ModelSpec) -> ModelSpec | None:
+        """Add or replace a spec; returns the spec it replaced, if any."""
+        old = self._specs.get(spec.name)
+        self._specs[spec.name] = spec
+        return old
+
+    def remove(self, name: str) -> ModelSpec:
+        """Forget a model; raises :class:`ModelNotFound` if it is not registered."""
+        spec = self.get(name)
+        del self._specs[name]
+        return spec
+
+    def get(self, name: str) -> ModelSpec:
+        """The spec of a registered model, or a :class:`ModelNotFound` with suggestions."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ModelNotFound(name, list(self._specs)) from None
+
+    def names(self) -> list[str]:
+        """Registered model names, in registration order."""
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def find_models(folder: str | os.PathLike) -> dict[str, Path]:
+    """Every runnable model inside ``folder`` (not recursing into SavedModels), by name.
+
+    The name is the file name without its suffix; a SavedModel directory is named after the
+    directory.
+
+    Example:
+        >>> sorted(find_models("models/"))  # doctest: +SKIP
+        ['cnn', 'mlp', 'exported']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ModelFileError(None, str(folder), "not a directory",
+                             "pass the folder that holds your .keras/.h5 files")
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if "saved_model.pb" in filenames and here != root:
+            found.setdefault(here.name, here)
+            dirnames.clear()
+            continue
+        for f in sorted(filenames):
+            if Path(f).suffix.lower() in FORMATS:
+                found.setdefault(Path(f).stem, here / f)
+        dirnames.sort()
+    return found

@@ -1,0 +1,229 @@
+"""The result of a prediction: per-model outputs in input order, combined, timed.
+
+Example:
+    >>> res = eng.predict(["cnn", "mlp"], x, combine="mean")   # doctest: +SKIP
+    >>> res["cnn"].shape, res.combined.shape                     # doctest: +SKIP
+    ((1000, 10), (1000, 10))
+    >>> res.timings["cnn"]["rows_per_second"]                    # doctest: +SKIP
+    5123.4
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .errors import NbtoolError, PredictionFailed
+
+COMBINE_METHODS = ("mean", "vote", None)
+
+
+class CombineError(NbtoolError, ValueError):
+    """The models' outputs cannot be combined the way that was asked.
+
+    Example:
+        >>> str(CombineError("mean", "shapes differ"))  # doctest: +ELLIPSIS
+        "combine='mean' is not possible: shapes differ. ..."
+    """
+
+    def __init__(self, method, reason: str):
+        self.method, self.reason = method, reason
+        super().__init__(
+            f"combine={method!r} is not possible: {reason}. The per-model outputs are kept "
+            "in the Prediction; fix: predict with combine=None, or with models whose "
+            "outputs have the same shape.")
+
+    def __reduce__(self):
+        return (type(self), (self.method, self.reason))
+
+
+def check_combine(method) -> None:
+    """Raise a ValueError naming the choices for an unknown combine method.
+
+    Example:
+        >>> check_combine("median")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: combine='median' is not a combine method; choose 'mean', 'vote' or None.
+    """
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"combine={method!r} is not a combine method; choose 'mean', "
+                         "'vote' or None.")
+
+
+def combine_outputs(outputs: list[np.ndarray], method: str | None):
+    """Combine single-output predictions of several models row by row.
+
+    ``"mean"`` averages them (models that failed on a row, NaN there, are left out);
+    ``"vote"`` returns each row's majority class (argmax per model; a one-unit output is
+    thresholded at 0.5), ties broken by the mean score.
+
+    Example:
+        >>> a = np.array([[0.9, 0.1], [0.4, 0.6]]); b = np.array([[0.2, 0.8], [0.3, 0.7]])
+        >>> combine_outputs([a, b], "mean")
+        array([[0.55, 0.45],
+               [0.35, 0.65]])
+        >>> combine_outputs([a, b, b], "vote")
+        array([1, 1])
+    """
+    if method is None:
+        return None
+    shapes = {o.shape for o in outputs}
+    if len(shapes) != 1:
+        raise CombineError(method, f"the outputs have different shapes {sorted(shapes)}")
+    stack = np.stack(outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # rows where every model failed
+        mean = np.nanmean(stack, axis=0)
+    if method == "mean":
+        return mean
+    if stack.ndim != 3:
+        raise CombineError(method, f"voting needs outputs of shape (rows, classes); got "
+                           f"{stack.shape[1:]}")
+    if stack.shape[2] == 1:   # one sigmoid unit: two classes
+        votes = np.concatenate([(stack <= 0.5).sum(0), (stack > 0.5).sum(0)], axis=1)
+        score = np.concatenate([1 - mean, mean], axis=1)
+    else:
+        classes = np.argmax(np.nan_to_num(stack, nan=-np.inf), axis=2)
+        votes = np.zeros(mean.shape, dtype=np.int64)
+        for per_model in classes:
+            np.add.at(votes, (np.arange(len(per_model)), per_model), 1)
+        score = mean
+    # A vote counts 1; the mean score (< 1) only breaks ties.
+    return np.argmax(votes + np.nan_to_num(score, nan=0.0) * 0.5, axis=1)
+
+
+class Prediction:
+    """Outputs of several models on one input, in input order.
+
+    ``res[name]`` is the model's output (a list of arrays for a multi-output model);
+    rows of chunks that failed are NaN, and the failures are in ``res.errors``.
+    ``res.combined`` is the ensemble (``None`` without ``combine``). ``res.timings[name]``
+    holds seconds, rows per second, load seconds, chunks and workers.
+
+    Example:
+        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, None, None, {}, [], 2, 2)
+        >>> res["m"].shape, res.ok
+        ((2, 3), True)
+    """
+
+    def __init__(self, models: list[str], outputs: dict[str, list[np.ndarray] | None],
+                 combined, combine, timings: dict[str, dict[str, Any]],
+                 errors: list[Exception], n_rows: int, chunk_size: int,
+                 wall_seconds: float = 0.0):
+        self.models = list(models)
+        self._outputs = outputs
+        self.combined = combined
+        self.combine = combine
+        self.timings = timings
+        self.errors = list(errors)
+        self.n_rows = n_rows
+        self.chunk_size = chunk_size
+        self.wall_seconds = wall_seconds
+
+    def __getitem__(self, name: str):
+        if name not in self._outputs:
+            from .errors import ModelNotFound
+
+            raise ModelNotFound(name, self.models)
+        outs = self._outputs[name]
+        if outs is None:
+            mine = [e for e in self.errors if getattr(e, "model", None) == name]
+            raise PredictionFailed(mine or self.errors)
+        return outs[0] if len(outs) == 1 else list(outs)
+
+    def keys(self) -> list[str]:
+        return list(self.models)
+
+    def __iter__(self):
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def items(self):
+        return [(m, self[m]) for m in self.models if self._outputs.get(m) is not None]
+
+    @property
+    def ok(self) -> bool:
+        """True when every chunk of every model succeeded (and combining did)."""
+        return not self.errors
+
+    def raise_for_errors(self) -> "Prediction":
+        """Raise :class:`~nbtool.errors.PredictionFailed` if anything failed, else return self.
+
+        Example:
+            >>> Prediction(["m"], {"m": [np.ones(1)]}, None, None, {}, [], 1, 1).raise_for_errors().ok
+            True
+        """
+        if self.errors:
+            raise PredictionFailed(self.errors)
+        return self
+
+    def _rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for m in self.models:
+            t = self.timings.get(m, {})
+            outs = self._outputs.get(m)
+            rows.append({
+                "model": m,
+                "output": ", ".join(str(o.shape) for o in outs) if outs else "failed",
+                "seconds": t.get("seconds", float("nan")),
+                "rows/s": t.get("rows_per_second", float("nan")),
+                "load s": t.get("load_seconds", 0.0),
+                "workers": ", ".join(t.get("workers", [])),
+                "errors": sum(1 for e in self.errors if getattr(e, "model", None) == m),
+            })
+        return rows
+
+    def __repr__(self) -> str:
+        head = (f"<Prediction: {len(self.models)} model(s) x {self.n_rows} rows, "
+                f"combine={self.combine!r}, {len(self.errors)} error(s), "
+                f"{self.wall_seconds:.2f}s>")
+        lines = [head]
+        for r in self._rows():
+            lines.append(f"  {r['model']:<16} {r['output']:<18} {r['seconds']:8.3f}s "
+                         f"{r['rows/s']:10.0f} rows/s  load {r['load s']:.2f}s  "
+                         f"[{r['workers']}]" + (f"  {r['errors']} error(s)" if r["errors"]
+                                                else ""))
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        cells = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>"
+            for r in self._rows())
+        header = "".join(f"<th>{html.escape(k)}</th>" for k in
+                         ("model", "output", "seconds", "rows/s", "load s", "workers",
+                          "errors"))
+        errs = "".join(f"<li>{html.escape(str(e))}</li>" for e in self.errors[:5])
+        more = f"<li>... {len(self.errors) - 5} more</li>" if len(self.errors) > 5 else ""
+        return (f"<div class='nbtool-prediction'><b>Prediction</b>: {len(self.models)} "
+                f"model(s) &times; {self.n_rows} rows, combine={html.escape(repr(self.combine))}"
+                f", {self.wall_seconds:.2f}s<table><thead><tr>{header}</tr></thead>"
+                f"<tbody>{cells}</tbody></table>"
+                + (f"<ul class='nbtool-errors'>{errs}{more}</ul>" if errs else "") + "</div>")
+
+    def save(self, path: str) -> str:
+        """Write every output (and the combined one) to an ``.npz`` file; returns the path.
+
+        Example:
+            >>> res.save("preds.npz")           # doctest: +SKIP
+            'preds.npz'
+        """
+        arrays = {}
+        for m in self.models:
+            for i, o in enumerate(self._outputs.get(m) or []):
+                arrays[m if i == 0 else f"{m}:{i}"] = o
+        if self.combined is not None:
+            arrays["combined"] = self.combined
+        np.savez(path, **arrays)
+        return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,215 @@
+"""Turn a prediction request into Dask work and its results into a :class:`Prediction`.
+
+One ``dask.delayed`` task per (model, chunk), restricted (by worker *name*, which survives
+restarts) to the workers that hold that model. Results are collected as they complete, so a
+chunk that fails costs only itself; assembly puts every chunk back at its rows.
+
+Example:
+    >>> run = PredictionRun(client, [(spec, ["cpu0"])], as_source(x), chunk_size=100)  # doctest: +SKIP
+    >>> run.submit(); res = run.collect()                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import uuid
+
+import dask
+import numpy as np
+from distributed import as_completed
+
+from .errors import ChunkError, InputMismatch
+from .registry import ModelSpec
+from .results import CombineError, Prediction, combine_outputs
+from .sources import DaskSource, Source
+from .worker import ChunkOutput, predict_chunk
+
+#: Default chunks per worker: enough to balance replicas and overlap, few enough that the
+#: per-task overhead (a few ms) stays small against the work.
+CHUNKS_PER_WORKER = 4
+MIN_DEFAULT_CHUNK = 256
+
+
+def check_fits(spec: ModelSpec, source: Source) -> None:
+    """Raise :class:`InputMismatch` if the input's rows or dtype do not fit the model.
+
+    Nothing is scheduled before this passes. Unknown dimensions (``None``) match anything;
+    a model with ``preprocess`` is not checked (the preprocessing may reshape).
+
+    Example:
+        >>> from nbtool.sources import as_source
+        >>> spec = ModelSpec("mlp", "mlp.h5", "h5", 1, "x", input_shape=(None, 8),
+        ...                  input_dtype="float32")
+        >>> check_fits(spec, as_source(np.zeros((4, 3))))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InputMismatch: model 'mlp' (mlp.h5) expects rows of shape (8,)...
+    """
+    if spec.preprocess is not None or spec.input_shape is None:
+        return
+    want = spec.input_row_shape
+    got = tuple(source.row_shape)
+    fits = len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got))
+    if not fits:
+        shown = tuple("?" if w is None else w for w in want)
+        fix = ("reshape the input to rows of that shape"
+               + (f", e.g. x.reshape(len(x), {', '.join(map(str, shown))})"
+                  if None not in want else "")
+               + ", or pick a model made for this input")
+        raise InputMismatch(spec.name, spec.path,
+                            f"rows of shape {shown} (batch shape {spec.input_shape})",
+                            f"rows of shape {got} from {source.describe()}", fix)
+    want_dtype = np.dtype(spec.input_dtype or "float32")
+    if not np.can_cast(source.dtype, want_dtype, casting="same_kind"):
+        raise InputMismatch(spec.name, spec.path, f"{want_dtype} input",
+                            f"{source.dtype} from {source.describe()}",
+                            f"convert it first, e.g. x.astype('{want_dtype}')")
+
+
+def default_chunk_size(n_rows: int, n_workers: int) -> int:
+    """Rows per chunk when the user gives none.
+
+    Example:
+        >>> default_chunk_size(100_000, 2), default_chunk_size(100, 2)
+        (12500, 100)
+    """
+    size = math.ceil(n_rows / (CHUNKS_PER_WORKER * max(n_workers, 1)))
+    return int(min(n_rows, max(size, MIN_DEFAULT_CHUNK)))
+
+
+def resolve_chunk_size(chunk_size, source: Source, n_workers: int) -> int:
+    """Validate a user's ``chunk_size`` (or pick one) for this source."""
+    if chunk_size is None:
+        if isinstance(source, DaskSource):
+            return source.natural_chunk_size()
+        return default_chunk_size(source.n_rows, n_workers)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        raise InputMismatch(None, None, "chunk_size to be a whole number of rows >= 1",
+                            f"chunk_size={chunk_size!r}",
+                            "pass e.g. chunk_size=1024, or leave it out to let nbtool pick")
+    return int(min(chunk_size, source.n_rows))
+
+
+class PredictionRun:
+    """One prediction in flight: its tasks, their futures, and the bookkeeping to assemble.
+
+    Example:
+        >>> run = PredictionRun(client, placements, source, 512, combine="mean")  # doctest: +SKIP
+        >>> run.submit()                                                          # doctest: +SKIP
+        >>> res = run.collect()                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
+                 chunk_size: int, combine: str | None = "mean"):
+        self.client = client
+        self.placements = placements
+        self.source = source
+        self.chunk_size = chunk_size
+        self.combine = combine
+        self.run_id = uuid.uuid4().hex[:8]
+        self.bounds = source.chunk_bounds(chunk_size)
+        self.futures = []
+        self._task_of = {}         # future key -> (model, chunk index)
+        self.started = None
+
+    def submit(self) -> list:
+        """Build the delayed graph (model x chunk) and send it to the cluster."""
+        workers = sorted({w for _, ws in self.placements for w in ws})
+        args = self.source.chunk_args(self.client, workers, self.chunk_size)
+        tasks, keys = [], []
+        for spec, names in self.placements:
+            # Restrict by worker name: names survive a hard unload's restart.
+            with dask.annotate(workers=list(names), allow_other_workers=False):
+                for i, (data, start, stop) in enumerate(args):
+                    key = f"nbtool-{spec.name}-{i}-{self.run_id}"
+                    tasks.append(dask.delayed(predict_chunk, pure=False)(
+                        spec, data, start, stop, i, dask_key_name=key))
+                    keys.append((spec.name, i))
+        self.started = time.perf_counter()
+        self.futures = self.client.compute(tasks, optimize_graph=False)
+        self._task_of = {f.key: k for f, k in zip(self.futures, keys)}
+        return self.futures
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per model: (chunks finished, chunks in all), read from the futures' states."""
+        done = {spec.name: 0 for spec, _ in self.placements}
+        for f in self.futures:
+            if f.status in ("finished", "error", "cancelled"):
+                done[self._task_of[f.key][0]] += 1
+        return {m: (n, len(self.bounds)) for m, n in done.items()}
+
+    def collect(self) -> Prediction:
+        """Wait for every task, keep what succeeded, and assemble the :class:`Prediction`."""
+        results: dict[tuple[str, int], ChunkOutput] = {}
+        errors: list[Exception] = []
+        finished_at: dict[str, float] = {}
+        for future, value in as_completed(self.futures, with_results=True,
+                                          raise_errors=False):
+            model, chunk = self._task_of[future.key]
+            finished_at[model] = time.perf_counter()
+            if isinstance(value, ChunkOutput):
+                results[(model, chunk)] = value
+            else:   # the task raised, or Dask gave up on it (e.g. a worker died)
+                errors.append(value if isinstance(value, ChunkError) else ChunkError(
+                    model, chunk, self.bounds[chunk], None,
+                    f"{type(value).__name__}: {value}"))
+        wall = time.perf_counter() - self.started
+        errors.sort(key=lambda e: (getattr(e, "model", ""), getattr(e, "chunk", 0)))
+        return self._assemble(results, errors, finished_at, wall)
+
+    def _assemble(self, results, errors, finished_at, wall) -> Prediction:
+        outputs, timings = {}, {}
+        n = self.source.n_rows
+        for spec, _ in self.placements:
+            mine = [(i, results[(spec.name, i)]) for i in range(len(self.bounds))
+                    if (spec.name, i) in results]
+            timings[spec.name] = _timings(mine, finished_at.get(spec.name, self.started)
+                                          - self.started, n)
+            if not mine:
+                outputs[spec.name] = None
+                continue
+            complete = len(mine) == len(self.bounds)
+            template = mine[0][1].outputs
+            arrays = []
+            for k, t in enumerate(template):
+                dtype = t.dtype if complete or t.dtype.kind in "fc" else np.float64
+                out = np.empty((n, *t.shape[1:]), dtype) if complete else \
+                    np.full((n, *t.shape[1:]), np.nan, dtype)
+                for i, r in mine:
+                    a, b = self.bounds[i]
+                    out[a:b] = r.outputs[k]
+                arrays.append(out)
+            outputs[spec.name] = arrays
+        combined = None
+        if self.combine is not None:
+            singles = [outputs[s.name][0] for s, _ in self.placements
+                       if outputs[s.name] is not None and len(outputs[s.name]) == 1]
+            multi = [s.name for s, _ in self.placements
+                     if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+            try:
+                if multi:
+                    raise CombineError(self.combine, f"model(s) {multi} have several outputs")
+                if singles:
+                    combined = combine_outputs(singles, self.combine)
+            except CombineError as e:
+                errors.append(e)
+        return Prediction([s.name for s, _ in self.placements], outputs, combined,
+                          self.combine, timings, errors, n, self.chunk_size, wall)
+
+
+def _timings(chunks: list[tuple[int, ChunkOutput]], seconds: float, n_rows: int) -> dict:
+    rows = sum(r.rows for _, r in chunks)
+    compute = sum(r.seconds for _, r in chunks)
+    return {
+        "seconds": seconds,
+        "compute_seconds": compute,
+        "rows": rows,
+        "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
+        "load_seconds": sum(r.load_seconds for _, r in chunks),
+        "chunks": len(chunks),
+        "workers": sorted({r.worker for _, r in chunks}),
+        "batch_size": chunks[0][1].batch_size if chunks else None,
+    }

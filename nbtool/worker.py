@@ -1,0 +1,552 @@
+"""Worker-side code: the model cache and the tasks that run on Dask workers.
+
+This module is imported by reference on every worker (it lives in the installed package),
+so its module-level cache is one real cache per worker process. Functions defined in a
+notebook would be pickled by value with their globals, and a cache kept there would be a
+fresh, empty dict in every task.
+
+TensorFlow is imported lazily, inside the functions that run on workers: the notebook
+kernel imports this module to reference its functions, and must not import TensorFlow.
+
+Example (what the engine sends to a worker):
+    >>> from nbtool.worker import predict_chunk
+    >>> out = client.submit(predict_chunk, spec, x, 0, 100, 0, workers=["cpu0"])  # doctest: +SKIP
+    >>> out.result().outputs[0].shape                                              # doctest: +SKIP
+    (100, 10)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from .errors import ChunkError, ModelLoadError, NbtoolError
+from .registry import ModelSpec
+from .sources import read_rows
+
+logger = logging.getLogger("nbtool.worker")
+
+#: Batch size when the user gives none. Large enough to amortise the per-call overhead on
+#: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclasses.dataclass
+class ChunkOutput:
+    """What one (model, chunk) task sends back.
+
+    Example:
+        >>> ChunkOutput([np.zeros((2, 3))], 0.01, 0.0, "cpu0", 64).rows
+        2
+    """
+
+    outputs: list[np.ndarray]
+    seconds: float          # compute time on the worker, reading the rows included
+    load_seconds: float     # > 0 when this task had to load the model
+    worker: str
+    batch_size: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.outputs[0]) if self.outputs else 0
+
+
+class CompiledPredictor:
+    """A ``tf.function`` over ``model(x, training=False)`` with one fixed batch shape.
+
+    ``model.predict`` builds a tf.data pipeline and callbacks on every call; this traces
+    once (at warm-up) and then only runs the graph. The last, short batch of a chunk is
+    padded up to the batch size, so nothing ever retraces. XLA stays off unless asked
+    for: on CPU it made convnets ten times slower here.
+
+    Example:
+        >>> p = CompiledPredictor(model, batch_size=32, row_shape=(8,), dtype="float32")  # doctest: +SKIP
+        >>> p(np.ones((70, 8), "float32"))[0].shape                                      # doctest: +SKIP
+        (70, 3)
+    """
+
+    def __init__(self, call, batch_size: int, row_shape: tuple, dtype: str,
+                 preprocess=None, jit_compile: bool = False):
+        import tensorflow as tf
+
+        self.batch_size = int(batch_size)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        signature = [tf.TensorSpec((self.batch_size, *self.row_shape), self.dtype)]
+
+        def infer(x):
+            if preprocess is not None:
+                x = preprocess(x)
+            return tf.nest.flatten(call(x, training=False))
+
+        self._fn = tf.function(infer, input_signature=signature, jit_compile=jit_compile)
+
+    @property
+    def traces(self) -> int:
+        """How many times the graph was traced; stays at 1 after warm-up."""
+        return self._fn.experimental_get_tracing_count()
+
+    def warm_up(self) -> None:
+        """Trace and run once on zeros, so the first real chunk pays no tracing."""
+        shape = tuple(1 if d is None else d for d in self.row_shape)
+        self(np.zeros((1, *shape), self.dtype))
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        n, bs = len(rows), self.batch_size
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, n, bs):
+            batch = np.asarray(rows[start:start + bs], dtype=self.dtype)
+            m = len(batch)
+            if m < bs:  # pad: one input shape, no retracing
+                padded = np.zeros((bs, *batch.shape[1:]), self.dtype)
+                padded[:m] = batch
+                batch = padded
+            parts.append([y.numpy()[:m] for y in self._fn(batch)])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model resident in one worker, with what it cost."""
+
+    spec: ModelSpec
+    predictor: CompiledPredictor
+    footprint: int          # measured bytes (RSS delta on CPU, allocator delta on GPU)
+    load_seconds: float
+    loaded_at: float
+    last_used: float
+    uses: int = 0
+
+    @property
+    def accounted(self) -> int:
+        """Bytes charged against the budget: the measurement, but never less than the
+        weights (RSS deltas undercount when the allocator reuses freed memory)."""
+        return max(self.footprint, self.spec.size_bytes)
+
+
+class ModelCache:
+    """The models resident in one worker: loaded on demand, evicted LRU under a budget.
+
+    Loads happen under a per-model lock, so two tasks that need the same model load it
+    once. Before a load that would take the resident models over ``budget`` bytes, the
+    least recently used models are evicted; so the worker never holds more than the budget
+    plus the one model being loaded.
+
+    Example:
+        >>> cache = ModelCache(budget=2**30, device="cpu:0", worker="cpu0")
+        >>> cache.get(spec).predictor(x)        # loads on first use  # doctest: +SKIP
+        >>> cache.status()["models"]["cnn"]["state"]                  # doctest: +SKIP
+        'loaded'
+    """
+
+    def __init__(self, budget: int, device: str, worker: str):
+        self.budget = int(budget)
+        self.device = device
+        self.worker = worker
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._info: dict[str, dict[str, Any]] = {}   # per model: state, reason, loads...
+        self._lock = threading.RLock()
+        self._model_locks: dict[str, threading.Lock] = {}
+        self.evictions = 0
+        self.peak_accounted = 0
+
+    # -- memory ----------------------------------------------------------------------
+    def memory_in_use(self) -> int:
+        """Bytes this worker's process holds: GPU allocator bytes if it has a GPU, else RSS."""
+        tf = _tensorflow()
+        if tf.config.list_logical_devices("GPU"):
+            return int(tf.config.experimental.get_memory_info("GPU:0")["current"])
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def resident_bytes(self) -> int:
+        """Bytes charged to the budget by the models resident now."""
+        with self._lock:
+            return sum(m.accounted for m in self._models.values())
+
+    def evict_lru(self, needed: int) -> list[str]:
+        """Evict least-recently-used models until ``needed`` more bytes fit the budget."""
+        evicted = []
+        with self._lock:
+            while self._models and self.resident_bytes() + needed > self.budget:
+                name, _ = next(iter(self._models.items()))
+                self._drop(name, state="evicted")
+                evicted.append(name)
+                self.evictions += 1
+        if evicted:
+            _release_memory()
+            logger.info("worker %s evicted %s to fit %d bytes", self.worker, evicted, needed)
+        return evicted
+
+    # -- loading -----------------------------------------------------------------------
+    def get(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
+        """The loaded model for ``spec`` (loading it now if needed) and the load seconds
+        this call spent (0 when it was already resident)."""
+        with self._lock:
+            lock = self._model_locks.setdefault(spec.name, threading.Lock())
+        with lock:
+            with self._lock:
+                loaded = self._models.get(spec.name)
+                if loaded is not None and loaded.spec.cache_key == spec.cache_key \
+                        and loaded.spec.batch_size == spec.batch_size:
+                    self._models.move_to_end(spec.name)
+                    loaded.last_used = time.time()
+                    loaded.uses += 1
+                    return loaded, 0.0
+                if loaded is not None:  # the file or the settings changed: reload
+                    self._drop(spec.name, state="replaced")
+            loaded = self._load(spec)
+            loaded.uses += 1
+            return loaded, loaded.load_seconds
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        estimate = self._info.get(spec.name, {}).get("footprint") or spec.size_bytes
+        self.evict_lru(max(estimate, spec.size_bytes))
+        info = self._info.setdefault(spec.name, {"loads": 0})
+        info.update(state="loading", reason=None, path=spec.path)
+        before = self.memory_in_use()
+        t0 = time.perf_counter()
+        try:
+            call, row_shape, dtype, n_outputs = _open_model(spec)
+            predictor = CompiledPredictor(
+                call, spec.batch_size or DEFAULT_BATCH_SIZE, row_shape, dtype,
+                preprocess=spec.preprocess)
+            predictor.warm_up()
+        except NbtoolError as e:
+            info.update(state="failed", reason=str(e))
+            raise
+        except Exception as e:  # anything Keras/TF raises while loading
+            err = _load_error(spec, self.worker, e)
+            info.update(state="failed", reason=err.reason)
+            raise err from None
+        seconds = time.perf_counter() - t0
+        footprint = max(0, self.memory_in_use() - before)
+        now = time.time()
+        loaded = LoadedModel(spec, predictor, footprint, seconds, now, now)
+        with self._lock:
+            self._models[spec.name] = loaded
+            info.update(state="loaded", footprint=footprint, load_seconds=seconds,
+                        loads=info["loads"] + 1, input_shape=(None, *row_shape),
+                        input_dtype=str(np.dtype(dtype)), n_outputs=n_outputs,
+                        batch_size=predictor.batch_size, fingerprint=spec.fingerprint)
+            self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
+        logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
+                    seconds, footprint)
+        return loaded
+
+    # -- unloading -----------------------------------------------------------------------
+    def unload(self, names: list[str] | None = None) -> list[str]:
+        """Drop models (all if ``names`` is None) and clear Keras' global state.
+
+        The memory becomes reusable inside this process; TensorFlow does not give it back
+        to the device or the OS while the process lives (that is what a hard unload is for).
+        """
+        with self._lock:
+            targets = [n for n in (list(self._models) if names is None else names)
+                       if n in self._models]
+            for name in targets:
+                self._drop(name, state="unloaded")
+        if targets:
+            _release_memory()
+        return targets
+
+    def _drop(self, name: str, state: str) -> None:
+        self._models.pop(name, None)
+        if name in self._info:
+            self._info[name]["state"] = state
+
+    # -- reporting ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A snapshot for the client: models and their states, memory, budget."""
+        with self._lock:
+            models = {}
+            for name, info in self._info.items():
+                row = dict(info)
+                m = self._models.get(name)
+                if m is not None:
+                    row.update(last_used=m.last_used, uses=m.uses, accounted=m.accounted,
+                               traces=m.predictor.traces)
+                models[name] = row
+            return {"worker": self.worker, "device": self.device, "budget": self.budget,
+                    "resident_bytes": self.resident_bytes(), "evictions": self.evictions,
+                    "peak_accounted": self.peak_accounted, "models": models,
+                    "lru_order": list(self._models)}
+
+
+def _open_model(spec: ModelSpec):
+    """Load the file; return a callable ``f(x, training=False)``, the input row shape and
+    dtype, and the number of outputs."""
+    tf = _tensorflow()
+    import keras
+
+    if spec.format == "savedmodel":
+        obj = tf.saved_model.load(spec.path)
+        endpoint = "serve" if hasattr(obj, "serve") else "serving_default"
+        del obj
+        layer = keras.layers.TFSMLayer(spec.path, call_endpoint=endpoint)
+        fn = layer.call_endpoint_fn
+        signature = getattr(fn, "input_signature", None) or fn.structured_input_signature
+        inputs = [s for s in tf.nest.flatten(signature) if isinstance(s, tf.TensorSpec)]
+        if len(inputs) != 1:
+            raise ModelLoadError(spec.name, spec.path, _worker_name(),
+                                 f"its endpoint {endpoint!r} takes {len(inputs)} inputs",
+                                 "nbtool runs single-input models; export one that takes "
+                                 "one tensor")
+        shape, dtype = tuple(inputs[0].shape)[1:], inputs[0].dtype.name
+
+        def call(x, training=False):
+            return layer(x)
+        return call, shape, dtype, None
+    model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
+    if len(model.inputs) != 1:
+        raise ModelLoadError(spec.name, spec.path, _worker_name(),
+                             f"the model takes {len(model.inputs)} inputs",
+                             "nbtool runs single-input models; wrap it in a model that "
+                             "takes one tensor")
+    shape = tuple(model.inputs[0].shape)[1:]
+    return model, shape, model.inputs[0].dtype, len(model.outputs)
+
+
+def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
+    msg = f"{type(e).__name__}: {e}".strip()
+    low = msg.lower()
+    if "safe_mode" in low or "lambda" in low and "deserializ" in low:
+        return ModelLoadError(spec.name, spec.path, worker,
+                              "it contains a Lambda layer or custom code, which Keras "
+                              "refuses to deserialize in safe mode",
+                              f"if you trust this file, register it with trusted=True: "
+                              f"eng.register({spec.name!r}, {spec.path!r}, trusted=True)")
+    if "could not locate" in low or "unknown layer" in low or "custom_objects" in low:
+        return ModelLoadError(spec.name, spec.path, worker, _first_line(msg),
+                              "the model uses a custom class; make it importable on the "
+                              "workers (register it with @keras.saving."
+                              "register_keras_serializable in an installed module)")
+    return ModelLoadError(spec.name, spec.path, worker, _first_line(msg),
+                          "check that the file is complete (re-save it with "
+                          "model.save('name.keras')) and that the Keras version matches")
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _release_memory() -> None:
+    import keras
+
+    # Keras' global state (name scopes, graph) and the eager kernel cache; then Python's
+    # garbage. The freed memory is reusable in this process, not returned to the device.
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+
+
+_TF = None
+
+
+def _tensorflow():
+    global _TF
+    if _TF is None:
+        import tensorflow as tf
+
+        threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0)
+        if threads:
+            try:  # only possible before TensorFlow's runtime starts
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
+        _TF = tf
+    return _TF
+
+
+# -- the per-process cache ---------------------------------------------------------------
+_CACHE: ModelCache | None = None
+_CACHE_LOCK = threading.Lock()
+_IDLE_MEMORY: int | None = None
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return f"pid{os.getpid()}"
+
+
+def worker_device() -> str:
+    """This worker's device label: from the plan (``NBTOOL_DEVICE``) or what TF sees.
+
+    Example:
+        >>> client.run(worker_device)   # doctest: +SKIP
+        {'tcp://127.0.0.1:40101': 'gpu:0', 'tcp://127.0.0.1:40102': 'gpu:1'}
+    """
+    device = os.environ.get("NBTOOL_DEVICE")
+    if device:
+        return device
+    tf = _tensorflow()
+    if tf.config.list_physical_devices("GPU"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        return f"gpu:{visible}"
+    return "cpu:0"
+
+
+def get_cache(budget: int | None = None, worker: str | None = None) -> ModelCache:
+    """This worker process's model cache (created on first use).
+
+    Example:
+        >>> get_cache().budget > 0   # doctest: +SKIP
+        True
+    """
+    global _CACHE
+    with _CACHE_LOCK:
+        if _CACHE is None:
+            if budget is None:
+                budget = int(os.environ.get("NBTOOL_MEMORY_BUDGET", "0") or 0)
+            if not budget:
+                import psutil
+
+                budget = psutil.virtual_memory().total // 4
+            _CACHE = ModelCache(budget, worker_device(), worker or _worker_name())
+        return _CACHE
+
+
+# -- tasks (called by the engine through Dask) ---------------------------------------------
+def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
+                  chunk: int) -> ChunkOutput:
+    """Run one model on rows ``start:stop`` of ``data``; the unit of work of a prediction.
+
+    ``data`` is an ndarray scattered to the worker, a Dask array block, or a
+    :class:`~nbtool.sources.NpyFile` that the worker memory-maps and slices itself.
+
+    Example:
+        >>> predict_chunk(spec, x, 0, 10, chunk=0).outputs[0].shape   # doctest: +SKIP
+        (10, 3)
+    """
+    worker = _worker_name()
+    try:
+        loaded, load_seconds = prepare_worker().get(spec)
+        t0 = time.perf_counter()
+        rows = read_rows(data, start, stop)
+        outputs = loaded.predictor(rows)
+        return ChunkOutput(outputs, time.perf_counter() - t0, load_seconds, worker,
+                           loaded.predictor.batch_size)
+    except ChunkError:
+        raise
+    except Exception as e:
+        end = stop if stop is not None else start + len(data)
+        reason = str(e) if isinstance(e, NbtoolError) else \
+            f"{type(e).__name__}: {_first_line(str(e))}"
+        logger.warning("chunk %d of %s failed on %s:\n%s", chunk, spec.name, worker,
+                       traceback.format_exc())
+        raise ChunkError(spec.name, chunk, (start, end), worker, reason) from None
+
+
+def load_model(spec: ModelSpec) -> dict[str, Any]:
+    """Make ``spec`` resident on this worker (a no-op if it is); returns its cache entry.
+
+    Example:
+        >>> client.submit(load_model, spec, workers=["cpu0"]).result()["state"]  # doctest: +SKIP
+        'loaded'
+    """
+    cache = prepare_worker()
+    cache.get(spec)
+    return cache.status()["models"][spec.name]
+
+
+def unload_models(names: list[str] | None = None) -> list[str]:
+    """Soft-unload ``names`` (all if None) on this worker; returns those it dropped.
+
+    Example:
+        >>> client.run(unload_models, ["cnn"])   # doctest: +SKIP
+        {'tcp://127.0.0.1:40101': ['cnn'], 'tcp://127.0.0.1:40102': []}
+    """
+    return prepare_worker().unload(names)
+
+
+def worker_status() -> dict[str, Any]:
+    """The cache status plus process facts (pid, RSS, idle RSS, GPUs TF sees, env).
+
+    Example:
+        >>> client.run(worker_status)   # doctest: +SKIP
+    """
+    import psutil
+
+    cache = prepare_worker()
+    tf = _tensorflow()
+    status = cache.status()
+    status.update(
+        pid=os.getpid(),
+        rss=psutil.Process().memory_info().rss,
+        idle_memory=_IDLE_MEMORY,
+        memory_in_use=cache.memory_in_use(),
+        tf_gpus=[d.name for d in tf.config.list_physical_devices("GPU")],
+        tf_intra_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        env={k: os.environ.get(k) for k in (
+            "CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_NUM_INTRAOP_THREADS",
+            "OMP_NUM_THREADS", "NBTOOL_DEVICE", "NBTOOL_MEMORY_BUDGET")},
+    )
+    return status
+
+
+_PREPARE_LOCK = threading.Lock()
+
+
+def prepare_worker(budget: int | None = None, worker: str | None = None) -> ModelCache:
+    """Start TensorFlow, create the cache and record the idle memory of this worker.
+
+    Run by :class:`NbtoolWorkerPlugin` when a worker starts, and by the first task if that
+    comes first; so the first prediction pays no import, and the idle baseline excludes
+    everything a model adds. Calling it again only updates the budget.
+    """
+    global _IDLE_MEMORY
+    with _PREPARE_LOCK:
+        cache = get_cache(budget, worker)
+        if budget:
+            cache.budget = int(budget)
+        if _IDLE_MEMORY is None:
+            tf = _tensorflow()
+            tf.constant(0.0).numpy()   # start the runtime (thread pools, allocator)
+            import keras  # noqa: F401  (now, not inside the first load's timing)
+
+            gc.collect()
+            _IDLE_MEMORY = cache.memory_in_use()
+        return cache
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a hard dependency
+    WorkerPlugin = object
+
+
+class NbtoolWorkerPlugin(WorkerPlugin):
+    """Prepares every worker, including ones that join or restart later.
+
+    Registered by the engine with ``client.register_plugin``; Dask re-runs ``setup`` on a
+    worker that restarts after a hard unload.
+
+    Example:
+        >>> client.register_plugin(NbtoolWorkerPlugin(memory_budget=4 * 2**30))  # doctest: +SKIP
+    """
+
+    name = "nbtool"
+
+    def __init__(self, memory_budget: int | None = None):
+        self.memory_budget = memory_budget
+
+    async def setup(self, worker):
+        import asyncio
+
+        # TensorFlow takes seconds to import: keep the worker's event loop answering.
+        await asyncio.to_thread(prepare_worker, self.memory_budget, str(worker.name))
