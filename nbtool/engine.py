@@ -99,6 +99,23 @@ class Engine:
         back = {a: n for n, a in addrs.items()}
         return {back[a]: s for a, s in raw.items() if a in back}
 
+    def set_memory_budget(self, memory_budget: str | int) -> None:
+        """Change every worker's model budget now (and for workers that restart later).
+
+        Workers over the new budget evict their least recently used models at once.
+
+        Example:
+            >>> eng.set_memory_budget("2GB")   # doctest: +SKIP
+        """
+        budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) \
+            else int(memory_budget)
+        if budget <= 0:
+            raise ValueError(f"memory_budget={memory_budget!r}: expected a positive size "
+                             "such as '4GB'.")
+        # Re-registering the plugin runs its setup on every worker now and on restarts.
+        self.client.register_plugin(NbtoolWorkerPlugin(budget))
+        self.refresh_workers()
+
     # -- registering ---------------------------------------------------------------------
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
                  batch_size: int | None = None, preprocess: Callable | None = None,

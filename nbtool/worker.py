@@ -120,7 +120,9 @@ class LoadedModel:
 
     spec: ModelSpec
     predictor: CompiledPredictor
-    footprint: int          # measured bytes (RSS delta on CPU, allocator delta on GPU)
+    weight_bytes: int       # the bytes of its variables, counted exactly
+    footprint: int          # measured growth: GPU allocator bytes, or RSS on CPU
+    on_gpu: bool
     load_seconds: float
     loaded_at: float
     last_used: float
@@ -128,9 +130,15 @@ class LoadedModel:
 
     @property
     def accounted(self) -> int:
-        """Bytes charged against the budget: the measurement, but never less than the
-        weights (RSS deltas undercount when the allocator reuses freed memory)."""
-        return max(self.footprint, self.spec.size_bytes)
+        """Bytes charged against the budget.
+
+        On a GPU, the allocator's growth is exact, so the larger of it and the weights. On
+        CPU the RSS growth is not: the first load also pays transient copies (zip, h5,
+        numpy) that glibc keeps, later loads reuse freed memory and measure ~0; so the
+        weights, counted from the variables, are what a model holds.
+        """
+        weights = self.weight_bytes or self.spec.size_bytes
+        return max(weights, self.footprint) if self.on_gpu else weights
 
 
 class ModelCache:
@@ -160,10 +168,15 @@ class ModelCache:
         self.peak_accounted = 0
 
     # -- memory ----------------------------------------------------------------------
+    @property
+    def on_gpu(self) -> bool:
+        """Whether TensorFlow in this worker runs on a GPU (it sees at most one)."""
+        return bool(_tensorflow().config.list_logical_devices("GPU"))
+
     def memory_in_use(self) -> int:
         """Bytes this worker's process holds: GPU allocator bytes if it has a GPU, else RSS."""
         tf = _tensorflow()
-        if tf.config.list_logical_devices("GPU"):
+        if self.on_gpu:
             return int(tf.config.experimental.get_memory_info("GPU:0")["current"])
         import psutil
 
@@ -217,7 +230,7 @@ class ModelCache:
         before = self.memory_in_use()
         t0 = time.perf_counter()
         try:
-            call, row_shape, dtype, n_outputs = _open_model(spec)
+            call, row_shape, dtype, n_outputs, weight_bytes = _open_model(spec)
             predictor = CompiledPredictor(
                 call, spec.batch_size or DEFAULT_BATCH_SIZE, row_shape, dtype,
                 preprocess=spec.preprocess)
@@ -232,10 +245,11 @@ class ModelCache:
         seconds = time.perf_counter() - t0
         footprint = max(0, self.memory_in_use() - before)
         now = time.time()
-        loaded = LoadedModel(spec, predictor, footprint, seconds, now, now)
+        loaded = LoadedModel(spec, predictor, weight_bytes, footprint, self.on_gpu, seconds,
+                             now, now)
         with self._lock:
             self._models[spec.name] = loaded
-            info.update(state="loaded", footprint=footprint, load_seconds=seconds,
+            info.update(size_bytes=spec.size_bytes, weight_bytes=weight_bytes, state="loaded", footprint=footprint, load_seconds=seconds,
                         loads=info["loads"] + 1, input_shape=(None, *row_shape),
                         input_dtype=str(np.dtype(dtype)), n_outputs=n_outputs,
                         batch_size=predictor.batch_size, fingerprint=spec.fingerprint)
@@ -285,7 +299,7 @@ class ModelCache:
 
 def _open_model(spec: ModelSpec):
     """Load the file; return a callable ``f(x, training=False)``, the input row shape and
-    dtype, and the number of outputs."""
+    dtype, the number of outputs, and the bytes of its weights."""
     tf = _tensorflow()
     import keras
 
@@ -306,7 +320,7 @@ def _open_model(spec: ModelSpec):
 
         def call(x, training=False):
             return layer(x)
-        return call, shape, dtype, None
+        return call, shape, dtype, None, _weight_bytes(layer.weights)
     model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
     if len(model.inputs) != 1:
         raise ModelLoadError(spec.name, spec.path, _worker_name(),
@@ -314,7 +328,12 @@ def _open_model(spec: ModelSpec):
                              "nbtool runs single-input models; wrap it in a model that "
                              "takes one tensor")
     shape = tuple(model.inputs[0].shape)[1:]
-    return model, shape, model.inputs[0].dtype, len(model.outputs)
+    return model, shape, model.inputs[0].dtype, len(model.outputs), _weight_bytes(model.weights)
+
+
+def _weight_bytes(weights) -> int:
+    return int(sum(np.prod(w.shape, dtype=np.int64) * np.dtype(w.dtype).itemsize
+                   for w in weights))
 
 
 def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
@@ -365,6 +384,10 @@ def _tensorflow():
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass
+        # Each model gets its own tf.function over the same Python function, traced once;
+        # TF counts those as "retracing" and warns. They are not: drop just that warning.
+        tf.get_logger().addFilter(
+            lambda record: "triggered tf.function retracing" not in record.getMessage())
         _TF = tf
     return _TF
 
@@ -512,16 +535,28 @@ def prepare_worker(budget: int | None = None, worker: str | None = None) -> Mode
     global _IDLE_MEMORY
     with _PREPARE_LOCK:
         cache = get_cache(budget, worker)
-        if budget:
+        if budget and budget != cache.budget:
             cache.budget = int(budget)
+            cache.evict_lru(0)
+            cache.peak_accounted = cache.resident_bytes()   # the peak under this budget
         if _IDLE_MEMORY is None:
-            tf = _tensorflow()
-            tf.constant(0.0).numpy()   # start the runtime (thread pools, allocator)
-            import keras  # noqa: F401  (now, not inside the first load's timing)
-
+            _warm_runtime()
             gc.collect()
             _IDLE_MEMORY = cache.memory_in_use()
         return cache
+
+
+def _warm_runtime() -> None:
+    """Pay TensorFlow's and Keras' one-time costs (runtime start, lazy imports, the first
+    trace) with a throwaway model, so they count in the idle baseline and not in the first
+    real model's load time and footprint."""
+    _tensorflow()
+    import keras
+
+    tiny = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    CompiledPredictor(tiny, 2, (4,), "float32").warm_up()
+    del tiny
+    _release_memory()
 
 
 try:

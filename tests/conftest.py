@@ -1,0 +1,91 @@
+"""Shared fixtures: small real Keras models saved in every format, and one real cluster.
+
+Starting workers costs seconds (each imports TensorFlow), so one two-worker engine serves
+the whole session; tests register models under their own names so they never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def keras():
+    import keras as _keras
+
+    _keras.utils.set_random_seed(0)
+    return _keras
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, keras):
+    """A folder with the models the tests use, saved the ways users save them."""
+    import tensorflow as tf
+
+    d = tmp_path_factory.mktemp("models")
+    mlp = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                            keras.layers.Dense(3, activation="softmax")], name="mlp")
+    mlp.save(d / "mlp.keras")
+    mlp.save(d / "mlp.h5")
+    mlp.export(str(d / "mlp_savedmodel"), verbose=False)
+    mlp2 = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="tanh"),
+                             keras.layers.Dense(3, activation="softmax")], name="mlp2")
+    mlp2.save(d / "mlp2.keras")
+    cnn = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                            keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")],
+                           name="cnn")
+    cnn.save(d / "cnn.keras")
+    inp = keras.Input((8,), name="features")
+    h = keras.layers.Dense(8, activation="relu")(inp)
+    multi = keras.Model(inp, [keras.layers.Dense(2)(h), keras.layers.Dense(4)(h)], name="multi")
+    multi.save(d / "multi.keras")
+    # Fails for real, inside the graph, on rows holding NaN: a chunk failure on demand.
+    checked = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Lambda(lambda t: tf.debugging.check_numerics(t, "row is not finite")),
+        keras.layers.Dense(3)], name="checked")
+    checked.save(d / "checked.keras")
+    (d / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a real zip")
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir, keras):
+    """Keras' own ``model.predict`` of each model on fixed inputs: the ground truth."""
+    rng = np.random.default_rng(0)
+    x8 = rng.normal(size=(60, 8)).astype("float32")
+    img = rng.normal(size=(60, 8, 8, 1)).astype("float32")
+    out = {"x8": x8, "img": img}
+    for name, x in (("mlp", x8), ("mlp2", x8), ("cnn", img), ("multi", x8)):
+        m = keras.saving.load_model(model_dir / f"{name}.keras")
+        out[name] = m.predict(x, verbose=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One real two-worker local cluster for the session (127.0.0.1, random ports)."""
+    import nbtool
+
+    eng = nbtool.start(n_workers=2, gpus="none", dashboard_address="127.0.0.1:0")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def unique():
+    """A fresh model name prefix, so tests sharing the engine never collide."""
+    return f"t{uuid.uuid4().hex[:6]}"
+
+
+def dense_model(keras, units: int, seed: int, n_in: int = 32):
+    """A model whose weights take about ``4 * (n_in + 4) * units`` bytes: memory tests."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((n_in,)), keras.layers.Dense(units, activation="relu"),
+                             keras.layers.Dense(4)], name=f"dense{seed}")

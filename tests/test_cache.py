@@ -1,0 +1,119 @@
+"""The worker-side cache: load once, stay loaded, evict under a budget, unload soft and hard."""
+
+import numpy as np
+import pytest
+
+from conftest import dense_model
+
+MB = 1_000_000
+
+
+def status(eng):
+    return eng._statuses()
+
+
+def test_a_model_loads_once_on_its_worker_and_nowhere_else(engine, model_dir, reference, unique):
+    name = f"{unique}_once"
+    engine.register(name, model_dir / "mlp.keras")
+    (home,) = engine.placement[name]
+    for chunk in (7, 13, None):
+        res = engine.predict(name, reference["x8"], chunk_size=chunk)
+        assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5
+    engine.load(name)
+    st = status(engine)
+    assert st[home]["models"][name]["loads"] == 1
+    assert st[home]["models"][name]["traces"] == 1          # fixed batch shape: no retracing
+    others = [w for w in st if w != home]
+    assert all(name not in st[w]["models"] for w in others)
+
+
+def test_load_warms_every_replica_and_reports_footprint(engine, model_dir, unique):
+    name = f"{unique}_warm"
+    engine.register(name, model_dir / "cnn.keras", replicas=2)
+    out = engine.load(name)
+    assert set(out[name]) == {"cpu0", "cpu1"}
+    for entry in out[name].values():
+        assert entry["state"] == "loaded" and entry["load_seconds"] > 0
+        assert entry["footprint"] >= 0 and entry["input_shape"] == (None, 8, 8, 1)
+    table = engine.models()
+    row = next(r for r in table if r["name"] == name)
+    assert row["state"] == "cpu0: loaded; cpu1: loaded" or row["state"] == "cpu1: loaded; cpu0: loaded"
+
+
+def test_soft_unload_drops_the_model_and_it_reloads_on_demand(engine, model_dir, reference,
+                                                              unique):
+    name = f"{unique}_soft"
+    engine.register(name, model_dir / "mlp.keras")
+    engine.predict(name, reference["x8"])
+    (home,) = engine.placement[name]
+    assert engine.unload(name) == [name]
+    st = status(engine)[home]
+    assert name not in st["lru_order"] and st["models"][name]["state"] == "unloaded"
+    res = engine.predict(name, reference["x8"])
+    assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5
+    assert status(engine)[home]["models"][name]["loads"] == 2
+
+
+def test_budget_smaller_than_the_models_evicts_lru_and_stays_correct(engine, keras, unique):
+    models = [dense_model(keras, 160_000, seed=i) for i in range(4)]   # ~23 MB of weights each
+    x = np.random.default_rng(2).normal(size=(64, 32)).astype("float32")
+    refs = [m.predict(x, verbose=0) for m in models]
+    names = [f"{unique}_d{i}" for i in range(4)]
+    for n, m in zip(names, models):
+        engine.register(n, m, device="cpu:0")
+    size = max(engine.registry.get(n).size_bytes for n in names)
+    old = engine.workers["cpu0"].budget
+    engine.set_memory_budget(int(2.2 * size))          # room for two of the four
+    try:
+        budget = engine.workers["cpu0"].budget
+        largest = 0
+        for rnd in range(2):
+            for n, ref in zip(names, refs):
+                res = engine.predict(n, x)
+                assert np.abs(res[n] - ref).max() <= 1e-4
+                st = status(engine)["cpu0"]
+                largest = max(largest, *(st["models"][m]["accounted"] for m in st["lru_order"]))
+                assert st["resident_bytes"] <= budget + largest
+                assert st["lru_order"][-1] == n          # the one just used is resident
+        st = status(engine)["cpu0"]
+        assert st["evictions"] >= 6
+        assert st["peak_accounted"] <= budget + largest
+        # Weights are counted from the variables: 4 bytes x (32*160000 + 160000 + 160000*4 + 4)
+        assert st["models"][names[0]]["weight_bytes"] == 4 * (32 * 160_000 + 160_000 + 640_004)
+        assert all(st["models"][n]["loads"] == 2 for n in names)   # each evicted once a round
+    finally:
+        engine.set_memory_budget(old)
+
+
+def test_hard_unload_restarts_the_holder_and_rewarms_the_rest(engine, keras, model_dir, unique):
+    big, keep = f"{unique}_big", f"{unique}_keep"
+    engine.register(big, dense_model(keras, 160_000, seed=7), device="cpu:1")
+    engine.register(keep, model_dir / "mlp.keras", device="cpu:1")
+    engine.load(big, keep)
+    before = status(engine)["cpu1"]
+    assert engine.unload(big, hard=True) == ["cpu1"]
+    after = status(engine)["cpu1"]
+    assert after["pid"] != before["pid"]
+    # Everything it held but the model asked to go is loaded again, once, in the new process.
+    assert keep in before["lru_order"]
+    assert set(after["lru_order"]) == set(before["lru_order"]) - {big}
+    assert all(after["models"][m]["loads"] == 1 for m in after["lru_order"])
+    assert big not in after["models"]
+
+
+@pytest.mark.slow
+def test_hard_unload_of_everything_returns_worker_memory(engine, keras, unique):
+    idle = {w: s["idle_memory"] for w, s in status(engine).items()}
+    for i, w in enumerate(("cpu0", "cpu1")):
+        for j in range(3):
+            engine.register(f"{unique}_m{i}{j}", dense_model(keras, 160_000, seed=10 + 3 * i + j),
+                            device=w.replace("cpu", "cpu:"))
+    engine.load(*[f"{unique}_m{i}{j}" for i in range(2) for j in range(3)])
+    loaded = status(engine)
+    for w in idle:
+        assert loaded[w]["rss"] > idle[w] + 50 * MB       # the models really took memory
+    assert engine.unload(hard=True) == ["cpu0", "cpu1"]
+    after = status(engine)
+    for w in idle:
+        assert after[w]["lru_order"] == []
+        assert abs(after[w]["rss"] - idle[w]) <= 0.10 * idle[w], (w, after[w]["rss"], idle[w])

@@ -1,0 +1,154 @@
+"""Chunked predictions on the real cluster equal Keras' own model.predict."""
+
+import asyncio
+
+import dask.array as da
+import numpy as np
+import pytest
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 100, None])
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_predictions_equal_keras_predict_for_any_chunking(engine, model_dir, reference, unique,
+                                                          chunk_size, replicas):
+    eng = engine
+    eng.register(f"{unique}_mlp", model_dir / "mlp.keras", replicas=replicas)
+    eng.register(f"{unique}_cnn", model_dir / "cnn.keras", replicas=replicas)
+    res = eng.predict([f"{unique}_mlp"], reference["x8"], chunk_size=chunk_size)
+    assert res.ok
+    assert np.abs(res[f"{unique}_mlp"] - reference["mlp"]).max() <= TOL
+    res = eng.predict(f"{unique}_cnn", reference["img"], chunk_size=chunk_size, combine=None)
+    assert np.abs(res[f"{unique}_cnn"] - reference["cnn"]).max() <= TOL
+    expected_chunks = -(-60 // (chunk_size or 60)) if chunk_size else res.timings[
+        f"{unique}_cnn"]["chunks"]
+    assert res.timings[f"{unique}_cnn"]["chunks"] == expected_chunks
+
+
+def test_replicas_share_the_chunks_between_workers(engine, keras, unique):
+    from conftest import dense_model
+
+    model = dense_model(keras, 2048, seed=3, n_in=256)
+    eng = engine
+    eng.register(f"{unique}_wide", model, replicas=2)
+    x = np.random.default_rng(1).normal(size=(20000, 256)).astype("float32")
+    res = eng.predict(f"{unique}_wide", x, chunk_size=1000)
+    assert res.timings[f"{unique}_wide"]["workers"] == ["cpu0", "cpu1"]
+    assert np.abs(res[f"{unique}_wide"] - model.predict(x, verbose=0)).max() <= 1e-4
+
+
+def test_every_format_gives_the_same_answer(engine, model_dir, reference, unique):
+    eng = engine
+    eng.register(f"{unique}_k", model_dir / "mlp.keras")
+    eng.register(f"{unique}_h5", model_dir / "mlp.h5", device="cpu", replicas=2)
+    eng.register(f"{unique}_sm", model_dir / "mlp_savedmodel")
+    names = [f"{unique}_k", f"{unique}_h5", f"{unique}_sm"]
+    res = eng.predict(names, reference["x8"], chunk_size=13)
+    for n in names:
+        assert np.abs(res[n] - reference["mlp"]).max() <= TOL, n
+    assert np.abs(res.combined - reference["mlp"]).max() <= TOL
+
+
+def test_a_model_object_from_the_notebook_is_saved_once_and_runs(engine, keras, reference,
+                                                                 unique):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    spec = engine.register(f"{unique}_fresh", model)
+    assert spec.path.endswith(f"{unique}_fresh.keras") and spec.path.startswith(
+        str(engine.work_dir))
+    res = engine.predict(f"{unique}_fresh", reference["x8"])
+    assert np.abs(res[f"{unique}_fresh"] - model.predict(reference["x8"], verbose=0)).max() <= TOL
+
+
+def test_multi_output_models_keep_every_output_in_input_order(engine, model_dir, reference,
+                                                              unique):
+    engine.register(f"{unique}_multi", model_dir / "multi.keras")
+    res = engine.predict(f"{unique}_multi", reference["x8"], chunk_size=7, combine=None)
+    outs = res[f"{unique}_multi"]
+    assert isinstance(outs, list) and len(outs) == 2
+    for got, want in zip(outs, reference["multi"]):
+        assert got.shape == want.shape and np.abs(got - want).max() <= TOL
+
+
+def test_npy_path_and_dask_array_inputs(engine, model_dir, reference, unique, tmp_path):
+    engine.register(f"{unique}_mlp", model_dir / "mlp.keras")
+    path = tmp_path / "x.npy"
+    np.save(path, reference["x8"])
+    res = engine.predict(f"{unique}_mlp", str(path), chunk_size=16)
+    assert np.abs(res[f"{unique}_mlp"] - reference["mlp"]).max() <= TOL
+    dx = da.from_array(reference["x8"], chunks=(11, 8))
+    res = engine.predict(f"{unique}_mlp", dx)
+    assert res.chunk_size == 11 and res.timings[f"{unique}_mlp"]["chunks"] == 6
+    assert np.abs(res[f"{unique}_mlp"] - reference["mlp"]).max() <= TOL
+    res = engine.predict(f"{unique}_mlp", dx, chunk_size=25)
+    assert res.timings[f"{unique}_mlp"]["chunks"] == 3
+    assert np.abs(res[f"{unique}_mlp"] - reference["mlp"]).max() <= TOL
+
+
+def test_combine_mean_and_vote(engine, model_dir, reference, unique):
+    a, b = f"{unique}_a", f"{unique}_b"
+    engine.register(a, model_dir / "mlp.keras")
+    engine.register(b, model_dir / "mlp2.keras")
+    mean = engine.predict([a, b], reference["x8"], combine="mean")
+    assert np.abs(mean.combined - (reference["mlp"] + reference["mlp2"]) / 2).max() <= TOL
+    vote = engine.predict([a, b, a], reference["x8"], combine="vote")   # duplicates ignored
+    assert vote.models == [a, b]
+    # Two voters: where they agree, their class; where not, the voted class whose mean
+    # score is higher (never a class nobody voted for).
+    va, vb = np.argmax(reference["mlp"], 1), np.argmax(reference["mlp2"], 1)
+    mean_scores = (reference["mlp"] + reference["mlp2"]) / 2
+    rows = np.arange(len(va))
+    expected = np.where(mean_scores[rows, va] >= mean_scores[rows, vb], va, vb)
+    assert (va != vb).any() and np.array_equal(vote.combined, expected)
+    none = engine.predict([a, b], reference["x8"], combine=None)
+    assert none.combined is None
+
+
+def test_predict_async_is_awaitable_and_gives_the_same_result(engine, model_dir, reference,
+                                                              unique):
+    engine.register(f"{unique}_m", model_dir / "mlp.keras")
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        res = await engine.predict_async(f"{unique}_m", reference["x8"], chunk_size=5)
+        t.cancel()
+        return res, ticks
+
+    res, ticks = asyncio.run(main())
+    assert np.abs(res[f"{unique}_m"] - reference["mlp"]).max() <= TOL
+    assert ticks > 0      # the event loop kept running while the prediction did
+
+
+def test_module_shortcuts_act_on_the_last_engine(engine, model_dir, reference, unique):
+    import nbtool
+
+    assert nbtool.default_engine() is engine
+    nbtool.register(f"{unique}_s", model_dir / "mlp.keras")
+    res = nbtool.predict(f"{unique}_s", reference["x8"])
+    assert np.abs(res[f"{unique}_s"] - reference["mlp"]).max() <= TOL
+    assert any(r["name"] == f"{unique}_s" for r in nbtool.models())
+
+
+def test_results_are_saved_when_asked(engine, model_dir, reference, unique, tmp_path):
+    engine.register(f"{unique}_m", model_dir / "mlp.keras")
+    res = engine.predict(f"{unique}_m", reference["x8"], save=str(tmp_path / "p.npz"))
+    saved = np.load(tmp_path / "p.npz")
+    assert np.array_equal(saved[f"{unique}_m"], res[f"{unique}_m"])
+    assert np.array_equal(saved["combined"], res.combined)
+
+
+def test_prediction_renders_a_table(engine, model_dir, reference, unique):
+    engine.register(f"{unique}_m", model_dir / "mlp.keras")
+    res = engine.predict(f"{unique}_m", reference["x8"])
+    html = res._repr_html_()
+    assert f"{unique}_m" in html and "<table" in html and "rows/s" in html
+    assert f"{unique}_m" in repr(res) and "60 rows" in repr(res)
+    assert engine.history[-1]["models"] == [f"{unique}_m"]
