@@ -296,7 +296,7 @@ def place(model: str, size: int, device: str, replicas: int, workers: Iterable[W
                    "device='auto'" if device.startswith("gpu") else "use device='auto'")
         else:
             fix = f"lower replicas to {len(candidates)} or start more workers"
-        raise PlacementError(model, f"{device} x{replicas}", available, fix)
+        raise PlacementError(model, device, available, fix, replicas)
     free = {w.name: w.budget - assigned.get(w.name, 0) for w in candidates}
     order = sorted(candidates, key=lambda w: (-free[w.name], w.name))
     return [w.name for w in order[:replicas]]

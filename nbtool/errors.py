@@ -138,14 +138,17 @@ class PlacementError(NbtoolError, ValueError):
         "model 'cnn' asks for device 'gpu:3', but the cluster has cpu:0, cpu:1. Fix: start with gpus=[3]."
     """
 
-    def __init__(self, model: str, device: str, available: list[str], fix: str):
-        self.model, self.device, self.available, self.fix = model, device, available, fix
+    def __init__(self, model: str, device: str, available: list[str], fix: str,
+                 replicas: int = 1):
+        self.model, self.device, self.available, self.fix, self.replicas = (
+            model, device, available, fix, replicas)
         have = ", ".join(available) or "no workers"
-        super().__init__(
-            f"model {model!r} asks for device {device!r}, but the cluster has {have}. Fix: {fix}.")
+        on = f" on {replicas} workers" if replicas > 1 else ""
+        super().__init__(f"model {model!r} asks for device {device!r}{on}, but the cluster "
+                         f"has {have}. Fix: {fix}.")
 
     def __reduce__(self):
-        return (type(self), (self.model, self.device, self.available, self.fix))
+        return (type(self), (self.model, self.device, self.available, self.fix, self.replicas))
 
 
 class ChunkError(NbtoolError, RuntimeError):

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 import uuid
@@ -150,6 +149,9 @@ class PredictionRun:
                                           raise_errors=False):
             model, chunk = self._task_of[future.key]
             finished_at[model] = time.perf_counter()
+            if isinstance(value, tuple) and len(value) == 3 and \
+                    isinstance(value[1], BaseException):   # an erred task: (type, exc, tb)
+                value = value[1]
             if isinstance(value, ChunkOutput):
                 results[(model, chunk)] = value
             else:   # the task raised, or Dask gave up on it (e.g. a worker died)

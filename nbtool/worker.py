@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -337,8 +338,8 @@ def _weight_bytes(weights) -> int:
 
 
 def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
-    msg = f"{type(e).__name__}: {e}".strip()
-    low = msg.lower()
+    msg = _describe(e)
+    low = f"{msg} {e}".lower()
     if "safe_mode" in low or "lambda" in low and "deserializ" in low:
         return ModelLoadError(spec.name, spec.path, worker,
                               "it contains a Lambda layer or custom code, which Keras "
@@ -353,6 +354,17 @@ def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(spec.name, spec.path, worker, _first_line(msg),
                           "check that the file is complete (re-save it with "
                           "model.save('name.keras')) and that the Keras version matches")
+
+
+def _describe(e: Exception) -> str:
+    """``Type: message`` on one line; TensorFlow's op errors without their graph noise."""
+    text = getattr(e, "message", None) or str(e)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[\[.*?\]\]|\s*\[Op:[^\]]*\]", "", text, flags=re.S)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        lines = lines[-1:]   # the op's own message comes last, after the Python stack
+    return f"{type(e).__name__}: {_first_line(chr(10).join(lines))}"
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -468,8 +480,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         raise
     except Exception as e:
         end = stop if stop is not None else start + len(data)
-        reason = str(e) if isinstance(e, NbtoolError) else \
-            f"{type(e).__name__}: {_first_line(str(e))}"
+        reason = str(e) if isinstance(e, NbtoolError) else _describe(e)
         logger.warning("chunk %d of %s failed on %s:\n%s", chunk, spec.name, worker,
                        traceback.format_exc())
         raise ChunkError(spec.name, chunk, (start, end), worker, reason) from None

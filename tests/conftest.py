@@ -26,8 +26,6 @@ def keras():
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, keras):
     """A folder with the models the tests use, saved the ways users save them."""
-    import tensorflow as tf
-
     d = tmp_path_factory.mktemp("models")
     mlp = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                             keras.layers.Dense(3, activation="softmax")], name="mlp")
@@ -48,7 +46,9 @@ def model_dir(tmp_path_factory, keras):
     # Fails for real, inside the graph, on rows holding NaN: a chunk failure on demand.
     checked = keras.Sequential([
         keras.Input((8,)),
-        keras.layers.Lambda(lambda t: tf.debugging.check_numerics(t, "row is not finite")),
+        # The import is inside: a deserialized lambda does not see this module's globals.
+        keras.layers.Lambda(lambda t: __import__("tensorflow").debugging.check_numerics(
+            t, "row is not finite")),
         keras.layers.Dense(3)], name="checked")
     checked.save(d / "checked.keras")
     (d / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a real zip")
