@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -68,6 +69,7 @@ class Engine:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nbtool-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, WorkerInfo] = {}
+        self._dask_names: dict[str, Any] = {}
         self.refresh_workers()
 
     # -- workers ---------------------------------------------------------------------------
@@ -86,9 +88,16 @@ class Engine:
         """Current address of each worker name (addresses change when workers restart)."""
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         by_name = {str(w["name"]): addr for addr, w in info.items()}
+        # Dask matches restrictions against names as the workers gave them (an external
+        # cluster may name workers 0, 1, ...); nbtool keeps them as strings.
+        self._dask_names.update({str(w["name"]): w["name"] for w in info.values()})
         if names is None:
             return by_name
         return {n: by_name[n] for n in names if n in by_name}
+
+    def _restriction(self, names: Iterable[str]) -> list:
+        """Worker names as Dask knows them, for ``workers=`` restrictions."""
+        return [self._dask_names.get(n, n) for n in names]
 
     def _statuses(self, names: Iterable[str] | None = None) -> dict[str, dict]:
         """``worker_status()`` of the given workers (all by default), by worker name."""
@@ -179,7 +188,8 @@ class Engine:
         """Register every ``.keras``/``.h5`` file and SavedModel directory in ``folder``.
 
         Each is named after its file (without suffix). They are placed largest first, so
-        ``device="auto"`` spreads them evenly over the workers' budgets.
+        ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
+        be read is skipped with a warning that says why; the others are registered.
 
         Example:
             >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
@@ -190,9 +200,17 @@ class Engine:
             raise NbtoolError(f"folder {folder}: no models found; expected .keras or .h5 "
                               "files or SavedModel directories inside. Fix: save models "
                               "there with model.save('folder/name.keras').")
-        specs = [inspect_model(n, p, device=device, replicas=int(replicas),
-                               batch_size=batch_size, trusted=bool(trusted))
-                 for n, p in found.items()]
+        specs, problems = [], []
+        for n, p in found.items():
+            try:
+                specs.append(inspect_model(n, p, device=device, replicas=int(replicas),
+                                           batch_size=batch_size, trusted=bool(trusted)))
+            except NbtoolError as e:   # one bad file must not cost the user the others
+                problems.append(e)
+        if problems and not specs:
+            raise problems[0]
+        for e in problems:
+            warnings.warn(f"skipped: {e}", stacklevel=2)
         specs.sort(key=lambda s: -s.size_bytes)
         return [self._add(s) for s in specs]
 
@@ -267,7 +285,8 @@ class Engine:
         for spec in specs:
             for w in self.placement[spec.name]:
                 futures[(spec.name, w)] = self.client.submit(
-                    load_model, spec, workers=[w], allow_other_workers=False, pure=False,
+                    load_model, spec, workers=self._restriction([w]), allow_other_workers=False,
+                    pure=False,
                     key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
         out: dict[str, dict[str, dict]] = {n: {} for n in names}
         failures = []
@@ -316,9 +335,10 @@ class Engine:
             return []
         keep = {w: [m for m in s["lru_order"] if m not in names and m in self.registry]
                 for w, s in holders.items()}
-        self.client.restart_workers(sorted(holders))
+        self.client.restart_workers(self._restriction(sorted(holders)))
         self._wait_for_workers(sorted(holders))
-        futures = [self.client.submit(load_model, self.registry.get(m), workers=[w],
+        futures = [self.client.submit(load_model, self.registry.get(m),
+                                      workers=self._restriction([w]),
                                       allow_other_workers=False, pure=False,
                                       key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
                    for w, ms in keep.items() for m in ms]
@@ -389,8 +409,8 @@ class Engine:
             check_fits(spec, source)
         used = {w for n in names for w in self.placement[n]}
         size = resolve_chunk_size(chunk_size, source, len(used))
-        run = PredictionRun(self.client, [(s, self.placement[s.name]) for s in specs],
-                            source, size, combine)
+        run = PredictionRun(self.client, [(s, self._restriction(self.placement[s.name]))
+                                          for s in specs], source, size, combine)
         run.submit()
         return run
 

@@ -74,7 +74,7 @@ class UnsupportedFormat(NbtoolError, ValueError):
 
     Example:
         >>> str(UnsupportedFormat("m", "m.onnx"))  # doctest: +ELLIPSIS
-        "model 'm' (m.onnx): ... expected a .keras or .h5 file ..."
+        "model 'm' (m.onnx): ... expected a .keras or .h5 file..."
     """
 
     def __init__(self, model: str | None, path: str, found: str | None = None):

@@ -116,7 +116,7 @@ class PredictionRun:
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
-        workers = sorted({w for _, ws in self.placements for w in ws})
+        workers = list(dict.fromkeys(w for _, ws in self.placements for w in ws))
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
         tasks, keys = [], []
         for spec, names in self.placements:

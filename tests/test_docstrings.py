@@ -1,0 +1,22 @@
+"""The examples in the docstrings of the pure modules run and say what they show.
+
+(Examples that need a running cluster are marked ``+SKIP`` there and exercised for real by
+the other tests.)
+"""
+
+import doctest
+import importlib
+
+import pytest
+
+PURE_MODULES = ["nbtool.errors", "nbtool.devices", "nbtool.registry", "nbtool.sources",
+                "nbtool.results", "nbtool.tables", "nbtool.runner"]
+
+
+@pytest.mark.parametrize("name", PURE_MODULES)
+def test_docstring_examples_run(name, monkeypatch):
+    monkeypatch.delenv("NBTOOL_FAKE_GPUS", raising=False)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no runnable examples"
+    assert result.failed == 0
