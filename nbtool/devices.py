@@ -167,11 +167,12 @@ def select_gpus(gpus: str | int | Sequence[int] | None, inventory: list[GPU]) ->
 def default_cpu_workers(cores: int, total_memory: int) -> int:
     """How many CPU workers to run: one single-threaded worker per core.
 
-    Measured on a 2-core machine: two workers with one TensorFlow thread each ran a
-    three-model ensemble as fast as one process running the models back to back, while
-    one worker with two threads was slower (TF's intra-op parallelism does little for
-    small batches, and two processes overlap Python overhead). Capped so that each worker
-    keeps at least ``2 * WORKER_BASE_MEMORY`` of RAM, and at 8 (beyond that, threads).
+    Measured on a 2-core machine (``benchmarks/worker_layout.py``, three small convnets and
+    an MLP on 4,000 32x32x3 inputs, median of 5): two workers with one TensorFlow thread
+    each took 0.469 s, one worker with two threads 0.547 s (1.17x slower). TF's intra-op
+    parallelism does little for these batch sizes, while two processes overlap their Python
+    overhead. Capped so that each worker keeps at least ``2 * WORKER_BASE_MEMORY`` of RAM,
+    and at 8 (beyond that, more threads per worker).
 
     Example:
         >>> default_cpu_workers(2, 24 * 2**30), default_cpu_workers(64, 24 * 2**30)

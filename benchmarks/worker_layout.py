@@ -1,0 +1,122 @@
+"""Which CPU worker layout runs an ensemble fastest on this machine?
+
+Compares, in one run on the same models and data:
+- nbtool with one worker using every core as TensorFlow threads;
+- nbtool with one single-threaded worker per core (the default);
+- the single-process floor: each model alone in this process, compiled, all cores.
+
+Usage:  .venv/bin/python benchmarks/worker_layout.py [--rows 4000] [--repeats 5]
+Prints medians and ratios, and writes benchmarks/results/worker_layout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_models(folder: Path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    shape = (32, 32, 3)
+    models = {
+        "small_cnn": keras.Sequential([
+            keras.Input(shape), keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(), keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")]),
+        "mlp": keras.Sequential([
+            keras.Input(shape), keras.layers.Flatten(),
+            keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10, activation="softmax")]),
+        "separable": keras.Sequential([
+            keras.Input(shape), keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+            keras.layers.SeparableConv2D(64, 3, activation="relu"),
+            keras.layers.SeparableConv2D(64, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")]),
+    }
+    for name, m in models.items():
+        m.save(folder / f"{name}.keras")
+    return shape
+
+
+def time_layout(n_workers: int, folder: Path, x, repeats: int) -> list[float]:
+    import nbtool
+
+    with nbtool.start(n_workers=n_workers, gpus="none", dashboard_address="127.0.0.1:0") as eng:
+        names = [s.name for s in eng.register_dir(folder)]
+        eng.load(*names)
+        eng.predict(names, x)                     # warm: traces, scatter paths
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            eng.predict(names, x)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def floor_in_one_process(folder: Path, x, repeats: int) -> list[float]:
+    """Each model alone, compiled with a fixed batch, all cores: the compute floor."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    fns = []
+    for path in sorted(folder.glob("*.keras")):
+        model = keras.saving.load_model(path, compile=False)
+        fn = tf.function(lambda b, m=model: m(b, training=False),
+                         input_signature=[tf.TensorSpec((64, *x.shape[1:]), tf.float32)])
+        fns.append(fn)
+
+    def run():
+        for fn in fns:
+            for s in range(0, len(x), 64):
+                b = x[s:s + 64]
+                if len(b) < 64:
+                    b = np.concatenate([b, np.zeros((64 - len(b), *b.shape[1:]), b.dtype)])
+                fn(b)
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    import numpy as np
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shape = build_models(folder)
+        x = np.random.default_rng(0).random((args.rows, *shape), dtype=np.float32)
+        results = {
+            f"nbtool 1 worker x {cores} threads": time_layout(1, folder, x, args.repeats),
+            f"nbtool {cores} workers x 1 thread": time_layout(cores, folder, x, args.repeats),
+            "floor: one process, models in turn": floor_in_one_process(folder, x, args.repeats),
+        }
+    floor = statistics.median(results["floor: one process, models in turn"])
+    print(f"{args.rows} rows, 3 models, {cores} cores; median of {args.repeats} runs")
+    for name, times in results.items():
+        med = statistics.median(times)
+        print(f"  {name:<40} {med:7.3f} s   {med / floor:5.2f}x the floor")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "worker_layout.json").write_text(json.dumps(
+        {"rows": args.rows, "cores": cores, "seconds": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
