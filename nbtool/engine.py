@@ -167,18 +167,21 @@ class Engine:
         old = self.registry.get(spec.name) if spec.name in self.registry else None
         if old == spec:
             return old
+        assigned = self._assigned_bytes(exclude=spec.name)
+        # Place first: if that fails, the old registration stays as it was.
+        workers = place(spec.name, spec.size_bytes, spec.device, spec.replicas,
+                        self.workers.values(), assigned)
         if old is not None:   # replaced: the old copies must not keep serving
             self._soft_unload([spec.name])
-            del self.placement[spec.name]
-        self.placement[spec.name] = place(spec.name, spec.size_bytes, spec.device,
-                                          spec.replicas, self.workers.values(),
-                                          self._assigned_bytes())
+        self.placement[spec.name] = workers
         self.registry.add(spec)
         return spec
 
-    def _assigned_bytes(self) -> dict[str, int]:
+    def _assigned_bytes(self, exclude: str | None = None) -> dict[str, int]:
         assigned: dict[str, int] = {}
         for name, workers in self.placement.items():
+            if name == exclude:
+                continue
             for w in workers:
                 assigned[w] = assigned.get(w, 0) + self.registry.get(name).size_bytes
         return assigned
@@ -315,8 +318,9 @@ class Engine:
         Soft (default): the workers drop them and clear Keras' state; the memory becomes
         reusable inside those workers. ``hard=True``: the worker processes that held them
         restart (TensorFlow never returns memory otherwise) and the models they held that
-        were not asked to go are loaded again. Returns the workers restarted (hard) or the
-        models dropped (soft).
+        were not asked to go are loaded again; this includes workers that soft-unloaded or
+        evicted the models earlier, since they still hold the memory. Returns the workers
+        restarted (hard) or the models dropped (soft).
 
         Example:
             >>> eng.unload("cnn")                  # doctest: +SKIP
@@ -329,8 +333,9 @@ class Engine:
         if not hard:
             return self._soft_unload(names)
         statuses = self._statuses()
-        holders = {w: s for w, s in statuses.items()
-                   if any(n in s["lru_order"] for n in names)}
+        # Every process that ever loaded one of them still holds its memory, even after a
+        # soft unload or an eviction: TensorFlow keeps what it allocated.
+        holders = {w: s for w, s in statuses.items() if any(n in s["models"] for n in names)}
         if not holders:
             return []
         keep = {w: [m for m in s["lru_order"] if m not in names and m in self.registry]

@@ -113,6 +113,7 @@ class PredictionRun:
         self.futures = []
         self._task_of = {}         # future key -> (model, chunk index)
         self.started = None
+        self.finished = 0
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
@@ -134,6 +135,8 @@ class PredictionRun:
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """Per model: (chunks finished, chunks in all), read from the futures' states."""
+        if self.finished:
+            return {spec.name: (len(self.bounds), len(self.bounds)) for spec, _ in self.placements}
         done = {spec.name: 0 for spec, _ in self.placements}
         for f in self.futures:
             if f.status in ("finished", "error", "cancelled"):
@@ -159,6 +162,9 @@ class PredictionRun:
                     model, chunk, self.bounds[chunk], None,
                     f"{type(value).__name__}: {value}"))
         wall = time.perf_counter() - self.started
+        # Everything is here now: let the workers drop their copies of outputs and inputs.
+        self.finished = len(self.futures)
+        self.futures = []
         errors.sort(key=lambda e: (getattr(e, "model", ""), getattr(e, "chunk", 0)))
         return self._assemble(results, errors, finished_at, wall)
 

@@ -224,8 +224,10 @@ class ModelCache:
             return loaded, loaded.load_seconds
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        estimate = self._info.get(spec.name, {}).get("footprint") or spec.size_bytes
-        self.evict_lru(max(estimate, spec.size_bytes))
+        # What it will be charged: its weights as counted at its last load here, if any.
+        known = self._info.get(spec.name, {})
+        same_file = known.get("fingerprint") == spec.fingerprint
+        self.evict_lru((known.get("weight_bytes") if same_file else None) or spec.size_bytes)
         info = self._info.setdefault(spec.name, {"loads": 0})
         info.update(state="loading", reason=None, path=spec.path)
         before = self.memory_in_use()

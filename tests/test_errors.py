@@ -134,3 +134,26 @@ def test_combining_models_with_different_outputs_keeps_each(engine, model_dir, r
     res = engine.predict([a, b], reference["x8"], combine="mean")
     assert res.combined is None and "several outputs" in str(res.errors[0])
     assert np.abs(res[a] - reference["mlp"]).max() <= 1e-5 and len(res[b]) == 2
+
+
+def test_a_failed_re_registration_keeps_the_old_one(engine, model_dir, reference, unique):
+    name = f"{unique}_keep"
+    engine.register(name, model_dir / "mlp.keras")
+    before = engine.placement[name]
+    with pytest.raises(PlacementError):
+        engine.register(name, model_dir / "mlp2.keras", device="gpu:0")
+    assert engine.placement[name] == before
+    assert np.abs(engine.predict(name, reference["x8"])[name] - reference["mlp"]).max() <= 1e-5
+
+
+def test_re_registering_a_changed_file_serves_the_new_model(engine, model_dir, reference,
+                                                            unique, tmp_path):
+    name = f"{unique}_swap"
+    path = tmp_path / "m.keras"
+    path.write_bytes((model_dir / "mlp.keras").read_bytes())
+    engine.register(name, path)
+    assert np.abs(engine.predict(name, reference["x8"])[name] - reference["mlp"]).max() <= 1e-5
+    engine.register(name, path)                       # unchanged: a no-op
+    path.write_bytes((model_dir / "mlp2.keras").read_bytes())
+    engine.register(name, path)                       # changed: the old copy is dropped
+    assert np.abs(engine.predict(name, reference["x8"])[name] - reference["mlp2"]).max() <= 1e-5
