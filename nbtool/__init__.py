@@ -60,3 +60,10 @@ unload = _on_default("unload")
 predict = _on_default("predict")
 predict_async = _on_default("predict_async")
 close = _on_default("close")
+
+
+def load_ipython_extension(ip) -> None:
+    """``%load_ext nbtool``: the ``%nbtool`` and ``%%infer`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ip)

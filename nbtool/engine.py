@@ -384,8 +384,7 @@ class Engine:
             >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
             ((2000, 10), (2000,))
         """
-        run = self._start_run(models, x, chunk_size, combine)
-        return self._finish_run(run, run.collect(), save)
+        return self.submit(models, x, chunk_size, combine, save).collect()
 
     async def predict_async(self, models: str | list[str], x: Any,
                             chunk_size: int | None = None, combine: str | None = "mean",
@@ -395,11 +394,22 @@ class Engine:
         Example:
             >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
         """
-        run = self._start_run(models, x, chunk_size, combine)
-        res = await asyncio.to_thread(run.collect)
-        return self._finish_run(run, res, save)
+        run = self.submit(models, x, chunk_size, combine, save)
+        return await asyncio.to_thread(run.collect)
 
-    def _start_run(self, models, x, chunk_size, combine) -> PredictionRun:
+    def submit(self, models: str | list[str], x: Any, chunk_size: int | None = None,
+               combine: str | None = "mean", save: str | None = None) -> PredictionRun:
+        """Check the input, schedule the prediction and return at once with the run.
+
+        ``run.progress()`` says how far each model is; ``run.collect()`` waits and returns
+        the :class:`Prediction`. :meth:`predict` is ``submit(...).collect()``.
+
+        Example:
+            >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
+            >>> run.progress()                        # doctest: +SKIP
+            {'cnn': (3, 8)}
+            >>> res = run.collect()                   # doctest: +SKIP
+        """
         check_combine(combine)
         names = list(dict.fromkeys(_names([models])))
         if not names:
@@ -414,12 +424,14 @@ class Engine:
             check_fits(spec, source)
         used = {w for n in names for w in self.placement[n]}
         size = resolve_chunk_size(chunk_size, source, len(used))
+        devices = {w.name: w.device for w in self.workers.values()}
         run = PredictionRun(self.client, [(s, self._restriction(self.placement[s.name]))
-                                          for s in specs], source, size, combine)
+                                          for s in specs], source, size, combine,
+                            devices=devices, on_done=lambda res: self._finish_run(res, save))
         run.submit()
         return run
 
-    def _finish_run(self, run: PredictionRun, res: Prediction, save) -> Prediction:
+    def _finish_run(self, res: Prediction, save) -> None:
         if save:
             res.save(save)
         self.history.append({
@@ -427,7 +439,6 @@ class Engine:
             "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
             "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
             "errors": len(res.errors)})
-        return res
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

@@ -39,7 +39,9 @@ class ModelNotFound(NbtoolError, KeyError):
         self.known = sorted(known)
         close = difflib.get_close_matches(name, self.known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        listing = ", ".join(repr(k) for k in self.known) or "none yet"
+        listing = ", ".join(repr(k) for k in self.known[:10]) or "none yet"
+        if len(self.known) > 10:
+            listing += f" and {len(self.known) - 10} more (eng.models() lists them)"
         super().__init__(
             f"no model named {name!r} is registered; {hint}registered: {listing}. "
             f"Register it first with eng.register({name!r}, 'path/to/model.keras')."

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import warnings
 from typing import Any
 
@@ -113,7 +112,7 @@ class Prediction:
     def __init__(self, models: list[str], outputs: dict[str, list[np.ndarray] | None],
                  combined, combine, timings: dict[str, dict[str, Any]],
                  errors: list[Exception], n_rows: int, chunk_size: int,
-                 wall_seconds: float = 0.0):
+                 wall_seconds: float = 0.0, source=None):
         self.models = list(models)
         self._outputs = outputs
         self.combined = combined
@@ -123,6 +122,8 @@ class Prediction:
         self.n_rows = n_rows
         self.chunk_size = chunk_size
         self.wall_seconds = wall_seconds
+        self.source = source    # the input (a reference, never a copy), for the gallery
+        self.labels = None      # true labels, once given to evaluate()
 
     def __getitem__(self, name: str):
         if name not in self._outputs:
@@ -163,48 +164,44 @@ class Prediction:
             raise PredictionFailed(self.errors)
         return self
 
-    def _rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for m in self.models:
-            t = self.timings.get(m, {})
-            outs = self._outputs.get(m)
-            rows.append({
-                "model": m,
-                "output": ", ".join(str(o.shape) for o in outs) if outs else "failed",
-                "seconds": t.get("seconds", float("nan")),
-                "rows/s": t.get("rows_per_second", float("nan")),
-                "load s": t.get("load_seconds", 0.0),
-                "workers": ", ".join(t.get("workers", [])),
-                "errors": sum(1 for e in self.errors if getattr(e, "model", None) == m),
-            })
-        return rows
+    def evaluate(self, labels) -> dict[str, float]:
+        """Compare with true labels: returns accuracy per model (and ``"ensemble"``).
+
+        The labels are kept, so the inline view adds accuracy and a confusion matrix.
+
+        Example:
+            >>> res = Prediction(["m"], {"m": [np.eye(2)]}, None, None, {}, [], 2, 2)
+            >>> res.evaluate([0, 0])
+            {'m': 0.5}
+        """
+        from .report import accuracy
+
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != self.n_rows:
+            from .errors import InputMismatch
+
+            raise InputMismatch(None, None, f"{self.n_rows} labels, one per input row",
+                                f"{len(labels)} labels", "pass the labels of the same rows")
+        self.labels = labels
+        return accuracy(self, labels)
 
     def __repr__(self) -> str:
+        from .report import _fmt, summary_rows
+
         head = (f"<Prediction: {len(self.models)} model(s) x {self.n_rows} rows, "
                 f"combine={self.combine!r}, {len(self.errors)} error(s), "
                 f"{self.wall_seconds:.2f}s>")
         lines = [head]
-        for r in self._rows():
-            lines.append(f"  {r['model']:<16} {r['output']:<18} {r['seconds']:8.3f}s "
-                         f"{r['rows/s']:10.0f} rows/s  load {r['load s']:.2f}s  "
-                         f"[{r['workers']}]" + (f"  {r['errors']} error(s)" if r["errors"]
-                                                else ""))
+        for r in summary_rows(self):
+            lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.items()
+                                           if v != "" and k != "output") )
+        lines += [f"  ! {e}" for e in self.errors[:3]]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        cells = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>"
-            for r in self._rows())
-        header = "".join(f"<th>{html.escape(k)}</th>" for k in
-                         ("model", "output", "seconds", "rows/s", "load s", "workers",
-                          "errors"))
-        errs = "".join(f"<li>{html.escape(str(e))}</li>" for e in self.errors[:5])
-        more = f"<li>... {len(self.errors) - 5} more</li>" if len(self.errors) > 5 else ""
-        return (f"<div class='nbtool-prediction'><b>Prediction</b>: {len(self.models)} "
-                f"model(s) &times; {self.n_rows} rows, combine={html.escape(repr(self.combine))}"
-                f", {self.wall_seconds:.2f}s<table><thead><tr>{header}</tr></thead>"
-                f"<tbody>{cells}</tbody></table>"
-                + (f"<ul class='nbtool-errors'>{errs}{more}</ul>" if errs else "") + "</div>")
+        from .report import render_html
+
+        return render_html(self)
 
     def save(self, path: str) -> str:
         """Write every output (and the combined one) to an ``.npz`` file; returns the path.
@@ -221,9 +218,3 @@ class Prediction:
             arrays["combined"] = self.combined
         np.savez(path, **arrays)
         return path
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if v < 100 else f"{v:,.0f}"
-    return str(v)

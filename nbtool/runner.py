@@ -102,7 +102,8 @@ class PredictionRun:
     """
 
     def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
-                 chunk_size: int, combine: str | None = "mean"):
+                 chunk_size: int, combine: str | None = "mean",
+                 devices: dict[str, str] | None = None, on_done=None):
         self.client = client
         self.placements = placements
         self.source = source
@@ -114,6 +115,9 @@ class PredictionRun:
         self._task_of = {}         # future key -> (model, chunk index)
         self.started = None
         self.finished = 0
+        self.devices = devices or {}   # worker name -> device label, for the report
+        self.on_done = on_done         # called with the Prediction once it is assembled
+        self.result: Prediction | None = None
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
@@ -166,7 +170,15 @@ class PredictionRun:
         self.finished = len(self.futures)
         self.futures = []
         errors.sort(key=lambda e: (getattr(e, "model", ""), getattr(e, "chunk", 0)))
-        return self._assemble(results, errors, finished_at, wall)
+        self.result = self._assemble(results, errors, finished_at, wall)
+        if self.on_done is not None:
+            self.on_done(self.result)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        """True once every task has finished (or failed); ``collect()`` will not wait."""
+        return bool(self.finished) or all(f.done() for f in self.futures)
 
     def _assemble(self, results, errors, finished_at, wall) -> Prediction:
         outputs, timings = {}, {}
@@ -176,6 +188,8 @@ class PredictionRun:
                     if (spec.name, i) in results]
             timings[spec.name] = _timings(mine, finished_at.get(spec.name, self.started)
                                           - self.started, n)
+            timings[spec.name]["devices"] = sorted({self.devices.get(w, w) for w in
+                                                    timings[spec.name]["workers"]})
             if not mine:
                 outputs[spec.name] = None
                 continue
@@ -205,7 +219,8 @@ class PredictionRun:
             except CombineError as e:
                 errors.append(e)
         return Prediction([s.name for s, _ in self.placements], outputs, combined,
-                          self.combine, timings, errors, n, self.chunk_size, wall)
+                          self.combine, timings, errors, n, self.chunk_size, wall,
+                          source=self.source)
 
 
 def _timings(chunks: list[tuple[int, ChunkOutput]], seconds: float, n_rows: int) -> dict:

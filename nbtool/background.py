@@ -1,0 +1,129 @@
+"""Predictions that run in the background while the notebook stays usable.
+
+In a Jupyter kernel the watcher is a task on the kernel's own event loop: it redraws the
+progress bars, waits for the result without blocking the loop, then binds it to the
+notebook variable and shows it in the cell that started it. In a terminal IPython (no
+running loop) a thread collects the result and binds it; nothing draws from that thread
+but one closing line.
+
+Example:
+    >>> bg = BackgroundRun(run, ProgressDisplay(run.progress()), bind=print)  # doctest: +SKIP
+    >>> bg.start(); bg.result(timeout=60)                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import sys
+import threading
+from typing import Callable
+
+from .progress import INTERVAL, ProgressDisplay
+
+
+class BackgroundRun:
+    """A prediction in flight; ``result()`` waits for it, ``done`` says if it finished.
+
+    Example:
+        >>> bg.done, bg.progress()        # doctest: +SKIP
+        (False, {'cnn': (3, 8)})
+    """
+
+    def __init__(self, run, view: ProgressDisplay | None, bind: Callable | None = None,
+                 name: str | None = None):
+        self.run = run
+        self.view = view
+        self.bind = bind
+        self.name = name
+        self.prediction = None
+        self.exception: BaseException | None = None
+        self._done = threading.Event()
+        self._handle = None
+        self.task = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        return self.run.progress()
+
+    def start(self) -> "BackgroundRun":
+        """Start watching: on the running event loop if there is one, else in a thread."""
+        if self.view is not None:
+            self.view.show()
+        if self.view is not None and self.view.box is not None:
+            from IPython.display import HTML, display
+
+            self._handle = display(HTML("<i>running in the background...</i>"), display_id=True)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self.task = loop.create_task(self._watch())
+        else:
+            threading.Thread(target=self._collect, name="nbtool-background", daemon=True).start()
+        return self
+
+    async def _watch(self) -> None:
+        try:
+            while not self.run.done:
+                if self.view is not None:
+                    self.view.update(self.run.progress())
+                await asyncio.sleep(INTERVAL)
+            res = await asyncio.to_thread(self.run.collect)
+        except BaseException as e:   # shown below, never swallowed
+            self._finish(None, e)
+            return
+        self._finish(res, None)
+
+    def _collect(self) -> None:
+        try:
+            res = self.run.collect()
+        except BaseException as e:
+            self._finish(None, e)
+            return
+        self._finish(res, None)
+
+    def _finish(self, res, error: BaseException | None) -> None:
+        if error is None and self.bind is not None:
+            try:
+                self.bind(res)
+            except BaseException as e:   # a failing bind is an error of the run too
+                error = e
+        self.prediction, self.exception = res, error
+        if self.view is not None:
+            self.view.finish(res, error)
+        if self._handle is not None:
+            from IPython.display import HTML
+
+            self._handle.update(res if error is None else HTML(
+                f"<pre style='color:#c0392b'>background prediction failed: "
+                f"{html.escape(type(error).__name__)}: {html.escape(str(error))}</pre>"))
+        elif error is not None:
+            print(f"[nbtool] background prediction failed: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+        else:
+            where = f" -> {self.name}" if self.name else ""
+            print(f"[nbtool] background prediction finished{where}: {res!r}".splitlines()[0])
+        self._done.set()
+
+    def result(self, timeout: float | None = None):
+        """Wait for the prediction and return it (raising what the run raised).
+
+        Example:
+            >>> res = bg.result(timeout=600)   # doctest: +SKIP
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the background prediction is still running after {timeout}s")
+        if self.exception is not None:
+            raise self.exception
+        return self.prediction
+
+    def __repr__(self) -> str:
+        state = ("failed: " + str(self.exception)) if self.exception else \
+            ("done" if self.done else "running")
+        target = f", result -> {self.name}" if self.name else ""
+        return f"<nbtool background prediction: {state}{target}>"

@@ -1,0 +1,277 @@
+"""``%nbtool`` and ``%%infer``: nbtool from notebook cells.
+
+Loaded by ``%load_ext nbtool``. Options are declared with IPython's ``magic_arguments``, so
+``%nbtool?`` and ``%%infer?`` print real help and unknown flags raise ``UsageError``.
+Settings are traitlets: ``%config Nbtool.chunk_size = 2048``. Tab completion offers the
+registered model names.
+
+Example (in a notebook)::
+
+    %load_ext nbtool
+    %nbtool start --workers 2
+    %nbtool register cnn models/cnn.keras --device auto
+    %%infer cnn mlp --chunk-size 1024 --combine mean --labels y_test --out preds
+    x_test
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Int, Unicode
+
+from .errors import ModelNotFound, NbtoolError
+
+SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
+               "stop")
+
+
+@magics_class
+class Nbtool(Magics):
+    """The nbtool magics. Settings: ``%config Nbtool`` lists them."""
+
+    chunk_size = Int(None, allow_none=True, help="Rows per chunk when %%infer gets no "
+                     "--chunk-size (None: nbtool picks).").tag(config=True)
+    combine = Unicode("mean", help="How %%infer combines models without --combine: "
+                      "'mean', 'vote' or 'none'.").tag(config=True)
+    progress = Bool(True, help="Show live progress bars while %%infer runs.").tag(config=True)
+    memory_budget = Unicode(None, allow_none=True, help="Default per-worker model budget "
+                            "for %nbtool start, e.g. '4GB'.").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._started = None   # the engine %nbtool start made (and may replace)
+
+    # -- %nbtool -----------------------------------------------------------------------
+    @line_magic
+    def nbtool(self, line: str = ""):
+        words = shlex.split(line)
+        if not words:
+            raise UsageError("usage: %nbtool SUBCOMMAND ...; subcommands: "
+                             + ", ".join(SUBCOMMANDS) + ". %nbtool? shows the help.")
+        sub, rest = words[0], line.split(None, 1)[1] if len(words) > 1 else ""
+        handler = self._subcommands().get(sub)
+        if handler is None:
+            close = difflib.get_close_matches(sub, SUBCOMMANDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"%nbtool has no subcommand {sub!r}.{hint} Subcommands: "
+                             + ", ".join(SUBCOMMANDS) + ".")
+        if set(rest.split()) & {"--help", "-h"}:
+            print(handler.parser.format_help().lstrip(": \n"))
+            return None
+        args = parse_argstring(handler, rest)
+        try:
+            return handler(args)
+        except ModelNotFound as e:
+            raise UsageError(str(e)) from None
+        except NbtoolError as e:
+            raise UsageError(f"{type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _subcommand_handlers(cls):
+        return [cls._start, cls._register, cls._register_dir, cls._models, cls._devices,
+                cls._load, cls._unload, cls._stop]
+
+    def _subcommands(self):
+        return dict(zip(SUBCOMMANDS, (getattr(self, f.__name__)
+                                      for f in self._subcommand_handlers())))
+
+    def _engine(self):
+        from .engine import _default_engine
+
+        if _default_engine is None:
+            raise UsageError("no nbtool engine is running. Start one with %nbtool start "
+                             "(or eng = nbtool.start()).")
+        return _default_engine
+
+    def _check_models(self, names: list[str]) -> None:
+        eng = self._engine()
+        for n in names:
+            if n not in eng.registry:
+                raise UsageError(str(ModelNotFound(n, eng.registry.names())).replace(
+                    f"eng.register({n!r}, 'path/to/model.keras')",
+                    f"%nbtool register {n} path/to/model.keras"))
+
+    @magic_arguments(name="nbtool start")
+    @argument("--gpus", default="auto", help="'auto' (every GPU NVML finds), 'none' (CPU "
+              "workers), or indices like 0,1")
+    @argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
+    @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
+    @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
+    def _start(self, args):
+        """Start the engine: a local cluster (one worker per GPU) or an existing one."""
+        import nbtool
+
+        if self._started is not None:   # re-running the cell restarts cleanly
+            self._started.close()
+            self._started = None
+        eng = self._started = nbtool.start(address=args.address, gpus=args.gpus, n_workers=args.workers,
+                           memory_budget=args.memory_budget or self.memory_budget)
+        self.shell.user_ns.setdefault("eng", eng)
+        return eng
+
+    @magic_arguments(name="nbtool register")
+    @argument("name", help="the model's name")
+    @argument("path", help=".keras or .h5 file, or SavedModel directory")
+    @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
+    @argument("--replicas", type=int, default=1, help="workers that hold it (default 1)")
+    @argument("--batch-size", type=int, default=None, help="batch size for inference")
+    @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
+    def _register(self, args):
+        """Register a model file under a name."""
+        eng = self._engine()
+        eng.register(args.name, args.path, device=args.device, replicas=args.replicas,
+                     batch_size=args.batch_size, trusted=args.trusted)
+        return eng.models()
+
+    @magic_arguments(name="nbtool register-dir")
+    @argument("path", help="a folder of .keras/.h5 files and SavedModel directories")
+    @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
+    @argument("--replicas", type=int, default=1, help="workers that hold each model")
+    @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
+    def _register_dir(self, args):
+        """Register every model inside a folder, named after its file."""
+        eng = self._engine()
+        eng.register_dir(args.path, device=args.device, replicas=args.replicas,
+                         trusted=args.trusted)
+        return eng.models()
+
+    @magic_arguments(name="nbtool models")
+    def _models(self, args):
+        """The registered models: format, size, placement, state per worker."""
+        return self._engine().models()
+
+    @magic_arguments(name="nbtool devices")
+    def _devices(self, args):
+        """The workers: device, memory in use, budget, resident models."""
+        return self._engine().devices()
+
+    @magic_arguments(name="nbtool load")
+    @argument("names", nargs="+", help="models to load now")
+    def _load(self, args):
+        """Load models now on the workers that hold them."""
+        self._check_models(args.names)
+        self._engine().load(*args.names)
+        return self._engine().models()
+
+    @magic_arguments(name="nbtool unload")
+    @argument("names", nargs="*", help="models to unload (default: all)")
+    @argument("--hard", action="store_true", help="restart the workers that held them, "
+              "so their memory really returns")
+    def _unload(self, args):
+        """Unload models: soft (drop from caches) or --hard (restart the workers)."""
+        self._check_models(args.names)
+        self._engine().unload(args.names or None, hard=args.hard)
+        return self._engine().devices()
+
+    @magic_arguments(name="nbtool stop")
+    def _stop(self, args):
+        """Close the engine and its local cluster."""
+        eng = self._engine()
+        eng.close()
+        if eng is self._started:
+            self._started = None
+
+    # -- %%infer ---------------------------------------------------------------------------
+    @magic_arguments(name="%infer")
+    @argument("names", nargs="+", help="the models to run")
+    @argument("--chunk-size", type=int, default=None, help="rows per chunk")
+    @argument("--combine", default=None, choices=["mean", "vote", "none"],
+              help="how to combine the models (default: %%config Nbtool.combine)")
+    @argument("--labels", default=None, help="an expression for the true labels: adds "
+              "accuracy and a confusion matrix")
+    @argument("--out", default=None, help="the variable that receives the Prediction")
+    @argument("--save", default=None, help="also write the outputs to this .npz file")
+    @argument("--background", action="store_true", help="return at once; the result is "
+              "bound to --out when it is done")
+    @cell_magic
+    def infer(self, line: str, cell: str):
+        """Predict with registered models; the cell's last expression is the input.
+
+        The input is an ndarray, a path to a .npy file or a Dask array. The result renders
+        below the cell, is bound to --out and is returned (so ``_`` works).
+        """
+        args = parse_argstring(self.infer, line)
+        self._check_models(args.names)
+        x = self._input_from(cell)
+        labels = self.shell.ev(args.labels) if args.labels else None
+        combine = args.combine or self.combine
+        combine = None if combine == "none" else combine
+        from .progress import ProgressDisplay, wait_with_progress
+
+        try:
+            run = self._engine().submit(args.names, x, args.chunk_size or self.chunk_size,
+                                        combine, args.save)
+        except NbtoolError as e:
+            raise UsageError(f"{type(e).__name__}: {e}") from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        view = ProgressDisplay(run.progress()) if self.progress else None
+
+        def bind(res):
+            if labels is not None:
+                res.evaluate(labels)
+            if args.out:
+                self.shell.user_ns[args.out] = res
+            return res
+
+        if args.background:
+            from .background import BackgroundRun
+
+            return BackgroundRun(run, view, bind, args.out).start()
+        return bind(wait_with_progress(run, view))
+
+    def _input_from(self, cell: str):
+        """Run the cell body in the notebook's namespace; its last expression is the input."""
+        try:
+            tree = ast.parse(cell)
+        except SyntaxError as e:
+            raise UsageError(f"the %%infer cell body is not valid Python: {e}") from None
+        if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+            raise UsageError("the %%infer cell must end with an expression that gives the "
+                             "input, e.g. a last line `x_test` or `'data/x.npy'`.")
+        ns = self.shell.user_ns
+        body = ast.Module(body=tree.body[:-1], type_ignores=[])
+        exec(compile(body, "<%%infer cell>", "exec"), ns)
+        return eval(compile(ast.Expression(tree.body[-1].value), "<%%infer cell>", "eval"), ns)
+
+    # -- completion ------------------------------------------------------------------------
+    def complete(self, _shell, event) -> list[str]:
+        """Model names (and for %nbtool, subcommands) for tab completion."""
+        words = event.line.split()
+        typing_first = len(words) == 1 or (len(words) == 2 and not event.line.endswith(" "))
+        if words and words[0] == "%nbtool" and typing_first:
+            return [s for s in SUBCOMMANDS if s.startswith(event.symbol)]
+        from .engine import _default_engine
+
+        names = _default_engine.registry.names() if _default_engine is not None else []
+        return [n for n in names if n.startswith(event.symbol)]
+
+
+def _compose_help() -> str:
+    parts = ["Run nbtool from a notebook: %nbtool SUBCOMMAND [options]", ""]
+    for handler in Nbtool._subcommand_handlers():
+        usage = " ".join(handler.parser.format_usage().split())   # one line each
+        parts += [usage.replace("usage: ", "").lstrip(": "),
+                  "    " + handler.parser.description.strip().splitlines()[0], ""]
+    parts.append("Each subcommand's options: %nbtool SUBCOMMAND --help. "
+                 "Settings: %config Nbtool.")
+    return "\n".join(parts)
+
+
+Nbtool.nbtool.__doc__ = _compose_help()
+
+
+def load_ipython_extension(ip) -> None:
+    """``%load_ext nbtool``: register the magics, their settings and tab completion."""
+    magics = Nbtool(shell=ip)
+    ip.register_magics(magics)
+    if magics not in ip.configurables:
+        ip.configurables.append(magics)
+    ip.set_hook("complete_command", magics.complete, str_key="%nbtool")
+    ip.set_hook("complete_command", magics.complete, str_key="%%infer")

@@ -1,0 +1,131 @@
+"""Live progress of a prediction: a bar per model in a notebook, a text line in a terminal.
+
+Progress is read from the run's futures (client-side state, no round trip) and drawn from
+the thread that owns the display: the kernel's main thread while a cell blocks, or the
+kernel's event loop for background runs. Never from a worker thread writing into an
+``Output`` widget, which is how notebooks end up with garbled or lost output.
+
+Example:
+    >>> run = eng.submit(["cnn", "mlp"], x)      # doctest: +SKIP
+    >>> res = wait_with_progress(run)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+#: Seconds between two redraws.
+INTERVAL = 0.2
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (widgets can render), False in a terminal or script.
+
+    Example:
+        >>> in_notebook()
+        False
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:   # pragma: no cover - IPython is a dependency
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+class ProgressDisplay:
+    """Bars (ipywidgets) or a text line showing chunks done per model.
+
+    Example:
+        >>> view = ProgressDisplay({"cnn": (0, 4)}, widgets=False, stream=sys.stdout)
+        >>> view.update({"cnn": (2, 4)}, force=True)
+        cnn 2/4
+        >>> view.text_line()
+        'cnn 2/4'
+    """
+
+    def __init__(self, totals: dict[str, tuple[int, int]], widgets: bool | None = None,
+                 stream=None):
+        self.state = dict(totals)
+        self.widgets = in_notebook() if widgets is None else widgets
+        self.stream = stream or sys.stdout
+        self._last_draw = 0.0
+        self.box = None
+        if self.widgets:
+            import ipywidgets as w
+
+            self.bars = {m: w.IntProgress(value=d, min=0, max=max(t, 1), description=m,
+                                          bar_style="info",
+                                          style={"description_width": "initial"},
+                                          layout=w.Layout(width="420px"))
+                         for m, (d, t) in totals.items()}
+            self.labels = {m: w.Label(f"{d}/{t} chunks") for m, (d, t) in totals.items()}
+            self.box = w.VBox([w.HBox([self.bars[m], self.labels[m]]) for m in totals])
+
+    def show(self) -> None:
+        """Put the bars in the cell's output (widgets) or start the text line."""
+        if self.box is not None:
+            from IPython.display import display
+
+            display(self.box)
+
+    def text_line(self) -> str:
+        return "  ".join(f"{m} {d}/{t}" for m, (d, t) in self.state.items())
+
+    def update(self, progress: dict[str, tuple[int, int]], force: bool = False) -> None:
+        """Redraw with new counts (at most every ``INTERVAL`` seconds unless ``force``)."""
+        self.state.update(progress)
+        now = time.monotonic()
+        if not force and now - self._last_draw < INTERVAL:
+            return
+        self._last_draw = now
+        if self.box is not None:
+            with self.box.hold_sync():   # one message for all bars
+                for m, (d, t) in progress.items():
+                    self.bars[m].value = d
+                    self.labels[m].value = f"{d}/{t} chunks"
+        else:
+            self.stream.write("\r" + self.text_line() if not force else self.text_line() + "\n")
+            self.stream.flush()
+
+    def finish(self, result=None, error: BaseException | None = None) -> None:
+        """Show the final state: green bars, red where a model had errors."""
+        if result is not None:
+            self.state.update({m: (t, t) for m, (_, t) in self.state.items()})
+        if self.box is not None:
+            failed = {getattr(e, "model", None) for e in (result.errors if result else [])}
+            with self.box.hold_sync():
+                for m, bar in self.bars.items():
+                    if result is not None:
+                        bar.value = bar.max
+                    bar.bar_style = "danger" if error or m in failed else "success"
+                    self.labels[m].value = ("failed" if error else
+                                            f"{self.state[m][1]}/{self.state[m][1]} chunks"
+                                            + (" (errors)" if m in failed else ""))
+        else:
+            self.update(self.state, force=True)
+
+
+def wait_with_progress(run, view: ProgressDisplay | None = None):
+    """Block until ``run`` is done, redrawing ``view``; returns the Prediction.
+
+    Example:
+        >>> res = wait_with_progress(eng.submit("cnn", x))   # doctest: +SKIP
+    """
+    from distributed import wait
+
+    if view is not None:
+        view.show()
+        view.update(run.progress(), force=False)
+    while not run.done:
+        try:
+            wait(run.futures, timeout=INTERVAL, return_when="ALL_COMPLETED")
+        except TimeoutError:   # distributed's wait raises on timeout
+            pass
+        if view is not None:
+            view.update(run.progress())
+    res = run.collect()
+    if view is not None:
+        view.finish(res)
+    return res

@@ -1,0 +1,169 @@
+"""%nbtool and %%infer in a real in-process IPython shell, on the session's real cluster."""
+
+import numpy as np
+import pytest
+from IPython.core.error import UsageError
+
+import nbtool
+import nbtool.engine
+
+
+@pytest.fixture(scope="session")
+def ip(engine):
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "nbtool")
+    return shell
+
+
+@pytest.fixture
+def models(ip, engine, model_dir, reference, unique):
+    """Two registered models (through the magic) and the inputs in the user namespace."""
+    a, b = f"{unique}_a", f"{unique}_b"
+    ip.run_line_magic("nbtool", f"register {a} {model_dir / 'mlp.keras'}")
+    ip.run_line_magic("nbtool", f"register {b} {model_dir / 'mlp2.keras'} --device cpu "
+                                "--replicas 2 --batch-size 16")
+    ip.user_ns.update(x8=reference["x8"], img=reference["img"],
+                      y8=np.argmax(reference["mlp"], axis=1))
+    return a, b
+
+
+def test_help_lists_every_subcommand_and_flag(ip, capsys):
+    doc = ip.find_line_magic("nbtool").__doc__
+    for sub in ("start", "register", "register-dir", "models", "devices", "load", "unload",
+                "stop"):
+        assert f"%nbtool {sub}" in doc
+    assert "--memory-budget" in doc and "--trusted" in doc and "--hard" in doc
+    infer_doc = ip.find_cell_magic("infer").__doc__
+    for flag in ("--chunk-size", "--combine", "--labels", "--out", "--save", "--background"):
+        assert flag in infer_doc
+    ip.run_line_magic("nbtool", "register --help")
+    assert "--batch-size" in capsys.readouterr().out
+
+
+def test_register_load_models_devices_unload(ip, engine, models):
+    a, b = models
+    assert engine.registry.get(b).batch_size == 16 and len(engine.placement[b]) == 2
+    table = ip.run_line_magic("nbtool", f"load {a} {b}")
+    row = next(r for r in table if r["name"] == b)
+    assert row["state"].count("loaded") == 2
+    devices = ip.run_line_magic("nbtool", "devices")
+    assert {r["worker"] for r in devices} == {"cpu0", "cpu1"}
+    assert any(a in r["models"] for r in ip.run_line_magic("nbtool", "devices"))
+    ip.run_line_magic("nbtool", f"unload {a}")
+    st = engine._statuses()
+    assert all(a not in s["lru_order"] for s in st.values())
+    (home,) = engine.placement[a]
+    ip.run_line_magic("nbtool", f"load {a}")
+    pid = engine._statuses()[home]["pid"]
+    ip.run_line_magic("nbtool", f"unload {a} --hard")
+    assert engine._statuses()[home]["pid"] != pid
+
+
+def test_register_dir(ip, engine, tmp_path, model_dir):
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    (folder / "zoo_mlp.keras").write_bytes((model_dir / "mlp.keras").read_bytes())
+    (folder / "zoo_cnn.keras").write_bytes((model_dir / "cnn.keras").read_bytes())
+    table = ip.run_line_magic("nbtool", f"register-dir {folder} --replicas 2")
+    assert {"zoo_mlp", "zoo_cnn"} <= {r["name"] for r in table}
+    assert len(engine.placement["zoo_cnn"]) == 2
+
+
+def test_infer_equals_the_python_api_and_binds_out(ip, engine, models, reference):
+    a, b = models
+    res = ip.run_cell_magic("infer", f"{a} {b} --chunk-size 7 --out preds", "x = x8\nx")
+    assert ip.user_ns["preds"] is res
+    direct = engine.predict([a, b], reference["x8"], chunk_size=7)
+    for m in (a, b):
+        assert np.array_equal(res[m], direct[m])
+    assert np.array_equal(res.combined, direct.combined)
+    assert np.abs(res[a] - reference["mlp"]).max() <= 1e-5
+
+
+def test_infer_result_is_returned_so_underscore_works(ip, models):
+    a, _ = models
+    out = ip.run_cell(f"%%infer {a} --combine none\nx8")
+    assert out.success and ip.user_ns["_"] is out.result
+    assert out.result.combined is None
+
+
+def test_infer_combine_labels_save(ip, models, reference, tmp_path):
+    a, b = models
+    path = tmp_path / "p.npz"
+    res = ip.run_cell_magic("infer", f"{a} {b} --combine vote --labels y8 --save {path}", "x8")
+    assert res.combined.dtype.kind == "i" and res.labels is not None
+    acc = res.evaluate(ip.user_ns["y8"])
+    assert acc[a] == 1.0 and 0 <= acc["ensemble"] <= 1
+    assert "accuracy" in res._repr_html_() and "confusion" in res._repr_html_()
+    assert np.array_equal(np.load(path)[a], res[a])
+
+
+def test_config_sets_the_default_chunk_size(ip, models):
+    a, _ = models
+    ip.run_line_magic("config", "Nbtool.chunk_size = 13")
+    try:
+        res = ip.run_cell_magic("infer", a, "x8")
+        assert res.chunk_size == 13 and res.timings[a]["chunks"] == 5
+    finally:
+        ip.run_line_magic("config", "Nbtool.chunk_size = None")
+
+
+def test_background_returns_at_once_and_binds_when_done(ip, models, reference):
+    a, _ = models
+    bg = ip.run_cell_magic("infer", f"{a} --background --out later --chunk-size 5", "x8")
+    assert "background" in repr(bg)
+    res = bg.result(timeout=120)
+    assert ip.user_ns["later"] is res and bg.done
+    assert np.abs(res[a] - reference["mlp"]).max() <= 1e-5
+
+
+def test_tab_completion_offers_model_names_and_subcommands(ip, models):
+    a, b = models
+    prefix = a.split("_")[0]
+    _, matches = ip.complete("", f"%nbtool load {prefix}", len(f"%nbtool load {prefix}"))
+    assert {a, b} <= set(matches)
+    _, matches = ip.complete("", f"%%infer {prefix}", len(f"%%infer {prefix}"))
+    assert {a, b} <= set(matches)
+    _, matches = ip.complete("", "%nbtool reg", len("%nbtool reg"))
+    assert {"register", "register-dir"} <= set(matches)
+
+
+def test_mistakes_give_clear_messages_and_leave_the_engine_usable(ip, engine, models,
+                                                                  reference):
+    a, _ = models
+    with pytest.raises(UsageError, match="unrecognized arguments: --chunks"):
+        ip.run_cell_magic("infer", f"{a} --chunks 5", "x8")
+    with pytest.raises(UsageError, match="Did you mean 'register'"):
+        ip.run_line_magic("nbtool", "regster x y")
+    with pytest.raises(UsageError, match=f"did you mean '{a}'.*%nbtool register"):
+        ip.run_cell_magic("infer", a + "x", "x8")
+    with pytest.raises(UsageError, match=r"InputMismatch: .*rows of shape \(8,\).*\(8, 8, 1\)"):
+        ip.run_cell_magic("infer", a, "img")
+    with pytest.raises(UsageError, match="must end with an expression"):
+        ip.run_cell_magic("infer", a, "x = x8")
+    with pytest.raises(UsageError, match="ModelFileError.*does not exist"):
+        ip.run_line_magic("nbtool", "register ghost /no/such/file.keras")
+    out = ip.run_cell(f"%%infer {a}\nraise ValueError('the body failed')\nx8")
+    assert isinstance(out.error_in_exec, ValueError)
+    res = ip.run_cell_magic("infer", a, "x8")                 # still works
+    assert np.abs(res[a] - reference["mlp"]).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_start_and_stop_through_magics(ip, model_dir, reference):
+    session_engine = nbtool.engine._default_engine
+    try:
+        eng = ip.run_line_magic("nbtool", "start --workers 1 --memory-budget 300MB --gpus none")
+        assert nbtool.default_engine() is eng and list(eng.workers) == ["cpu0"]
+        assert eng.workers["cpu0"].budget == 300_000_000
+        again = ip.run_line_magic("nbtool", "start --workers 1 --gpus none")   # re-run: replaces
+        assert again is not eng and eng.client.status == "closed"
+        ip.run_line_magic("nbtool", f"register solo {model_dir / 'mlp.keras'}")
+        res = ip.run_cell_magic("infer", "solo", "x8")
+        assert np.abs(res["solo"] - reference["mlp"]).max() <= 1e-5
+        ip.run_line_magic("nbtool", "stop")
+        assert again.client.status == "closed"
+    finally:
+        nbtool.engine._default_engine = session_engine
