@@ -1,0 +1,87 @@
+"""What a Prediction shows inline: summary, class charts, agreement, accuracy, gallery."""
+
+import numpy as np
+import pytest
+
+from nbtool.report import accuracy, agreement, confusion, disagreement_rows, render_html
+from nbtool.results import Prediction
+from nbtool.sources import as_source
+
+
+def make(outputs, combined=None, combine=None, source=None, n=None):
+    n = n or len(next(iter(outputs.values())))
+    timings = {m: {"seconds": 0.5, "rows_per_second": n / 0.5, "load_seconds": 0.1,
+                   "workers": ["cpu0"], "devices": ["cpu:0"]} for m in outputs}
+    return Prediction(list(outputs), {m: [o] for m, o in outputs.items()}, combined, combine,
+                      timings, [], n, 10, 0.6, source=source)
+
+
+@pytest.fixture
+def digits_like():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=40)
+    good = np.eye(4)[labels] * 0.9 + 0.025
+    noisy = good.copy()
+    noisy[:10] = np.eye(4)[(labels[:10] + 1) % 4] * 0.9 + 0.025   # wrong on 10 rows
+    images = rng.random((40, 8, 8, 1)).astype("float32")
+    return labels, good, noisy, images
+
+
+def test_agreement_accuracy_and_confusion(digits_like):
+    labels, good, noisy, _ = digits_like
+    res = make({"good": good, "noisy": noisy})
+    names, mat = agreement(res)
+    assert names == ["good", "noisy"] and mat[0, 1] == pytest.approx(0.75)
+    assert accuracy(res, labels) == {"good": 1.0, "noisy": 0.75}
+    cm = confusion(np.argmax(noisy, 1), labels, 4)
+    assert cm.sum() == 40 and np.trace(cm) == 30
+
+
+def test_html_has_table_charts_accuracy_confusion_and_gallery(digits_like):
+    labels, good, noisy, images = digits_like
+    mean = (good + noisy) / 2
+    res = make({"good": good, "noisy": noisy}, combined=mean, combine="mean",
+               source=as_source(images))
+    acc = res.evaluate(labels)
+    assert acc["ensemble"] >= 0.75
+    html = res._repr_html_()
+    assert "<table" in html and "rows/s" in html and "cpu:0" in html and "accuracy" in html
+    assert html.count("<svg") == 3          # class distribution, agreement, confusion
+    assert "predicted classes" in html and "agreement between models" in html
+    assert "confusion (ensemble)" in html
+    assert "where the models disagree most" in html and "data:image/png;base64," in html
+    rows = disagreement_rows(res)
+    assert set(rows.tolist()) <= set(range(10))   # exactly where they disagree
+    text = repr(res)
+    assert "accuracy=1.000" in text and "accuracy=0.750" in text
+
+
+def test_no_class_charts_for_regression_outputs():
+    rng = np.random.default_rng(1)
+    res = make({"reg": rng.normal(size=(30, 1)) * 10})
+    html = render_html(res)
+    assert "<table" in html and "<svg" not in html
+
+
+def test_the_view_stays_small_for_big_results():
+    rng = np.random.default_rng(2)
+    n = 200_000
+    a = rng.random((n, 100)).astype("float32")
+    b = rng.random((n, 100)).astype("float32")
+    res = make({"a": a, "b": b}, n=n, source=as_source(rng.random((n, 8, 8)).astype("float32")))
+    res.evaluate(rng.integers(0, 100, size=n))
+    html = res._repr_html_()
+    assert len(html) < 150_000                    # charts capped at 20 classes, 8 images
+    assert html.count("<img") <= 8
+
+
+def test_failed_chunks_and_errors_show(digits_like):
+    from nbtool.errors import ChunkError
+
+    _, good, _, _ = digits_like
+    broken = good.copy()
+    broken[10:20] = np.nan
+    res = make({"m": broken})
+    res.errors.append(ChunkError("m", 1, (10, 20), "cpu1", "ValueError: boom"))
+    html = res._repr_html_()
+    assert "nbtool-errors" in html and "rows 10:20" in html and "boom" in html
