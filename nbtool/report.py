@@ -240,7 +240,8 @@ def _charts(res) -> str:
                        [str(i) for i in shown], title="predicted classes")]
     names, mat = agreement(res)
     if len(names) >= 2:
-        parts.append(heatmap(mat, names, names, title="agreement between models"))
+        parts.append(heatmap(mat, names, names, title="agreement between models", cell=48,
+                             label_w=80))
     if res.labels is not None:
         who = "ensemble" if "ensemble" in classes else next(iter(classes))
         cm = confusion(classes[who], res.labels, n_classes)

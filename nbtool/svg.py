@@ -83,7 +83,8 @@ def heatmap(matrix, row_labels: list[str], col_labels: list[str], title: str = "
     if col_axis:
         parts.append(_text(label_w + cols * cell / 2, 26, col_axis, 9))
     for j, lab in enumerate(col_labels):
-        parts.append(_text(label_w + (j + 0.5) * cell, head - 3, str(lab)[:5], 9))
+        fits = max(3, cell // 6)   # characters that fit over one cell at 9px
+        parts.append(_text(label_w + (j + 0.5) * cell, head - 3, str(lab)[:fits], 9))
     for i, lab in enumerate(row_labels):
         y = head + i * cell
         parts.append(_text(label_w - 4, y + cell / 2 + 3, str(lab)[:12], 9, anchor="end"))

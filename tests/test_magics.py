@@ -10,9 +10,9 @@ import nbtool.engine
 
 @pytest.fixture(scope="session")
 def ip(engine):
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.core.interactiveshell import InteractiveShell
 
-    shell = start_ipython()
+    shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "nbtool")
     return shell
 
@@ -83,8 +83,13 @@ def test_infer_equals_the_python_api_and_binds_out(ip, engine, models, reference
 
 
 def test_infer_result_is_returned_so_underscore_works(ip, models):
+    import builtins
+
+    # Plain Python's displayhook (run by the doctests) leaves a builtins._ behind, and
+    # IPython then leaves `_` alone; a notebook kernel has none.
+    builtins.__dict__.pop("_", None)
     a, _ = models
-    out = ip.run_cell(f"%%infer {a} --combine none\nx8")
+    out = ip.run_cell(f"%%infer {a} --combine none\nx8", store_history=True)
     assert out.success and ip.user_ns["_"] is out.result
     assert out.result.combined is None
 
@@ -119,6 +124,7 @@ def test_background_returns_at_once_and_binds_when_done(ip, models, reference):
     assert np.abs(res[a] - reference["mlp"]).max() <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 def test_tab_completion_offers_model_names_and_subcommands(ip, models):
     a, b = models
     prefix = a.split("_")[0]
