@@ -173,3 +173,23 @@ def test_start_and_stop_through_magics(ip, model_dir, reference):
         assert again.client.status == "closed"
     finally:
         nbtool.engine._default_engine = session_engine
+
+
+@pytest.mark.slow
+def test_start_with_an_address_joins_an_existing_cluster(ip, model_dir, reference):
+    from distributed import LocalCluster
+
+    session_engine = nbtool.engine._default_engine
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        try:
+            eng = ip.run_line_magic("nbtool", f"start --address {cluster.scheduler_address} "
+                                              "--memory-budget 200MB")
+            assert eng.cluster is None and len(eng.workers) == 1
+            ip.run_line_magic("nbtool", f"register far {model_dir / 'mlp.keras'}")
+            res = ip.run_cell_magic("infer", "far --chunk-size 20", "x8")
+            assert np.abs(res["far"] - reference["mlp"]).max() <= 1e-5
+            ip.run_line_magic("nbtool", "stop")
+        finally:
+            nbtool.engine._default_engine = session_engine
+        assert cluster.status.name == "running"
