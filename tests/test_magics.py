@@ -160,6 +160,7 @@ def test_mistakes_give_clear_messages_and_leave_the_engine_usable(ip, engine, mo
 @pytest.mark.slow
 def test_start_and_stop_through_magics(ip, model_dir, reference):
     session_engine = nbtool.engine._default_engine
+    ip.user_ns["x8"] = reference["x8"]
     try:
         eng = ip.run_line_magic("nbtool", "start --workers 1 --memory-budget 300MB --gpus none")
         assert nbtool.default_engine() is eng and list(eng.workers) == ["cpu0"]
@@ -180,6 +181,7 @@ def test_start_with_an_address_joins_an_existing_cluster(ip, model_dir, referenc
     from distributed import LocalCluster
 
     session_engine = nbtool.engine._default_engine
+    ip.user_ns["x8"] = reference["x8"]
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address=None) as cluster:
         try:
