@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Prediction", "start", "default_engine", "register", "register_dir",
-    "models", "devices", "load", "unload", "predict", "predict_async", "close", "errors",
+    "models", "devices", "load", "unload", "predict", "predict_async", "close", "dashboard",
+    "errors",
 ]
 
 _LAZY = {
@@ -60,6 +61,7 @@ unload = _on_default("unload")
 predict = _on_default("predict")
 predict_async = _on_default("predict_async")
 close = _on_default("close")
+dashboard = _on_default("dashboard")
 
 
 def load_ipython_extension(ip) -> None:

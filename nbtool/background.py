@@ -31,7 +31,7 @@ class BackgroundRun:
     """
 
     def __init__(self, run, view: ProgressDisplay | None, bind: Callable | None = None,
-                 name: str | None = None):
+                 name: str | None = None, show: bool = True):
         self.run = run
         self.view = view
         self.bind = bind
@@ -41,6 +41,7 @@ class BackgroundRun:
         self._done = threading.Event()
         self._handle = None
         self.task = None
+        self.show = show   # False when the caller places the progress and result itself
 
     @property
     def done(self) -> bool:
@@ -51,9 +52,9 @@ class BackgroundRun:
 
     def start(self) -> "BackgroundRun":
         """Start watching: on the running event loop if there is one, else in a thread."""
-        if self.view is not None:
+        if self.view is not None and self.show:
             self.view.show()
-        if self.view is not None and self.view.box is not None:
+        if self.show and self.view is not None and self.view.box is not None:
             from IPython.display import HTML, display
 
             self._handle = display(HTML("<i>running in the background...</i>"), display_id=True)
@@ -102,6 +103,8 @@ class BackgroundRun:
             self._handle.update(res if error is None else HTML(
                 f"<pre style='color:#c0392b'>background prediction failed: "
                 f"{html.escape(type(error).__name__)}: {html.escape(str(error))}</pre>"))
+        elif not self.show:
+            pass   # the caller shows the outcome (the dashboard's result area)
         elif error is not None:
             print(f"[nbtool] background prediction failed: {type(error).__name__}: {error}",
                   file=sys.stderr)

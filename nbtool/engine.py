@@ -283,14 +283,7 @@ class Engine:
             'loaded'
         """
         names = _names(models)
-        specs = [self.registry.get(n) for n in names]
-        futures = {}
-        for spec in specs:
-            for w in self.placement[spec.name]:
-                futures[(spec.name, w)] = self.client.submit(
-                    load_model, spec, workers=self._restriction([w]), allow_other_workers=False,
-                    pure=False,
-                    key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
+        futures = self.start_load(*names)
         out: dict[str, dict[str, dict]] = {n: {} for n in names}
         failures = []
         for (name, w), fut in futures.items():
@@ -303,6 +296,25 @@ class Engine:
         if failures:
             raise failures[0]
         return out
+
+    def start_load(self, *models: str | list[str]) -> dict[tuple[str, str], Any]:
+        """Start loading models on their workers and return at once.
+
+        Returns the futures by (model, worker); :meth:`load` is this plus waiting.
+
+        Example:
+            >>> futures = eng.start_load("cnn")      # doctest: +SKIP
+            >>> futures[("cnn", "cpu0")].result()["state"]   # doctest: +SKIP
+            'loaded'
+        """
+        specs = [self.registry.get(n) for n in _names(models)]
+        futures = {}
+        for spec in specs:
+            for w in self.placement[spec.name]:
+                futures[(spec.name, w)] = self.client.submit(
+                    load_model, spec, workers=self._restriction([w]), allow_other_workers=False,
+                    pure=False, key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
+        return futures
 
     def _learn_signature(self, name: str, entry: dict) -> None:
         """SavedModels tell their input only once loaded: remember it for input checks."""
@@ -439,6 +451,16 @@ class Engine:
             "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
             "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
             "errors": len(res.errors)})
+
+    def dashboard(self, **options):
+        """A live panel of this engine (see :class:`nbtool.dashboard.Dashboard`).
+
+        Example:
+            >>> eng.dashboard()    # doctest: +SKIP
+        """
+        from .dashboard import Dashboard
+
+        return Dashboard(self, **options)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

@@ -28,7 +28,7 @@ from traitlets import Bool, Int, Unicode
 from .errors import ModelNotFound, NbtoolError
 
 SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
-               "stop")
+               "dashboard", "stop")
 
 
 @magics_class
@@ -75,7 +75,7 @@ class Nbtool(Magics):
     @classmethod
     def _subcommand_handlers(cls):
         return [cls._start, cls._register, cls._register_dir, cls._models, cls._devices,
-                cls._load, cls._unload, cls._stop]
+                cls._load, cls._unload, cls._dashboard, cls._stop]
 
     def _subcommands(self):
         return dict(zip(SUBCOMMANDS, (getattr(self, f.__name__)
@@ -168,6 +168,12 @@ class Nbtool(Magics):
         self._check_models(args.names)
         self._engine().unload(args.names or None, hard=args.hard)
         return self._engine().devices()
+
+    @magic_arguments(name="nbtool dashboard")
+    @argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    def _dashboard(self, args):
+        """A live panel: devices, memory, models with load/unload buttons, runs."""
+        return self._engine().dashboard(namespace=self.shell.user_ns, interval=args.interval)
 
     @magic_arguments(name="nbtool stop")
     def _stop(self, args):

@@ -1,0 +1,349 @@
+"""A live panel for an engine: devices and memory, models with load/unload buttons, a run
+form, and the recent runs.
+
+Standard ipywidgets for the controls, an anywidget view (``widgets/memory_bars.js``) for
+the memory bars. One periodic callback on the kernel's event loop refreshes everything,
+batched with ``hold_sync``; it reads the workers' state with one ``client.run`` round trip
+(which runs on the workers' event loops, beside their task threads, so predictions do not
+slow down) and stops when the dashboard or the engine is closed. Buttons never block the
+kernel: loads are Dask futures, a hard unload runs in a helper thread that touches no
+widget, and runs are background runs watched from the event loop.
+
+Example (in a notebook):
+    >>> dash = nbtool.dashboard()    # doctest: +SKIP
+    >>> dash                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import html
+import time
+from typing import Any
+
+import ipywidgets as w
+import numpy as np
+
+from .tables import human_bytes
+
+#: Seconds between refreshes.
+REFRESH_SECONDS = 1.0
+
+
+class Dashboard:
+    """The panel. ``display(dash)`` (or leaving it last in a cell) shows it.
+
+    Parameters
+    ----------
+    engine : Engine
+        The engine to show and drive.
+    namespace : dict, optional
+        Where the run form finds inputs and binds results (the notebook's, by default).
+    interval : float
+        Seconds between refreshes.
+    autorefresh : bool
+        Refresh from the running event loop (a notebook kernel has one); without it, call
+        :meth:`refresh` yourself.
+
+    Example:
+        >>> dash = Dashboard(eng, namespace=globals())   # doctest: +SKIP
+        >>> dash.load("cnn"); dash.refresh()             # doctest: +SKIP
+    """
+
+    def __init__(self, engine, namespace: dict | None = None, interval: float = REFRESH_SECONDS,
+                 autorefresh: bool = True):
+        from ._widgets import MemoryBars
+
+        self.engine = engine
+        self.namespace = namespace if namespace is not None else _notebook_namespace()
+        self.interval = interval
+        self.closed = False
+        self.task = None
+        self.refreshes = 0
+        self._pending: list[tuple[str, Any]] = []    # (what, future) of button actions
+        self._threads = concurrent.futures.ThreadPoolExecutor(1, "nbtool-dashboard")
+        self.run = None                              # the BackgroundRun of the run form
+        self._model_rows: dict[str, dict[str, w.Widget]] = {}
+
+        self.title = w.HTML()
+        self.message = w.HTML().add_class("nbtool-message")
+        self.memory = MemoryBars()
+        self.models_box = w.VBox().add_class("nbtool-models")
+        self.run_models = w.SelectMultiple(description="models", rows=4).add_class(
+            "nbtool-run-models")
+        self.run_input = w.Dropdown(description="input").add_class("nbtool-run-input")
+        self.run_chunk = w.IntText(value=0, description="chunk size").add_class(
+            "nbtool-run-chunk")
+        self.run_combine = w.Dropdown(options=["mean", "vote", "none"], value="mean",
+                                      description="combine").add_class("nbtool-run-combine")
+        self.run_out = w.Text(value="dash_result", description="bind to").add_class(
+            "nbtool-run-out")
+        self.run_button = w.Button(description="Run", button_style="primary",
+                                   icon="play").add_class("nbtool-run-button")
+        self.run_button.on_click(lambda _: self.start_run())
+        self.run_progress = w.VBox().add_class("nbtool-run-progress")
+        self.run_result = w.HTML().add_class("nbtool-run-result")
+        self.history = w.HTML().add_class("nbtool-history")
+        close = w.Button(description="Close dashboard", icon="times")
+        close.on_click(lambda _: self.close())
+        form = w.VBox([w.HBox([self.run_models, w.VBox([self.run_input, self.run_chunk])]),
+                       w.HBox([self.run_combine, self.run_out, self.run_button])])
+        self.widget = w.VBox([
+            w.HBox([self.title, close]), self.message,
+            w.HTML("<b>Devices</b>"), self.memory,
+            w.HTML("<b>Models</b>"), self.models_box,
+            w.HTML("<b>Run</b>"), form, self.run_progress, self.run_result,
+            w.HTML("<b>Recent runs</b>"), self.history,
+        ]).add_class("nbtool-dashboard")
+        self.refresh()
+        if autorefresh:
+            self.start()
+
+    # -- showing ------------------------------------------------------------------------
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def start(self) -> bool:
+        """Refresh periodically from the running event loop; False if there is none."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if self.task is None:
+            self.task = loop.create_task(self._refresh_forever())
+        return True
+
+    async def _refresh_forever(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.interval)
+            if self.closed or self.engine.client.status in ("closing", "closed"):
+                break
+            try:
+                self.refresh()
+            except Exception as e:   # keep refreshing; say what went wrong
+                self.message.value = _error_html(f"refresh failed: {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """Stop refreshing and remove the panel."""
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+        self._threads.shutdown(wait=False)
+        self.widget.close()
+
+    # -- refreshing ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read the engine and its workers once and update every part of the panel."""
+        eng = self.engine
+        statuses = eng._statuses()
+        self._settle_pending()
+        widgets = [self.title, self.memory, self.run_models, self.run_input, self.history]
+        with contextlib.ExitStack() as stack:
+            for widget in widgets + [x for row in self._model_rows.values()
+                                     for x in row.values()]:
+                stack.enter_context(widget.hold_sync())
+            self.title.value = (f"<b>nbtool dashboard</b> &middot; {len(statuses)} worker(s), "
+                                f"{len(eng.registry)} model(s) &middot; "
+                                f"<a href='{eng.dashboard_link}' target='_blank'>Dask</a>")
+            self.memory.rows = [{"worker": n, "device": s["device"],
+                                 "used": int(s["memory_in_use"]), "budget": int(s["budget"]),
+                                 "resident": int(s["resident_bytes"]),
+                                 "models": ", ".join(s["lru_order"])}
+                                for n, s in sorted(statuses.items())]
+            self._refresh_models(statuses)
+            names = tuple(eng.registry.names())
+            if self.run_models.options != names:
+                keep = tuple(v for v in self.run_models.value if v in names)
+                self.run_models.options = names
+                self.run_models.value = keep
+            inputs = tuple(_candidate_inputs(self.namespace))
+            if self.run_input.options != inputs:
+                keep = self.run_input.value if self.run_input.value in inputs else None
+                self.run_input.options = inputs
+                self.run_input.value = keep if keep is not None else (inputs[0] if inputs
+                                                                      else None)
+            self.history.value = _history_html(eng.history)
+        self.refreshes += 1
+
+    def _refresh_models(self, statuses: dict) -> None:
+        eng = self.engine
+        if list(self._model_rows) != eng.registry.names():
+            self._model_rows = {n: self._model_row(n) for n in eng.registry.names()}
+            self.models_box.children = [w.HBox(list(r.values())) for r in
+                                        self._model_rows.values()] or [w.HTML("<i>no models "
+                                                                              "registered</i>")]
+        pending = {what.split(" ", 1)[1] for what, f in self._pending
+                   if what.startswith("load ")}
+        for name, row in self._model_rows.items():
+            spec = eng.registry.get(name)
+            states, foot, loads, used = [], [], [], []
+            for worker in eng.placement.get(name, []):
+                info = statuses.get(worker, {}).get("models", {}).get(name)
+                state = _state(info, queued=name in pending)
+                states.append(f"{worker}: {state}")
+                if info and info.get("state") == "loaded":
+                    foot.append(info.get("accounted") or 0)
+                    loads.append(info.get("load_seconds") or 0)
+                    used.append(info.get("last_used") or 0)
+            devices = ", ".join(eng.workers[x].device for x in eng.placement.get(name, [])
+                                if x in eng.workers)
+            row["info"].value = (f"<b>{html.escape(name)}</b> {spec.format}, "
+                                 f"{human_bytes(spec.size_bytes)} &rarr; {devices}")
+            row["state"].value = html.escape("; ".join(states))
+            row["cost"].value = (f"footprint {human_bytes(max(foot))}, load {max(loads):.2f}s, "
+                                 f"last used {_ago(max(used))}" if foot else "")
+
+    def _model_row(self, name: str) -> dict[str, w.Widget]:
+        info = w.HTML(layout=w.Layout(width="260px"))
+        state = w.HTML(layout=w.Layout(width="300px")).add_class(f"nbtool-state-{name}")
+        cost = w.HTML(layout=w.Layout(width="260px"))
+        load = w.Button(description="Load", tooltip=f"load {name} now").add_class(
+            f"nbtool-load-{name}")
+        unload = w.Button(description="Unload", tooltip=f"drop {name} from the caches"
+                          ).add_class(f"nbtool-unload-{name}")
+        hard = w.Button(description="Hard unload", button_style="warning",
+                        tooltip=f"restart the workers that held {name}").add_class(
+            f"nbtool-hard-{name}")
+        for b in (load, unload, hard):
+            b.layout = w.Layout(width="100px")
+        load.on_click(lambda _: self.load(name))
+        unload.on_click(lambda _: self.unload(name))
+        hard.on_click(lambda _: self.unload(name, hard=True))
+        return {"info": info, "state": state, "cost": cost, "load": load, "unload": unload,
+                "hard": hard}
+
+    def _settle_pending(self) -> None:
+        still = []
+        for what, fut in self._pending:
+            if not fut.done():
+                still.append((what, fut))
+                continue
+            try:
+                fut.result()
+                self.message.value = f"done: {html.escape(what)}"
+            except Exception as e:
+                self.message.value = _error_html(f"{what} failed: {e}")
+        self._pending = still
+
+    # -- actions ------------------------------------------------------------------------
+    def load(self, name: str) -> None:
+        """Start loading a model on its workers (the button's action)."""
+        try:
+            for fut in self.engine.start_load(name).values():
+                self._pending.append((f"load {name}", fut))
+            self.message.value = f"loading {html.escape(name)}..."
+        except Exception as e:
+            self.message.value = _error_html(f"load {name} failed: {e}")
+
+    def unload(self, name: str, hard: bool = False) -> None:
+        """Unload a model: soft at once; hard in a helper thread (workers restart)."""
+        if hard:
+            fut = self._threads.submit(self.engine.unload, name, True)
+            self._pending.append((f"hard unload {name}", fut))
+            self.message.value = f"restarting the workers that held {html.escape(name)}..."
+            return
+        try:
+            self.engine.unload(name)
+            self.message.value = f"unloaded {html.escape(name)}"
+        except Exception as e:
+            self.message.value = _error_html(f"unload {name} failed: {e}")
+
+    def start_run(self):
+        """Run the form's prediction in the background; bind and show it when done."""
+        from .background import BackgroundRun
+        from .progress import ProgressDisplay
+
+        names, var, out = list(self.run_models.value), self.run_input.value, \
+            self.run_out.value.strip()
+        if not names or not var:
+            self.message.value = _error_html("pick at least one model and an input first")
+            return None
+        if not out.isidentifier():
+            self.message.value = _error_html(f"bind to: {out!r} is not a variable name")
+            return None
+        combine = None if self.run_combine.value == "none" else self.run_combine.value
+        try:
+            run = self.engine.submit(names, self.namespace[var], self.run_chunk.value or None,
+                                     combine)
+        except Exception as e:
+            self.message.value = _error_html(f"{type(e).__name__}: {e}")
+            return None
+        view = ProgressDisplay(run.progress(), widgets=True)
+        self.run_progress.children = [view.box]
+        self.run_result.value = ""
+
+        def bind(res):
+            self.namespace[out] = res
+            self.run_result.value = res._repr_html_()
+            self.message.value = f"result bound to <code>{html.escape(out)}</code>"
+
+        self.run = BackgroundRun(run, view, bind, out, show=False).start()
+        return self.run
+
+
+def _notebook_namespace() -> dict:
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+    except ImportError:  # pragma: no cover
+        ip = None
+    return ip.user_ns if ip is not None else {}
+
+
+def _candidate_inputs(ns: dict) -> list[str]:
+    """Names in the namespace that can be predicted on: arrays, Dask arrays, .npy paths."""
+    out = []
+    for k, v in list(ns.items()):
+        if k.startswith("_"):
+            continue
+        if isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype != object:
+            out.append(k)
+        elif type(v).__module__.startswith("dask.array") and hasattr(v, "to_delayed"):
+            out.append(k)
+        elif isinstance(v, str) and v.endswith(".npy"):
+            out.append(k)
+    return sorted(out)
+
+
+def _state(info: dict | None, queued: bool) -> str:
+    if not info:
+        return "loading (queued)" if queued else "not loaded"
+    state = info.get("state", "not loaded")
+    if state == "failed":
+        return f"failed: {info.get('reason')}"
+    if state in ("unloaded", "evicted") and queued:
+        return "loading (queued)"
+    return {"unloaded": "not loaded (unloaded)", "evicted": "not loaded (evicted)",
+            "replaced": "not loaded"}.get(state, state)
+
+
+def _ago(t: float) -> str:
+    if not t:
+        return "-"
+    s = max(0.0, time.time() - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f} min ago"
+
+
+def _error_html(text: str) -> str:
+    return f"<span style='color:#c0392b'>{html.escape(text)}</span>"
+
+
+def _history_html(history: list[dict]) -> str:
+    if not history:
+        return "<i>no runs yet</i>"
+    rows = []
+    for h in reversed(history[-10:]):
+        when = datetime.datetime.fromtimestamp(h["time"]).strftime("%H:%M:%S")
+        speed = ", ".join(f"{html.escape(m)} {v:,.0f}/s" for m, v in
+                          h["rows_per_second"].items() if v == v)
+        rows.append(f"<tr><td>{when}</td><td>{h['rows']:,} rows</td><td>{h['seconds']:.2f}s"
+                    f"</td><td>{speed}</td><td>{h['errors']} error(s)</td></tr>")
+    return ("<table class='nbtool-table'><thead><tr><th>time</th><th>input</th><th>took</th>"
+            "<th>throughput per model</th><th>errors</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
