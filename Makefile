@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # JupyterLab on the quick-start notebook, listening on 127.0.0.1 only.
 lab: $(STAMP)
-	cd notebooks && ../$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 quickstart.ipynb
+	cd notebooks && ../$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) quickstart.ipynb
 
 # Everything, the slow end-to-end tests included (what CI runs).
 test: $(STAMP)

@@ -199,8 +199,8 @@ class Dashboard:
                                  f"last used {_ago(max(used))}" if foot else "")
 
     def _model_row(self, name: str) -> dict[str, w.Widget]:
-        info = w.HTML(layout=w.Layout(width="260px"))
-        state = w.HTML(layout=w.Layout(width="300px")).add_class(f"nbtool-state-{name}")
+        info = w.HTML(layout=w.Layout(width="320px"))
+        state = w.HTML(layout=w.Layout(width="280px")).add_class(f"nbtool-state-{name}")
         cost = w.HTML(layout=w.Layout(width="260px"))
         load = w.Button(description="Load", tooltip=f"load {name} now").add_class(
             f"nbtool-load-{name}")
@@ -210,7 +210,7 @@ class Dashboard:
                         tooltip=f"restart the workers that held {name}").add_class(
             f"nbtool-hard-{name}")
         for b in (load, unload, hard):
-            b.layout = w.Layout(width="100px")
+            b.layout = w.Layout(width="110px")
         load.on_click(lambda _: self.load(name))
         unload.on_click(lambda _: self.unload(name))
         hard.on_click(lambda _: self.unload(name, hard=True))

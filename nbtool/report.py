@@ -69,7 +69,7 @@ def to_classes(scores: np.ndarray) -> np.ndarray:
 def predicted_classes(res) -> dict[str, np.ndarray]:
     """Predicted class per row for each classifier model, plus ``"ensemble"`` if combined."""
     out = {m: to_classes(s) for m, s in classifier_scores(res).items()}
-    if res.combined is not None and out:
+    if res.combined is not None and out and len(res.models) > 1:
         comb = np.asarray(res.combined)
         out["ensemble"] = comb.astype(np.int64) if comb.ndim == 1 else to_classes(comb)
     return out

@@ -23,8 +23,12 @@ function draw(model, el) {
     name.textContent = `${r.worker} (${r.device})`;
     const track = document.createElement("div");
     track.className = "nbtool-membar-track";
-    // Models resident (charged to the budget) and the process's total use, as two bars.
-    const scale = Math.max(r.budget || 1, r.resident || 0);
+    // Models resident (charged to the budget), over the process's total use (lighter).
+    const scale = Math.max(r.budget || 1, r.resident || 0, r.used || 0);
+    const process = document.createElement("div");
+    process.className = "nbtool-membar-process";
+    process.style.width = `${Math.min(100, (100 * (r.used || 0)) / scale)}%`;
+    track.appendChild(process);
     const resident = document.createElement("div");
     resident.className = "nbtool-membar-resident";
     resident.style.width = `${Math.min(100, (100 * (r.resident || 0)) / scale)}%`;

@@ -1,0 +1,132 @@
+"""The dashboard in a real JupyterLab, in a real browser (Debian's chromium, driven by
+Playwright's Python package; no browser is downloaded)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("NBTOOL_ARTIFACTS",
+                                Path(__file__).resolve().parent.parent / "build" / "screenshots"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser_path():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"chromium is not installed at {CHROMIUM}; under CI=true this test must "
+                        "run (.ci/run installs Debian's chromium package)")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    return CHROMIUM
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A real `jupyter lab` on 127.0.0.1 with a token, serving tmp_path."""
+    port, token = free_port(), "nbtool-test-token"
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         "--allow-root",   # CI runs as root
+         f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError("jupyter lab did not start:\n"
+                                     + (tmp_path / "lab.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield url, token, tmp_path
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()               # shuts the kernels down, which close their clusters
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+
+
+def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_path, lab,
+                                                                     model_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, token, root = lab
+    cells = [
+        "import numpy as np, nbtool\n"
+        "eng = nbtool.start(n_workers=1, gpus='none', dashboard_address='127.0.0.1:0')",
+        f"eng.register('web_mlp', {str(model_dir / 'mlp.keras')!r})\n"
+        "x = np.random.default_rng(0).normal(size=(500, 8)).astype('float32')",
+        "dash = nbtool.dashboard(interval=0.5)\ndash",
+    ]
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
+                     "execution_count": None} for c in cells],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                      "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (root / "dash.ipynb").write_text(json.dumps(nb))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            page.goto(f"{url}/lab/tree/dash.ipynb?token={token}")
+            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first
+                   ).to_be_visible(timeout=60_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+            dashboard = page.locator(".nbtool-dashboard")
+            expect(dashboard).to_be_visible(timeout=180_000)
+            expect(page.locator(".nbtool-membar-row")).to_have_count(1, timeout=30_000)
+            state = page.locator(".nbtool-state-web_mlp")
+            expect(state).to_contain_text("not loaded", timeout=30_000)
+
+            page.locator(".nbtool-load-web_mlp button, button.nbtool-load-web_mlp").first.click()
+            expect(state).to_contain_text("cpu0: loaded", timeout=60_000)
+
+            page.locator(".nbtool-run-models select").select_option("web_mlp")
+            page.locator(".nbtool-run-input select").select_option("x")
+            page.locator(".nbtool-run-button button, button.nbtool-run-button").first.click()
+            result = page.locator(".nbtool-run-result .nbtool-prediction")
+            expect(result).to_be_visible(timeout=60_000)
+            expect(result).to_contain_text("web_mlp")
+            expect(page.locator(".nbtool-history")).to_contain_text("500 rows", timeout=30_000)
+            dashboard.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
