@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine", "Prediction", "start", "default_engine", "register", "register_dir",
     "models", "devices", "load", "unload", "predict", "predict_async", "close", "dashboard",
-    "errors",
+    "errors", "open_prediction", "images",
 ]
 
 _LAZY = {
@@ -28,6 +28,8 @@ _LAZY = {
     "start": ("nbtool.engine", "start"),
     "default_engine": ("nbtool.engine", "default_engine"),
     "Prediction": ("nbtool.results", "Prediction"),
+    "open_prediction": ("nbtool.store", "open_prediction"),
+    "images": ("nbtool.sources", "images"),
     "errors": ("nbtool.errors", None),
 }
 

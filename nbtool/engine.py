@@ -435,16 +435,45 @@ class Engine:
         for spec in specs:
             check_fits(spec, source)
         used = {w for n in names for w in self.placement[n]}
-        size = resolve_chunk_size(chunk_size, source, len(used))
+        size = resolve_chunk_size(chunk_size, source, len(used), self._max_chunk_bytes(used))
+        store, done = self._open_store(save, specs, source, size)
         devices = {w.name: w.device for w in self.workers.values()}
         run = PredictionRun(self.client, [(s, self._restriction(self.placement[s.name]))
                                           for s in specs], source, size, combine,
-                            devices=devices, on_done=lambda res: self._finish_run(res, save))
+                            devices=devices, on_done=lambda res: self._finish_run(res, save),
+                            store=store, done=done)
         run.submit()
         return run
 
+    def _max_chunk_bytes(self, workers) -> int | None:
+        """A quarter of the smallest worker memory limit: input rows, their copy in the
+        batch loop and the outputs of a chunk must fit beside the models."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        limits = [w.get("memory_limit") for w in info.values()
+                  if str(w.get("name")) in workers and w.get("memory_limit")]
+        return min(limits) // 4 if limits else None
+
+    def _open_store(self, save, specs, source, chunk_size):
+        """For ``save="*.zarr"``: the result store, and the chunks it already holds."""
+        if not save:
+            return None, None
+        suffix = str(save).lower().rsplit(".", 1)[-1]
+        if suffix not in ("zarr", "npz"):
+            raise ValueError(f"save={save!r}: expected a path ending in .zarr (a result "
+                             "store written chunk by chunk, resumable) or .npz (written once "
+                             "at the end).")
+        if suffix == "npz":
+            return None, None
+        from .store import ResultStore
+
+        entries = self.load(*[s.name for s in specs])   # their output shapes, and warm
+        models = [(s.name, s.fingerprint, next(iter(entries[s.name].values()))["output_specs"])
+                  for s in specs]
+        store = ResultStore(save)
+        return store, store.prepare(models, source.fingerprint(), source.n_rows, chunk_size)
+
     def _finish_run(self, res: Prediction, save) -> None:
-        if save:
+        if save and str(save).lower().endswith(".npz"):
             res.save(save)
         self.history.append({
             "time": time.time(), "models": res.models, "rows": res.n_rows,

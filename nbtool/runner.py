@@ -23,6 +23,7 @@ from .errors import ChunkError, InputMismatch
 from .registry import ModelSpec
 from .results import CombineError, Prediction, combine_outputs
 from .sources import DaskSource, Source
+from .store import StoreRef
 from .worker import ChunkOutput, predict_chunk
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the
@@ -78,12 +79,26 @@ def default_chunk_size(n_rows: int, n_workers: int) -> int:
     return int(min(n_rows, max(size, MIN_DEFAULT_CHUNK)))
 
 
-def resolve_chunk_size(chunk_size, source: Source, n_workers: int) -> int:
-    """Validate a user's ``chunk_size`` (or pick one) for this source."""
+def resolve_chunk_size(chunk_size, source: Source, n_workers: int,
+                       max_chunk_bytes: int | None = None) -> int:
+    """Validate a user's ``chunk_size`` (or pick one) for this source.
+
+    ``max_chunk_bytes`` is what one chunk's rows may take on a worker; a default chunk is
+    shrunk to fit it, a user's chunk that does not fit is refused with the size that does.
+    """
+    fits = max(1, max_chunk_bytes // max(source.row_nbytes, 1)) if max_chunk_bytes else None
     if chunk_size is None:
         if isinstance(source, DaskSource):
-            return source.natural_chunk_size()
-        return default_chunk_size(source.n_rows, n_workers)
+            size = source.natural_chunk_size()
+        else:
+            size = default_chunk_size(source.n_rows, n_workers)
+        return min(size, fits) if fits else size
+    if fits and isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) \
+            and min(chunk_size, source.n_rows) > fits:
+        raise InputMismatch(None, None, f"chunks that fit a worker's memory (at most {fits:,} "
+                            f"rows of {source.row_nbytes:,} bytes)",
+                            f"chunk_size={chunk_size:,}, {chunk_size * source.row_nbytes:,} "
+                            "bytes a chunk", f"pass chunk_size={fits} or less")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
             or chunk_size < 1:
         raise InputMismatch(None, None, "chunk_size to be a whole number of rows >= 1",
@@ -103,7 +118,8 @@ class PredictionRun:
 
     def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
                  chunk_size: int, combine: str | None = "mean",
-                 devices: dict[str, str] | None = None, on_done=None):
+                 devices: dict[str, str] | None = None, on_done=None, store=None,
+                 done: dict[str, set[int]] | None = None):
         self.client = client
         self.placements = placements
         self.source = source
@@ -118,6 +134,8 @@ class PredictionRun:
         self.devices = devices or {}   # worker name -> device label, for the report
         self.on_done = on_done         # called with the Prediction once it is assembled
         self.result: Prediction | None = None
+        self.store = store                     # a ResultStore, or None
+        self.stored = done or {}               # model -> chunks already in the store
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
@@ -125,12 +143,16 @@ class PredictionRun:
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
         tasks, keys = [], []
         for spec, names in self.placements:
+            done = self.stored.get(spec.name, set())
             # Restrict by worker name: names survive a hard unload's restart.
             with dask.annotate(workers=list(names), allow_other_workers=False):
                 for i, (data, start, stop) in enumerate(args):
+                    if i in done:      # already in the result store: not recomputed
+                        continue
                     key = f"nbtool-{spec.name}-{i}-{self.run_id}"
+                    ref = StoreRef(self.store.path, self.bounds[i][0]) if self.store else None
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
-                        spec, data, start, stop, i, dask_key_name=key))
+                        spec, data, start, stop, i, ref, dask_key_name=key))
                     keys.append((spec.name, i))
         self.started = time.perf_counter()
         self.futures = self.client.compute(tasks, optimize_graph=False)
@@ -141,7 +163,7 @@ class PredictionRun:
         """Per model: (chunks finished, chunks in all), read from the futures' states."""
         if self.finished:
             return {spec.name: (len(self.bounds), len(self.bounds)) for spec, _ in self.placements}
-        done = {spec.name: 0 for spec, _ in self.placements}
+        done = {spec.name: len(self.stored.get(spec.name, ())) for spec, _ in self.placements}
         for f in self.futures:
             if f.status in ("finished", "error", "cancelled"):
                 done[self._task_of[f.key][0]] += 1
@@ -188,8 +210,14 @@ class PredictionRun:
                     if (spec.name, i) in results]
             timings[spec.name] = _timings(mine, finished_at.get(spec.name, self.started)
                                           - self.started, n)
+            timings[spec.name]["resumed_chunks"] = len(self.stored.get(spec.name, ()))
             timings[spec.name]["devices"] = sorted({self.devices.get(w, w) for w in
                                                     timings[spec.name]["workers"]})
+            if self.store is not None:   # the chunks are on disk: read them back once
+                stored = self.store.completed(spec.name)
+                outputs[spec.name] = [np.asarray(a[:]) for a in self.store.arrays(spec.name)] \
+                    if stored else None
+                continue
             if not mine:
                 outputs[spec.name] = None
                 continue

@@ -38,8 +38,36 @@ class NpyFile:
     path: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ZarrRef:
+    """A zarr array on disk that workers open themselves (only their slice is read).
+
+    Example:
+        >>> read_rows(ZarrRef("x.zarr"), 0, 10).shape   # doctest: +SKIP
+        (10, 28, 28)
+    """
+
+    store: str
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """Image files that workers decode and resize themselves; the client only lists them.
+
+    Example:
+        >>> read_rows(ImageFiles(("a.png", "b.png"), (32, 32), "RGB"), 0, 2).shape  # doctest: +SKIP
+        (2, 32, 32, 3)
+    """
+
+    files: tuple
+    size: tuple            # (height, width)
+    color: str = "RGB"     # "RGB" or "L"
+    scale: float = 1.0     # multiply pixel values (uint8 0..255) by this
+
+
 def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
-    """Rows ``start:stop`` of ``data`` (an array or an :class:`NpyFile`), on a worker.
+    """Rows ``start:stop`` of ``data`` (an array or a file reference), on a worker.
 
     Example:
         >>> read_rows(np.arange(10), 2, 5)
@@ -47,7 +75,32 @@ def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
     """
     if isinstance(data, NpyFile):
         return np.asarray(np.load(data.path, mmap_mode="r")[start:stop])
+    if isinstance(data, ZarrRef):
+        import zarr
+
+        return np.asarray(zarr.open_array(data.store, path=data.path or None, mode="r")[start:stop])
+    if isinstance(data, ImageFiles):
+        return _decode_images(data, start, stop)
     return data[start:stop]
+
+
+def _decode_images(ref: ImageFiles, start: int, stop: int | None) -> np.ndarray:
+    from PIL import Image
+
+    h, w = ref.size
+    files = ref.files[start:stop]
+    channels = 1 if ref.color == "L" else 3
+    out = np.empty((len(files), h, w, channels), np.float32)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert(ref.color).resize((w, h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32)
+        except OSError as e:
+            raise NbtoolError(f"image file {f}: cannot decode it ({e}). Fix: remove or "
+                              "replace the file, or move it out of the folder.") from None
+        out[i] = arr.reshape(h, w, channels) * ref.scale
+    return out
 
 
 class Source:
@@ -74,6 +127,15 @@ class Source:
         """``[(data, start, stop), ...]`` to hand to :func:`nbtool.worker.predict_chunk`."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """Changes when the rows change: how a result store knows its input."""
+        raise NotImplementedError
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row once read (what a chunk costs a worker per row)."""
+        return int(np.prod(self.row_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
 
 class ArraySource(Source):
     """An in-memory ndarray: scattered once, sliced on the workers."""
@@ -87,6 +149,14 @@ class ArraySource(Source):
         # hash=False: the same array sent twice must not collide with a released key.
         data = client.scatter(self.array, workers=workers, broadcast=True, hash=False)
         return [(data, a, b) for a, b in self.chunk_bounds(chunk_size)]
+
+    def fingerprint(self):
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.array.shape}{self.array.dtype}".encode())
+        h.update(np.ascontiguousarray(self.array).view(np.uint8).reshape(-1))
+        return "array:" + h.hexdigest()
 
 
 class NpySource(Source):
@@ -108,6 +178,100 @@ class NpySource(Source):
     def chunk_args(self, client, workers, chunk_size):
         ref = NpyFile(self.path)
         return [(ref, a, b) for a, b in self.chunk_bounds(chunk_size)]
+
+    def fingerprint(self):
+        st = os.stat(self.path)
+        return f"npy:{self.path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class ZarrSource(Source):
+    """A zarr array: the client reads its metadata; workers read their own slices."""
+
+    def __init__(self, array):
+        self.array = array
+        self.n_rows, self.row_shape, self.dtype = (int(array.shape[0]), tuple(array.shape[1:]),
+                                                   np.dtype(array.dtype))
+        root = getattr(array.store, "root", None)
+        # A local store travels as its path; an in-memory one has to travel as the array.
+        self.ref = ZarrRef(str(root), array.path) if root is not None else array
+
+    def describe(self):
+        return f"a zarr array of shape {(self.n_rows, *self.row_shape)} and dtype {self.dtype}"
+
+    def chunk_args(self, client, workers, chunk_size):
+        return [(self.ref, a, b) for a, b in self.chunk_bounds(chunk_size)]
+
+    def fingerprint(self):
+        if isinstance(self.ref, ZarrRef):
+            root = Path(self.ref.store) / self.ref.path
+            newest = max((f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()),
+                         default=0)
+            return f"zarr:{root}:{self.n_rows}:{self.row_shape}:{self.dtype}:{newest}"
+        from dask.base import tokenize
+
+        return "zarr-memory:" + tokenize(np.asarray(self.array[:]))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderSource(Source):
+    """Image files in a folder (sorted by name), decoded and resized on the workers."""
+
+    def __init__(self, folder, size: tuple[int, int] | None = None, color: str = "RGB",
+                 scale: float = 1.0):
+        root = Path(folder)
+        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputMismatch(None, None, f"image files ({', '.join(IMAGE_SUFFIXES)}) in "
+                                f"{folder}", "none", "check the folder, or pass an array")
+        if color not in ("RGB", "L"):
+            raise ValueError(f"color={color!r}: expected 'RGB' or 'L' (grayscale).")
+        if size is None:   # the first image's size: only its header is read
+            from PIL import Image
+
+            try:
+                with Image.open(files[0]) as im:
+                    size = (im.height, im.width)
+            except OSError as e:
+                raise NbtoolError(f"image file {files[0]}: cannot read it ({e}). Fix: remove "
+                                  "the file or pass size=(height, width).") from None
+        self.folder, self.files = str(root), tuple(files)
+        self.ref = ImageFiles(self.files, tuple(int(v) for v in size), color, float(scale))
+        self.n_rows = len(files)
+        self.row_shape = (*self.ref.size, 1 if color == "L" else 3)
+        self.dtype = np.dtype("float32")
+
+    def describe(self):
+        return f"{self.n_rows} images in {self.folder} (read as {self.row_shape})"
+
+    def chunk_args(self, client, workers, chunk_size):
+        # Each task gets only its own file names, not the whole list.
+        return [(dataclasses.replace(self.ref, files=self.files[a:b]), 0, b - a)
+                for a, b in self.chunk_bounds(chunk_size)]
+
+    def fingerprint(self):
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.ref.size, self.ref.color, self.ref.scale)).encode())
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return "images:" + h.hexdigest()
+
+
+def images(folder: str | os.PathLike, size: tuple[int, int] | None = None,
+           color: str = "RGB", scale: float = 1.0) -> ImageFolderSource:
+    """A folder of image files as an input; workers decode and resize them.
+
+    ``size`` is (height, width), by default the first image's; ``color`` is ``"RGB"`` or
+    ``"L"``; pixel values (0-255) are multiplied by ``scale``.
+
+    Example:
+        >>> res = eng.predict("cnn", nbtool.images("photos/", size=(224, 224)))  # doctest: +SKIP
+    """
+    return ImageFolderSource(folder, size, color, scale)
 
 
 class DaskSource(Source):
@@ -141,6 +305,11 @@ class DaskSource(Source):
         blocks = self._rechunked(chunk_size).to_delayed().ravel()
         return [(block, 0, None) for block in blocks]
 
+    def fingerprint(self):
+        from dask.base import tokenize
+
+        return "dask:" + tokenize(self.array)
+
 
 def as_source(x: Any) -> Source:
     """Wrap an input as a :class:`Source`: ndarray, ``.npy`` path, Dask array, or a list.
@@ -160,17 +329,23 @@ def as_source(x: Any) -> Source:
         return x
     if isinstance(x, (str, os.PathLike)):
         p = Path(x)
+        if p.suffix.lower() == ".zarr" or (p.is_dir() and (p / "zarr.json").exists()):
+            return _checked(ZarrSource(_open_zarr(p)))
+        if p.is_dir():
+            return _checked(ImageFolderSource(p))
         if p.suffix.lower() != ".npy":
             raise NbtoolError(
-                f"input {x}: nbtool reads arrays from .npy files; got a path ending in "
-                f"{p.suffix or '(no suffix)'!r}. Fix: np.save('input.npy', array) and pass "
-                "that path, or pass the array itself.")
+                f"input {x}: nbtool reads .npy files, .zarr arrays and folders of images; "
+                f"got a path ending in {p.suffix or '(no suffix)'!r}. Fix: "
+                "np.save('input.npy', array) and pass that path, or pass the array itself.")
         if not p.exists():
             raise NbtoolError(f"input {x}: the file does not exist. Fix: check the path "
                               f"(the working directory is {os.getcwd()}).")
         src: Source = NpySource(p)
     elif _is_dask_array(x):
         src = DaskSource(x)
+    elif type(x).__module__.startswith("zarr"):
+        src = ZarrSource(x)
     else:
         try:
             arr = np.asarray(x)
@@ -186,10 +361,25 @@ def as_source(x: Any) -> Source:
         if src is None:
             raise InputMismatch(None, None, "an array with a first axis of rows",
                                 f"a scalar {arr!r}", "pass an array like x[None] for one row")
+    return _checked(src)
+
+
+def _checked(src: Source) -> Source:
     if src.n_rows == 0:
         raise InputMismatch(None, None, "at least one row", f"{src.describe()} with no rows",
                             "check how the input was selected")
     return src
+
+
+def _open_zarr(p: Path):
+    import zarr
+
+    try:
+        return zarr.open_array(str(p), mode="r")
+    except Exception as e:   # zarr raises several types for a missing or foreign store
+        raise NbtoolError(f"input {p}: cannot open it as a zarr array ({type(e).__name__}: "
+                          f"{e}). Fix: check the path; a zarr group needs the array's path, "
+                          "e.g. zarr.open_group(p)['x'].") from None
 
 
 def _is_dask_array(x) -> bool:

@@ -46,19 +46,16 @@ class ChunkOutput:
     """What one (model, chunk) task sends back.
 
     Example:
-        >>> ChunkOutput([np.zeros((2, 3))], 0.01, 0.0, "cpu0", 64).rows
+        >>> ChunkOutput([np.zeros((2, 3))], 0.01, 0.0, "cpu0", 64, rows=2).rows
         2
     """
 
-    outputs: list[np.ndarray]
+    outputs: list[np.ndarray] | None   # None when they went to the result store
     seconds: float          # compute time on the worker, reading the rows included
     load_seconds: float     # > 0 when this task had to load the model
     worker: str
     batch_size: int
-
-    @property
-    def rows(self) -> int:
-        return len(self.outputs[0]) if self.outputs else 0
+    rows: int = 0
 
 
 class CompiledPredictor:
@@ -97,9 +94,11 @@ class CompiledPredictor:
         return self._fn.experimental_get_tracing_count()
 
     def warm_up(self) -> None:
-        """Trace and run once on zeros, so the first real chunk pays no tracing."""
+        """Trace and run once on zeros, so the first real chunk pays no tracing; records
+        each output's row shape and dtype in ``output_specs``."""
         shape = tuple(1 if d is None else d for d in self.row_shape)
-        self(np.zeros((1, *shape), self.dtype))
+        outs = self(np.zeros((1, *shape), self.dtype))
+        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         n, bs = len(rows), self.batch_size
@@ -121,6 +120,7 @@ class LoadedModel:
 
     spec: ModelSpec
     predictor: CompiledPredictor
+    call: Any               # the model (or SavedModel layer) the predictor compiles
     weight_bytes: int       # the bytes of its variables, counted exactly
     footprint: int          # measured growth: GPU allocator bytes, or RSS on CPU
     on_gpu: bool
@@ -234,10 +234,8 @@ class ModelCache:
         t0 = time.perf_counter()
         try:
             call, row_shape, dtype, n_outputs, weight_bytes = _open_model(spec)
-            predictor = CompiledPredictor(
-                call, spec.batch_size or DEFAULT_BATCH_SIZE, row_shape, dtype,
-                preprocess=spec.preprocess)
-            predictor.warm_up()
+            predictor = self._compile(spec, call, row_shape, dtype,
+                                      spec.batch_size or DEFAULT_BATCH_SIZE)
         except NbtoolError as e:
             info.update(state="failed", reason=str(e))
             raise
@@ -248,18 +246,63 @@ class ModelCache:
         seconds = time.perf_counter() - t0
         footprint = max(0, self.memory_in_use() - before)
         now = time.time()
-        loaded = LoadedModel(spec, predictor, weight_bytes, footprint, self.on_gpu, seconds,
-                             now, now)
+        loaded = LoadedModel(spec, predictor, call, weight_bytes, footprint, self.on_gpu,
+                             seconds, now, now)
         with self._lock:
             self._models[spec.name] = loaded
             info.update(size_bytes=spec.size_bytes, weight_bytes=weight_bytes, state="loaded", footprint=footprint, load_seconds=seconds,
                         loads=info["loads"] + 1, input_shape=(None, *row_shape),
                         input_dtype=str(np.dtype(dtype)), n_outputs=n_outputs,
-                        batch_size=predictor.batch_size, fingerprint=spec.fingerprint)
+                        batch_size=predictor.batch_size, fingerprint=spec.fingerprint,
+                        output_specs=predictor.output_specs,
+                        oom_retries=info.get("oom_retries", 0))
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
                     seconds, footprint)
         return loaded
+
+    # -- running, with smaller batches when memory runs out -------------------------------
+    def _compile(self, spec: ModelSpec, call, row_shape, dtype, batch: int) -> CompiledPredictor:
+        """A warmed-up predictor; on an out-of-memory error, the batch is halved (to 1)."""
+        tf = _tensorflow()
+        while True:
+            try:
+                predictor = CompiledPredictor(call, batch, row_shape, dtype,
+                                              preprocess=spec.preprocess)
+                predictor.warm_up()
+                return predictor
+            except tf.errors.ResourceExhaustedError:
+                if batch <= 1:
+                    raise
+                batch = self._note_oom(spec.name, batch)
+
+    def _note_oom(self, name: str, batch: int) -> int:
+        smaller = max(1, batch // 2)
+        info = self._info.setdefault(name, {"loads": 0})
+        info["oom_retries"] = info.get("oom_retries", 0) + 1
+        info["batch_size"] = smaller
+        logger.warning("worker %s: %s ran out of memory with batch %d; retrying with %d",
+                       self.worker, name, batch, smaller)
+        gc.collect()
+        return smaller
+
+    def run(self, loaded: LoadedModel, rows: np.ndarray) -> list[np.ndarray]:
+        """Predict ``rows``; if memory runs out, retry with the batch halved, down to 1.
+
+        The smaller batch is kept for this model on this worker, so later chunks start
+        with what fits.
+        """
+        tf = _tensorflow()
+        while True:
+            predictor = loaded.predictor
+            try:
+                return predictor(rows)
+            except tf.errors.ResourceExhaustedError:
+                if predictor.batch_size <= 1:
+                    raise
+                batch = self._note_oom(loaded.spec.name, predictor.batch_size)
+                loaded.predictor = self._compile(loaded.spec, loaded.call, predictor.row_shape,
+                                                 predictor.dtype, batch)
 
     # -- unloading -----------------------------------------------------------------------
     def unload(self, names: list[str] | None = None) -> list[str]:
@@ -460,11 +503,13 @@ def get_cache(budget: int | None = None, worker: str | None = None) -> ModelCach
 
 # -- tasks (called by the engine through Dask) ---------------------------------------------
 def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
-                  chunk: int) -> ChunkOutput:
+                  chunk: int, store=None) -> ChunkOutput:
     """Run one model on rows ``start:stop`` of ``data``; the unit of work of a prediction.
 
-    ``data`` is an ndarray scattered to the worker, a Dask array block, or a
-    :class:`~nbtool.sources.NpyFile` that the worker memory-maps and slices itself.
+    ``data`` is an ndarray scattered to the worker, a Dask array block, or a file
+    reference (:mod:`nbtool.sources`) that the worker opens and slices itself. With a
+    ``store`` (:class:`nbtool.store.StoreRef`) the outputs are written to the result store
+    here and only a receipt travels back.
 
     Example:
         >>> predict_chunk(spec, x, 0, 10, chunk=0).outputs[0].shape   # doctest: +SKIP
@@ -472,15 +517,24 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
     """
     worker = _worker_name()
     try:
-        loaded, load_seconds = prepare_worker().get(spec)
+        cache = prepare_worker()
+        loaded, load_seconds = cache.get(spec)
         t0 = time.perf_counter()
         rows = read_rows(data, start, stop)
-        outputs = loaded.predictor(rows)
-        return ChunkOutput(outputs, time.perf_counter() - t0, load_seconds, worker,
-                           loaded.predictor.batch_size)
+        outputs = cache.run(loaded, rows)
+        seconds = time.perf_counter() - t0
+        if store is not None:   # written here, on the worker; only a receipt goes back
+            store.write(spec.name, chunk, outputs)
+            outputs = None
+        return ChunkOutput(outputs, seconds, load_seconds, worker,
+                           loaded.predictor.batch_size, rows=len(rows))
     except ChunkError:
         raise
     except Exception as e:
+        if type(e).__name__ == "ResourceExhaustedError":
+            e = ModelLoadError(spec.name, spec.path, worker, "out of memory even with batch "
+                               "size 1", "free memory on this device (eng.unload(...)), lower "
+                               "the memory budget, or place the model on a bigger device")
         end = stop if stop is not None else start + len(data)
         reason = str(e) if isinstance(e, NbtoolError) else _describe(e)
         logger.warning("chunk %d of %s failed on %s:\n%s", chunk, spec.name, worker,
