@@ -1,0 +1,117 @@
+"""Inputs that live on disk: workers read their own slices; the client reads metadata."""
+
+import numpy as np
+import pytest
+
+from nbtool.errors import InputMismatch, NbtoolError
+from nbtool.sources import (ImageFiles, ImageFolderSource, NpyFile, ZarrRef, ZarrSource,
+                            as_source, images)
+
+
+@pytest.fixture
+def zarr_input(tmp_path, reference):
+    import zarr
+
+    z = zarr.create_array(store=str(tmp_path / "x.zarr"), shape=reference["x8"].shape,
+                          chunks=(16, 8), dtype="float32")
+    z[:] = reference["x8"]
+    return tmp_path / "x.zarr"
+
+
+@pytest.fixture
+def image_folder(tmp_path, reference):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(12, 8, 8), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        # Different sizes on disk: the workers resize every image to 8x8.
+        Image.fromarray(p).resize((16, 16) if i % 2 else (8, 8), Image.NEAREST).save(
+            folder / f"img{i:02d}.png")
+    return folder, pixels
+
+
+def test_zarr_path_and_object_are_read_by_the_workers(engine, model_dir, reference, unique,
+                                                      zarr_input):
+    import zarr
+
+    src = as_source(str(zarr_input))
+    assert isinstance(src, ZarrSource) and isinstance(src.ref, ZarrRef)
+    args = src.chunk_args(None, [], 10)
+    assert all(isinstance(a[0], ZarrRef) for a in args)      # references, never rows
+    name = f"{unique}_z"
+    engine.register(name, model_dir / "mlp.keras")
+    for x in (str(zarr_input), zarr.open_array(str(zarr_input), mode="r")):
+        res = engine.predict(name, x, chunk_size=16)
+        assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5
+
+
+def test_an_image_folder_is_decoded_and_resized_on_the_workers(engine, keras, image_folder,
+                                                               unique):
+    folder, pixels = image_folder
+    src = as_source(str(folder))
+    assert isinstance(src, ImageFolderSource) and src.row_shape == (8, 8, 3)
+    # Each task carries only its own file names.
+    args = src.chunk_args(None, [], 5)
+    assert [len(a[0].files) for a in args] == [5, 5, 2]
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    name = f"{unique}_img"
+    engine.register(name, model)
+    res = engine.predict(name, images(folder, size=(8, 8), color="L", scale=1 / 255),
+                         chunk_size=5)
+    from PIL import Image
+
+    # What the workers should have read: each file decoded and resized to 8x8 by PIL.
+    decoded = np.stack([np.asarray(Image.open(f).convert("L").resize((8, 8), Image.BILINEAR),
+                                   dtype="float32") for f in sorted(folder.glob("*.png"))])
+    assert np.array_equal(decoded[0::2], pixels[0::2].astype("float32"))  # 8x8 files as-is
+    expected = model.predict(decoded[..., None] / 255, verbose=0)
+    assert np.abs(res[name] - expected).max() <= 1e-4
+
+
+def test_bad_sources_say_what_is_wrong(tmp_path, image_folder):
+    folder, _ = image_folder
+    (folder / "broken.png").write_bytes(b"not a png")
+    ref = images(folder, size=(8, 8)).ref
+    from nbtool.sources import read_rows
+
+    with pytest.raises(NbtoolError, match=r"broken.png: cannot decode it"):
+        read_rows(ref, 0, len(ref.files))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputMismatch, match="image files"):
+        as_source(str(empty))
+    (tmp_path / "bad.zarr").mkdir()
+    with pytest.raises(NbtoolError, match="cannot open it as a zarr array"):
+        as_source(str(tmp_path / "bad.zarr"))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), "float32"))
+    with pytest.raises(InputMismatch, match="at least one row"):
+        as_source(str(tmp_path / "empty.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    with pytest.raises(NbtoolError, match="cannot read it as a .npy"):
+        as_source(str(tmp_path / "junk.npy"))
+
+
+def test_a_chunk_that_does_not_fit_a_worker_is_refused(engine, model_dir, unique, tmp_path):
+    name = f"{unique}_big"
+    engine.register(name, model_dir / "mlp.keras")
+    # A memory-mapped file: nothing is read, so the size can be far beyond the test's RAM.
+    big = np.lib.format.open_memmap(tmp_path / "huge.npy", mode="w+", dtype="float32",
+                                    shape=(400_000_000, 8))
+    del big
+    with pytest.raises(InputMismatch, match=r"chunks that fit a worker's memory.*chunk_size="):
+        engine.predict(name, str(tmp_path / "huge.npy"), chunk_size=300_000_000)
+    run = engine.submit(name, str(tmp_path / "huge.npy"))   # a default chunk shrinks to fit
+    limit = min(w["memory_limit"] for w in engine.client.scheduler_info(
+        n_workers=-1)["workers"].values())
+    assert run.chunk_size * 32 <= limit // 4
+    for f in run.futures:
+        f.cancel()
+
+
+def test_npy_rows_are_read_by_reference():
+    src_ref = NpyFile("x.npy")
+    assert ImageFiles(("a.png",), (2, 2)).color == "RGB" and src_ref.path == "x.npy"
