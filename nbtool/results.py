@@ -115,7 +115,7 @@ class Prediction:
                  wall_seconds: float = 0.0, source=None):
         self.models = list(models)
         self._outputs = outputs
-        self.combined = combined
+        self._combined = combined     # an array, or a function that computes it on access
         self.combine = combine
         self.timings = timings
         self.errors = list(errors)
@@ -124,6 +124,18 @@ class Prediction:
         self.wall_seconds = wall_seconds
         self.source = source    # the input (a reference, never a copy), for the gallery
         self.labels = None      # true labels, once given to evaluate()
+
+    @property
+    def combined(self):
+        """The models combined row by row (``combine=``), or None. For a prediction backed
+        by a result store it is computed on first access, reading the outputs then."""
+        if callable(self._combined):
+            compute, self._combined = self._combined, None
+            try:
+                self._combined = compute()
+            except CombineError as e:
+                self.errors.append(e)
+        return self._combined
 
     def __getitem__(self, name: str):
         if name not in self._outputs:

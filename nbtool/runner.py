@@ -144,8 +144,11 @@ class PredictionRun:
         tasks, keys = [], []
         for spec, names in self.placements:
             done = self.stored.get(spec.name, set())
-            # Restrict by worker name: names survive a hard unload's restart.
-            with dask.annotate(workers=list(names), allow_other_workers=False):
+            # Restricted to the model's workers. Loosely: the scheduler keeps to them while
+            # any is alive, and only if all died (a crash, a hard unload mid-run) does it run
+            # the chunks elsewhere (where the model loads on demand) instead of waiting
+            # forever for an address that will not come back.
+            with dask.annotate(workers=list(names), allow_other_workers=True):
                 for i, (data, start, stop) in enumerate(args):
                     if i in done:      # already in the result store: not recomputed
                         continue
@@ -202,6 +205,16 @@ class PredictionRun:
         """True once every task has finished (or failed); ``collect()`` will not wait."""
         return bool(self.finished) or all(f.done() for f in self.futures)
 
+    def _combine(self, outputs: dict):
+        """The ensemble of single-output models; a :class:`CombineError` if impossible."""
+        singles = [np.asarray(outputs[s.name][0]) for s, _ in self.placements
+                   if outputs[s.name] is not None and len(outputs[s.name]) == 1]
+        multi = [s.name for s, _ in self.placements
+                 if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+        if multi:
+            raise CombineError(self.combine, f"model(s) {multi} have several outputs")
+        return combine_outputs(singles, self.combine) if singles else None
+
     def _assemble(self, results, errors, finished_at, wall) -> Prediction:
         outputs, timings = {}, {}
         n = self.source.n_rows
@@ -213,10 +226,9 @@ class PredictionRun:
             timings[spec.name]["resumed_chunks"] = len(self.stored.get(spec.name, ()))
             timings[spec.name]["devices"] = sorted({self.devices.get(w, w) for w in
                                                     timings[spec.name]["workers"]})
-            if self.store is not None:   # the chunks are on disk: read them back once
+            if self.store is not None:   # the chunks stay on disk, read where indexed
                 stored = self.store.completed(spec.name)
-                outputs[spec.name] = [np.asarray(a[:]) for a in self.store.arrays(spec.name)] \
-                    if stored else None
+                outputs[spec.name] = self.store.arrays(spec.name) if stored else None
                 continue
             if not mine:
                 outputs[spec.name] = None
@@ -234,16 +246,12 @@ class PredictionRun:
                 arrays.append(out)
             outputs[spec.name] = arrays
         combined = None
-        if self.combine is not None:
-            singles = [outputs[s.name][0] for s, _ in self.placements
-                       if outputs[s.name] is not None and len(outputs[s.name]) == 1]
-            multi = [s.name for s, _ in self.placements
-                     if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+        if self.combine is not None and self.store is not None:
+            def combined():   # on first access: reading every output is the caller's choice
+                return self._combine(outputs)
+        elif self.combine is not None:
             try:
-                if multi:
-                    raise CombineError(self.combine, f"model(s) {multi} have several outputs")
-                if singles:
-                    combined = combine_outputs(singles, self.combine)
+                combined = self._combine(outputs)
             except CombineError as e:
                 errors.append(e)
         return Prediction([s.name for s, _ in self.placements], outputs, combined,

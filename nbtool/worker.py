@@ -383,6 +383,10 @@ def _weight_bytes(weights) -> int:
 
 
 def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
+    if type(e).__name__ == "ResourceExhaustedError":   # halving the batch did not help
+        return ModelLoadError(spec.name, spec.path, worker, "out of memory even with batch "
+                              "size 1", "free memory on this device (eng.unload(...)), lower "
+                              "the memory budget, or place the model on a bigger device")
     msg = _describe(e)
     low = f"{msg} {e}".lower()
     if "safe_mode" in low or "lambda" in low and "deserializ" in low:
