@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.nbtool-installed
 
-.PHONY: install lab test test-fast clean
+.PHONY: install lab test test-fast clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache notebooks/quickstart-models
+
+# The benchmark suite: nbtool against the seeds' approaches (see benchmarks/bench.py).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py

@@ -70,6 +70,7 @@ class Engine:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, WorkerInfo] = {}
         self._dask_names: dict[str, Any] = {}
+        self._shared_dirs: set[Path] = set()   # where inputs were handed to local workers
         self.refresh_workers()
 
     # -- workers ---------------------------------------------------------------------------
@@ -137,7 +138,11 @@ class Engine:
         ``replicas`` places it on that many workers so its chunks run in parallel.
         Nothing loads now: the model loads on a worker the first time it is used (or on
         :meth:`load`). ``trusted=True`` lets Keras deserialize Lambda layers and custom
-        code from this file (safe mode is on otherwise). Registering a name again replaces
+        code from this file (safe mode is on otherwise). ``preprocess`` runs inside the
+        compiled graph on the worker: a preset name (``"rescale"``, ``"mobilenet"``,
+        ``"imagenet"``, ``"cast"``), a :class:`nbtool.preprocess.Preprocess`, or a function of
+        TF ops; with a preset, inputs travel as uint8. ``batch_size=None`` picks one by a
+        quick sweep at the first load (remembered per machine). Registering a name again replaces
         it (a no-op if nothing changed).
 
         Example:
@@ -148,6 +153,10 @@ class Engine:
             raise ValueError(f"model name {name!r}: expected a non-empty string without "
                              "spaces, e.g. 'cnn' or 'resnet_v2'.")
         path = self._model_path(name, model)
+        if isinstance(preprocess, str):
+            from .preprocess import preset
+
+            preprocess = preset(preprocess)
         spec = inspect_model(name, path, device=device, replicas=int(replicas),
                              batch_size=batch_size, preprocess=preprocess,
                              trusted=bool(trusted))
@@ -427,7 +436,7 @@ class Engine:
         if not names:
             raise ValueError("predict needs at least one model name.")
         specs = [self.registry.get(n) for n in names]
-        source = as_source(x)
+        source = self._local_handoff(as_source(x))
         unknown = [s.name for s in specs if s.input_shape is None and s.preprocess is None]
         if unknown:   # SavedModels: learn their input signature before checking
             self.load(*unknown)
@@ -438,12 +447,30 @@ class Engine:
         size = resolve_chunk_size(chunk_size, source, len(used), self._max_chunk_bytes(used))
         store, done = self._open_store(save, specs, source, size)
         devices = {w.name: w.device for w in self.workers.values()}
+        def finish(res):
+            getattr(source, "cleanup", lambda: None)()
+            self._finish_run(res, save)
+
         run = PredictionRun(self.client, [(s, self._restriction(self.placement[s.name]))
                                           for s in specs], source, size, combine,
-                            devices=devices, on_done=lambda res: self._finish_run(res, save),
-                            store=store, done=done)
-        run.submit()
+                            devices=devices, on_done=finish, store=store, done=done)
+        try:
+            run.submit()
+        except BaseException:
+            getattr(source, "cleanup", lambda: None)()
+            raise
         return run
+
+    def _local_handoff(self, source):
+        """On a local cluster, hand an ndarray over as a shared memory-mapped file."""
+        from .sources import ArraySource, SharedArraySource, shared_folder
+
+        if self.cluster is None or type(source) is not ArraySource:
+            return source
+        nbytes = source.array.nbytes
+        folder = shared_folder(self.work_dir / "inputs", nbytes)
+        self._shared_dirs.add(folder)
+        return SharedArraySource(source.array, folder)
 
     def _max_chunk_bytes(self, workers) -> int | None:
         """A quarter of the smallest worker memory limit: input rows, their copy in the
@@ -504,6 +531,8 @@ class Engine:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+            for folder in self._shared_dirs:
+                shutil.rmtree(folder, ignore_errors=True)
             if self._own_work_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
             if _default_engine is self:

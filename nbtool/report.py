@@ -131,9 +131,9 @@ def _image_rows(res, rows: np.ndarray):
     is_image = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
     if not is_image:
         return None
-    from .sources import ArraySource, NpyFile, NpySource, read_rows
+    from .sources import NpyFile, NpySource, read_rows
 
-    if isinstance(src, ArraySource):
+    if getattr(src, "array", None) is not None and isinstance(src.array, np.ndarray):
         return src.array[np.sort(rows)], np.sort(rows)
     if isinstance(src, NpySource):
         picked = np.sort(rows)

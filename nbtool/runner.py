@@ -47,7 +47,11 @@ def check_fits(spec: ModelSpec, source: Source) -> None:
         ...
         nbtool.errors.InputMismatch: model 'mlp' (mlp.h5) expects rows of shape (8,)...
     """
-    if spec.preprocess is not None or spec.input_shape is None:
+    pre = spec.preprocess
+    if pre is not None and getattr(pre, "input_dtype", None) is not None:
+        _check_preprocess_input(spec, pre, source)
+        return
+    if pre is not None or spec.input_shape is None:
         return
     want = spec.input_row_shape
     got = tuple(source.row_shape)
@@ -66,6 +70,29 @@ def check_fits(spec: ModelSpec, source: Source) -> None:
         raise InputMismatch(spec.name, spec.path, f"{want_dtype} input",
                             f"{source.dtype} from {source.describe()}",
                             f"convert it first, e.g. x.astype('{want_dtype}')")
+
+
+def _check_preprocess_input(spec: ModelSpec, pre, source: Source) -> None:
+    """Inputs for an in-graph preset: its dtype, and the model's rows (or any size if it
+    resizes, with the model's channels)."""
+    want = np.dtype(pre.input_dtype)
+    if not np.can_cast(source.dtype, want, casting="safe"):
+        raise InputMismatch(spec.name, spec.path, f"{want} input for its preprocessing "
+                            f"{getattr(pre, 'name', pre)!r}", f"{source.dtype} from "
+                            f"{source.describe()}", f"pass {want} pixels (0-255), or register "
+                            "it without preprocess=")
+    if spec.input_shape is None:
+        return
+    model_rows, got = tuple(spec.input_row_shape), tuple(source.row_shape)
+    if getattr(pre, "resize", None) is not None:
+        ok = len(got) == len(model_rows) and got[-1:] == model_rows[-1:]
+    else:
+        ok = len(got) == len(model_rows) and all(w is None or w == g
+                                                 for w, g in zip(model_rows, got))
+    if not ok:
+        raise InputMismatch(spec.name, spec.path, f"rows of shape {model_rows}",
+                            f"rows of shape {got} from {source.describe()}",
+                            "resize the input, or use a preset with resize=(height, width)")
 
 
 def default_chunk_size(n_rows: int, n_workers: int) -> int:

@@ -234,8 +234,10 @@ class ModelCache:
         t0 = time.perf_counter()
         try:
             call, row_shape, dtype, n_outputs, weight_bytes = _open_model(spec)
-            predictor = self._compile(spec, call, row_shape, dtype,
-                                      spec.batch_size or DEFAULT_BATCH_SIZE)
+            row_shape, dtype = _input_signature(spec, row_shape, dtype)
+            batch = spec.batch_size or best_batch_size(spec, call, row_shape, dtype,
+                                                       self.device)
+            predictor = self._compile(spec, call, row_shape, dtype, batch)
         except NbtoolError as e:
             info.update(state="failed", reason=str(e))
             raise
@@ -341,6 +343,113 @@ class ModelCache:
                     "resident_bytes": self.resident_bytes(), "evictions": self.evictions,
                     "peak_accounted": self.peak_accounted, "models": models,
                     "lru_order": list(self._models)}
+
+
+#: Batch sizes the sweep may pick, tried outwards from the default.
+SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)
+#: A bigger batch must be this much faster to be worth its memory.
+SWEEP_MARGIN = 1.03
+
+
+def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str) -> int:
+    """The batch size with the best throughput for this model here, found by a quick sweep.
+
+    Starts at the default, climbs while a bigger batch is faster by ``SWEEP_MARGIN``, else
+    tries smaller ones; each step costs one trace and two timed batches. The answer is
+    cached on disk per (model file, input, device, threads), so a model is swept once per
+    machine. ``NBTOOL_BATCH_SWEEP=0`` turns the sweep off.
+
+    Example:
+        >>> best_batch_size(spec, model, (8,), "float32", "cpu:0")   # doctest: +SKIP
+        256
+    """
+    if os.environ.get("NBTOOL_BATCH_SWEEP", "1") == "0" or None in row_shape:
+        return DEFAULT_BATCH_SIZE
+    key = "|".join(map(str, (spec.fingerprint, spec.path, row_shape, np.dtype(dtype), device,
+                             os.environ.get("NBTOOL_TF_THREADS", ""),
+                             spec.preprocess is not None)))
+    cache = _batch_cache()
+    if key in cache.data:
+        return int(cache.data[key])
+
+    def rate(batch: int) -> float:
+        p = CompiledPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess)
+        rows = np.zeros((batch, *row_shape), dtype)
+        p(rows)                                   # trace
+        t0 = time.perf_counter()
+        p(rows)
+        p(rows)
+        return 2 * batch / (time.perf_counter() - t0)
+
+    tf = _tensorflow()
+    try:
+        best, best_rate = DEFAULT_BATCH_SIZE, rate(DEFAULT_BATCH_SIZE)
+        for batch in SWEEP_UP:
+            r = rate(batch)
+            if r < best_rate * SWEEP_MARGIN:
+                break
+            best, best_rate = batch, r
+        if best == DEFAULT_BATCH_SIZE:
+            for batch in SWEEP_DOWN:
+                r = rate(batch)
+                if r <= best_rate:
+                    break
+                best, best_rate = batch, r
+    except tf.errors.ResourceExhaustedError:
+        pass   # keep what fitted; the OOM path halves further if needed
+    cache.put(key, best)
+    return best
+
+
+class _BatchCache:
+    """A small JSON file of sweep results, shared by the workers of this machine."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            import json
+
+            with open(path) as f:
+                self.data = json.load(f)
+        except (OSError, ValueError):
+            self.data = {}
+
+    def put(self, key: str, value: int) -> None:
+        import json
+
+        self.data[key] = value
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.data, f)
+            os.replace(tmp, self.path)   # concurrent workers: last complete write wins
+        except OSError:
+            pass   # a read-only home only costs a sweep next time
+
+
+_BATCH_CACHE = None
+
+
+def _batch_cache() -> _BatchCache:
+    global _BATCH_CACHE
+    if _BATCH_CACHE is None:
+        root = os.environ.get("NBTOOL_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbtool")
+        _BATCH_CACHE = _BatchCache(os.path.join(root, "batch_sizes.json"))
+    return _BATCH_CACHE
+
+
+def _input_signature(spec: ModelSpec, row_shape: tuple, dtype) -> tuple[tuple, str]:
+    """What the compiled function takes: the model's input, or, with an in-graph
+    :class:`~nbtool.preprocess.Preprocess`, its input dtype (and any size, if it resizes)."""
+    pre = spec.preprocess
+    input_dtype = getattr(pre, "input_dtype", None)
+    if input_dtype is None:
+        return row_shape, dtype
+    if getattr(pre, "resize", None) is not None and len(row_shape) == 3:
+        row_shape = (None, None, row_shape[-1])
+    return row_shape, input_dtype
 
 
 def _open_model(spec: ModelSpec):

@@ -10,6 +10,10 @@ import os
 import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The batch-size sweep caches its answers; keep the tests' answers out of the user's home.
+import tempfile as _tempfile
+
+os.environ.setdefault("NBTOOL_CACHE_DIR", _tempfile.mkdtemp(prefix="nbtool-test-cache-"))
 
 import numpy as np
 import pytest

@@ -119,3 +119,26 @@ def test_hard_unload_of_everything_returns_worker_memory(engine, keras, unique):
     for w in idle:
         assert after[w]["lru_order"] == []
         assert abs(after[w]["rss"] - idle[w]) <= 0.10 * idle[w], (w, after[w]["rss"], idle[w])
+
+
+def test_the_batch_size_is_swept_once_and_remembered(engine, keras, unique, tmp_path):
+    import json
+    import os
+
+    model = dense_model(keras, 256, seed=99, n_in=64)
+    name = f"{unique}_sweep"
+    engine.register(name, model, device="cpu:0")
+    engine.load(name)
+    first = engine._statuses()["cpu0"]["models"][name]
+    cache = json.loads(open(os.path.join(os.environ["NBTOOL_CACHE_DIR"],
+                                         "batch_sizes.json")).read())
+    mine = {k: v for k, v in cache.items() if engine.registry.get(name).fingerprint in k}
+    assert list(mine.values()) == [first["batch_size"]]
+    assert first["batch_size"] in (16, 32, 64, 128, 256, 512)
+    engine.unload(name, hard=True)            # a new process reads the answer from disk
+    engine.load(name)
+    again = engine._statuses()["cpu0"]["models"][name]
+    assert again["batch_size"] == first["batch_size"] and again["loads"] == 1
+    engine.register(f"{name}_fixed", model, batch_size=24, device="cpu:0")
+    engine.load(f"{name}_fixed")
+    assert engine._statuses()["cpu0"]["models"][f"{name}_fixed"]["batch_size"] == 24
