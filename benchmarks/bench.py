@@ -162,7 +162,7 @@ def main():
             with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
                 r = replicas or len(eng.workers)
                 for p in paths:
-                    eng.register(p.stem, p, replicas=r)
+                    eng.register(p.stem, p, replicas=r, batch_size="auto")
                 res = eng.predict(names, x)
                 cold.append(time.perf_counter() - t0)
                 for _ in range(2):

@@ -20,6 +20,7 @@ import copy
 from distributed import LocalCluster, Nanny
 
 from .devices import WorkerSlot
+from .worker import resource_name
 
 
 class PinnedCluster(LocalCluster):
@@ -82,4 +83,7 @@ class PinnedCluster(LocalCluster):
         spec = copy.deepcopy(self.new_spec)
         spec["options"]["name"] = name
         spec["options"]["env"] = dict(self.slots[name].env)
+        # The resource that tasks for this worker ask for: part of the spec, so the
+        # worker has it again the moment its Nanny restarts it.
+        spec["options"]["resources"] = {resource_name(name): 1}
         return {name: spec}

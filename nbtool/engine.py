@@ -35,7 +35,8 @@ from .results import Prediction, check_combine
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
 from .tables import Table, human_bytes
-from .worker import NbtoolWorkerPlugin, load_model, unload_models, worker_status
+from .worker import (NbtoolWorkerPlugin, load_model, resource_name, unload_models,
+                     worker_status)
 
 logger = logging.getLogger("nbtool")
 
@@ -128,7 +129,7 @@ class Engine:
 
     # -- registering ---------------------------------------------------------------------
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
-                 batch_size: int | None = None, preprocess: Callable | None = None,
+                 batch_size: int | str | None = None, preprocess: Callable | None = None,
                  trusted: bool = False) -> ModelSpec:
         """Register a model file (or a Keras model object) under ``name`` and place it.
 
@@ -141,8 +142,8 @@ class Engine:
         code from this file (safe mode is on otherwise). ``preprocess`` runs inside the
         compiled graph on the worker: a preset name (``"rescale"``, ``"mobilenet"``,
         ``"imagenet"``, ``"cast"``), a :class:`nbtool.preprocess.Preprocess`, or a function of
-        TF ops; with a preset, inputs travel as uint8. ``batch_size=None`` picks one by a
-        quick sweep at the first load (remembered per machine). Registering a name again replaces
+        TF ops; with a preset, inputs travel as uint8. ``batch_size="auto"`` picks one by a
+        quick sweep at the first load (remembered per machine); ``None`` means 64. Registering a name again replaces
         it (a no-op if nothing changed).
 
         Example:
@@ -321,8 +322,8 @@ class Engine:
         for spec in specs:
             for w in self.placement[spec.name]:
                 futures[(spec.name, w)] = self.client.submit(
-                    load_model, spec, workers=self._restriction([w]), allow_other_workers=False,
-                    pure=False, key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
+                    load_model, spec, resources={resource_name(w): 1}, pure=False,
+                    key=f"nbtool-load-{spec.name}-{w}-{time.monotonic_ns()}")
         return futures
 
     def _learn_signature(self, name: str, entry: dict) -> None:
@@ -364,8 +365,7 @@ class Engine:
         self.client.restart_workers(self._restriction(sorted(holders)))
         self._wait_for_workers(sorted(holders))
         futures = [self.client.submit(load_model, self.registry.get(m),
-                                      workers=self._restriction([w]),
-                                      allow_other_workers=False, pure=False,
+                                      resources={resource_name(w): 1}, pure=False,
                                       key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
                    for w, ms in keep.items() for m in ms]
         self.client.gather(futures)
@@ -451,9 +451,10 @@ class Engine:
             getattr(source, "cleanup", lambda: None)()
             self._finish_run(res, save)
 
-        run = PredictionRun(self.client, [(s, self._restriction(self.placement[s.name]))
-                                          for s in specs], source, size, combine,
-                            devices=devices, on_done=finish, store=store, done=done)
+        run = PredictionRun(self.client, [(s, self.placement[s.name]) for s in specs],
+                            source, size, combine,
+                            devices=devices, on_done=finish, store=store, done=done,
+                            dask_names=self._dask_names)
         try:
             run.submit()
         except BaseException:

@@ -120,13 +120,20 @@ class Nbtool(Magics):
     @argument("path", help=".keras or .h5 file, or SavedModel directory")
     @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
     @argument("--replicas", type=int, default=1, help="workers that hold it (default 1)")
-    @argument("--batch-size", type=int, default=None, help="batch size for inference")
+    @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
+              "for a quick sweep at first load")
     @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
     def _register(self, args):
         """Register a model file under a name."""
         eng = self._engine()
+        batch = args.batch_size
+        if batch is not None and batch != "auto":
+            if not batch.isdigit() or int(batch) < 1:
+                raise UsageError(f"--batch-size {batch}: expected a whole number >= 1 or "
+                                 "'auto'.")
+            batch = int(batch)
         eng.register(args.name, args.path, device=args.device, replicas=args.replicas,
-                     batch_size=args.batch_size, trusted=args.trusted)
+                     batch_size=batch, trusted=args.trusted)
         return eng.models()
 
     @magic_arguments(name="nbtool register-dir")

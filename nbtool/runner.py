@@ -24,7 +24,7 @@ from .registry import ModelSpec
 from .results import CombineError, Prediction, combine_outputs
 from .sources import DaskSource, Source
 from .store import StoreRef
-from .worker import ChunkOutput, predict_chunk
+from .worker import ChunkOutput, predict_chunk, resource_name
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the
 #: per-task overhead (a few ms) stays small against the work.
@@ -146,7 +146,7 @@ class PredictionRun:
     def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
                  chunk_size: int, combine: str | None = "mean",
                  devices: dict[str, str] | None = None, on_done=None, store=None,
-                 done: dict[str, set[int]] | None = None):
+                 done: dict[str, set[int]] | None = None, dask_names: dict | None = None):
         self.client = client
         self.placements = placements
         self.source = source
@@ -162,28 +162,30 @@ class PredictionRun:
         self.on_done = on_done         # called with the Prediction once it is assembled
         self.result: Prediction | None = None
         self.store = store                     # a ResultStore, or None
+        self.dask_names = dask_names or {}     # nbtool's worker name -> Dask's
         self.stored = done or {}               # model -> chunks already in the store
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
-        workers = list(dict.fromkeys(w for _, ws in self.placements for w in ws))
+        names = list(dict.fromkeys(w for _, ws in self.placements for w in ws))
+        workers = [self.dask_names.get(w, w) for w in names]   # as Dask knows them
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
         tasks, keys = [], []
-        for spec, names in self.placements:
+        for m, (spec, names) in enumerate(self.placements):
             done = self.stored.get(spec.name, set())
-            # Restricted to the model's workers. Loosely: the scheduler keeps to them while
-            # any is alive, and only if all died (a crash, a hard unload mid-run) does it run
-            # the chunks elsewhere (where the model loads on demand) instead of waiting
-            # forever for an address that will not come back.
-            with dask.annotate(workers=list(names), allow_other_workers=True):
-                for i, (data, start, stop) in enumerate(args):
-                    if i in done:      # already in the result store: not recomputed
-                        continue
-                    key = f"nbtool-{spec.name}-{i}-{self.run_id}"
-                    ref = StoreRef(self.store.path, self.bounds[i][0]) if self.store else None
+            for i, (data, start, stop) in enumerate(args):
+                if i in done:      # already in the result store: not recomputed
+                    continue
+                # Each chunk goes to one of the model's workers, in turn (offset per model
+                # so an ensemble's first chunks start on every worker at once). The worker
+                # is named by its resource, which survives restarts and cannot be stolen.
+                worker = names[(i + m) % len(names)]
+                key = f"nbtool-{spec.name}-{i}-{self.run_id}"
+                ref = StoreRef(self.store.path, self.bounds[i][0]) if self.store else None
+                with dask.annotate(resources={resource_name(worker): 1}):
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
                         spec, data, start, stop, i, ref, dask_key_name=key))
-                    keys.append((spec.name, i))
+                keys.append((spec.name, i))
         self.started = time.perf_counter()
         self.futures = self.client.compute(tasks, optimize_graph=False)
         self._task_of = {f.key: k for f, k in zip(self.futures, keys)}

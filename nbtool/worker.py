@@ -235,8 +235,11 @@ class ModelCache:
         try:
             call, row_shape, dtype, n_outputs, weight_bytes = _open_model(spec)
             row_shape, dtype = _input_signature(spec, row_shape, dtype)
-            batch = spec.batch_size or best_batch_size(spec, call, row_shape, dtype,
-                                                       self.device)
+            # "auto": a sweep, opt-in: bigger batches gained 0-13% here, and their
+            # activations can take far more memory than the budget allows for.
+            batch = best_batch_size(spec, call, row_shape, dtype, self.device,
+                                    self.memory_in_use, self.budget // 4) \
+                if spec.batch_size == "auto" else (spec.batch_size or DEFAULT_BATCH_SIZE)
             predictor = self._compile(spec, call, row_shape, dtype, batch)
         except NbtoolError as e:
             info.update(state="failed", reason=str(e))
@@ -351,13 +354,16 @@ SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)
 SWEEP_MARGIN = 1.03
 
 
-def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str) -> int:
+def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
+                    memory_in_use=None, memory_limit: int | None = None) -> int:
     """The batch size with the best throughput for this model here, found by a quick sweep.
 
     Starts at the default, climbs while a bigger batch is faster by ``SWEEP_MARGIN``, else
-    tries smaller ones; each step costs one trace and two timed batches. The answer is
-    cached on disk per (model file, input, device, threads), so a model is swept once per
-    machine. ``NBTOOL_BATCH_SWEEP=0`` turns the sweep off.
+    tries smaller ones; each step costs one trace and two timed batches. It stops climbing
+    once the sweep has grown the worker's memory by ``memory_limit`` (a quarter of the
+    budget): activations grow with the batch, and memory, not speed, is then the limit.
+    The answer is cached on disk per (model file, input, device, threads), so a model is
+    swept once per machine. ``NBTOOL_BATCH_SWEEP=0`` turns the sweep off.
 
     Example:
         >>> best_batch_size(spec, model, (8,), "float32", "cpu:0")   # doctest: +SKIP
@@ -383,8 +389,11 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str) -> int
 
     tf = _tensorflow()
     try:
+        before = memory_in_use() if memory_in_use else 0
         best, best_rate = DEFAULT_BATCH_SIZE, rate(DEFAULT_BATCH_SIZE)
         for batch in SWEEP_UP:
+            if memory_in_use and memory_limit and memory_in_use() - before > memory_limit:
+                break
             r = rate(batch)
             if r < best_rate * SWEEP_MARGIN:
                 break
@@ -577,6 +586,16 @@ def _worker_name() -> str:
         return f"pid{os.getpid()}"
 
 
+def resource_name(worker) -> str:
+    """The Dask resource that only the worker of this name has.
+
+    Example:
+        >>> resource_name("gpu0")
+        'nbtool-worker-gpu0'
+    """
+    return f"nbtool-worker-{worker}"
+
+
 def worker_device() -> str:
     """This worker's device label: from the plan (``NBTOOL_DEVICE``) or what TF sees.
 
@@ -765,3 +784,8 @@ class NbtoolWorkerPlugin(WorkerPlugin):
 
         # TensorFlow takes seconds to import: keep the worker's event loop answering.
         await asyncio.to_thread(prepare_worker, self.memory_budget, str(worker.name))
+        # Tasks find this worker by a resource named after it. Unlike an address, it
+        # survives a restart (this runs again then), and unlike a loose restriction it
+        # cannot be stolen by a worker that does not hold the model.
+        if resource_name(worker.name) not in worker.state.total_resources:
+            await worker.set_resources(**{resource_name(worker.name): 1})

@@ -127,7 +127,7 @@ def test_the_batch_size_is_swept_once_and_remembered(engine, keras, unique, tmp_
 
     model = dense_model(keras, 256, seed=99, n_in=64)
     name = f"{unique}_sweep"
-    engine.register(name, model, device="cpu:0")
+    engine.register(name, model, device="cpu:0", batch_size="auto")
     engine.load(name)
     first = engine._statuses()["cpu0"]["models"][name]
     cache = json.loads(open(os.path.join(os.environ["NBTOOL_CACHE_DIR"],
@@ -140,5 +140,8 @@ def test_the_batch_size_is_swept_once_and_remembered(engine, keras, unique, tmp_
     again = engine._statuses()["cpu0"]["models"][name]
     assert again["batch_size"] == first["batch_size"] and again["loads"] == 1
     engine.register(f"{name}_fixed", model, batch_size=24, device="cpu:0")
-    engine.load(f"{name}_fixed")
-    assert engine._statuses()["cpu0"]["models"][f"{name}_fixed"]["batch_size"] == 24
+    engine.register(f"{name}_default", model, device="cpu:0")
+    engine.load(f"{name}_fixed", f"{name}_default")
+    models = engine._statuses()["cpu0"]["models"]
+    assert models[f"{name}_fixed"]["batch_size"] == 24
+    assert models[f"{name}_default"]["batch_size"] == 64      # no sweep unless asked
