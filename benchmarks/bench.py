@@ -30,6 +30,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHAPE = (64, 64, 3)
 
+from _common import compiled_floor, timed  # noqa: E402  (benchmarks/ is on sys.path)
+
 
 def build_models(folder: Path) -> list[Path]:
     import keras
@@ -78,35 +80,6 @@ def seed_load_once(models, x):
     return [m.predict(x, verbose=0) for m in models]
 
 
-def floor(models, x, batches):
-    import numpy as np
-    import tensorflow as tf
-
-    fns = []
-    for m, bs in zip(models, batches):
-        fn = tf.function(lambda b, m=m: m(b, training=False), autograph=False,
-                         input_signature=[tf.TensorSpec((bs, *SHAPE), tf.float32)])
-        fns.append((fn, bs))
-
-    def run():
-        for fn, bs in fns:
-            for s in range(0, len(x), bs):
-                b = x[s:s + bs]
-                if len(b) < bs:
-                    b = np.concatenate([b, np.zeros((bs - len(b), *SHAPE), b.dtype)])
-                fn(b)
-    return run
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def best_batches(models, x):
     """The floor's batch per model: the best of 32..256, as a careful user would pick."""
     import tensorflow as tf
@@ -152,8 +125,8 @@ def main():
         times["seed: Pool, load per call"] = timed(lambda: seed_pool(paths, x), args.repeats)
         times["seed: load once, predict each"] = timed(lambda: seed_load_once(models, x),
                                                         args.repeats)
-        times["floor: compiled, best batch, all cores"] = timed(floor(models, x, batches),
-                                                                 args.repeats)
+        times["floor: compiled, best batch, all cores"] = timed(
+            compiled_floor(models, x, batches), args.repeats)
         names = [p.stem for p in paths]
         cold, warm = [], []
         replicas = args.replicas

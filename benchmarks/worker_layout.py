@@ -16,10 +16,11 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _common import compiled_floor, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def build_models(folder: Path):
@@ -52,42 +53,16 @@ def time_layout(n_workers: int, folder: Path, x, repeats: int) -> list[float]:
     with nbtool.start(n_workers=n_workers, gpus="none", dashboard_address="127.0.0.1:0") as eng:
         names = [s.name for s in eng.register_dir(folder)]
         eng.load(*names)
-        eng.predict(names, x)                     # warm: traces, scatter paths
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            eng.predict(names, x)
-            times.append(time.perf_counter() - t0)
-    return times
+        eng.predict(names, x)                     # warm: traces, hand-off paths
+        return timed(lambda: eng.predict(names, x), repeats)
 
 
 def floor_in_one_process(folder: Path, x, repeats: int) -> list[float]:
-    """Each model alone, compiled with a fixed batch, all cores: the compute floor."""
+    """Each model alone, compiled with a fixed batch of 64, all cores: the compute floor."""
     import keras
-    import numpy as np
-    import tensorflow as tf
 
-    fns = []
-    for path in sorted(folder.glob("*.keras")):
-        model = keras.saving.load_model(path, compile=False)
-        fn = tf.function(lambda b, m=model: m(b, training=False),
-                         input_signature=[tf.TensorSpec((64, *x.shape[1:]), tf.float32)])
-        fns.append(fn)
-
-    def run():
-        for fn in fns:
-            for s in range(0, len(x), 64):
-                b = x[s:s + 64]
-                if len(b) < 64:
-                    b = np.concatenate([b, np.zeros((64 - len(b), *b.shape[1:]), b.dtype)])
-                fn(b)
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
+    models = [keras.saving.load_model(p, compile=False) for p in sorted(folder.glob("*.keras"))]
+    return timed(compiled_floor(models, x, [64] * len(models)), repeats)
 
 
 def main():

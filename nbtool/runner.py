@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -276,8 +277,8 @@ class PredictionRun:
             outputs[spec.name] = arrays
         combined = None
         if self.combine is not None and self.store is not None:
-            def combined():   # on first access: reading every output is the caller's choice
-                return self._combine(outputs)
+            # On first access: reading every stored output is the caller's choice.
+            combined = functools.partial(self._combine, outputs)
         elif self.combine is not None:
             try:
                 combined = self._combine(outputs)

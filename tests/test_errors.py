@@ -3,7 +3,6 @@
 After each one the engine still works.
 """
 
-import json
 import zipfile
 
 import numpy as np

@@ -1,0 +1,39 @@
+"""Pieces every benchmark here shares: timing, and the compute floor."""
+
+from __future__ import annotations
+
+import time
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def compiled_floor(models, x, batches):
+    """A function running each model alone over ``x``: ``tf.function`` with one fixed batch
+    shape per model (the last batch padded), the way a careful user writes it by hand."""
+    import numpy as np
+    import tensorflow as tf
+
+    row = tuple(x.shape[1:])
+    fns = []
+    for m, bs in zip(models, batches):
+        fn = tf.function(lambda b, m=m: m(b, training=False), autograph=False,
+                         input_signature=[tf.TensorSpec((bs, *row), tf.float32)])
+        fns.append((fn, bs))
+
+    def run():
+        for fn, bs in fns:
+            for s in range(0, len(x), bs):
+                b = x[s:s + bs]
+                if len(b) < bs:
+                    b = np.concatenate([b, np.zeros((bs - len(b), *row), b.dtype)])
+                fn(b)
+    run()   # trace outside the timing
+    return run
