@@ -130,7 +130,7 @@ class Engine:
     # -- registering ---------------------------------------------------------------------
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
                  batch_size: int | str | None = None, preprocess: Callable | None = None,
-                 trusted: bool = False) -> ModelSpec:
+                 trusted: bool = False, precision: str | None = None) -> ModelSpec:
         """Register a model file (or a Keras model object) under ``name`` and place it.
 
         ``model`` is a path to a ``.keras``/``.h5`` file or a SavedModel directory, or a
@@ -143,7 +143,9 @@ class Engine:
         compiled graph on the worker: a preset name (``"rescale"``, ``"mobilenet"``,
         ``"imagenet"``, ``"cast"``), a :class:`nbtool.preprocess.Preprocess`, or a function of
         TF ops; with a preset, inputs travel as uint8. ``batch_size="auto"`` picks one by a
-        quick sweep at the first load (remembered per machine); ``None`` means 64. Registering a name again replaces
+        quick sweep at the first load (remembered per machine); ``None`` means 64.
+        ``precision="bfloat16"`` (or ``"float16"``) runs the model in mixed precision, opt-in:
+        check it with :meth:`agreement` against the float32 model first. Registering a name again replaces
         it (a no-op if nothing changed).
 
         Example:
@@ -158,9 +160,17 @@ class Engine:
             from .preprocess import preset
 
             preprocess = preset(preprocess)
+        if precision not in (None, "float32"):
+            from .worker import PRECISIONS
+
+            if precision not in PRECISIONS:
+                raise ValueError(f"model {name!r}: precision={precision!r}; expected None, "
+                                 f"'float32' or one of {sorted(PRECISIONS)} (mixed: weights "
+                                 "stay float32, the math runs in the lower precision).")
         spec = inspect_model(name, path, device=device, replicas=int(replicas),
                              batch_size=batch_size, preprocess=preprocess,
-                             trusted=bool(trusted))
+                             trusted=bool(trusted),
+                             precision=None if precision == "float32" else precision)
         return self._add(spec)
 
     def _model_path(self, name: str, model: Any) -> str:
@@ -195,6 +205,29 @@ class Engine:
             for w in workers:
                 assigned[w] = assigned.get(w, 0) + self.registry.get(name).size_bytes
         return assigned
+
+    def agreement(self, a: str, b: str, x: Any, chunk_size: int | None = None) -> dict:
+        """How far two models' outputs are apart on ``x``: top-1 agreement, max abs diff.
+
+        For checking a variant (another precision, a quantized copy) against its original.
+
+        Example:
+            >>> eng.register("cnn_bf16", "cnn.keras", precision="bfloat16")   # doctest: +SKIP
+            >>> eng.agreement("cnn", "cnn_bf16", x_test)                      # doctest: +SKIP
+            {'top1_agreement': 0.998, 'max_abs_diff': 0.0061, 'rows': 2000}
+        """
+        import numpy as np
+
+        res = self.predict([a, b], x, chunk_size=chunk_size, combine=None)
+        res.raise_for_errors()
+        ya, yb = np.asarray(res[a], dtype=np.float64), np.asarray(res[b], dtype=np.float64)
+        if ya.shape != yb.shape:
+            raise ValueError(f"models {a!r} and {b!r} give outputs of shapes {ya.shape} and "
+                             f"{yb.shape}; agreement needs the same shape.")
+        out = {"max_abs_diff": float(np.abs(ya - yb).max()), "rows": int(len(ya))}
+        if ya.ndim == 2 and ya.shape[1] > 1:
+            out["top1_agreement"] = float((ya.argmax(1) == yb.argmax(1)).mean())
+        return out
 
     def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
                      batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:

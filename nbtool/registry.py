@@ -58,6 +58,7 @@ class ModelSpec:
     batch_size: int | None = None
     preprocess: Callable | None = None
     trusted: bool = False
+    precision: str | None = None   # None (as saved) or "bfloat16" / "float16" (mixed)
 
     @property
     def input_row_shape(self) -> tuple | None:

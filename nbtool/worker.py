@@ -84,7 +84,10 @@ class CompiledPredictor:
         def infer(x):
             if preprocess is not None:
                 x = preprocess(x)
-            return tf.nest.flatten(call(x, training=False))
+            outs = tf.nest.flatten(call(x, training=False))
+            # Reduced-precision outputs come back as float32, like everyone else's.
+            return [tf.cast(o, tf.float32) if o.dtype in (tf.bfloat16, tf.float16) else o
+                    for o in outs]
 
         self._fn = tf.function(infer, input_signature=signature, jit_compile=jit_compile)
 
@@ -259,7 +262,7 @@ class ModelCache:
                         loads=info["loads"] + 1, input_shape=(None, *row_shape),
                         input_dtype=str(np.dtype(dtype)), n_outputs=n_outputs,
                         batch_size=predictor.batch_size, fingerprint=spec.fingerprint,
-                        output_specs=predictor.output_specs,
+                        output_specs=predictor.output_specs, precision=spec.precision,
                         oom_retries=info.get("oom_retries", 0))
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
@@ -486,6 +489,8 @@ def _open_model(spec: ModelSpec):
             return layer(x)
         return call, shape, dtype, None, _weight_bytes(layer.weights)
     model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
+    if spec.precision:
+        model = with_precision(model, spec.precision)
     if len(model.inputs) != 1:
         raise ModelLoadError(spec.name, spec.path, _worker_name(),
                              f"the model takes {len(model.inputs)} inputs",
@@ -493,6 +498,43 @@ def _open_model(spec: ModelSpec):
                              "takes one tensor")
     shape = tuple(model.inputs[0].shape)[1:]
     return model, shape, model.inputs[0].dtype, len(model.outputs), _weight_bytes(model.weights)
+
+
+PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def with_precision(model, precision: str):
+    """A copy of ``model`` that computes in ``precision`` (mixed: variables stay float32).
+
+    Every layer's dtype policy in the model's config becomes ``mixed_<precision>`` (inputs
+    stay as they are), the model is rebuilt from that config, and the weights are copied.
+
+    Example:
+        >>> fast = with_precision(model, "bfloat16")   # doctest: +SKIP
+    """
+    import keras
+
+    policy = PRECISIONS.get(precision)
+    if policy is None:
+        raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}.")
+
+    def patch(node, in_input_layer=False):
+        if isinstance(node, dict):
+            is_input = in_input_layer or node.get("class_name") == "InputLayer"
+            out = {}
+            for k, v in node.items():
+                if k == "dtype" and not is_input and isinstance(v, dict) \
+                        and v.get("class_name") == "DTypePolicy":
+                    v = {**v, "config": {**v.get("config", {}), "name": policy}}
+                out[k] = patch(v, is_input)
+            return out
+        if isinstance(node, list):
+            return [patch(v, in_input_layer) for v in node]
+        return node
+
+    rebuilt = model.__class__.from_config(patch(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def _weight_bytes(weights) -> int:

@@ -53,3 +53,18 @@ def test_a_preprocess_is_plain_tensorflow():
     p = Preprocess("imagenet-ish", scale=1 / 255, mean=(0.5,), std=(0.25,))
     out = p(np.array([[[[255]], [[0]]]], "uint8"))
     assert np.allclose(np.asarray(out).ravel(), [2.0, -2.0])
+
+
+def test_reduced_precision_is_opt_in_and_reports_its_agreement(engine, model_dir, reference,
+                                                               unique):
+    f32, bf16 = f"{unique}_f32", f"{unique}_bf16"
+    engine.register(f32, model_dir / "cnn.keras")
+    engine.register(bf16, model_dir / "cnn.keras", precision="bfloat16")
+    agree = engine.agreement(f32, bf16, reference["img"])
+    print("bfloat16 vs float32:", agree)
+    assert agree["rows"] == 60 and 0 < agree["max_abs_diff"] <= 0.05
+    assert agree["top1_agreement"] >= 0.9
+    (home,) = engine.placement[bf16]
+    assert engine._statuses()[home]["models"][bf16]["precision"] == "bfloat16"
+    with pytest.raises(ValueError, match="precision='int4'"):
+        engine.register(f"{unique}_x", model_dir / "cnn.keras", precision="int4")
