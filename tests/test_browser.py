@@ -73,6 +73,19 @@ def lab(tmp_path):
         p.kill()
 
 
+def accept_kernel_dialog(page, wait_ms: int = 4000) -> None:
+    """JupyterLab sometimes asks which kernel to start (a race with the session it starts
+    itself); the notebook names python3, so accept its choice when asked."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    accept = page.locator(".jp-Dialog .jp-mod-accept")
+    try:
+        accept.first.wait_for(state="visible", timeout=wait_ms)
+    except PlaywrightTimeout:
+        return
+    accept.first.click()
+
+
 def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_path, lab,
                                                                      model_dir):
     from playwright.sync_api import expect, sync_playwright
@@ -103,8 +116,10 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
             page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
             expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first
                    ).to_be_visible(timeout=60_000)
+            accept_kernel_dialog(page)
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            accept_kernel_dialog(page)
 
             dashboard = page.locator(".nbtool-dashboard")
             expect(dashboard).to_be_visible(timeout=180_000)
