@@ -37,3 +37,22 @@ def compiled_floor(models, x, batches):
                 fn(b)
     run()   # trace outside the timing
     return run
+
+
+def small_cnn(shape, filters=(32, 64)):
+    """Two convolutions, pooling, a softmax over 10 classes: the cheap convnet of the suite."""
+    import keras
+
+    return keras.Sequential([
+        keras.Input(shape), keras.layers.Conv2D(filters[0], 3, activation="relu"),
+        keras.layers.MaxPooling2D(), keras.layers.Conv2D(filters[1], 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")])
+
+
+def mlp(shape, units=256):
+    """Flatten, one hidden layer, a softmax over 10 classes."""
+    import keras
+
+    return keras.Sequential([
+        keras.Input(shape), keras.layers.Flatten(),
+        keras.layers.Dense(units, activation="relu"), keras.layers.Dense(10, activation="softmax")])

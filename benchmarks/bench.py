@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHAPE = (64, 64, 3)
 
-from _common import compiled_floor, timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def build_models(folder: Path) -> list[Path]:
@@ -42,13 +42,8 @@ def build_models(folder: Path) -> list[Path]:
             input_shape=SHAPE, weights=None, classes=10, include_preprocessing=False),
         "efficientnet_b0": keras.applications.EfficientNetB0(
             input_shape=SHAPE, weights=None, classes=10),
-        "small_cnn": keras.Sequential([
-            keras.Input(SHAPE), keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(), keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")]),
-        "mlp": keras.Sequential([
-            keras.Input(SHAPE), keras.layers.Flatten(),
-            keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10, activation="softmax")]),
+        "small_cnn": small_cnn(SHAPE),
+        "mlp": mlp(SHAPE),
     }
     paths = []
     for name, m in models.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _common import compiled_floor, timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def build_models(folder: Path):
@@ -29,13 +29,8 @@ def build_models(folder: Path):
     keras.utils.set_random_seed(0)
     shape = (32, 32, 3)
     models = {
-        "small_cnn": keras.Sequential([
-            keras.Input(shape), keras.layers.Conv2D(16, 3, activation="relu"),
-            keras.layers.MaxPooling2D(), keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")]),
-        "mlp": keras.Sequential([
-            keras.Input(shape), keras.layers.Flatten(),
-            keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10, activation="softmax")]),
+        "small_cnn": small_cnn(shape, filters=(16, 32)),
+        "mlp": mlp(shape),
         "separable": keras.Sequential([
             keras.Input(shape), keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
             keras.layers.SeparableConv2D(64, 3, activation="relu"),

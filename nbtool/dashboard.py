@@ -27,6 +27,7 @@ from typing import Any
 import ipywidgets as w
 import numpy as np
 
+from .engine import _state_text
 from .tables import human_bytes
 
 #: Seconds between refreshes.
@@ -312,12 +313,9 @@ def _candidate_inputs(ns: dict) -> list[str]:
 
 
 def _state(info: dict | None, queued: bool) -> str:
-    if not info:
-        return "loading (queued)" if queued else "not loaded"
-    state = info.get("state", "not loaded")
-    if state == "failed":
-        return f"failed: {info.get('reason')}"
-    if state in ("unloaded", "evicted") and queued:
+    """The engine's state text, plus what only the dashboard knows: a load it queued."""
+    state = _state_text(info)
+    if queued and state in ("not loaded", "unloaded", "evicted"):
         return "loading (queued)"
     return {"unloaded": "not loaded (unloaded)", "evicted": "not loaded (evicted)",
             "replaced": "not loaded"}.get(state, state)

@@ -34,7 +34,8 @@ class ModelNotFound(NbtoolError, KeyError):
         "no model named 'cnm' is registered; did you mean 'cnn'? ..."
     """
 
-    def __init__(self, name: str, known: list[str] | tuple[str, ...] = ()):
+    def __init__(self, name: str, known: list[str] | tuple[str, ...] = (),
+                 register_hint: str | None = None):
         self.name = name
         self.known = sorted(known)
         close = difflib.get_close_matches(name, self.known, n=1)
@@ -44,11 +45,15 @@ class ModelNotFound(NbtoolError, KeyError):
             listing += f" and {len(self.known) - 10} more (eng.models() lists them)"
         super().__init__(
             f"no model named {name!r} is registered; {hint}registered: {listing}. "
-            f"Register it first with eng.register({name!r}, 'path/to/model.keras')."
+            "Register it first with "
+            + (register_hint or f"eng.register({name!r}, 'path/to/model.keras')") + "."
         )
 
     # KeyError's str() adds quotes around the message; keep it readable.
     __str__ = Exception.__str__
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.known))
 
 
 class ModelFileError(NbtoolError, FileNotFoundError):

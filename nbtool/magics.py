@@ -93,9 +93,9 @@ class Nbtool(Magics):
         eng = self._engine()
         for n in names:
             if n not in eng.registry:
-                raise UsageError(str(ModelNotFound(n, eng.registry.names())).replace(
-                    f"eng.register({n!r}, 'path/to/model.keras')",
-                    f"%nbtool register {n} path/to/model.keras"))
+                raise UsageError(str(ModelNotFound(
+                    n, eng.registry.names(),
+                    register_hint=f"%nbtool register {n} path/to/model.keras")))
 
     @magic_arguments(name="nbtool start")
     @argument("--gpus", default="auto", help="'auto' (every GPU NVML finds), 'none' (CPU "

@@ -512,8 +512,6 @@ def with_precision(model, precision: str):
     Example:
         >>> fast = with_precision(model, "bfloat16")   # doctest: +SKIP
     """
-    import keras
-
     policy = PRECISIONS.get(precision)
     if policy is None:
         raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}.")
