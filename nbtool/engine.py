@@ -552,6 +552,59 @@ class Engine:
 
         return Dashboard(self, **options)
 
+    # -- optimizing (nbtool.optimize) ---------------------------------------------------------
+    def optimize(self, name: str, variants=("float16", "dynamic-int8", "int8"),
+                 calibration: Any = None, x: Any = None, labels: Any = None,
+                 calibration_rows: int = 200, throughput_rows: int = 2048,
+                 repeats: int = 2):
+        """Make cheaper variants of model ``name``, register them, and compare them.
+
+        ``variants`` are names from :data:`nbtool.optimize.VARIANTS`: ``"float16"``,
+        ``"dynamic-int8"`` and ``"int8"`` (LiteRT, through TensorFlow's converter; full
+        int8 is calibrated on the first ``calibration_rows`` rows of ``calibration``),
+        ``"keras-int8"`` (Keras' ``model.quantize("int8")``) and ``"float32"`` (LiteRT
+        alone). The conversion runs on a worker. Each variant is registered as
+        ``"name@variant"`` on the original's device and runs like any model. They are all
+        measured on ``x`` (default: the calibration rows): size on disk, load time,
+        throughput on the workers, agreement with the original and, with ``labels``,
+        accuracy. Returns a :class:`nbtool.optimize.Comparison`, shown as a table; its
+        ``choose(min_agreement=0.99)`` names the fastest variant within that tolerance.
+
+        Example:
+            >>> cmp = eng.optimize("cnn", ["float16", "int8"], calibration=x_train[:200],
+            ...                    x=x_test, labels=y_test)                    # doctest: +SKIP
+            >>> best = cmp.choose(max_accuracy_drop=0.01)                      # doctest: +SKIP
+            >>> eng.predict(best, x_test)                                      # doctest: +SKIP
+        """
+        from .optimize import optimize
+
+        cmp = optimize(self, name, variants, calibration=calibration, x=x, labels=labels,
+                       calibration_rows=calibration_rows, throughput_rows=throughput_rows,
+                       repeats=repeats)
+        self.__dict__.setdefault("_comparisons", {})[name] = cmp
+        return cmp
+
+    def choose(self, name: str, min_agreement: float | None = None,
+               max_abs_diff: float | None = None,
+               max_accuracy_drop: float | None = None) -> str:
+        """The fastest variant of ``name`` within a tolerance, from its last :meth:`optimize`.
+
+        See :meth:`nbtool.optimize.Comparison.choose`; returns the variant's model name.
+
+        Example:
+            >>> eng.optimize("cnn", ["float16", "int8"], calibration=x_train)   # doctest: +SKIP
+            >>> eng.choose("cnn", min_agreement=0.99)                          # doctest: +SKIP
+            'cnn@int8'
+        """
+        cmp = self.__dict__.get("_comparisons", {}).get(name)
+        if cmp is None:
+            self.registry.get(name)   # an unknown name says so first
+            raise NbtoolError(f"model {name!r} has no variants measured yet. Fix: "
+                              f"eng.optimize({name!r}, ['float16', 'int8'], "
+                              "calibration=x_sample) first.")
+        return cmp.choose(min_agreement=min_agreement, max_abs_diff=max_abs_diff,
+                          max_accuracy_drop=max_accuracy_drop)
+
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Shut down the client (and the local cluster, if this engine started it).

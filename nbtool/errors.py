@@ -81,15 +81,15 @@ class UnsupportedFormat(NbtoolError, ValueError):
 
     Example:
         >>> str(UnsupportedFormat("m", "m.onnx"))  # doctest: +ELLIPSIS
-        "model 'm' (m.onnx): ... expected a .keras or .h5 file..."
+        "model 'm' (m.onnx): ... expected a .keras, .h5 or .tflite file..."
     """
 
     def __init__(self, model: str | None, path: str, found: str | None = None):
         self.model, self.path, self.found = model, str(path), found
         what = found or f"a file ending in {_suffix(path)!r}"
         super().__init__(
-            f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras or .h5 "
-            "file, or a TensorFlow SavedModel directory (one with saved_model.pb). "
+            f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras, .h5 "
+            "or .tflite file, or a TensorFlow SavedModel directory (one with saved_model.pb). "
             "Fix: save the model with model.save('name.keras'), or model.export('dir') for "
             "a SavedModel."
         )

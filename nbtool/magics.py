@@ -28,7 +28,7 @@ from traitlets import Bool, Int, Unicode
 from .errors import ModelNotFound, NbtoolError
 
 SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
-               "dashboard", "stop")
+               "dashboard", "stop", "optimize")
 
 
 @magics_class
@@ -75,7 +75,7 @@ class Nbtool(Magics):
     @classmethod
     def _subcommand_handlers(cls):
         return [cls._start, cls._register, cls._register_dir, cls._models, cls._devices,
-                cls._load, cls._unload, cls._dashboard, cls._stop]
+                cls._load, cls._unload, cls._dashboard, cls._stop, cls._optimize]
 
     def _subcommands(self):
         return dict(zip(SUBCOMMANDS, (getattr(self, f.__name__)
@@ -189,6 +189,42 @@ class Nbtool(Magics):
         eng.close()
         if eng is self._started:
             self._started = None
+
+    @magic_arguments(name="nbtool optimize")
+    @argument("name", help="the registered Keras model to make variants of")
+    @argument("--variants", nargs="+", default=["float16", "dynamic-int8", "int8"],
+              help="float16, dynamic-int8, int8 (calibrated), keras-int8, float32 "
+              "(default: float16 dynamic-int8 int8)")
+    @argument("--calibration", default=None, help="an expression for calibration rows "
+              "(a representative input sample, needed by int8)")
+    @argument("--data", default=None, help="an expression for the rows to compare on "
+              "(default: the calibration rows)")
+    @argument("--labels", default=None, help="an expression for the true labels of those "
+              "rows: adds accuracy")
+    @argument("--out", default=None, help="the variable that receives the comparison")
+    def _optimize(self, args):
+        """Make quantized/LiteRT variants of a model, register them (NAME@VARIANT), compare."""
+        self._check_models([args.name])
+        from .optimize import VARIANTS
+
+        for v in args.variants:
+            if v not in VARIANTS:
+                close = difflib.get_close_matches(v, list(VARIANTS), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise UsageError(f"--variants {v}: not a variant.{hint} Variants: "
+                                 + ", ".join(VARIANTS) + ".")
+        ev = self.shell.ev
+        try:
+            cmp = self._engine().optimize(
+                args.name, args.variants,
+                calibration=ev(args.calibration) if args.calibration else None,
+                x=ev(args.data) if args.data else None,
+                labels=ev(args.labels) if args.labels else None)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if args.out:
+            self.shell.user_ns[args.out] = cmp
+        return cmp
 
     # -- %%infer ---------------------------------------------------------------------------
     @magic_arguments(name="%infer")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from .errors import ModelFileError, ModelNotFound, UnsupportedFormat
 
 #: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
-FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,8 @@ class ModelSpec:
 
 
 def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
-    """Say which format a model path is in: ``"keras"``, ``"h5"`` or ``"savedmodel"``.
+    """Say which format a model path is in: ``"keras"``, ``"h5"``, ``"savedmodel"`` or
+    ``"tflite"``.
 
     Raises :class:`ModelFileError` if the path does not exist and
     :class:`UnsupportedFormat` if nbtool cannot run it.
@@ -112,7 +113,8 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     """
     fmt = detect_format(path, name)
     p = Path(path).resolve()
-    reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel}[fmt]
+    reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
+              "tflite": _read_tflite}[fmt]
     size, inputs, n_outputs = reader(name, p)
     shape, dtype = inputs[0] if inputs else (None, None)
     return ModelSpec(name=name, path=str(p), format=fmt, size_bytes=size,
@@ -159,6 +161,53 @@ def _read_h5(name: str, p: Path):
 def _read_savedmodel(name: str, p: Path):
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return size, [], None
+
+
+def _read_tflite(name: str, p: Path):
+    """Size, input and outputs of a LiteRT flatbuffer, read with its schema (no TF).
+
+    A quantized (int8/uint8) input is reported as float32: that is what callers send, the
+    worker quantizes it with the model's scale and zero point.
+    """
+    fix = ("convert the model again (eng.optimize(...) or tf.lite.TFLiteConverter) and "
+           "save the bytes it returns unchanged")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ModelFileError(name, str(p), f"the file cannot be read ({e})", fix) from None
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ModelFileError(name, str(p), "not a LiteRT (.tflite) flatbuffer: its file "
+                             f"identifier is {data[4:8]!r}, expected b'TFL3'", fix)
+    try:
+        from ai_edge_litert import schema_py_generated as schema  # flatbuffers only, no TF
+
+        model = schema.Model.GetRootAs(data, 0)
+        graph = model.Subgraphs(0)
+        inputs = []
+        for i in range(graph.InputsLength()):
+            t = graph.Tensors(graph.Inputs(i))
+            dims = t.ShapeSignatureAsNumpy() if t.ShapeSignatureLength() else t.ShapeAsNumpy()
+            dims = [] if isinstance(dims, int) else list(dims)
+            shape = tuple(None if int(d) < 0 else int(d) for d in dims)
+            if shape:
+                shape = (None, *shape[1:])   # the worker resizes the batch axis
+            dtype = _TFLITE_TYPES.get(t.Type(), "float32")
+            q = t.Quantization()
+            if dtype in ("int8", "uint8") and q is not None and q.ScaleLength():
+                dtype = "float32"
+            inputs.append((shape or None, dtype))
+        n_outputs = graph.OutputsLength()
+    except ImportError:   # without ai-edge-litert the worker learns it at the first load
+        return p.stat().st_size, [], None
+    except Exception as e:   # a truncated or damaged flatbuffer
+        raise ModelFileError(name, str(p), f"a damaged .tflite flatbuffer ({type(e).__name__}"
+                             f": {e})", fix) from None
+    return p.stat().st_size, inputs, n_outputs
+
+
+#: LiteRT's tensor type codes (schema ``TensorType``) for the dtypes a model input can have.
+_TFLITE_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool",
+                 7: "int16", 9: "int8", 10: "float64"}
 
 
 def _signature_from_config(config: dict) -> tuple[list[tuple[tuple, str]], int | None]:
@@ -268,7 +317,7 @@ def find_models(folder: str | os.PathLike) -> dict[str, Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ModelFileError(None, str(folder), "not a directory",
-                             "pass the folder that holds your .keras/.h5 files")
+                             "pass the folder that holds your .keras/.h5/.tflite files")
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)

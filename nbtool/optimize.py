@@ -1,0 +1,471 @@
+"""Making cheaper variants of a model and choosing one by measurement.
+
+``eng.optimize("cnn", variants=[...], calibration=x_sample)`` converts a registered Keras
+model into variants, registers each as a model of its own (``cnn@float16``, ``cnn@int8``,
+...), runs them all on the workers and returns a :class:`Comparison`: size on disk, load
+time, throughput, agreement with the original and, with labels, accuracy.
+``comparison.choose(min_agreement=0.99)`` picks the fastest variant within that tolerance.
+
+The variants (:data:`VARIANTS`):
+
+- ``float32``: LiteRT, no quantization (the LiteRT runtime alone).
+- ``float16``: LiteRT with float16 weights (half the size; computed in float32 on CPU).
+- ``dynamic-int8``: LiteRT with int8 weights, activations quantized on the fly.
+- ``int8``: LiteRT, full integer: weights, activations, input and output in int8, scaled
+  with a representative dataset taken from ``calibration``. The worker quantizes the
+  float input and dequantizes the output, so callers see float32 as with any model.
+- ``keras-int8``: Keras' own ``model.quantize("int8")`` (Dense/EinsumDense/Embedding
+  kernels in int8), saved as ``.keras`` and run by TensorFlow like the original.
+
+Pruning and distillation are not offered: Keras 3 has no pruning toolkit, and zeroed
+weights in dense kernels cost the same multiply-adds, so magnitude pruning saves nothing at
+inference here (the optimization notebook measures it); distillation is training, which
+belongs to the user's training code, not to an inference engine.
+
+Example:
+    >>> cmp = eng.optimize("cnn", ["float16", "int8"], calibration=x_train[:200],
+    ...                    x=x_test, labels=y_test)                    # doctest: +SKIP
+    >>> cmp                                                            # doctest: +SKIP
+    >>> eng.predict(cmp.choose(min_agreement=0.99), x_test)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import NbtoolError
+from .registry import ModelSpec
+from .tables import Table, human_bytes
+
+#: The variants nbtool can make, and what each is.
+VARIANTS = {
+    "float32": "LiteRT, float32 (no quantization)",
+    "float16": "LiteRT, float16 weights",
+    "dynamic-int8": "LiteRT, int8 weights, activations quantized on the fly",
+    "int8": "LiteRT, full int8 (weights, activations, input, output), calibrated",
+    "keras-int8": "Keras model.quantize('int8'), run by TensorFlow",
+}
+
+#: Variants that need a representative dataset.
+NEEDS_CALIBRATION = {"int8"}
+
+
+class NoVariantQualifies(NbtoolError, ValueError):
+    """No variant of a model meets the tolerance given to :meth:`Comparison.choose`.
+
+    Example:
+        >>> str(NoVariantQualifies("cnn", "top-1 agreement >= 0.999",
+        ...                        {"cnn@int8": "top-1 agreement 0.97"}))  # doctest: +ELLIPSIS
+        "no variant of model 'cnn' meets top-1 agreement >= 0.999: cnn@int8 has top-1 ..."
+    """
+
+    def __init__(self, model: str, wanted: str, found: dict[str, str]):
+        self.model, self.wanted, self.found = model, wanted, dict(found)
+        have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
+        super().__init__(
+            f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen the "
+            f"tolerance (e.g. a lower min_agreement), try another variant, or keep the "
+            f"original {model!r}.")
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.wanted, self.found))
+
+
+# -- on a worker: conversion ---------------------------------------------------------------
+def convert_variant(spec: ModelSpec, variant: str,
+                    calibration: np.ndarray | None = None) -> dict[str, Any]:
+    """Convert a registered Keras model into one variant; runs on a Dask worker.
+
+    Conversion needs TensorFlow, which the notebook kernel never imports (it would take GPU
+    memory and seconds to start); the workers already run it and can read the model file.
+    So the engine sends this task to a worker and gets the bytes back: the client writes
+    them next to the models it saves, like a Keras object given to ``register``.
+
+    Returns ``{"data": bytes, "suffix": ".tflite" or ".keras", "seconds": float}``.
+
+    Example:
+        >>> out = client.submit(convert_variant, spec, "float16").result()   # doctest: +SKIP
+        >>> out["suffix"], len(out["data"]) < spec.size_bytes                # doctest: +SKIP
+        ('.tflite', True)
+    """
+    from .worker import _tensorflow
+
+    if variant not in VARIANTS:
+        raise ValueError(_unknown_variant(variant))
+    if spec.format == "tflite":
+        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is already a LiteRT model; "
+                          "nbtool converts Keras models (.keras, .h5, SavedModel). Fix: "
+                          "optimize the Keras original it came from.")
+    tf = _tensorflow()
+    import keras
+
+    t0 = time.perf_counter()
+    # The converters print "Saved artifact at ..." and warn per layer: not the user's news.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if spec.format == "savedmodel":
+            model = None
+        else:
+            model = keras.saving.load_model(spec.path, compile=False,
+                                            safe_mode=not spec.trusted)
+        if variant == "keras-int8":
+            data = _keras_int8(spec, model)
+            return {"data": data, "suffix": ".keras", "seconds": time.perf_counter() - t0}
+        converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) if model is None \
+            else tf.lite.TFLiteConverter.from_keras_model(model)
+        if variant != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if variant == "int8":
+            rows = _calibration_rows(spec, calibration)
+            converter.representative_dataset = lambda: ([r[None]] for r in rows)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+        try:
+            data = converter.convert()
+        except Exception as e:
+            from .worker import _describe
+
+            raise NbtoolError(f"model {spec.name!r} ({spec.path}): the LiteRT converter "
+                              f"could not make the {variant!r} variant ({_describe(e)}). "
+                              "Fix: try another variant (float16 and dynamic-int8 support "
+                              "the most ops), or convert it yourself and register the "
+                              ".tflite.") from None
+    return {"data": bytes(data), "suffix": ".tflite", "seconds": time.perf_counter() - t0}
+
+
+def _calibration_rows(spec: ModelSpec, calibration) -> np.ndarray:
+    if calibration is None or len(calibration) == 0:
+        raise ValueError(f"model {spec.name!r}: the 'int8' variant needs calibration rows "
+                         "(a representative sample of real inputs, ~100-500 rows). Fix: "
+                         "pass calibration=x_train[:200].")
+    rows = np.asarray(calibration)
+    if spec.preprocess is not None:   # the converted graph starts after preprocessing
+        rows = np.asarray(spec.preprocess(rows))
+    return rows.astype(np.float32)
+
+
+def _keras_int8(spec: ModelSpec, model) -> bytes:
+    if model is None:
+        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is a SavedModel; Keras' "
+                          "quantize() needs a Keras model. Fix: use the LiteRT variants "
+                          "('dynamic-int8', 'int8') for it, or register the .keras file.")
+    model.quantize("int8")
+    quantized = [l.name for l in model._flatten_layers(include_self=False)
+                 if getattr(l, "quantization_mode", None) == "int8"]
+    if not quantized:
+        raise NbtoolError(f"model {spec.name!r} ({spec.path}): Keras' quantize('int8') "
+                          "changed nothing: it quantizes Dense, EinsumDense and Embedding "
+                          "layers, and this model has none. Fix: use the LiteRT variants "
+                          "('dynamic-int8', 'int8').")
+    with tempfile.TemporaryDirectory(prefix="nbtool-quantize-") as d:
+        path = os.path.join(d, "model.keras")
+        model.save(path)
+        return Path(path).read_bytes()
+
+
+def _unknown_variant(variant) -> str:
+    return (f"variant {variant!r}: expected one of {', '.join(VARIANTS)} "
+            "(e.g. variants=['float16', 'dynamic-int8', 'int8']).")
+
+
+# -- in the kernel: making, registering, measuring ------------------------------------------
+def variant_name(model: str, variant: str) -> str:
+    """The registered name of a variant.
+
+    Example:
+        >>> variant_name("cnn", "int8")
+        'cnn@int8'
+    """
+    return f"{model}@{variant}"
+
+
+def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
+             calibration=None, x=None, labels=None, calibration_rows: int = 200,
+             throughput_rows: int = 2048, repeats: int = 2) -> "Comparison":
+    """Make ``variants`` of model ``name``, register them, and compare them on ``x``.
+
+    See :meth:`nbtool.engine.Engine.optimize`, which calls this.
+
+    Example:
+        >>> optimize(eng, "cnn", ["float16"], x=x_test)   # doctest: +SKIP
+    """
+    from .runner import check_fits
+    from .sources import as_source
+    from .worker import resource_name
+
+    spec = engine.registry.get(name)
+    variants = [variants] if isinstance(variants, str) else list(dict.fromkeys(variants))
+    if not variants:
+        raise ValueError(f"model {name!r}: no variants asked for; expected some of "
+                         f"{', '.join(VARIANTS)}.")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"model {name!r}: " + _unknown_variant(v))
+    if "@" in name:
+        raise ValueError(f"model {name!r} is itself a variant; optimize the original "
+                         f"{name.split('@')[0]!r} instead.")
+    calib = None
+    if calibration is not None:
+        calib = np.asarray(calibration)[:max(1, int(calibration_rows))]
+        check_fits(spec, as_source(calib))   # a wrong shape fails here, not on a worker
+    if NEEDS_CALIBRATION & set(variants) and calib is None:
+        raise ValueError(f"model {name!r}: the 'int8' variant needs calibration rows (a "
+                         "representative sample of real inputs, ~100-500 rows). Fix: "
+                         "eng.optimize(..., calibration=x_train[:200]).")
+    if x is None:
+        if calib is None:
+            raise ValueError(f"model {name!r}: nothing to compare the variants on. Fix: "
+                             "pass x=... (and labels=... for accuracy), or calibration=.")
+        x = calib
+    x = np.asarray(x)
+    check_fits(spec, as_source(x))
+    if labels is not None and len(np.asarray(labels).reshape(-1)) != len(x):
+        raise ValueError(f"model {name!r}: {len(np.asarray(labels).reshape(-1))} labels for "
+                         f"{len(x)} rows of x; expected one label per row.")
+
+    # Conversions run on the workers (see convert_variant), spread over all of them.
+    workers = sorted(engine.workers)
+    futures = {v: engine.client.submit(
+        convert_variant, spec, v, calib if v in NEEDS_CALIBRATION else None,
+        resources={resource_name(workers[i % len(workers)]): 1}, pure=False,
+        key=f"nbtool-convert-{name}-{v}-{time.monotonic_ns()}")
+        for i, v in enumerate(variants)}
+    folder = Path(engine.work_dir) / "variants"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for v, fut in futures.items():
+        out = fut.result()
+        path = folder / f"{variant_name(name, v)}{out['suffix']}"
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(out["data"])
+        os.replace(tmp, path)   # a reader never sees half a file
+        engine.register(variant_name(name, v), str(path), device=spec.device,
+                        replicas=spec.replicas, batch_size=spec.batch_size,
+                        preprocess=spec.preprocess, trusted=spec.trusted)
+        names.append(variant_name(name, v))
+    return compare(engine, name, names, x, labels, throughput_rows=throughput_rows,
+                   repeats=repeats)
+
+
+def compare(engine, original: str, others: list[str], x, labels=None,
+            throughput_rows: int = 2048, repeats: int = 2) -> "Comparison":
+    """Measure registered models against ``original`` on ``x``: size, load, speed, agreement.
+
+    Every model is unloaded (soft), loaded again to time its load, then run alone on ``x``
+    repeated up to ``throughput_rows`` rows, ``repeats`` times; throughput is rows per
+    second of worker compute (best run), so scheduling and transfers do not blur it.
+    Agreement compares the first output of each model with the original's on ``x``.
+
+    Example:
+        >>> compare(eng, "cnn", ["cnn@float16"], x_test, y_test).to_dict()  # doctest: +SKIP
+    """
+    x = np.asarray(x)
+    models = [original] + [m for m in others if m != original]
+    reps = max(1, math.ceil(int(throughput_rows) / max(len(x), 1)))
+    x_run = np.concatenate([x] * reps) if reps > 1 else x
+    engine.unload(models)
+    rows = []
+    outputs = {}
+    for m in models:
+        spec = engine.registry.get(m)
+        entries = engine.load(m)[m]
+        load_s = max((e.get("load_seconds") or 0.0) for e in entries.values())
+        best = 0.0
+        for _ in range(max(1, int(repeats))):
+            res = engine.predict(m, x_run, combine=None)
+            res.raise_for_errors()
+            t = res.timings[m]
+            best = max(best, t["rows"] / t["compute_seconds"] if t["compute_seconds"] else 0)
+        out = res[m]
+        outputs[m] = np.asarray(out[0] if isinstance(out, list) else out,
+                                dtype=np.float64)[:len(x)]
+        rows.append({"model": m, "variant": m.split("@", 1)[1] if "@" in m else "original",
+                     "format": spec.format, "size_bytes": _disk_size(spec.path),
+                     "load_seconds": load_s, "rows_per_second": best})
+    ref = outputs[original]
+    y = None if labels is None else np.asarray(labels).reshape(-1)
+    for row in rows:
+        out = outputs[row["model"]]
+        row["max_abs_diff"] = float(np.abs(out - ref).max()) if out.shape == ref.shape \
+            else float("nan")
+        row["top1_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).mean()) \
+            if out.ndim == 2 and out.shape == ref.shape and out.shape[1] > 1 else float("nan")
+        if y is not None:
+            row["accuracy"] = float((out.argmax(-1) == y).mean())
+    base = rows[0]
+    for row in rows:
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"] if base["size_bytes"] \
+            else float("nan")
+        row["speedup"] = row["rows_per_second"] / base["rows_per_second"] \
+            if base["rows_per_second"] else float("nan")
+        if y is not None:
+            row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
+    return Comparison(original, rows, n_rows=len(x), throughput_rows=len(x_run),
+                      engine=engine)
+
+
+def _disk_size(path: str) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+class Comparison:
+    """A model and its variants, measured side by side; shows as a table inline.
+
+    ``cmp.rows`` (and ``cmp.to_dict()``, keyed by model name) hold the raw numbers:
+    ``size_bytes``, ``size_ratio``, ``load_seconds``, ``rows_per_second``, ``speedup``,
+    ``top1_agreement``, ``max_abs_diff`` and, with labels, ``accuracy`` and
+    ``accuracy_drop`` (versus the original). ``cmp.table()`` is the formatted
+    :class:`~nbtool.tables.Table`.
+
+    Example:
+        >>> cmp = Comparison("m", [
+        ...     {"model": "m", "variant": "original", "rows_per_second": 100.0,
+        ...      "top1_agreement": 1.0, "max_abs_diff": 0.0},
+        ...     {"model": "m@int8", "variant": "int8", "rows_per_second": 300.0,
+        ...      "top1_agreement": 0.97, "max_abs_diff": 0.05},
+        ...     {"model": "m@float16", "variant": "float16", "rows_per_second": 150.0,
+        ...      "top1_agreement": 1.0, "max_abs_diff": 0.001}])
+        >>> cmp.choose(min_agreement=0.99)
+        'm@float16'
+        >>> cmp.choose(min_agreement=0.95)
+        'm@int8'
+    """
+
+    def __init__(self, original: str, rows: list[dict[str, Any]], n_rows: int | None = None,
+                 throughput_rows: int | None = None, engine=None):
+        self.original = original
+        self.rows = [dict(r) for r in rows]
+        self.n_rows = n_rows
+        self.throughput_rows = throughput_rows
+        self._engine = engine
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The raw numbers, by model name.
+
+        Example:
+            >>> Comparison("m", [{"model": "m", "speedup": 1.0}]).to_dict()
+            {'m': {'model': 'm', 'speedup': 1.0}}
+        """
+        return {r["model"]: dict(r) for r in self.rows}
+
+    def __getitem__(self, model: str) -> dict[str, Any]:
+        return self.to_dict()[model]
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the comparison was given labels (so it has accuracy)."""
+        return any("accuracy" in r for r in self.rows)
+
+    def choose(self, min_agreement: float | None = None, max_abs_diff: float | None = None,
+               max_accuracy_drop: float | None = None) -> str:
+        """The fastest variant within the tolerances given; returns its model name.
+
+        ``min_agreement``: top-1 agreement with the original at least this;
+        ``max_abs_diff``: outputs at most this far from the original's;
+        ``max_accuracy_drop``: accuracy at most this below the original's (needs labels).
+        With none given, ``min_agreement=0.99``. The original itself is not a candidate:
+        if no variant qualifies, :class:`NoVariantQualifies` says what each one reached.
+
+        Example:
+            >>> cmp.choose(max_accuracy_drop=0.01)   # doctest: +SKIP
+            'cnn@dynamic-int8'
+        """
+        if min_agreement is None and max_abs_diff is None and max_accuracy_drop is None:
+            min_agreement = 0.99
+        if max_accuracy_drop is not None and not self.has_labels:
+            raise ValueError(f"model {self.original!r}: max_accuracy_drop needs accuracy, "
+                             "and this comparison has no labels. Fix: pass labels=y to "
+                             "eng.optimize(...), or use min_agreement=.")
+        checks = []
+        if min_agreement is not None:
+            checks.append(("top1_agreement", ">=", float(min_agreement), "top-1 agreement"))
+        if max_abs_diff is not None:
+            checks.append(("max_abs_diff", "<=", float(max_abs_diff), "max abs difference"))
+        if max_accuracy_drop is not None:
+            checks.append(("accuracy_drop", "<=", float(max_accuracy_drop), "accuracy drop"))
+        wanted = " and ".join(f"{label} {op} {limit:g}" for _, op, limit, label in checks)
+        found, ok = {}, []
+        for r in self.rows:
+            if r["model"] == self.original:
+                continue
+            failed = [f"{label} {_fmt(r.get(key))}" for key, op, limit, label in checks
+                      if not _passes(r.get(key), op, limit)]
+            if failed:
+                found[r["model"]] = ", ".join(failed)
+            else:
+                ok.append(r)
+        if not ok:
+            raise NoVariantQualifies(self.original, wanted, found)
+        return max(ok, key=lambda r: r.get("rows_per_second") or 0.0)["model"]
+
+    def table(self) -> Table:
+        """The comparison as a formatted :class:`~nbtool.tables.Table`.
+
+        Example:
+            >>> Comparison("m", [{"model": "m", "variant": "original"}]).table()[0]["model"]
+            'm'
+        """
+        out = []
+        for r in self.rows:
+            row = {"model": r["model"], "variant": r.get("variant", ""),
+                   "format": r.get("format", ""),
+                   "size": human_bytes(r.get("size_bytes")),
+                   "size x": _fmt(r.get("size_ratio"), "{:.2f}"),
+                   "load s": _fmt(r.get("load_seconds"), "{:.2f}"),
+                   "rows/s": _fmt(r.get("rows_per_second"), "{:,.0f}"),
+                   "speedup": _fmt(r.get("speedup"), "{:.2f}x"),
+                   "top-1 agree": _fmt(r.get("top1_agreement"), "{:.2%}"),
+                   "max abs diff": _fmt(r.get("max_abs_diff"), "{:.2g}")}
+            if self.has_labels:
+                row["accuracy"] = _fmt(r.get("accuracy"), "{:.2%}")
+            out.append(row)
+        return Table(out, title=f"variants of {self.original}")
+
+    def _note(self) -> str:
+        parts = []
+        if self.n_rows:
+            parts.append(f"agreement on {self.n_rows} rows")
+        if self.throughput_rows:
+            parts.append(f"throughput: worker compute over {self.throughput_rows} rows, "
+                         "best run")
+        return "; ".join(parts)
+
+    def __repr__(self) -> str:
+        note = self._note()
+        return repr(self.table()) + (f"\n({note})" if note else "")
+
+    def _repr_html_(self) -> str:
+        note = self._note()
+        return ("<div class='nbtool-comparison'>" + self.table()._repr_html_()
+                + (f"<p style='font-size:smaller'>{html.escape(note)}. "
+                   "cmp.choose(min_agreement=0.99) picks the fastest variant within a "
+                   "tolerance.</p>" if note else "") + "</div>")
+
+
+def _passes(value, op: str, limit: float) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return value >= limit if op == ">=" else value <= limit
+
+
+def _fmt(value, spec: str = "{:.4g}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return spec.format(value)
