@@ -75,8 +75,7 @@ class NoVariantQualifies(NbtoolError, ValueError):
         have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
         super().__init__(
             f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen the "
-            f"tolerance (e.g. a lower min_agreement), try another variant, or keep the "
-            f"original {model!r}.")
+            f"tolerance, try another variant, or keep the original {model!r}.")
 
     def __reduce__(self):
         return (type(self), (self.model, self.wanted, self.found))
@@ -293,7 +292,8 @@ def compare(engine, original: str, others: list[str], x, labels=None,
         out = res[m]
         outputs[m] = np.asarray(out[0] if isinstance(out, list) else out,
                                 dtype=np.float64)[:len(x)]
-        rows.append({"model": m, "variant": m.split("@", 1)[1] if "@" in m else "original",
+        variant = "original" if m == original else m.split("@", 1)[1] if "@" in m else m
+        rows.append({"model": m, "variant": variant,
                      "format": spec.format, "size_bytes": _disk_size(spec.path),
                      "load_seconds": load_s, "rows_per_second": best})
     ref = outputs[original]
