@@ -677,19 +677,30 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     before it evicts the least recently used model. The new engine becomes the default
     one for ``nbtool.predict`` and friends.
 
+    Arguments left out are read from the environment, so a deployment can size the
+    cluster without touching notebooks (``binder/start`` does this for mybinder.org):
+    ``NBTOOL_N_WORKERS`` (CPU workers, e.g. ``1``), ``NBTOOL_MEMORY_BUDGET`` (e.g.
+    ``"256MB"``) and ``NBTOOL_CORES`` (the cores the CPU workers split among their
+    TensorFlow threads; default ``os.cpu_count()``, which in a container reports the
+    host's cores, not the container's share). An explicit argument wins.
+
     Example:
         >>> eng = nbtool.start()                                  # doctest: +SKIP
         >>> eng = nbtool.start(gpus=[0, 1], memory_budget="6GB")  # doctest: +SKIP
         >>> eng = nbtool.start(address="tcp://10.0.0.5:8786")     # doctest: +SKIP
     """
     global _default_engine
+    if memory_budget is None:
+        memory_budget = _env_setting("NBTOOL_MEMORY_BUDGET", parse_bytes)
+    if n_workers is None:
+        n_workers = _env_setting("NBTOOL_N_WORKERS", int)
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
     cluster = None
     if address is None:
         from .cluster import PinnedCluster
 
         slots = plan_workers(select_gpus(gpus, discover_gpus()), n_workers=n_workers,
-                             memory_budget=budget)
+                             memory_budget=budget, cores=_env_setting("NBTOOL_CORES", int))
         cluster = PinnedCluster(slots, dashboard_address=dashboard_address)
         client = Client(cluster)
         n_expected = len(slots)
@@ -716,6 +727,22 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         raise
     _default_engine = eng
     return eng
+
+
+def _env_setting(name: str, parse: Callable[[str], int]) -> int | None:
+    """A positive number from the environment (``None`` if unset or empty), checked early."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = parse(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        example = "256MB" if parse is parse_bytes else "1"
+        raise ValueError(f"{name}={text!r} in the environment is not a positive number. "
+                         f"Fix: set it like {name}={example}, or unset it.")
+    return value
 
 
 def default_engine() -> Engine:

@@ -63,3 +63,79 @@ def test_background_infer_in_a_real_kernel_binds_while_the_kernel_stays_free(tmp
     widgets = [o for c in nb.cells for o in c.get("outputs", [])
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets                                            # the live progress bars
+
+
+# Every teaching notebook runs; optimization.ipynb has its own test (tests/test_optimize.py).
+OWN_TESTS = {"optimization.ipynb"}
+
+
+def test_every_notebook_has_a_test_here():
+    tested = {"quickstart.ipynb", "ensembles.ipynb", "memory.ipynb", "multi_gpu.ipynb",
+              "large_data.ipynb"}
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} - OWN_TESTS == tested
+
+
+def printed(nb) -> str:
+    """Only what the cells printed or returned (no stderr: worker logs land there)."""
+    return "\n".join(o.get("text", "") if o.get("name") != "stderr" else ""
+                     for c in nb.cells for o in c.get("outputs", []) if
+                     o["output_type"] == "stream") + "\n" + "\n".join(
+        o["data"].get("text/plain", "") for c in nb.cells for o in c.get("outputs", [])
+        if o["output_type"] in ("execute_result", "display_data"))
+
+
+def line_with(text: str, start: str) -> str:
+    return next(l for l in text.splitlines() if l.startswith(start))
+
+
+def test_ensembles_mean_vote_best_per_metric_and_agreement():
+    nb = run_notebook("ensembles.ipynb")
+    text = printed(nb)
+    accuracy = {n: float(line_with(text, f"{n} ").split()[-1])
+                for n in ("mlp_tiny", "mlp_wide", "cnn", "mean", "vote")}
+    assert accuracy["mean"] > 0.85 and accuracy["vote"] > 0.85, accuracy
+    best = {m: line_with(text, f"best by {m}:").split()[-1]
+            for m in ("accuracy", "log loss", "rows/s")}
+    assert best["accuracy"] == max(("mlp_tiny", "mlp_wide", "cnn"), key=accuracy.get)
+    assert set(best.values()) <= {"mlp_tiny", "mlp_wide", "cnn"}
+    share = float(line_with(text, "cnn vs mlp_tiny:").split("same class on ")[1].split("%")[0])
+    assert 0 < share <= 100
+    assert "nbtool-prediction" in outputs_text(nb)                  # the inline report
+    assert "Traceback" not in text
+
+
+def test_memory_on_demand_budget_eviction_soft_and_hard_unload():
+    text = printed(run_notebook("memory.ipynb"))
+    assert "second call loaded: 0.00s" in text
+    assert "{'a': 'cpu0: evicted', 'b': 'cpu0: loaded', 'c': 'cpu0: loaded'}" in text
+    assert "resident now: b, c" in text
+    pids = {k: int(line_with(text, f"{k}:").split("pid ")[1].split(",")[0])
+            for k in ("loaded", "soft unload", "hard unload")}
+    assert pids["loaded"] == pids["soft unload"] != pids["hard unload"]   # a new process
+    mb = {k: float(line_with(text, f"{k}:").split("memory ")[1].split()[0])
+          for k in ("loaded", "soft unload", "hard unload")}
+    assert mb["hard unload"] < mb["soft unload"] - 20     # the models' memory came back
+
+
+def test_multi_gpu_pins_one_fake_gpu_per_worker_and_places_models():
+    text = printed(run_notebook("multi_gpu.ipynb"))
+    assert "('gpu:0', 'fake', 16000000000), ('gpu:1', 'fake', 16000000000)" in text
+    seen = sorted(l.split("'CUDA_VISIBLE_DEVICES': '")[1][0] for l in text.splitlines()
+                  if "'CUDA_VISIBLE_DEVICES'" in l)
+    assert seen == ["0", "1"]
+    assert "big     ran on ['gpu0']" in text
+    assert "pinned  ran on ['gpu1']" in text
+    assert "wide    ran on ['gpu0', 'gpu1']" in text
+
+
+def test_large_data_npy_zarr_store_interrupted_and_resumed():
+    text = printed(run_notebook("large_data.ipynb"))
+    acc = line_with(text, "rows: 10800 accuracy:")
+    assert float(acc.split("'ensemble': ")[1].rstrip("}")) > 0.85, acc
+    assert "same as from .npy: True" in text
+    assert "same result as without interruption: True" in text
+    stored = line_with(text, "stored before the interruption:")
+    for m in ("mlp", "cnn"):
+        resumed, computed = (int(v) for v in line_with(text, f"{m}: ").split()[1:7:5])
+        assert resumed + computed == 44 and resumed >= 1 and computed >= 1, stored
+    assert "Array (10800, 10)" in text
