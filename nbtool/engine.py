@@ -679,7 +679,8 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
 
     Arguments left out are read from the environment, so a deployment can size the
     cluster without touching notebooks (``binder/start`` does this for mybinder.org):
-    ``NBTOOL_N_WORKERS`` (CPU workers, e.g. ``1``), ``NBTOOL_MEMORY_BUDGET`` (e.g.
+    ``NBTOOL_N_WORKERS`` (CPU workers, e.g. ``1``; ignored when there are GPUs, which
+    always get one worker each), ``NBTOOL_MEMORY_BUDGET`` (e.g.
     ``"256MB"``) and ``NBTOOL_CORES`` (the cores the CPU workers split among their
     TensorFlow threads; default ``os.cpu_count()``, which in a container reports the
     host's cores, not the container's share). An explicit argument wins.
@@ -692,15 +693,17 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     global _default_engine
     if memory_budget is None:
         memory_budget = _env_setting("NBTOOL_MEMORY_BUDGET", parse_bytes)
-    if n_workers is None:
-        n_workers = _env_setting("NBTOOL_N_WORKERS", int)
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
     cluster = None
     if address is None:
         from .cluster import PinnedCluster
 
-        slots = plan_workers(select_gpus(gpus, discover_gpus()), n_workers=n_workers,
-                             memory_budget=budget, cores=_env_setting("NBTOOL_CORES", int))
+        selected = select_gpus(gpus, discover_gpus())
+        env_workers = _env_setting("NBTOOL_N_WORKERS", int)
+        if n_workers is None and not selected:   # GPUs always get one worker each
+            n_workers = env_workers
+        slots = plan_workers(selected, n_workers=n_workers, memory_budget=budget,
+                             cores=_env_setting("NBTOOL_CORES", int))
         cluster = PinnedCluster(slots, dashboard_address=dashboard_address)
         client = Client(cluster)
         n_expected = len(slots)
