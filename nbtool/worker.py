@@ -504,12 +504,14 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
     """
     if os.environ.get("NBTOOL_BATCH_SWEEP", "1") == "0" or None in row_shape:
         return DEFAULT_BATCH_SIZE
-    key = "|".join(map(str, (spec.fingerprint, spec.path, row_shape, np.dtype(dtype), device,
+    # CPU workers of one machine are alike (their threads are in the key); GPUs may differ.
+    kind = "cpu" if device.startswith("cpu") else device
+    key = "|".join(map(str, (spec.fingerprint, spec.path, row_shape, np.dtype(dtype), kind,
                              os.environ.get("NBTOOL_TF_THREADS", ""),
                              spec.preprocess is not None)))
     cache = _batch_cache()
-    if key in cache.data:
-        return int(cache.data[key])
+    if cache.get(key) is not None:
+        return int(cache.get(key))
 
     def rate(batch: int) -> float:
         p = make_predictor(spec, call, batch, row_shape, dtype)
@@ -548,18 +550,29 @@ class _BatchCache:
 
     def __init__(self, path):
         self.path = path
-        try:
-            import json
+        self.data = self._read()
 
-            with open(path) as f:
-                self.data = json.load(f)
+    def _read(self) -> dict:
+        import json
+
+        try:
+            with open(self.path) as f:
+                return json.load(f)
         except (OSError, ValueError):
-            self.data = {}
+            return {}
+
+    def get(self, key: str):
+        """The cached answer, looking at the file again on a miss (another worker of this
+        machine may have swept the model since)."""
+        if key not in self.data:
+            self.data.update(self._read())
+        return self.data.get(key)
 
     def put(self, key: str, value: int) -> None:
         import json
 
-        self.data[key] = value
+        # Merge with what other workers wrote meanwhile, so no one's answers are lost.
+        self.data = {**self._read(), **self.data, key: value}
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = f"{self.path}.{os.getpid()}.tmp"

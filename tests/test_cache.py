@@ -139,6 +139,15 @@ def test_the_batch_size_is_swept_once_and_remembered(engine, keras, unique, tmp_
     engine.load(name)
     again = engine._statuses()["cpu0"]["models"][name]
     assert again["batch_size"] == first["batch_size"] and again["loads"] == 1
+    # Another CPU worker of this machine takes the same answer: still one entry.
+    engine.register(f"{name}_on1", engine.registry.get(name).path, device="cpu:1",
+                    batch_size="auto")
+    engine.load(f"{name}_on1")
+    assert engine._statuses()["cpu1"]["models"][f"{name}_on1"]["batch_size"] == \
+        first["batch_size"]
+    cache = json.loads(open(os.path.join(os.environ["NBTOOL_CACHE_DIR"],
+                                         "batch_sizes.json")).read())
+    assert len([k for k in cache if engine.registry.get(name).fingerprint in k]) == 1
     engine.register(f"{name}_fixed", model, batch_size=24, device="cpu:0")
     engine.register(f"{name}_default", model, device="cpu:0")
     engine.load(f"{name}_fixed", f"{name}_default")
