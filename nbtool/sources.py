@@ -84,6 +84,16 @@ def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
     return data[start:stop]
 
 
+def is_file_ref(data: Any) -> bool:
+    """Whether ``data`` is a reference the worker reads from a file (not rows in memory).
+
+    Example:
+        >>> is_file_ref(NpyFile("x.npy")), is_file_ref(np.zeros(3))
+        (True, False)
+    """
+    return isinstance(data, (NpyFile, ZarrRef, ImageFiles))
+
+
 def _decode_images(ref: ImageFiles, start: int, stop: int | None) -> np.ndarray:
     from PIL import Image
 

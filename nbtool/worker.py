@@ -32,7 +32,8 @@ import numpy as np
 
 from .errors import ChunkError, ModelLoadError, NbtoolError
 from .registry import ModelSpec
-from .sources import read_rows
+from . import overlap
+from .sources import is_file_ref, read_rows
 
 logger = logging.getLogger("nbtool.worker")
 
@@ -855,14 +856,13 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         cache = prepare_worker()
         loaded, load_seconds = cache.get(spec)
         t0 = time.perf_counter()
-        rows = read_rows(data, start, stop)
-        outputs = cache.run(loaded, rows)
+        n_rows, outputs = _read_and_run(cache, loaded, data, start, stop)
         seconds = time.perf_counter() - t0
         if store is not None:   # written here, on the worker; only a receipt goes back
             store.write(spec.name, chunk, outputs)
             outputs = None
         return ChunkOutput(outputs, seconds, load_seconds, worker,
-                           loaded.predictor.batch_size, rows=len(rows))
+                           loaded.predictor.batch_size, rows=n_rows)
     except ChunkError:
         raise
     except Exception as e:
@@ -875,6 +875,19 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         logger.warning("chunk %d of %s failed on %s:\n%s", chunk, spec.name, worker,
                        traceback.format_exc())
         raise ChunkError(spec.name, chunk, (start, end), worker, reason) from None
+
+
+def _read_and_run(cache: ModelCache, loaded: LoadedModel, data: Any, start: int,
+                  stop: int | None) -> tuple[int, list[np.ndarray]]:
+    """Rows ``start:stop`` through the model; a chunk in a file is read a piece ahead of
+    the compute (:mod:`nbtool.overlap`). Returns (rows, outputs)."""
+    if stop is None or not is_file_ref(data) or not overlap.enabled():
+        rows = read_rows(data, start, stop)
+        return len(rows), cache.run(loaded, rows)
+    bounds = overlap.pieces(start, stop, loaded.predictor.batch_size * overlap.PIECE_BATCHES)
+    outputs = overlap.overlapped(lambda a, b: read_rows(data, a, b), bounds,
+                                 lambda rows: cache.run(loaded, rows))
+    return stop - start, outputs
 
 
 def load_model(spec: ModelSpec) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import importlib
 import pytest
 
 PURE_MODULES = ["nbtool.errors", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
-                "nbtool.results", "nbtool.tables", "nbtool.runner"]
+                "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)
