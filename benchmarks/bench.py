@@ -6,8 +6,13 @@ Approaches (each timed ``--repeats`` times; medians and ratios are reported):
 - seed: load once        models loaded beforehand; model.predict for each (warm)
 - floor                  each model alone in this process, compiled (tf.function, its best
                          batch), all cores, summed over the models
-- nbtool cold            from nbtool.start() to the result, loads included
+- nbtool cold            from nbtool.start() to the result, loads included (its workers
+                         are new processes: they import TensorFlow; the seeds above run
+                         in this process, where TensorFlow is already imported)
 - nbtool warm            the same prediction again on the running engine
+- fresh process          the sequential seed and nbtool cold again, each in a new Python
+                         process from its first import to the result (x read from .npy):
+                         cold for both, as after a kernel restart
 
 Then: dispatch overhead per task (a tiny model, many small chunks), time against input rows
 (1k to 64k), and time against the number of models under a memory budget.
@@ -75,6 +80,48 @@ def seed_load_once(models, x):
     return [m.predict(x, verbose=0) for m in models]
 
 
+SEED_SCRIPT = """
+import time
+t0 = time.perf_counter()
+import sys
+import keras
+import numpy as np
+x = np.load(sys.argv[1])
+[keras.models.load_model(p, compile=False).predict(x, verbose=0) for p in sys.argv[2:]]
+print(time.perf_counter() - t0)
+"""
+
+NBTOOL_SCRIPT = """
+import time
+t0 = time.perf_counter()
+import sys
+from pathlib import Path
+import numpy as np
+import nbtool
+
+if __name__ == "__main__":
+    x = np.load(sys.argv[1])
+    with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
+        for p in sys.argv[2:]:
+            eng.register(Path(p).stem, p, replicas=len(eng.workers))
+        eng.predict([Path(p).stem for p in sys.argv[2:]], x)
+        print(time.perf_counter() - t0)
+"""
+
+
+def fresh_process(script: str, folder: Path, npy: Path, paths) -> float:
+    """Seconds from a new Python process's first import to its result (it says)."""
+    import subprocess
+    import sys
+
+    file = folder / "fresh.py"
+    file.write_text(script)
+    out = subprocess.run([sys.executable, str(file), str(npy), *map(str, paths)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def best_batches(models, x):
     """The floor's batch per model: the best of 32..256, as a careful user would pick."""
     import tensorflow as tf
@@ -130,7 +177,7 @@ def main():
             with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
                 r = replicas or len(eng.workers)
                 for p in paths:
-                    eng.register(p.stem, p, replicas=r, batch_size="auto")
+                    eng.register(p.stem, p, replicas=r)   # the default batch (64)
                 res = eng.predict(names, x)
                 cold.append(time.perf_counter() - t0)
                 for _ in range(2):
@@ -142,6 +189,14 @@ def main():
                 assert np.abs(np.asarray(res[names[0]][:64]) - ref).max() <= 1e-4
         times["nbtool cold (start to result)"] = cold
         times["nbtool warm"] = warm
+        npy = folder / "x.npy"
+        np.save(npy, x)
+        seq_fresh, nb_fresh = [], []
+        for _ in range(args.repeats):
+            seq_fresh.append(fresh_process(SEED_SCRIPT, folder, npy, paths))
+            nb_fresh.append(fresh_process(NBTOOL_SCRIPT, folder, npy, paths))
+        times["fresh process: seed sequential"] = seq_fresh
+        times["fresh process: nbtool cold"] = nb_fresh
         results["seconds"] = times
         results["floor_batches"] = dict(zip(names, batches))
         results["nbtool_batches"] = batch_used
