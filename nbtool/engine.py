@@ -72,6 +72,7 @@ class Engine:
         self.workers: dict[str, WorkerInfo] = {}
         self._dask_names: dict[str, Any] = {}
         self._shared_dirs: set[Path] = set()   # where inputs were handed to local workers
+        self._comparisons: dict[str, Any] = {}   # model -> its last optimize() Comparison
         self.refresh_workers()
 
     # -- workers ---------------------------------------------------------------------------
@@ -231,7 +232,8 @@ class Engine:
 
     def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
                      batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:
-        """Register every ``.keras``/``.h5`` file and SavedModel directory in ``folder``.
+        """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
+        ``folder``.
 
         Each is named after its file (without suffix). They are placed largest first, so
         ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
@@ -243,9 +245,9 @@ class Engine:
         """
         found = find_models(folder)
         if not found:
-            raise NbtoolError(f"folder {folder}: no models found; expected .keras or .h5 "
-                              "files or SavedModel directories inside. Fix: save models "
-                              "there with model.save('folder/name.keras').")
+            raise NbtoolError(f"folder {folder}: no models found; expected .keras, .h5 "
+                              "or .tflite files or SavedModel directories inside. Fix: save "
+                              "models there with model.save('folder/name.keras').")
         specs, problems = [], []
         for n, p in found.items():
             try:
@@ -581,7 +583,7 @@ class Engine:
         cmp = optimize(self, name, variants, calibration=calibration, x=x, labels=labels,
                        calibration_rows=calibration_rows, throughput_rows=throughput_rows,
                        repeats=repeats)
-        self.__dict__.setdefault("_comparisons", {})[name] = cmp
+        self._comparisons[name] = cmp
         return cmp
 
     def choose(self, name: str, min_agreement: float | None = None,
@@ -596,7 +598,7 @@ class Engine:
             >>> eng.choose("cnn", min_agreement=0.99)                          # doctest: +SKIP
             'cnn@int8'
         """
-        cmp = self.__dict__.get("_comparisons", {}).get(name)
+        cmp = self._comparisons.get(name)
         if cmp is None:
             self.registry.get(name)   # an unknown name says so first
             raise NbtoolError(f"model {name!r} has no variants measured yet. Fix: "
