@@ -33,6 +33,8 @@ import numpy as np
 from .errors import ChunkError, ModelLoadError, NbtoolError
 from .registry import ModelSpec
 from . import overlap
+from .batching import run_in_batches
+from .litert import LiteRTPredictor, open_tflite
 from .sources import is_file_ref, read_rows
 
 logger = logging.getLogger("nbtool.worker")
@@ -105,148 +107,8 @@ class CompiledPredictor:
         self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
-        n, bs = len(rows), self.batch_size
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, n, bs):
-            batch = np.asarray(rows[start:start + bs], dtype=self.dtype)
-            m = len(batch)
-            if m < bs:  # pad: one input shape, no retracing
-                padded = np.zeros((bs, *batch.shape[1:]), self.dtype)
-                padded[:m] = batch
-                batch = padded
-            parts.append([y.numpy()[:m] for y in self._fn(batch)])
-        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-class LiteRTPredictor:
-    """The :class:`CompiledPredictor` of a ``.tflite`` model: LiteRT's interpreter, one
-    fixed batch shape.
-
-    The input tensor is resized to the batch size once (at warm-up) and the last, short
-    batch is padded, as in the compiled path, so tensors are allocated once. Quantized
-    (int8/uint8) inputs are quantized here with the model's scale and zero point, and
-    quantized outputs come back dequantized as float32, like every other model's.
-
-    Example:
-        >>> p = LiteRTPredictor(open_tflite("cnn@int8.tflite"), 64, (8, 8, 1), "float32")  # doctest: +SKIP
-        >>> p(np.ones((70, 8, 8, 1), "float32"))[0].dtype                                   # doctest: +SKIP
-        dtype('float32')
-    """
-
-    def __init__(self, model: "LiteRTModel", batch_size: int, row_shape: tuple, dtype: str,
-                 preprocess=None):
-        self.model = model
-        self.batch_size = int(batch_size)
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
-        self.preprocess = preprocess
-        self.output_specs: list[tuple[tuple, str]] = []
-        self._allocations = 0
-        # One interpreter holds one set of tensors: calls must not overlap.
-        self._lock = threading.Lock()
-
-    @property
-    def traces(self) -> int:
-        """How many times tensors were allocated; stays at 1 after warm-up."""
-        return self._allocations
-
-    def _allocate(self) -> None:
-        it, inp = self.model.interpreter, self.model.input
-        it.resize_tensor_input(inp["index"], [self.batch_size, *self.model.row_shape],
-                               strict=False)
-        it.allocate_tensors()
-        self._allocations += 1
-
-    def warm_up(self) -> None:
-        """Allocate the tensors for the batch size and run once on zeros; records each
-        output's row shape and dtype in ``output_specs``."""
-        with self._lock:
-            self._allocate()
-        shape = tuple(1 if d is None else d for d in self.row_shape)
-        outs = self(np.zeros((1, *shape), self.dtype))
-        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
-
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
-        m = self.model
-        it, inp = m.interpreter, m.input
-        n, bs = len(rows), self.batch_size
-        parts: list[list[np.ndarray]] = []
-        with self._lock:
-            for start in range(0, n, bs):
-                batch = np.asarray(rows[start:start + bs], dtype=self.dtype)
-                k = len(batch)
-                if self.preprocess is not None:   # in-graph elsewhere; eager TF ops here
-                    batch = np.asarray(self.preprocess(batch))
-                batch = _quantize(batch, inp)
-                if k < bs:   # pad: one tensor shape, allocated once
-                    padded = np.zeros((bs, *batch.shape[1:]), batch.dtype)
-                    padded[:k] = batch
-                    batch = padded
-                it.set_tensor(inp["index"], batch)
-                it.invoke()
-                parts.append([_dequantize(it.get_tensor(o["index"]), o)[:k]
-                              for o in m.outputs])
-        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-@dataclasses.dataclass
-class LiteRTModel:
-    """A ``.tflite`` model opened in LiteRT's interpreter, with its one input's details."""
-
-    interpreter: Any
-    input: dict
-    outputs: list[dict]
-    row_shape: tuple      # the model's own input row shape (what the tensor is resized to)
-
-
-def open_tflite(spec: ModelSpec) -> LiteRTModel:
-    """Open a ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``); no TensorFlow.
-
-    It uses as many threads as TensorFlow does in this worker (``NBTOOL_TF_THREADS``), so
-    comparisons with the Keras original are fair.
-
-    Example:
-        >>> open_tflite(spec).input["dtype"]   # doctest: +SKIP
-        <class 'numpy.int8'>
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
-    try:
-        it = Interpreter(model_path=spec.path, num_threads=threads)
-    except ValueError as e:
-        raise ModelLoadError(spec.name, spec.path, _worker_name(),
-                             f"LiteRT cannot open it ({_first_line(str(e))})",
-                             "check that the file is a complete .tflite flatbuffer (convert "
-                             "it again with tf.lite.TFLiteConverter or eng.optimize)") from None
-    inputs, outputs = it.get_input_details(), it.get_output_details()
-    if len(inputs) != 1:
-        raise ModelLoadError(spec.name, spec.path, _worker_name(),
-                             f"the model takes {len(inputs)} inputs",
-                             "nbtool runs single-input models; convert one that takes one "
-                             "tensor")
-    sig = inputs[0].get("shape_signature")
-    shape = inputs[0]["shape"] if sig is None or not len(sig) else sig
-    row_shape = tuple(None if int(d) < 0 else int(d) for d in shape[1:])
-    return LiteRTModel(it, inputs[0], outputs, row_shape)
-
-
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-    """Float rows to a quantized input tensor (``q = round(x / scale) + zero_point``)."""
-    dtype = np.dtype(detail["dtype"])
-    scale, zero = detail.get("quantization", (0.0, 0))
-    if dtype.kind in "iu" and scale:
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
-    return x.astype(dtype, copy=False)
-
-
-def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
-    """A quantized output tensor back to float32 (``(q - zero_point) * scale``)."""
-    scale, zero = detail.get("quantization", (0.0, 0))
-    if y.dtype.kind in "iu" and scale:
-        return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
-    return y.astype(np.float32) if y.dtype.kind == "f" and y.dtype != np.float32 else y
+        return run_in_batches(rows, self.batch_size, self.dtype,
+                              lambda batch: [y.numpy() for y in self._fn(batch)])
 
 
 @dataclasses.dataclass
@@ -622,7 +484,7 @@ def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype):
 
 def _open_model(spec: ModelSpec):
     """Load the file; return a callable ``f(x, training=False)`` (for ``.tflite``, a
-    :class:`LiteRTModel`), the input row shape and dtype, the number of outputs, and the
+    :class:`~nbtool.litert.LiteRTModel`), the input row shape and dtype, the number of outputs, and the
     bytes of its weights."""
     if spec.format == "tflite":
         m = open_tflite(spec)

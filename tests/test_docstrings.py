@@ -10,7 +10,8 @@ import importlib
 import pytest
 
 PURE_MODULES = ["nbtool.errors", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
-                "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap"]
+                "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap",
+                "nbtool.batching", "nbtool.litert"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

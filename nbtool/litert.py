@@ -1,0 +1,161 @@
+"""``.tflite`` models on the workers: LiteRT's interpreter behind the predictor interface.
+
+``open_tflite`` opens the flatbuffer in ``ai-edge-litert`` (no TensorFlow needed);
+:class:`LiteRTPredictor` runs it the way :class:`nbtool.worker.CompiledPredictor` runs a
+Keras model: one fixed batch shape, the last batch padded, float32 outputs, with int8/uint8
+inputs quantized and outputs dequantized by the model's scale and zero point.
+
+Example:
+    >>> _dequantize(np.array([[-128, 127]], np.int8), {"quantization": (0.5, -128)}).tolist()
+    [[0.0, 127.5]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from .batching import run_in_batches
+from .errors import ModelLoadError
+from .registry import ModelSpec
+
+
+def worker_name() -> str:
+    """This worker's nbtool name, for error messages (imported late: worker imports us)."""
+    from .worker import _worker_name
+
+    return _worker_name()
+
+
+def first_line(text: str) -> str:
+    """The first line of an error message, shortened (the worker's own helper)."""
+    from .worker import _first_line
+
+    return _first_line(text)
+
+
+class LiteRTPredictor:
+    """The :class:`CompiledPredictor` of a ``.tflite`` model: LiteRT's interpreter, one
+    fixed batch shape.
+
+    The input tensor is resized to the batch size once (at warm-up) and the last, short
+    batch is padded, as in the compiled path, so tensors are allocated once. Quantized
+    (int8/uint8) inputs are quantized here with the model's scale and zero point, and
+    quantized outputs come back dequantized as float32, like every other model's.
+
+    Example:
+        >>> p = LiteRTPredictor(open_tflite("cnn@int8.tflite"), 64, (8, 8, 1), "float32")  # doctest: +SKIP
+        >>> p(np.ones((70, 8, 8, 1), "float32"))[0].dtype                                   # doctest: +SKIP
+        dtype('float32')
+    """
+
+    def __init__(self, model: "LiteRTModel", batch_size: int, row_shape: tuple, dtype: str,
+                 preprocess=None):
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        self.preprocess = preprocess
+        self.output_specs: list[tuple[tuple, str]] = []
+        self._allocations = 0
+        # One interpreter holds one set of tensors: calls must not overlap.
+        self._lock = threading.Lock()
+
+    @property
+    def traces(self) -> int:
+        """How many times tensors were allocated; stays at 1 after warm-up."""
+        return self._allocations
+
+    def _allocate(self) -> None:
+        it, inp = self.model.interpreter, self.model.input
+        it.resize_tensor_input(inp["index"], [self.batch_size, *self.model.row_shape],
+                               strict=False)
+        it.allocate_tensors()
+        self._allocations += 1
+
+    def warm_up(self) -> None:
+        """Allocate the tensors for the batch size and run once on zeros; records each
+        output's row shape and dtype in ``output_specs``."""
+        with self._lock:
+            self._allocate()
+        shape = tuple(1 if d is None else d for d in self.row_shape)
+        outs = self(np.zeros((1, *shape), self.dtype))
+        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        m = self.model
+        it, inp = m.interpreter, m.input
+
+        def run_batch(batch):
+            if self.preprocess is not None:   # in-graph elsewhere; eager TF ops here
+                batch = np.asarray(self.preprocess(batch))
+            it.set_tensor(inp["index"], _quantize(batch, inp))
+            it.invoke()
+            return [_dequantize(it.get_tensor(o["index"]), o) for o in m.outputs]
+
+        with self._lock:
+            return run_in_batches(rows, self.batch_size, self.dtype, run_batch)
+
+
+@dataclasses.dataclass
+class LiteRTModel:
+    """A ``.tflite`` model opened in LiteRT's interpreter, with its one input's details."""
+
+    interpreter: Any
+    input: dict
+    outputs: list[dict]
+    row_shape: tuple      # the model's own input row shape (what the tensor is resized to)
+
+
+def open_tflite(spec: ModelSpec) -> LiteRTModel:
+    """Open a ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``); no TensorFlow.
+
+    It uses as many threads as TensorFlow does in this worker (``NBTOOL_TF_THREADS``), so
+    comparisons with the Keras original are fair.
+
+    Example:
+        >>> open_tflite(spec).input["dtype"]   # doctest: +SKIP
+        <class 'numpy.int8'>
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
+    try:
+        it = Interpreter(model_path=spec.path, num_threads=threads)
+    except ValueError as e:
+        raise ModelLoadError(spec.name, spec.path, worker_name(),
+                             f"LiteRT cannot open it ({first_line(str(e))})",
+                             "check that the file is a complete .tflite flatbuffer (convert "
+                             "it again with tf.lite.TFLiteConverter or eng.optimize)") from None
+    inputs, outputs = it.get_input_details(), it.get_output_details()
+    if len(inputs) != 1:
+        raise ModelLoadError(spec.name, spec.path, worker_name(),
+                             f"the model takes {len(inputs)} inputs",
+                             "nbtool runs single-input models; convert one that takes one "
+                             "tensor")
+    sig = inputs[0].get("shape_signature")
+    shape = inputs[0]["shape"] if sig is None or not len(sig) else sig
+    row_shape = tuple(None if int(d) < 0 else int(d) for d in shape[1:])
+    return LiteRTModel(it, inputs[0], outputs, row_shape)
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float rows to a quantized input tensor (``q = round(x / scale) + zero_point``)."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if dtype.kind in "iu" and scale:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    """A quantized output tensor back to float32 (``(q - zero_point) * scale``)."""
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if y.dtype.kind in "iu" and scale:
+        return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+    return y.astype(np.float32) if y.dtype.kind == "f" and y.dtype != np.float32 else y
