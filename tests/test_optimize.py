@@ -175,6 +175,12 @@ def test_a_tflite_file_registers_directly_without_tensorflow(engine, digits_mode
     entry = engine.load(name)[name]
     (info,) = entry.values()
     assert info["batch_size"] == 32 and info["traces"] == 1   # tensors allocated once
+    # uint8 pixels in, rescaled by the preset before LiteRT runs (eagerly, on the worker)
+    engine.register(f"{name}_u8", str(path), batch_size=32, preprocess="rescale")
+    px = np.round(x * 255).astype("uint8")
+    got = engine.predict(f"{name}_u8", px, chunk_size=60, combine=None)[f"{name}_u8"]
+    np.testing.assert_allclose(got, model.predict(px.astype("float32") / 255, verbose=0),
+                               atol=1e-5)
     folder = tmp_path / "zoo"
     folder.mkdir()
     (folder / "zoo_lite.tflite").write_bytes(data)
