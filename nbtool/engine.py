@@ -31,7 +31,7 @@ from distributed import Client
 from .devices import WorkerInfo, discover_gpus, place, plan_workers, select_gpus
 from .errors import ModelLoadError, NbtoolError
 from .registry import ModelSpec, Registry, find_models, inspect_model
-from .results import Prediction, check_combine
+from .results import Prediction, check_combine, output_agreement
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
 from .tables import Table, human_bytes
@@ -217,18 +217,13 @@ class Engine:
             >>> eng.agreement("cnn", "cnn_bf16", x_test)                      # doctest: +SKIP
             {'top1_agreement': 0.998, 'max_abs_diff': 0.0061, 'rows': 2000}
         """
-        import numpy as np
-
         res = self.predict([a, b], x, chunk_size=chunk_size, combine=None)
         res.raise_for_errors()
-        ya, yb = np.asarray(res[a], dtype=np.float64), np.asarray(res[b], dtype=np.float64)
-        if ya.shape != yb.shape:
-            raise ValueError(f"models {a!r} and {b!r} give outputs of shapes {ya.shape} and "
-                             f"{yb.shape}; agreement needs the same shape.")
-        out = {"max_abs_diff": float(np.abs(ya - yb).max()), "rows": int(len(ya))}
-        if ya.ndim == 2 and ya.shape[1] > 1:
-            out["top1_agreement"] = float((ya.argmax(1) == yb.argmax(1)).mean())
-        return out
+        try:
+            out = output_agreement(res[a], res[b])
+        except ValueError as e:
+            raise ValueError(f"models {a!r} and {b!r} give {e}") from None
+        return {**out, "rows": res.n_rows}
 
     def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
                      batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:

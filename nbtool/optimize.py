@@ -46,6 +46,7 @@ import numpy as np
 
 from .errors import NbtoolError
 from .registry import ModelSpec
+from .results import output_agreement
 from .tables import Table, human_bytes
 
 #: The variants nbtool can make, and what each is.
@@ -300,10 +301,9 @@ def compare(engine, original: str, others: list[str], x, labels=None,
     y = None if labels is None else np.asarray(labels).reshape(-1)
     for row in rows:
         out = outputs[row["model"]]
-        row["max_abs_diff"] = float(np.abs(out - ref).max()) if out.shape == ref.shape \
-            else float("nan")
-        row["top1_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).mean()) \
-            if out.ndim == 2 and out.shape == ref.shape and out.shape[1] > 1 else float("nan")
+        near = output_agreement(out, ref) if out.shape == ref.shape else {}
+        row["max_abs_diff"] = near.get("max_abs_diff", float("nan"))
+        row["top1_agreement"] = near.get("top1_agreement", float("nan"))
         if y is not None:
             row["accuracy"] = float((out.argmax(-1) == y).mean())
     base = rows[0]

@@ -53,6 +53,25 @@ def check_combine(method) -> None:
                          "'vote' or None.")
 
 
+def output_agreement(a, b) -> dict[str, float]:
+    """How far two models' outputs on the same rows are apart: ``max_abs_diff`` and, for
+    class scores (rows of two or more), ``top1_agreement`` (the share of rows whose argmax
+    is the same).
+
+    Example:
+        >>> output_agreement([[0.75, 0.25], [0.25, 0.75]], [[1.0, 0.0], [0.75, 0.25]])
+        {'max_abs_diff': 0.5, 'top1_agreement': 0.5}
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"outputs of shapes {a.shape} and {b.shape}; agreement needs the "
+                         "same shape.")
+    out = {"max_abs_diff": float(np.abs(a - b).max())}
+    if a.ndim == 2 and a.shape[1] > 1:
+        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
+    return out
+
+
 def combine_outputs(outputs: list[np.ndarray], method: str | None):
     """Combine single-output predictions of several models row by row.
 
