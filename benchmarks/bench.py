@@ -170,16 +170,26 @@ def main():
         times["floor: compiled, best batch, all cores"] = timed(
             compiled_floor(models, x, batches), args.repeats)
         names = [p.stem for p in paths]
-        cold, warm = [], []
+        cold, warm, cold_parts = [], [], []
         replicas = args.replicas
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
+                started = time.perf_counter() - t0
                 r = replicas or len(eng.workers)
                 for p in paths:
                     eng.register(p.stem, p, replicas=r)   # the default batch (64)
                 res = eng.predict(names, x)
                 cold.append(time.perf_counter() - t0)
+                # Where cold time goes: start (workers, TF import), then per worker the
+                # loads (open, trace, warm-up) and the compute of its chunks.
+                cold_parts.append({
+                    "start": started,
+                    "load_seconds_per_worker": sum(t["load_seconds"] for t in
+                                                   res.timings.values()) / len(eng.workers),
+                    "compute_seconds_per_worker": sum(t["compute_seconds"] for t in
+                                                      res.timings.values()) / len(eng.workers),
+                    "predict_wall": res.wall_seconds})
                 for _ in range(2):
                     t1 = time.perf_counter()
                     res = eng.predict(names, x)
@@ -198,6 +208,8 @@ def main():
         times["fresh process: seed sequential"] = seq_fresh
         times["fresh process: nbtool cold"] = nb_fresh
         results["seconds"] = times
+        results["cold_breakdown"] = {k: statistics.median(c[k] for c in cold_parts)
+                                     for k in cold_parts[0]}
         results["floor_batches"] = dict(zip(names, batches))
         results["nbtool_batches"] = batch_used
         results["replicas"] = r
@@ -254,6 +266,8 @@ def report(r):
     for k, v in med.items():
         print(f"  {k:<42}{v:9.3f}{v / fl:9.2f}{v / warm:15.2f}")
     print(f"  batches: floor {r['floor_batches']}, nbtool {r['nbtool_batches']}")
+    print("  nbtool cold, where the time goes (median): " + ", ".join(
+        f"{k} {v:.2f}s" for k, v in r["cold_breakdown"].items()))
     print(f"  dispatch overhead: {r['dispatch_ms_per_task']:.2f} ms per task")
     sc = r["rows_scaling_seconds"]
     print("  rows -> seconds (per 1k rows): " + ", ".join(
