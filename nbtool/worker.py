@@ -35,6 +35,7 @@ from .registry import ModelSpec
 from . import overlap
 from .batching import run_in_batches
 from .litert import LiteRTPredictor, open_tflite
+from .machine_cache import machine_cache
 from .sources import is_file_ref, read_rows
 
 logger = logging.getLogger("nbtool.worker")
@@ -372,7 +373,7 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
     key = "|".join(map(str, (spec.fingerprint, spec.path, row_shape, np.dtype(dtype), kind,
                              os.environ.get("NBTOOL_TF_THREADS", ""),
                              spec.preprocess is not None)))
-    cache = _batch_cache()
+    cache = machine_cache("batch_sizes.json")
     if cache.get(key) is not None:
         return int(cache.get(key))
 
@@ -406,56 +407,6 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
         pass   # keep what fitted; the OOM path halves further if needed
     cache.put(key, best)
     return best
-
-
-class _BatchCache:
-    """A small JSON file of sweep results, shared by the workers of this machine."""
-
-    def __init__(self, path):
-        self.path = path
-        self.data = self._read()
-
-    def _read(self) -> dict:
-        import json
-
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, key: str):
-        """The cached answer, looking at the file again on a miss (another worker of this
-        machine may have swept the model since)."""
-        if key not in self.data:
-            self.data.update(self._read())
-        return self.data.get(key)
-
-    def put(self, key: str, value: int) -> None:
-        import json
-
-        # Merge with what other workers wrote meanwhile, so no one's answers are lost.
-        self.data = {**self._read(), **self.data, key: value}
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f)
-            os.replace(tmp, self.path)   # concurrent workers: last complete write wins
-        except OSError:
-            pass   # a read-only home only costs a sweep next time
-
-
-_BATCH_CACHE = None
-
-
-def _batch_cache() -> _BatchCache:
-    global _BATCH_CACHE
-    if _BATCH_CACHE is None:
-        root = os.environ.get("NBTOOL_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbtool")
-        _BATCH_CACHE = _BatchCache(os.path.join(root, "batch_sizes.json"))
-    return _BATCH_CACHE
 
 
 def _input_signature(spec: ModelSpec, row_shape: tuple, dtype) -> tuple[tuple, str]:
