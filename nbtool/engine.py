@@ -30,13 +30,14 @@ from distributed import Client
 
 from .devices import WorkerInfo, discover_gpus, place, plan_workers, select_gpus
 from .errors import ModelLoadError, NbtoolError
+from .planning import plan_cold_routes
 from .registry import ModelSpec, Registry, find_models, inspect_model
 from .results import Prediction, check_combine, output_agreement
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
 from .tables import Table, human_bytes
-from .worker import (NbtoolWorkerPlugin, load_model, resource_name, unload_models,
-                     worker_status)
+from .worker import (NbtoolWorkerPlugin, load_model, model_costs, resource_name,
+                     unload_models, worker_status)
 
 logger = logging.getLogger("nbtool")
 
@@ -72,6 +73,7 @@ class Engine:
         self.workers: dict[str, WorkerInfo] = {}
         self._dask_names: dict[str, Any] = {}
         self._shared_dirs: set[Path] = set()   # where inputs were handed to local workers
+        self._background_loads: dict[tuple[str, str], Any] = {}   # replicas loading
         self._comparisons: dict[str, Any] = {}   # model -> its last optimize() Comparison
         self.refresh_workers()
 
@@ -382,6 +384,8 @@ class Engine:
         names = self.registry.names() if models is None else _names([models])
         for n in names:
             self.registry.get(n)   # unknown names fail before anything happens
+        for key in [k for k in self._background_loads if k[0] in names]:
+            self._background_loads.pop(key).cancel()   # a queued replica must not come back
         if not hard:
             return self._soft_unload(names)
         statuses = self._statuses()
@@ -477,11 +481,15 @@ class Engine:
         size = resolve_chunk_size(chunk_size, source, len(used), self._max_chunk_bytes(used))
         store, done = self._open_store(save, specs, source, size)
         devices = {w.name: w.device for w in self.workers.values()}
+        routes, later = self._routes(specs, source.n_rows)
+
         def finish(res):
             getattr(source, "cleanup", lambda: None)()
             self._finish_run(res, save)
+            # Only now: queued beside the run, these loads went ahead of its chunks (measured).
+            self._load_in_background(later)
 
-        run = PredictionRun(self.client, [(s, self.placement[s.name]) for s in specs],
+        run = PredictionRun(self.client, [(s, routes[s.name]) for s in specs],
                             source, size, combine,
                             devices=devices, on_done=finish, store=store, done=done,
                             dask_names=self._dask_names)
@@ -491,6 +499,58 @@ class Engine:
             getattr(source, "cleanup", lambda: None)()
             raise
         return run
+
+    def _routes(self, specs: list[ModelSpec], n_rows: int) -> tuple[dict, dict]:
+        """Where each model's chunks go in this run, and the replicas to load afterwards.
+
+        Every replica, unless some replicated models are loaded nowhere yet and this
+        machine has measured them before: then :func:`nbtool.planning.plan_cold_routes`
+        decides which replicas load and run each of them now.
+        """
+        routes = {s.name: list(self.placement[s.name]) for s in specs}
+        replicated = [s for s in specs if len(routes[s.name]) > 1]
+        if not replicated or self.cluster is None:   # costs are this machine's: local only
+            return routes, {}
+        used = sorted({w for s in specs for w in routes[s.name]})
+        statuses = self._statuses(used)
+        cold = [s for s in replicated if not any(
+            _is_loaded(statuses.get(w, {}).get("models", {}).get(s.name), s)
+            for w in routes[s.name])]
+        if not cold:
+            return routes, {}
+        measured: dict[str, list[dict]] = {}
+        for per_worker in self.client.run(model_costs, specs,
+                                          workers=list(self._addresses(used).values())
+                                          ).values():
+            for name, c in per_worker.items():
+                measured.setdefault(name, []).append(c)
+        if any(s.name not in measured for s in cold):
+            return routes, {}   # first time here: every replica, and this run measures them
+        cost = {n: (sum(c["load"] for c in cs) / len(cs), sum(c["row"] for c in cs) / len(cs))
+                for n, cs in measured.items()}
+        busy = dict.fromkeys(used, 0.0)
+        for s in specs:
+            if s not in cold and s.name in cost:   # warm models' rows, shared by replicas
+                for w in routes[s.name]:
+                    busy[w] += cost[s.name][1] * n_rows / len(routes[s.name])
+        plan = plan_cold_routes({s.name: routes[s.name] for s in cold},
+                                {s.name: (cost[s.name][0], cost[s.name][1] * n_rows)
+                                 for s in cold}, busy)
+        later = {n: [w for w in routes[n] if w not in ws] for n, ws in plan.items()}
+        routes.update(plan)
+        return routes, {n: ws for n, ws in later.items() if ws}
+
+    def _load_in_background(self, later: dict[str, list[str]]) -> None:
+        """Load these (model -> workers) without waiting; :meth:`load` waits for them."""
+        self._background_loads = {k: f for k, f in self._background_loads.items()
+                                  if not f.done()}
+        for name, workers in later.items():
+            for w in workers:
+                if (name, w) not in self._background_loads:
+                    # Keeping the future keeps the task: Dask forgets unreferenced ones.
+                    self._background_loads[(name, w)] = self.client.submit(
+                        load_model, self.registry.get(name), resources={resource_name(w): 1},
+                        pure=False, key=f"nbtool-replica-{name}-{w}-{time.monotonic_ns()}")
 
     def _local_handoff(self, source):
         """On a local cluster, hand an ndarray over as a shared memory-mapped file."""
@@ -649,6 +709,12 @@ def _names(models) -> list[str]:
         else:
             out.extend(_names(list(m)))
     return out
+
+
+def _is_loaded(info: dict | None, spec: ModelSpec) -> bool:
+    """Whether a worker's cache entry holds this very file, ready to run."""
+    return bool(info) and info.get("state") == "loaded" \
+        and info.get("fingerprint") == spec.fingerprint
 
 
 def _state_text(info: dict | None) -> str:

@@ -126,6 +126,7 @@ class LoadedModel:
     loaded_at: float
     last_used: float
     uses: int = 0
+    row_cost_recorded: bool = False   # its seconds per row, measured once per load
 
     @property
     def accounted(self) -> int:
@@ -262,6 +263,7 @@ class ModelCache:
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
                     seconds, footprint)
+        record_cost(spec, self.device, load=seconds)
         return loaded
 
     # -- running, with smaller batches when memory runs out -------------------------------
@@ -407,6 +409,46 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
         pass   # keep what fitted; the OOM path halves further if needed
     cache.put(key, best)
     return best
+
+
+def cost_key(spec: ModelSpec, device: str) -> str:
+    """The key of a model's measured costs on this machine: its file, the device kind, the
+    worker's threads, and the settings that change its compute.
+
+    Example:
+        >>> spec = ModelSpec("mlp", "/m/mlp.keras", "keras", 10, "10-1")
+        >>> cost_key(spec, "cpu:1") == cost_key(spec, "cpu:0")   # CPU workers are alike
+        True
+    """
+    kind = "cpu" if device.startswith("cpu") else device
+    return "|".join(map(str, (spec.fingerprint, spec.path, kind,
+                              os.environ.get("NBTOOL_TF_THREADS", ""), spec.batch_size,
+                              spec.preprocess is not None, spec.precision)))
+
+
+def record_cost(spec: ModelSpec, device: str, **measured: float) -> None:
+    """Remember what ``spec`` cost here (``load`` seconds, seconds per ``row``), for the
+    planning of later cold runs (:func:`nbtool.planning.plan_cold_routes`).
+
+    Example:
+        >>> record_cost(spec, "cpu:0", load=1.2)   # doctest: +SKIP
+    """
+    costs = machine_cache("costs.json")
+    key = cost_key(spec, device)
+    costs.put(key, {**(costs.get(key) or {}), **measured})
+
+
+def model_costs(specs: list[ModelSpec]) -> dict[str, dict[str, float]]:
+    """What this worker's machine measured for these models: ``{"load": s, "row": s}``
+    each, for those measured before (load and run at least once).
+
+    Example:
+        >>> client.run(model_costs, [spec], workers=[addr])   # doctest: +SKIP
+        {'tcp://127.0.0.1:40101': {'cnn': {'load': 1.21, 'row': 0.0004}}}
+    """
+    costs, device = machine_cache("costs.json"), worker_device()
+    found = {s.name: costs.get(cost_key(s, device)) for s in specs}
+    return {n: c for n, c in found.items() if c and "load" in c and "row" in c}
 
 
 def _input_signature(spec: ModelSpec, row_shape: tuple, dtype) -> tuple[tuple, str]:
@@ -671,6 +713,9 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         t0 = time.perf_counter()
         n_rows, outputs = _read_and_run(cache, loaded, data, start, stop)
         seconds = time.perf_counter() - t0
+        if not loaded.row_cost_recorded and n_rows:   # once per load: no I/O per chunk
+            loaded.row_cost_recorded = True
+            record_cost(spec, cache.device, row=seconds / n_rows)
         if store is not None:   # written here, on the worker; only a receipt goes back
             store.write(spec.name, chunk, outputs)
             outputs = None

@@ -11,7 +11,8 @@ import pytest
 
 PURE_MODULES = ["nbtool.errors", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
                 "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap",
-                "nbtool.batching", "nbtool.litert", "nbtool.machine_cache"]
+                "nbtool.batching", "nbtool.litert", "nbtool.machine_cache",
+                "nbtool.planning"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

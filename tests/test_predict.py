@@ -38,6 +38,45 @@ def test_replicas_share_the_chunks_between_workers(engine, keras, unique):
     assert np.abs(res[f"{unique}_wide"] - model.predict(x, verbose=0)).max() <= 1e-4
 
 
+def test_a_cold_ensemble_is_planned_from_what_this_machine_measured(engine, keras, unique):
+    """Never measured: every replica loads and runs it, and the run records its costs.
+    Measured as costly to load: each worker loads a different model, the others load in
+    the background, and the next run uses every replica, each model loaded once per worker."""
+    from conftest import dense_model
+    from nbtool.worker import model_costs, record_cost
+
+    eng = engine
+    x = np.random.default_rng(6).normal(size=(2000, 64)).astype("float32")
+    fresh = f"{unique}_fresh"
+    eng.register(fresh, dense_model(keras, 64, seed=30, n_in=64), replicas=2)
+    first = eng.predict(fresh, x, chunk_size=250)
+    assert first.timings[fresh]["workers"] == ["cpu0", "cpu1"]
+    cpu0 = eng._addresses(["cpu0"])["cpu0"]
+    measured = eng.client.run(model_costs, [eng.registry.get(fresh)], workers=[cpu0])[cpu0]
+    assert measured[fresh]["load"] > 0 and measured[fresh]["row"] > 0
+
+    models = {f"{unique}_a": dense_model(keras, 256, seed=31, n_in=64),
+              f"{unique}_b": dense_model(keras, 128, seed=32, n_in=64)}
+    for name, model in models.items():
+        eng.register(name, model, replicas=2)
+        # As if measured before: loading dwarfs computing these rows.
+        eng.client.run(record_cost, eng.registry.get(name), "cpu:0", load=5.0, row=1e-7,
+                       workers=[cpu0])
+    names = list(models)
+    cold = eng.predict(names, x, chunk_size=250, combine=None)
+    ran_on = [cold.timings[n]["workers"] for n in names]
+    assert sorted(w for ws in ran_on for w in ws) == ["cpu0", "cpu1"], ran_on
+    for name, model in models.items():
+        assert np.abs(cold[name] - model.predict(x, verbose=0)).max() <= 1e-4
+    loaded = eng.load(*names)                     # waits for the background replicas
+    assert all(sorted(loaded[n]) == ["cpu0", "cpu1"] for n in names)
+    states = {w: s["models"] for w, s in eng._statuses().items()}
+    assert all(states[w][n]["loads"] == 1 for w in ("cpu0", "cpu1") for n in names)
+    warm = eng.predict(names, x, chunk_size=250, combine=None)
+    assert all(warm.timings[n]["workers"] == ["cpu0", "cpu1"] for n in names)
+    assert all(warm.timings[n]["load_seconds"] == 0 for n in names)
+
+
 def test_every_format_gives_the_same_answer(engine, model_dir, reference, unique):
     eng = engine
     eng.register(f"{unique}_k", model_dir / "mlp.keras")
