@@ -36,8 +36,8 @@ from .results import Prediction, check_combine, output_agreement
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
 from .tables import Table, human_bytes
-from .worker import (NbtoolWorkerPlugin, load_model, model_costs, resource_name,
-                     unload_models, worker_status)
+from .worker import (NbtoolWorkerPlugin, load_model, model_costs, resident_models,
+                     resource_name, unload_models, worker_status)
 
 logger = logging.getLogger("nbtool")
 
@@ -512,16 +512,14 @@ class Engine:
         if not replicated or self.cluster is None:   # costs are this machine's: local only
             return routes, {}
         used = sorted({w for s in specs for w in routes[s.name]})
-        statuses = self._statuses(used)
-        cold = [s for s in replicated if not any(
-            _is_loaded(statuses.get(w, {}).get("models", {}).get(s.name), s)
-            for w in routes[s.name])]
+        addresses = list(self._addresses(used).values())
+        held = list(self.client.run(resident_models, workers=addresses).values())
+        cold = [s for s in replicated
+                if not any(m.get(s.name) == s.fingerprint for m in held)]
         if not cold:
             return routes, {}
         measured: dict[str, list[dict]] = {}
-        for per_worker in self.client.run(model_costs, specs,
-                                          workers=list(self._addresses(used).values())
-                                          ).values():
+        for per_worker in self.client.run(model_costs, specs, workers=addresses).values():
             for name, c in per_worker.items():
                 measured.setdefault(name, []).append(c)
         if any(s.name not in measured for s in cold):
@@ -709,12 +707,6 @@ def _names(models) -> list[str]:
         else:
             out.extend(_names(list(m)))
     return out
-
-
-def _is_loaded(info: dict | None, spec: ModelSpec) -> bool:
-    """Whether a worker's cache entry holds this very file, ready to run."""
-    return bool(info) and info.get("state") == "loaded" \
-        and info.get("fingerprint") == spec.fingerprint
 
 
 def _state_text(info: dict | None) -> str:
