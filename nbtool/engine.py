@@ -512,10 +512,12 @@ class Engine:
         if not replicated or self.cluster is None:   # costs are this machine's: local only
             return routes, {}
         used = sorted({w for s in specs for w in routes[s.name]})
-        addresses = list(self._addresses(used).values())
-        held = list(self.client.run(resident_models, workers=addresses).values())
+        by_name = self._addresses(used)
+        addresses = list(by_name.values())
+        resident = self.client.run(resident_models, workers=addresses)
+        held = {w: resident.get(a, {}) for w, a in by_name.items()}   # worker -> its models
         cold = [s for s in replicated
-                if not any(m.get(s.name) == s.fingerprint for m in held)]
+                if not any(m.get(s.name) == s.fingerprint for m in held.values())]
         if not cold:
             return routes, {}
         measured: dict[str, list[dict]] = {}
@@ -528,9 +530,11 @@ class Engine:
                 for n, cs in measured.items()}
         busy = dict.fromkeys(used, 0.0)
         for s in specs:
-            if s not in cold and s.name in cost:   # warm models' rows, shared by replicas
+            if s not in cold and s.name in cost:   # the others' rows, and loads still due
+                load, row = cost[s.name]
                 for w in routes[s.name]:
-                    busy[w] += cost[s.name][1] * n_rows / len(routes[s.name])
+                    due = held.get(w, {}).get(s.name) != s.fingerprint
+                    busy[w] += (load if due else 0.0) + row * n_rows / len(routes[s.name])
         plan = plan_cold_routes({s.name: routes[s.name] for s in cold},
                                 {s.name: (cost[s.name][0], cost[s.name][1] * n_rows)
                                  for s in cold}, busy)

@@ -46,6 +46,9 @@ def plan_cold_routes(replicas: dict[str, list[str]], costs: dict[str, tuple[floa
         >>> # compute dominates: both workers load it and share its rows
         >>> plan_cold_routes({"a": both}, {"a": (0.5, 8.0)})
         {'a': ['cpu0', 'cpu1']}
+        >>> # cpu0 is busy with warm models' chunks: the cold one goes to cpu1 alone
+        >>> plan_cold_routes({"a": both}, {"a": (1.0, 0.5)}, busy={"cpu0": 4.0})
+        {'a': ['cpu1']}
     """
     busy = busy or {}
     workers = sorted({w for ws in replicas.values() for w in ws} | set(busy))
