@@ -170,9 +170,13 @@ def main():
         times["floor: compiled, best batch, all cores"] = timed(
             compiled_floor(models, x, batches), args.repeats)
         names = [p.stem for p in paths]
-        cold, warm, cold_parts = [], [], []
+        cold, warm, cold_parts, unplanned = [], [], [], []
         replicas = args.replicas
-        for _ in range(args.repeats):
+        for i in range(2 * args.repeats):
+            # Alternating: planned from measured costs (the default) and every replica
+            # loading every model (NBTOOL_PLAN_COLD=0, as on a model never run here).
+            plan = i % 2 == 0
+            os.environ["NBTOOL_PLAN_COLD"] = "1" if plan else "0"
             t0 = time.perf_counter()
             with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
                 started = time.perf_counter() - t0
@@ -180,7 +184,9 @@ def main():
                 for p in paths:
                     eng.register(p.stem, p, replicas=r)   # the default batch (64)
                 res = eng.predict(names, x)
-                cold.append(time.perf_counter() - t0)
+                (cold if plan else unplanned).append(time.perf_counter() - t0)
+                if not plan:
+                    continue
                 # Where cold time goes: start (workers, TF import), then per worker the
                 # loads (open, trace, warm-up) and the compute of its chunks.
                 cold_parts.append({
@@ -198,7 +204,9 @@ def main():
                 batch_used = {n: res.timings[n]["batch_size"] for n in names}
                 ref = models[0].predict(x[:64], verbose=0)
                 assert np.abs(np.asarray(res[names[0]][:64]) - ref).max() <= 1e-4
+        os.environ.pop("NBTOOL_PLAN_COLD")
         times["nbtool cold (start to result)"] = cold
+        times["nbtool cold, unplanned (NBTOOL_PLAN_COLD=0)"] = unplanned
         times["nbtool warm"] = warm
         npy = folder / "x.npy"
         np.save(npy, x)
@@ -270,6 +278,8 @@ def report(r):
     print("  nbtool cold, each run (the first on new model files, later ones planned from "
           "what it measured): " + ", ".join(
               f"{v:.2f}s" for v in r["seconds"]["nbtool cold (start to result)"]))
+    print("  cold planning: unplanned / planned = "
+          f"{med['nbtool cold, unplanned (NBTOOL_PLAN_COLD=0)'] / med['nbtool cold (start to result)']:.2f}x")
     print("  nbtool cold, where the time goes (median): " + ", ".join(
         f"{k} {v:.2f}s" for k, v in r["cold_breakdown"].items()))
     print(f"  dispatch overhead: {r['dispatch_ms_per_task']:.2f} ms per task")

@@ -505,12 +505,14 @@ class Engine:
 
         Every replica, unless some replicated models are loaded nowhere yet and this
         machine has measured them before: then :func:`nbtool.planning.plan_cold_routes`
-        decides which replicas load and run each of them now.
+        decides which replicas load and run each of them now (``NBTOOL_PLAN_COLD=0`` turns
+        this off).
         """
         routes = {s.name: list(self.placement[s.name]) for s in specs}
         replicated = [s for s in specs if len(routes[s.name]) > 1]
-        if not replicated or self.cluster is None:   # costs are this machine's: local only
-            return routes, {}
+        if not replicated or self.cluster is None \
+                or os.environ.get("NBTOOL_PLAN_COLD", "1") == "0":   # local clusters only:
+            return routes, {}                           # the costs are this machine's
         used = sorted({w for s in specs for w in routes[s.name]})
         by_name = self._addresses(used)
         addresses = list(by_name.values())
