@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import time
+
+
+def arguments(doc: str, rows: int, repeats: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes (``--rows``, ``--repeats``), with its defaults;
+    add more, then ``parse_args()``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=rows)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
 
 
 def timed(fn, repeats: int) -> list[float]:

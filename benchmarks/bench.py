@@ -23,7 +23,6 @@ Writes benchmarks/results/bench.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHAPE = (64, 64, 3)
 
-from _common import compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import arguments, compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def build_models(folder: Path) -> list[Path]:
@@ -147,9 +146,7 @@ def main():
 
     import nbtool
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = arguments(__doc__, rows=2000, repeats=3)
     ap.add_argument("--replicas", type=int, default=None,
                     help="nbtool replicas per model (default: every worker)")
     args = ap.parse_args()

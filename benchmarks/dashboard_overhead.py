@@ -9,7 +9,6 @@ Usage:  .venv/bin/python benchmarks/dashboard_overhead.py [--rows 20000] [--repe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _common import arguments  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 async def timed(eng, names, x, repeats):
@@ -36,9 +37,7 @@ def main():
     import nbtool
     from nbtool.dashboard import Dashboard
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap = arguments(__doc__, rows=20000, repeats=7)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, nbtool.start(
             gpus="none", dashboard_address="127.0.0.1:0") as eng:

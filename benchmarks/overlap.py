@@ -11,7 +11,6 @@ Usage:  .venv/bin/python benchmarks/overlap.py [--rows 3000] [--repeats 5]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _common import small_cnn  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import arguments, small_cnn  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def _set_prefetch(value):
@@ -48,9 +47,7 @@ def make_inputs(folder: Path, rows: int):
 def main():
     import nbtool
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=3000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = arguments(__doc__, rows=3000, repeats=5)
     args = ap.parse_args()
     model = small_cnn((64, 64, 3))
     results = {}

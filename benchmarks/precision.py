@@ -5,7 +5,6 @@ Usage:  .venv/bin/python benchmarks/precision.py [--rows 1000] [--repeats 3]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _common import timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import arguments, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def main():
@@ -22,9 +21,7 @@ def main():
     import nbtool
     from bench import SHAPE, build_models
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = arguments(__doc__, rows=1000, repeats=3)
     args = ap.parse_args()
     x = np.random.default_rng(0).random((args.rows, *SHAPE), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp, nbtool.start(

@@ -9,13 +9,12 @@ Usage:  .venv/bin/python benchmarks/preprocess.py [--rows 8000] [--repeats 5]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _common import timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import arguments, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def main():
@@ -24,9 +23,7 @@ def main():
 
     import nbtool
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=8000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = arguments(__doc__, rows=8000, repeats=5)
     args = ap.parse_args()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Conv2D(16, 3, activation="relu"),

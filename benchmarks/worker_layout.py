@@ -11,7 +11,6 @@ Prints medians and ratios, and writes benchmarks/results/worker_layout.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _common import compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import arguments, compiled_floor, mlp, small_cnn, timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def build_models(folder: Path):
@@ -63,9 +62,7 @@ def floor_in_one_process(folder: Path, x, repeats: int) -> list[float]:
 def main():
     import numpy as np
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = arguments(__doc__, rows=4000, repeats=5)
     args = ap.parse_args()
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp:

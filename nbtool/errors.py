@@ -205,3 +205,15 @@ class PredictionFailed(NbtoolError, RuntimeError):
 def _suffix(path: str) -> str:
     name = str(path).rsplit("/", 1)[-1]
     return "." + name.rsplit(".", 1)[-1] if "." in name else "(no suffix)"
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    r"""The first line of a (library's) error message, cut at ``limit`` characters: what an
+    nbtool error quotes as its reason.
+
+    Example:
+        >>> first_line("ValueError: bad magic\n  at line 3")
+        'ValueError: bad magic'
+    """
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .batching import run_in_batches
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .registry import ModelSpec
 
 
@@ -29,13 +29,6 @@ def worker_name() -> str:
     from .worker import _worker_name
 
     return _worker_name()
-
-
-def first_line(text: str) -> str:
-    """The first line of an error message, shortened (the worker's own helper)."""
-    from .worker import _first_line
-
-    return _first_line(text)
 
 
 class LiteRTPredictor:

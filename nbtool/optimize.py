@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NbtoolError
-from .registry import ModelSpec
+from .registry import ModelSpec, disk_size
 from .results import output_agreement
 from .tables import Table, human_bytes
 
@@ -295,7 +295,7 @@ def compare(engine, original: str, others: list[str], x, labels=None,
                                 dtype=np.float64)[:len(x)]
         variant = "original" if m == original else m.split("@", 1)[1] if "@" in m else m
         rows.append({"model": m, "variant": variant,
-                     "format": spec.format, "size_bytes": _disk_size(spec.path),
+                     "format": spec.format, "size_bytes": disk_size(spec.path),
                      "load_seconds": load_s, "rows_per_second": best})
     ref = outputs[original]
     y = None if labels is None else np.asarray(labels).reshape(-1)
@@ -316,13 +316,6 @@ def compare(engine, original: str, others: list[str], x, labels=None,
             row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
     return Comparison(original, rows, n_rows=len(x), throughput_rows=len(x_run),
                       engine=engine)
-
-
-def _disk_size(path: str) -> int:
-    p = Path(path)
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
 
 
 class Comparison:

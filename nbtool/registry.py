@@ -159,8 +159,23 @@ def _read_h5(name: str, p: Path):
 
 
 def _read_savedmodel(name: str, p: Path):
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return size, [], None
+    return disk_size(p), [], None
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes on disk of a model file, or of every file in a model directory (SavedModel).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "a").write_bytes(b"123")
+        3
+        >>> disk_size(d), disk_size(d / "a")
+        (3, 3)
+    """
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
 
 
 def _read_tflite(name: str, p: Path):

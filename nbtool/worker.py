@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChunkError, ModelLoadError, NbtoolError
+from .errors import ChunkError, ModelLoadError, NbtoolError, first_line
 from .registry import ModelSpec
 from . import overlap
 from .batching import run_in_batches
@@ -370,11 +370,7 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
     """
     if os.environ.get("NBTOOL_BATCH_SWEEP", "1") == "0" or None in row_shape:
         return DEFAULT_BATCH_SIZE
-    # CPU workers of one machine are alike (their threads are in the key); GPUs may differ.
-    kind = "cpu" if device.startswith("cpu") else device
-    key = "|".join(map(str, (spec.fingerprint, spec.path, row_shape, np.dtype(dtype), kind,
-                             os.environ.get("NBTOOL_TF_THREADS", ""),
-                             spec.preprocess is not None)))
+    key = machine_key(spec, device, row_shape, np.dtype(dtype))
     cache = machine_cache("batch_sizes.json")
     if cache.get(key) is not None:
         return int(cache.get(key))
@@ -411,19 +407,32 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
     return best
 
 
+def machine_key(spec: ModelSpec, device: str, *settings) -> str:
+    """The key of what this machine measured for a model: its file, the device kind, the
+    worker's threads, its preprocessing, and the ``settings`` that change the measure.
+
+    CPU workers of one machine are alike (their threads are in the key); GPUs may differ.
+
+    Example:
+        >>> spec = ModelSpec("mlp", "/m/mlp.keras", "keras", 10, "10-1")
+        >>> machine_key(spec, "cpu:1", 64) == machine_key(spec, "cpu:0", 64)
+        True
+    """
+    kind = "cpu" if device.startswith("cpu") else device
+    return "|".join(map(str, (spec.fingerprint, spec.path, kind,
+                              os.environ.get("NBTOOL_TF_THREADS", ""),
+                              spec.preprocess is not None, *settings)))
+
+
 def cost_key(spec: ModelSpec, device: str) -> str:
-    """The key of a model's measured costs on this machine: its file, the device kind, the
-    worker's threads, and the settings that change its compute.
+    """The key of a model's load and per-row costs here (see :func:`machine_key`).
 
     Example:
         >>> spec = ModelSpec("mlp", "/m/mlp.keras", "keras", 10, "10-1")
         >>> cost_key(spec, "cpu:1") == cost_key(spec, "cpu:0")   # CPU workers are alike
         True
     """
-    kind = "cpu" if device.startswith("cpu") else device
-    return "|".join(map(str, (spec.fingerprint, spec.path, kind,
-                              os.environ.get("NBTOOL_TF_THREADS", ""), spec.batch_size,
-                              spec.preprocess is not None, spec.precision)))
+    return machine_key(spec, device, spec.batch_size, spec.precision)
 
 
 def record_cost(spec: ModelSpec, device: str, **measured: float) -> None:
@@ -573,11 +582,11 @@ def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
                               f"if you trust this file, register it with trusted=True: "
                               f"eng.register({spec.name!r}, {spec.path!r}, trusted=True)")
     if "could not locate" in low or "unknown layer" in low or "custom_objects" in low:
-        return ModelLoadError(spec.name, spec.path, worker, _first_line(msg),
+        return ModelLoadError(spec.name, spec.path, worker, first_line(msg),
                               "the model uses a custom class; make it importable on the "
                               "workers (register it with @keras.saving."
                               "register_keras_serializable in an installed module)")
-    return ModelLoadError(spec.name, spec.path, worker, _first_line(msg),
+    return ModelLoadError(spec.name, spec.path, worker, first_line(msg),
                           "check that the file is complete (re-save it with "
                           "model.save('name.keras')) and that the Keras version matches")
 
@@ -590,12 +599,7 @@ def _describe(e: Exception) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].startswith("Graph execution error"):
         lines = lines[-1:]   # the op's own message comes last, after the Python stack
-    return f"{type(e).__name__}: {_first_line(chr(10).join(lines))}"
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= limit else line[:limit] + "..."
+    return f"{type(e).__name__}: {first_line(chr(10).join(lines))}"
 
 
 def _release_memory() -> None:
