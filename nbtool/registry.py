@@ -118,12 +118,23 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     size, inputs, n_outputs = reader(name, p)
     shape, dtype = inputs[0] if inputs else (None, None)
     return ModelSpec(name=name, path=str(p), format=fmt, size_bytes=size,
-                     fingerprint=_fingerprint(p), input_shape=shape, input_dtype=dtype,
+                     fingerprint=file_fingerprint(p), input_shape=shape, input_dtype=dtype,
                      n_inputs=max(len(inputs), 1), n_outputs=n_outputs, **options)
 
 
-def _fingerprint(p: Path) -> str:
-    """Size and modification time of the file (or the newest file of a directory)."""
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Size and modification time of a model file (or of a directory's newest file).
+
+    Cheap enough to ask before every load and every run: a model re-saved in place gets a
+    new fingerprint, so a stale copy is never served without a word.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "m.keras"; _ = f.write_bytes(b"123")
+        >>> file_fingerprint(f).startswith("3-")
+        True
+    """
+    p = Path(path)
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     stats = [f.stat() for f in files]
     return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
