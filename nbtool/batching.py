@@ -16,11 +16,17 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import BatchAxisMismatch
 
-def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray], list]
-                   ) -> list[np.ndarray]:
+
+def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray], list],
+                   model: str | None = None, path: str | None = None) -> list[np.ndarray]:
     """``run_batch`` on every ``batch_size`` rows (as ``dtype``), the last batch padded with
     zeros; returns one array per output, the padding rows dropped.
+
+    Every output's first axis must be the rows sent: a model that merges or fixes its batch
+    axis would otherwise give outputs of the wrong shape (or wrong rows) without a word, so
+    it raises :class:`~nbtool.errors.BatchAxisMismatch` naming ``model`` and ``path``.
 
     Example:
         >>> import numpy as np
@@ -39,5 +45,24 @@ def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray
             padded = np.zeros((batch_size, *batch.shape[1:]), dtype)
             padded[:m] = batch
             batch = padded
-        parts.append([np.asarray(y)[:m] for y in run_batch(batch)])
+        outs = [np.asarray(y) for y in run_batch(batch)]
+        check_batch_axis(outs, batch_size, model, path)
+        parts.append([y[:m] for y in outs])
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def check_batch_axis(outputs: list[np.ndarray], rows: int, model: str | None = None,
+                     path: str | None = None) -> None:
+    """Raise :class:`~nbtool.errors.BatchAxisMismatch` unless every output has ``rows``
+    rows first (the batch that was sent, padding included).
+
+    Example:
+        >>> check_batch_axis([np.zeros((4, 3))], 4)
+        >>> check_batch_axis([np.zeros((1, 8, 3))], 4, "pose", "pose.tflite")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.BatchAxisMismatch: model 'pose' (pose.tflite) returned output 0 of shape (1, 8, 3) for a batch of 4 rows; ...
+    """
+    for i, y in enumerate(outputs):
+        if y.ndim == 0 or y.shape[0] != rows:
+            raise BatchAxisMismatch(model, path, i, rows, y.shape)

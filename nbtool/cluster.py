@@ -6,6 +6,11 @@ environment and device of its :class:`~nbtool.devices.WorkerSlot`. The environme
 the worker through the Nanny, before the worker process (spawned, never forked) imports
 CUDA or TensorFlow.
 
+Nobody else gets in: Dask runs pickled functions, so whoever can talk to the scheduler runs
+code as the notebook's user. The cluster speaks TLS with mutual authentication, under a
+certificate made for this session (:meth:`distributed.security.Security.temporary`) that
+only this kernel and its worker processes hold; every component listens on 127.0.0.1.
+
 Example:
     >>> from nbtool.devices import plan_workers
     >>> cluster = PinnedCluster(plan_workers([], n_workers=2))   # doctest: +SKIP
@@ -16,11 +21,23 @@ Example:
 from __future__ import annotations
 
 import copy
+import ipaddress
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
 
 from distributed import LocalCluster, Nanny
+from distributed.security import Security
 
 from .devices import WorkerSlot
+from .errors import NbtoolError
 from .worker import resource_name
+
+#: Where :func:`nbtool.sources.shared_folder` hands inputs to local workers, one per kernel.
+SHARED_ROOT = "/dev/shm"
+_SHARED_NAME = re.compile(r"^nbtool-(\d+)$")
 
 
 class PinnedCluster(LocalCluster):
@@ -33,14 +50,23 @@ class PinnedCluster(LocalCluster):
         after its slot (``"gpu0"``, ``"cpu1"``): names survive worker restarts, addresses
         do not, so nbtool always refers to workers by name.
     dashboard_address : str, default "127.0.0.1:8787"
-        Where Dask's dashboard listens. Only loopback addresses are accepted by default.
+        Where Dask's dashboard listens (plain HTTP, read-only). Only loopback addresses are
+        accepted unless ``allow_remote_dashboard=True``.
+    security : distributed.security.Security, optional
+        How scheduler, nannies, workers and clients authenticate each other. Default: a
+        fresh :meth:`~distributed.security.Security.temporary` (TLS, a self-signed
+        certificate held in memory by this process), so a client without it is refused.
+    allow_remote_dashboard : bool, default False
+        Let the dashboard listen on a non-loopback address (e.g. ``"0.0.0.0:8787"``):
+        anyone who can reach that address can watch the cluster.
     **kwargs
         Passed to :class:`distributed.LocalCluster`.
 
     Raises
     ------
     ValueError
-        If ``slots`` is empty or two slots share a name.
+        If ``slots`` is empty, two slots share a name, or the dashboard address is not
+        loopback (without ``allow_remote_dashboard=True``).
 
     Examples
     --------
@@ -52,7 +78,9 @@ class PinnedCluster(LocalCluster):
     """
 
     def __init__(self, slots: list[WorkerSlot], *, dashboard_address: str = "127.0.0.1:8787",
+                 security: Security | None = None, allow_remote_dashboard: bool = False,
                  **kwargs):
+        check_dashboard_address(dashboard_address, allow_remote_dashboard)
         if not slots:
             raise ValueError("PinnedCluster needs at least one WorkerSlot; got none.")
         names = [s.name for s in slots]
@@ -69,9 +97,49 @@ class PinnedCluster(LocalCluster):
             host="127.0.0.1",
             dashboard_address=dashboard_address,
             worker_class=Nanny,
+            # With require_encryption, LocalCluster picks tls:// for every component.
+            security=security if security is not None else Security.temporary(),
             **kwargs,
         )
         self.scale(len(slots))
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard where it really listens: the host bound and, for port 0, the port.
+
+        Dask's own link names the scheduler's host, which is wrong for a dashboard bound to
+        another address (``"0.0.0.0:8799"``).
+
+        Example:
+            >>> cluster.dashboard_link                           # doctest: +SKIP
+            'http://127.0.0.1:40123/status'
+        """
+        from distributed.utils import format_dashboard_link
+
+        server = getattr(self.scheduler, "services", {}).get("dashboard")
+        if server is None:
+            return ""
+        host = getattr(server, "address", None) or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host    # an IPv6 literal in a URL
+        return format_dashboard_link(host, server.port)
+
+    def failed_workers(self) -> dict[str, str]:
+        """Workers whose Nanny gave up starting the worker process, with the reason.
+
+        Dask keeps a Nanny's startup failure inside a background task; this makes it
+        visible at once, so :func:`nbtool.start` fails now rather than after its timeout.
+
+        Example:
+            >>> cluster.failed_workers()                         # doctest: +SKIP
+            {'cpu0': 'RuntimeError: Nanny failed to start worker process'}
+        """
+        from distributed.core import Status
+
+        out = {}
+        for name, nanny in list(self.workers.items()):
+            if getattr(nanny, "status", None) == Status.failed:
+                out[str(name)] = _exception_chain(getattr(nanny, "_Server__startup_exc", None))
+        return out
 
     def new_worker_spec(self) -> dict:
         """The spec of the next slot that has no worker yet: its name and environment."""
@@ -87,3 +155,150 @@ class PinnedCluster(LocalCluster):
         # worker has it again the moment its Nanny restarts it.
         spec["options"]["resources"] = {resource_name(name): 1}
         return {name: spec}
+
+
+def check_dashboard_address(address: str | int | None, allow_remote: bool = False) -> None:
+    """Refuse a dashboard address that is not loopback, unless the user opts in.
+
+    Dask reads a bare port (``":8787"``, ``8787``) as every interface. ``None`` turns the
+    dashboard off and is always fine.
+
+    Example:
+        >>> check_dashboard_address("127.0.0.1:0")
+        >>> check_dashboard_address("0.0.0.0:8799")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: dashboard_address='0.0.0.0:8799' listens on every interface...
+    """
+    if address is None or allow_remote:
+        return
+    from distributed.utils import clean_dashboard_address
+
+    try:
+        hosts = [a["address"] for a in clean_dashboard_address(address)]
+    except ValueError:   # Dask cannot read it either (e.g. an IPv6 literal with a port)
+        raise ValueError(f"dashboard_address={address!r}: expected 'host:port' with a "
+                         "loopback host, such as '127.0.0.1:8787' (port 0: any free port)."
+                         " Fix: pass it in that form.") from None
+    if all(_is_loopback(h) for h in hosts):
+        return
+    port = str(address).rsplit(":", 1)[-1]
+    where = "every interface" if "" in hosts or "0.0.0.0" in hosts or "::" in hosts \
+        else f"{', '.join(str(h) for h in hosts)}, not only this machine"
+    raise ValueError(
+        f"dashboard_address={address!r} listens on {where}: expected a loopback address "
+        f"such as '127.0.0.1:{port if port.isdigit() else '8787'}'. Dask's dashboard is plain "
+        "HTTP without a login, so anyone who can reach it can watch this cluster. Fix: use "
+        "127.0.0.1 (reach it from elsewhere through an SSH tunnel), or pass "
+        "allow_remote_dashboard=True if that is what you want.")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _exception_chain(exc: BaseException | None) -> str:
+    """``"RuntimeError: a <- OSError: b"``: an exception and the ones that caused it."""
+    parts = []
+    while exc is not None and len(parts) < 5:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts) or "unknown reason"
+
+
+def spawn_problem() -> str | None:
+    """Why a spawned worker process cannot start from this main module, if we can tell.
+
+    Spawned processes (Dask's Nanny spawns its workers) first re-run the main module from
+    its file, as ``__mp_main__``. A script fed on standard input (``python - < run.py``) or
+    an ``exec``'d one has a file name that is no file, and every worker dies before Dask
+    even starts in it; that error reaches only the terminal's stderr. This reads the same
+    preparation data that ``multiprocessing`` sends and checks it, without running anything.
+
+    Example:
+        >>> spawn_problem() is None or "main module" in spawn_problem()
+        True
+    """
+    from multiprocessing import spawn
+
+    try:
+        main_path = spawn.get_preparation_data("nbtool-check").get("init_main_from_path")
+    except Exception:   # not ours to diagnose
+        return None
+    if main_path and not os.path.isfile(main_path):
+        return (f"FileNotFoundError: [Errno 2] No such file or directory: {main_path!r} "
+                "(each worker process re-runs the main module from its file, and this "
+                "program's main module has no file: it was read from standard input or a "
+                "string)")
+    return None
+
+
+def start_failure(failed: dict[str, str]) -> NbtoolError:
+    """The error :func:`nbtool.start` raises when worker processes could not start.
+
+    Example:
+        >>> str(start_failure({"cpu0": "RuntimeError: boom"}))  # doctest: +ELLIPSIS
+        "worker 'cpu0' could not start: RuntimeError: boom. Fix: ..."
+    """
+    name, reason = sorted(failed.items())[0]
+    cause = spawn_problem()
+    if cause:
+        return NbtoolError(
+            f"worker {name!r} could not start: {cause}. Fix: save the script to a file and "
+            "run it as `python script.py`, with the nbtool.start() call under "
+            "`if __name__ == '__main__':`.")
+    return NbtoolError(
+        f"worker {name!r} could not start: {reason}. Fix: read the worker's own error in "
+        "the log above (stderr of this process); in a script, guard the call with "
+        "`if __name__ == '__main__':` (workers are spawned processes that import the main "
+        "module).")
+
+
+def clean_stale_shared_folders(root: str | os.PathLike = SHARED_ROOT) -> list[Path]:
+    """Remove the ``nbtool-<pid>`` input folders of kernels that are gone; returns them.
+
+    A kernel that was killed never ran its cleanup, and ``/dev/shm`` is memory: what it
+    left there stays until reboot. Only real folders owned by this user whose process no
+    longer exists go; other users' folders, live processes' and symlinks are never touched.
+
+    Example:
+        >>> clean_stale_shared_folders("/nonexistent")
+        []
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SHARED_NAME.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    except OverflowError:     # not a pid at all; keep it rather than guess
+        return True
+    return True

@@ -244,6 +244,13 @@ class Dashboard:
     def unload(self, name: str, hard: bool = False) -> None:
         """Unload a model: soft at once; hard in a helper thread (workers restart)."""
         if hard:
+            # A load future held here is a task the scheduler would run again on the
+            # restarted workers: finished ones are reported and let go, this model's
+            # unfinished ones cancelled (it must not come back).
+            self._settle_pending()
+            for _, fut in [p for p in self._pending if p[0] == f"load {name}"]:
+                fut.cancel()
+            self._pending = [p for p in self._pending if p[0] != f"load {name}"]
             fut = self._threads.submit(self.engine.unload, name, True)
             self._pending.append((f"hard unload {name}", fut))
             self.message.value = f"restarting the workers that held {html.escape(name)}..."

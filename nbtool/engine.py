@@ -15,9 +15,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
+import operator
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -29,9 +31,10 @@ from dask.utils import parse_bytes
 from distributed import Client
 
 from .devices import WorkerInfo, discover_gpus, place, plan_workers, select_gpus
-from .errors import ModelLoadError, NbtoolError
+from .errors import EngineClosed, ModelLoadError, NbtoolError
 from .planning import plan_cold_routes
-from .registry import ModelSpec, Registry, find_models, inspect_model
+from .registry import (ModelSpec, Registry, check_batch_size, check_name, check_replicas,
+                       file_fingerprint, find_models, inspect_model)
 from .results import Prediction, check_combine, output_agreement
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
@@ -44,8 +47,36 @@ logger = logging.getLogger("nbtool")
 #: Seconds to wait for workers to start (each imports TensorFlow: a few seconds per core).
 WORKER_START_TIMEOUT = 120
 
-_NAME = re.compile(r"^[^\s]+$")
 _default_engine: "Engine | None" = None
+
+
+def _open(method):
+    """Refuse ``method`` on a closed engine with :class:`~nbtool.errors.EngineClosed`.
+
+    Checked before the method touches the cluster: a closed client otherwise fails deep
+    inside Dask (``RuntimeError: IOLoop is closed``) or, for ``register``, not at all.
+
+    Example:
+        >>> eng.close(); eng.predict("cnn", x)   # doctest: +SKIP
+        Traceback (most recent call last):
+        nbtool.errors.EngineClosed: eng.predict(...): this engine is closed; start a new one ...
+    """
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def guarded_async(self, *args, **kwargs):
+            if getattr(self, "_closed", False):
+                raise EngineClosed(method.__name__)
+            return await method(self, *args, **kwargs)
+
+        return guarded_async
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if getattr(self, "_closed", False):
+            raise EngineClosed(method.__name__)
+        return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class Engine:
@@ -113,6 +144,7 @@ class Engine:
         back = {a: n for n, a in addrs.items()}
         return {back[a]: s for a, s in raw.items() if a in back}
 
+    @_open
     def set_memory_budget(self, memory_budget: str | int) -> None:
         """Change every worker's model budget now (and for workers that restart later).
 
@@ -121,16 +153,13 @@ class Engine:
         Example:
             >>> eng.set_memory_budget("2GB")   # doctest: +SKIP
         """
-        budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) \
-            else int(memory_budget)
-        if budget <= 0:
-            raise ValueError(f"memory_budget={memory_budget!r}: expected a positive size "
-                             "such as '4GB'.")
+        budget = _check_size(memory_budget, "memory_budget", allow_none=False)
         # Re-registering the plugin runs its setup on every worker now and on restarts.
         self.client.register_plugin(NbtoolWorkerPlugin(budget))
         self.refresh_workers()
 
     # -- registering ---------------------------------------------------------------------
+    @_open
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
                  batch_size: int | str | None = None, preprocess: Callable | None = None,
                  trusted: bool = False, precision: str | None = None) -> ModelSpec:
@@ -141,12 +170,17 @@ class Engine:
         work folder. ``device`` is ``"auto"``, ``"cpu"``, ``"gpu"`` or e.g. ``"gpu:1"``;
         ``replicas`` places it on that many workers so its chunks run in parallel.
         Nothing loads now: the model loads on a worker the first time it is used (or on
-        :meth:`load`). ``trusted=True`` lets Keras deserialize Lambda layers and custom
-        code from this file (safe mode is on otherwise). ``preprocess`` runs inside the
+        :meth:`load`). ``name`` holds letters, digits and ``_ - . @ +`` (it names files
+        and result arrays). ``trusted=True`` lets Keras deserialize Lambda layers and custom
+        code from this file (safe mode is on otherwise); without it a file holding a
+        Python lambda is refused here, and so is every SavedModel directory (its graph
+        can run any TensorFlow op, file reads and writes included). ``preprocess`` runs inside the
         compiled graph on the worker: a preset name (``"rescale"``, ``"mobilenet"``,
         ``"imagenet"``, ``"cast"``), a :class:`nbtool.preprocess.Preprocess`, or a function of
         TF ops; with a preset, inputs travel as uint8. ``batch_size="auto"`` picks one by a
-        quick sweep at the first load (remembered per machine); ``None`` means 64.
+        quick sweep at the first load (remembered per machine); ``None`` means 64; any
+        other value must be a whole number >= 1. A file re-saved in place is picked up at
+        the next run or load (see :meth:`submit`).
         ``precision="bfloat16"`` (or ``"float16"``) runs the model in mixed precision, opt-in:
         check it with :meth:`agreement` against the float32 model first. Registering a name again replaces
         it (a no-op if nothing changed).
@@ -155,9 +189,10 @@ class Engine:
             >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
             >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
         """
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"model name {name!r}: expected a non-empty string without "
-                             "spaces, e.g. 'cnn' or 'resnet_v2'.")
+        # Everything is checked before a model object is saved under the name.
+        check_name(name, model if isinstance(model, (str, os.PathLike)) else None)
+        replicas = check_replicas(name, replicas)
+        batch_size = check_batch_size(name, batch_size)
         path = self._model_path(name, model)
         if isinstance(preprocess, str):
             from .preprocess import preset
@@ -170,7 +205,7 @@ class Engine:
                 raise ValueError(f"model {name!r}: precision={precision!r}; expected None, "
                                  f"'float32' or one of {sorted(PRECISIONS)} (mixed: weights "
                                  "stay float32, the math runs in the lower precision).")
-        spec = inspect_model(name, path, device=device, replicas=int(replicas),
+        spec = inspect_model(name, path, device=device, replicas=replicas,
                              batch_size=batch_size, preprocess=preprocess,
                              trusted=bool(trusted),
                              precision=None if precision == "float32" else precision)
@@ -180,8 +215,14 @@ class Engine:
         if isinstance(model, (str, os.PathLike)):
             return str(model)
         if hasattr(model, "save") and hasattr(model, "inputs"):   # a Keras model object
-            path = self.work_dir / f"{name}.keras"
-            model.save(path)
+            path = self.work_dir / f"{name}.keras"   # name is checked: stays in work_dir
+            # Saved aside, then moved: a worker loading the previous one never reads half.
+            aside = Path(tempfile.mkdtemp(dir=self.work_dir, prefix=".saving-"))
+            try:
+                model.save(aside / path.name)
+                os.replace(aside / path.name, path)
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
             return str(path)
         raise TypeError(f"model {name!r}: expected a path to a .keras/.h5 file or SavedModel "
                         f"directory, or a Keras model; got {type(model).__name__}.")
@@ -195,10 +236,38 @@ class Engine:
         workers = place(spec.name, spec.size_bytes, spec.device, spec.replicas,
                         self.workers.values(), assigned)
         if old is not None:   # replaced: the old copies must not keep serving
-            self._soft_unload([spec.name])
+            self._drop_old_copies(spec.name)
         self.placement[spec.name] = workers
         self.registry.add(spec)
         return spec
+
+    def _drop_old_copies(self, name: str) -> None:
+        """Soft-unload ``name`` on every worker (not only where it is placed now: an older
+        placement may still hold it), and cancel its queued background loads."""
+        for key in [k for k in self._background_loads if k[0] == name]:
+            self._background_loads.pop(key).cancel()
+        addrs = self._addresses()
+        if addrs:
+            self.client.run(unload_models, [name], workers=list(addrs.values()))
+
+    def _refresh_changed(self, names: Iterable[str]) -> None:
+        """Re-register every model among ``names`` whose file changed since it was
+        registered (same options, signature read again), with a warning; the old copies
+        are unloaded from every worker before anything else is scheduled.
+
+        A stat per model: cheap enough for every run and load. A file gone or broken
+        now raises here, clearly, instead of serving the copy still in memory.
+        """
+        for name in dict.fromkeys(names):
+            spec = self.registry.get(name)
+            if file_fingerprint(spec.path) == spec.fingerprint:
+                continue
+            options = {f: getattr(spec, f) for f in ("device", "replicas", "batch_size",
+                                                     "preprocess", "trusted", "precision")}
+            self._add(inspect_model(name, spec.path, **options))
+            warnings.warn(f"model {name!r} ({spec.path}) changed since it was registered; "
+                          "using the new file (re-registered with the same options; the old "
+                          "copies were unloaded from the workers).", stacklevel=3)
 
     def _assigned_bytes(self, exclude: str | None = None) -> dict[str, int]:
         assigned: dict[str, int] = {}
@@ -209,6 +278,7 @@ class Engine:
                 assigned[w] = assigned.get(w, 0) + self.registry.get(name).size_bytes
         return assigned
 
+    @_open
     def agreement(self, a: str, b: str, x: Any, chunk_size: int | None = None) -> dict:
         """How far two models' outputs are apart on ``x``: top-1 agreement, max abs diff.
 
@@ -227,6 +297,7 @@ class Engine:
             raise ValueError(f"models {a!r} and {b!r} give {e}") from None
         return {**out, "rows": res.n_rows}
 
+    @_open
     def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
                      batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:
         """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
@@ -234,12 +305,17 @@ class Engine:
 
         Each is named after its file (without suffix). They are placed largest first, so
         ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
-        be read is skipped with a warning that says why; the others are registered.
+        be read is skipped with a warning that says why; the others are registered. So is
+        a file whose name is not a valid model name (``my model.keras``): the warning
+        suggests a clean name to register it under (nbtool never picks one for you). So
+        are SavedModels and files holding a Python lambda, unless ``trusted=True``.
 
         Example:
             >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
             ['cnn', 'mlp', 'exported']
         """
+        replicas = check_replicas(None, replicas)
+        batch_size = check_batch_size(None, batch_size)
         found = find_models(folder)
         if not found:
             raise NbtoolError(f"folder {folder}: no models found; expected .keras, .h5 "
@@ -248,7 +324,7 @@ class Engine:
         specs, problems = [], []
         for n, p in found.items():
             try:
-                specs.append(inspect_model(n, p, device=device, replicas=int(replicas),
+                specs.append(inspect_model(n, p, device=device, replicas=replicas,
                                            batch_size=batch_size, trusted=bool(trusted)))
             except NbtoolError as e:   # one bad file must not cost the user the others
                 problems.append(e)
@@ -260,6 +336,7 @@ class Engine:
         return [self._add(s) for s in specs]
 
     # -- looking -----------------------------------------------------------------------
+    @_open
     def models(self) -> Table:
         """A table of the registered models: format, size, placement, state per worker.
 
@@ -291,6 +368,7 @@ class Engine:
             })
         return Table(rows, title="models")
 
+    @_open
     def devices(self) -> Table:
         """A table of the workers: device, memory in use, model budget, resident models.
 
@@ -313,6 +391,7 @@ class Engine:
         return Table(rows, title="devices")
 
     # -- loading and unloading -----------------------------------------------------------
+    @_open
     def load(self, *models: str | list[str]) -> dict[str, dict[str, dict]]:
         """Load models now on every worker they are placed on (else they load on first use).
 
@@ -339,16 +418,20 @@ class Engine:
             raise failures[0]
         return out
 
+    @_open
     def start_load(self, *models: str | list[str]) -> dict[tuple[str, str], Any]:
         """Start loading models on their workers and return at once.
 
-        Returns the futures by (model, worker); :meth:`load` is this plus waiting.
+        Returns the futures by (model, worker); :meth:`load` is this plus waiting. A model
+        whose file changed since it was registered is re-registered first (with a warning),
+        so the new file is what loads.
 
         Example:
             >>> futures = eng.start_load("cnn")      # doctest: +SKIP
             >>> futures[("cnn", "cpu0")].result()["state"]   # doctest: +SKIP
             'loaded'
         """
+        self._refresh_changed(_names(models))
         specs = [self.registry.get(n) for n in _names(models)]
         futures = {}
         for spec in specs:
@@ -366,6 +449,7 @@ class Engine:
                                               entry.get("input_dtype"),
                                               entry.get("n_outputs")))
 
+    @_open
     def unload(self, models: str | list[str] | None = None, hard: bool = False) -> list[str]:
         """Unload models (all if ``None``) from the workers.
 
@@ -396,13 +480,26 @@ class Engine:
             return []
         keep = {w: [m for m in s["lru_order"] if m not in names and m in self.registry]
                 for w, s in holders.items()}
+        # What comes back is what the files hold now, never a copy of a file since re-saved.
+        self._refresh_changed({m for ms in keep.values() for m in ms})
+        # A finished load still held here is a task the scheduler would run again on the
+        # restarted workers (a finished task is recomputed while someone wants it): let go.
+        for key in [k for k, f in self._background_loads.items() if f.done()]:
+            self._background_loads.pop(key).release()
         self.client.restart_workers(self._restriction(sorted(holders)))
         self._wait_for_workers(sorted(holders))
         futures = [self.client.submit(load_model, self.registry.get(m),
                                       resources={resource_name(w): 1}, pure=False,
                                       key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
                    for w, ms in keep.items() for m in ms]
-        self.client.gather(futures)
+        # Gathered without raising: a raised error's traceback would keep these futures in
+        # a reference cycle, and the next restart would run the loads again.
+        self.client.gather(futures, errors="skip")
+        for fut in futures:
+            if fut.status == "error":   # the unload asked for has happened: say, not raise
+                warnings.warn(f"hard unload: a model the restarted workers held could not "
+                              f"be loaded again (it loads on its next use or says why): "
+                              f"{fut.exception()}", stacklevel=2)
         return sorted(holders)
 
     def _soft_unload(self, names: list[str]) -> list[str]:
@@ -424,40 +521,58 @@ class Engine:
                           "(eng.client.get_worker_logs()).")
 
     # -- predicting --------------------------------------------------------------------------
+    @_open
     def predict(self, models: str | list[str], x: Any, chunk_size: int | None = None,
-                combine: str | None = "mean", save: str | None = None) -> Prediction:
+                combine: str | None = "mean", save: str | None = None, *,
+                partial_combine: bool = False) -> Prediction:
         """Run models on ``x`` in chunks on the workers; returns a :class:`Prediction`.
 
         ``x`` is an ndarray, a path to a ``.npy`` (workers memory-map their slices) or a
         Dask array (its row blocks become the chunks). The input is checked against every
         model before anything is scheduled. ``combine`` is ``"mean"``, ``"vote"`` or
         ``None``. A chunk that fails does not discard the others: see ``res.errors`` and
-        ``res.raise_for_errors()``. ``save="preds.npz"`` also writes the outputs there.
+        ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
+        says which model failed where), unless ``partial_combine=True``: the rows a model
+        failed on are then combined from the other models (NaN where every model failed).
+        ``save="preds.npz"`` also writes the outputs there; ``save="preds.zarr"`` writes a
+        resumable result store (one run at a time: another run on the same path is refused).
 
         Example:
             >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
             >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
             ((2000, 10), (2000,))
         """
-        return self.submit(models, x, chunk_size, combine, save).collect()
+        return self.submit(models, x, chunk_size, combine, save,
+                           partial_combine=partial_combine).collect()
 
+    @_open
     async def predict_async(self, models: str | list[str], x: Any,
                             chunk_size: int | None = None, combine: str | None = "mean",
-                            save: str | None = None) -> Prediction:
+                            save: str | None = None, *,
+                            partial_combine: bool = False) -> Prediction:
         """The awaitable twin of :meth:`predict`: the event loop stays free while it runs.
+        Cancelling the awaiting task cancels the run.
 
         Example:
             >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
         """
-        run = self.submit(models, x, chunk_size, combine, save)
-        return await asyncio.to_thread(run.collect)
+        run = self.submit(models, x, chunk_size, combine, save,
+                          partial_combine=partial_combine)
+        try:
+            return await asyncio.to_thread(run.collect)
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
 
+    @_open
     def submit(self, models: str | list[str], x: Any, chunk_size: int | None = None,
-               combine: str | None = "mean", save: str | None = None) -> PredictionRun:
+               combine: str | None = "mean", save: str | None = None, *,
+               partial_combine: bool = False) -> PredictionRun:
         """Check the input, schedule the prediction and return at once with the run.
 
         ``run.progress()`` says how far each model is; ``run.collect()`` waits and returns
-        the :class:`Prediction`. :meth:`predict` is ``submit(...).collect()``.
+        the :class:`Prediction` (and lets go of the run's tasks, store lock and input
+        file); ``run.cancel()`` stops it. :meth:`predict` is ``submit(...).collect()``.
 
         Example:
             >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
@@ -469,8 +584,13 @@ class Engine:
         names = list(dict.fromkeys(_names([models])))
         if not names:
             raise ValueError("predict needs at least one model name.")
+        # A file re-saved in place: re-registered and its old copies unloaded, before
+        # anything below reads its spec (the signature may have changed too).
+        self._refresh_changed(names)
         specs = [self.registry.get(n) for n in names]
-        source = self._local_handoff(as_source(x))
+        # Everything that can refuse the run comes first; the input goes to shared memory
+        # last (see _local_handoff), so a refused input costs no RAM.
+        source = as_source(x)
         unknown = [s.name for s in specs if s.input_shape is None and s.preprocess is None]
         if unknown:   # SavedModels: learn their input signature before checking
             self.load(*unknown)
@@ -479,24 +599,35 @@ class Engine:
             check_fits(spec, source)
         used = {w for n in names for w in self.placement[n]}
         size = resolve_chunk_size(chunk_size, source, len(used), self._max_chunk_bytes(used))
-        store, done = self._open_store(save, specs, source, size)
-        devices = {w.name: w.device for w in self.workers.values()}
-        routes, later = self._routes(specs, source.n_rows)
+        import uuid
 
-        def finish(res):
+        run_id = uuid.uuid4().hex[:8]   # names its tasks, and its writes to a result store
+        store, done = self._open_store(save, specs, source, size, run_id)
+        try:
+            devices = {w.name: w.device for w in self.workers.values()}
+            routes, later = self._routes(specs, source.n_rows)
+            source = self._local_handoff(source)
+
+            def finish(res):
+                self._finish_run(res, save)
+                # Only now: queued beside the run, these loads went ahead of its chunks
+                # (measured).
+                self._load_in_background(later)
+
+            run = PredictionRun(self.client, [(s, routes[s.name]) for s in specs],
+                                source, size, combine,
+                                devices=devices, on_done=finish, store=store, done=done,
+                                dask_names=self._dask_names, run_id=run_id,
+                                partial_combine=partial_combine)
+        except BaseException:
+            if store is not None:
+                store.release()
             getattr(source, "cleanup", lambda: None)()
-            self._finish_run(res, save)
-            # Only now: queued beside the run, these loads went ahead of its chunks (measured).
-            self._load_in_background(later)
-
-        run = PredictionRun(self.client, [(s, routes[s.name]) for s in specs],
-                            source, size, combine,
-                            devices=devices, on_done=finish, store=store, done=done,
-                            dask_names=self._dask_names)
+            raise
         try:
             run.submit()
         except BaseException:
-            getattr(source, "cleanup", lambda: None)()
+            run.cancel()   # the store lock, the input file, any task already sent
             raise
         return run
 
@@ -557,7 +688,12 @@ class Engine:
                         pure=False, key=f"nbtool-replica-{name}-{w}-{time.monotonic_ns()}")
 
     def _local_handoff(self, source):
-        """On a local cluster, hand an ndarray over as a shared memory-mapped file."""
+        """On a local cluster, hand an ndarray over as a shared memory-mapped file.
+
+        Called last in :meth:`submit`, once everything that can refuse the run has passed:
+        the file takes RAM in ``/dev/shm`` until the run ends. A write that fails (a full
+        disk) leaves no partial file: the array is scattered instead.
+        """
         from .sources import ArraySource, SharedArraySource, shared_folder
 
         if self.cluster is None or type(source) is not ArraySource:
@@ -565,7 +701,16 @@ class Engine:
         nbytes = source.array.nbytes
         folder = shared_folder(self.work_dir / "inputs", nbytes)
         self._shared_dirs.add(folder)
-        return SharedArraySource(source.array, folder)
+        before = set(os.listdir(folder)) if folder.is_dir() else set()
+        try:
+            return SharedArraySource(source.array, folder)
+        except OSError as e:
+            for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
+                if name.startswith("input-"):
+                    Path(folder, name).unlink(missing_ok=True)
+            logger.warning("could not write the input to %s (%s); sending it to the "
+                           "workers instead", folder, e)
+            return source
 
     def _max_chunk_bytes(self, workers) -> int | None:
         """A quarter of the smallest worker memory limit: input rows, their copy in the
@@ -575,8 +720,10 @@ class Engine:
                   if str(w.get("name")) in workers and w.get("memory_limit")]
         return min(limits) // 4 if limits else None
 
-    def _open_store(self, save, specs, source, chunk_size):
-        """For ``save="*.zarr"``: the result store, and the chunks it already holds."""
+    def _open_store(self, save, specs, source, chunk_size, run_id: str | None = None):
+        """For ``save="*.zarr"``: the result store with its writer lock taken for
+        ``run_id`` (another run writing it is refused), and the chunks it already holds.
+        For ``save="*.npz"``: checked now that it can be written, not after the run."""
         if not save:
             return None, None
         suffix = str(save).lower().rsplit(".", 1)[-1]
@@ -584,25 +731,45 @@ class Engine:
             raise ValueError(f"save={save!r}: expected a path ending in .zarr (a result "
                              "store written chunk by chunk, resumable) or .npz (written once "
                              "at the end).")
-        if suffix == "npz":
-            return None, None
-        from .store import ResultStore
+        import uuid
 
+        from .store import ResultStore, check_npz_target
+
+        if suffix == "npz":
+            check_npz_target(save)
+            return None, None
+        store = ResultStore(save)
+        store.check_target()   # a path that cannot be a store fails before models load
         entries = self.load(*[s.name for s in specs])   # their output shapes, and warm
         models = [(s.name, s.fingerprint, next(iter(entries[s.name].values()))["output_specs"])
                   for s in specs]
-        store = ResultStore(save)
-        return store, store.prepare(models, source.fingerprint(), source.n_rows, chunk_size)
+        store.acquire(run_id or uuid.uuid4().hex[:8])
+        try:
+            return store, store.prepare(models, source.fingerprint(), source.n_rows,
+                                        chunk_size, len(source.chunk_bounds(chunk_size)))
+        except OSError as e:
+            store.release()
+            raise store._unwritable(e) from None
+        except BaseException:
+            store.release()
+            raise
 
     def _finish_run(self, res: Prediction, save) -> None:
         if save and str(save).lower().endswith(".npz"):
-            res.save(save)
+            try:
+                res.save(save)
+            except OSError as e:   # checked before the run; still, never lose the result
+                err = NbtoolError(f"save={save!r}: writing the results failed ({e}); they "
+                                  "are kept in this Prediction. Fix: res.save('other.npz').")
+                res.errors.append(err)
+                warnings.warn(str(err), stacklevel=4)
         self.history.append({
             "time": time.time(), "models": res.models, "rows": res.n_rows,
             "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
             "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
             "errors": len(res.errors)})
 
+    @_open
     def dashboard(self, **options):
         """A live panel of this engine (see :class:`nbtool.dashboard.Dashboard`).
 
@@ -614,6 +781,7 @@ class Engine:
         return Dashboard(self, **options)
 
     # -- optimizing (nbtool.optimize) ---------------------------------------------------------
+    @_open
     def optimize(self, name: str, variants=("float16", "dynamic-int8", "int8"),
                  calibration: Any = None, x: Any = None, labels: Any = None,
                  calibration_rows: int = 200, throughput_rows: int = 2048,
@@ -670,10 +838,16 @@ class Engine:
     def close(self) -> None:
         """Shut down the client (and the local cluster, if this engine started it).
 
+        Closing twice is a no-op; anything else on a closed engine raises
+        :class:`~nbtool.errors.EngineClosed`.
+
         Example:
             >>> eng.close()   # doctest: +SKIP
         """
         global _default_engine
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True   # first: a failure below must not leave a half-open engine
         try:
             self.client.close()
         finally:
@@ -694,10 +868,24 @@ class Engine:
 
     @property
     def dashboard_link(self) -> str | None:
-        """Dask's dashboard for this cluster (served on 127.0.0.1 for a local cluster)."""
+        """Dask's dashboard for this cluster, where it really listens (None once closed).
+
+        For a local cluster, the host the dashboard is bound to and its real port (also with
+        ``dashboard_address="127.0.0.1:0"``); for an external one, what its scheduler says.
+
+        Example:
+            >>> eng.dashboard_link       # doctest: +SKIP
+            'http://127.0.0.1:8787/status'
+        """
+        if getattr(self, "_closed", False):
+            return None
+        if self.cluster is not None:
+            return self.cluster.dashboard_link or None
         return getattr(self.client, "dashboard_link", None)
 
     def __repr__(self) -> str:
+        if getattr(self, "_closed", False):
+            return "<nbtool.Engine: closed; start a new one with nbtool.start()>"
         ws = ", ".join(f"{w.name} ({w.device})" for w in self.workers.values())
         return (f"<nbtool.Engine: {len(self.workers)} worker(s) [{ws}], "
                 f"{len(self.registry)} model(s), dashboard {self.dashboard_link}>")
@@ -726,17 +914,28 @@ def _state_text(info: dict | None) -> str:
 
 def start(address: str | None = None, *, gpus: str | int | list[int] | None = "auto",
           memory_budget: str | int | None = None, n_workers: int | None = None,
-          dashboard_address: str = "127.0.0.1:8787", work_dir: str | None = None) -> Engine:
+          dashboard_address: str | None = "127.0.0.1:8787", work_dir: str | None = None,
+          security: Any = None, allow_remote_dashboard: bool = False) -> Engine:
     """Start an engine: a local GPU-pinned cluster, or a client of an existing one.
 
     Without ``address``, it starts a local cluster on 127.0.0.1 with one worker per GPU
     (``gpus="auto"`` finds them with NVML; ``gpus=[0, 1]`` picks; ``gpus="none"`` uses the
     CPU), each worker seeing exactly one GPU. With no GPU, it starts single-threaded CPU
-    workers, one per core. With ``address="tcp://host:8786"`` it connects to that Dask
-    scheduler instead; its workers run the same worker code (nbtool must be installed
-    there). ``memory_budget`` (e.g. ``"6GB"``) is the model memory each worker may hold
-    before it evicts the least recently used model. The new engine becomes the default
-    one for ``nbtool.predict`` and friends.
+    workers, one per core (``n_workers`` sets how many, at least 1). With
+    ``address="tcp://host:8786"`` it connects to that Dask scheduler instead; its workers
+    run the same worker code (nbtool must be installed there). ``memory_budget`` (a
+    positive size such as ``"6GB"`` or a number of bytes) is the model memory each worker
+    may hold before it evicts the least recently used model. The new engine becomes the
+    default one for ``nbtool.predict`` and friends.
+
+    Nobody else gets in: the local cluster speaks TLS under a certificate made for this
+    session and held by this kernel (Dask's ``Security.temporary()``), so another process,
+    even of this user, cannot connect without it. ``security`` (a
+    :class:`distributed.security.Security`) is used instead when given: for an external
+    cluster it is what the client presents (``address="tls://..."`` needs it; a cluster
+    reached over plain ``tcp://`` is as open as its network). The dashboard is plain HTTP
+    and listens on loopback only; ``dashboard_address="0.0.0.0:8787"`` is refused unless
+    ``allow_remote_dashboard=True``. ``dashboard_address=None`` turns it off.
 
     Arguments left out are read from the environment, so a deployment can size the
     cluster without touching notebooks (``binder/start`` does this for mybinder.org):
@@ -746,46 +945,44 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     TensorFlow threads; default ``os.cpu_count()``, which in a container reports the
     host's cores, not the container's share). An explicit argument wins.
 
+    A worker process that cannot start fails the call at once with that worker's error;
+    starting also removes input folders that killed kernels left in ``/dev/shm``.
+
     Example:
         >>> eng = nbtool.start()                                  # doctest: +SKIP
         >>> eng = nbtool.start(gpus=[0, 1], memory_budget="6GB")  # doctest: +SKIP
-        >>> eng = nbtool.start(address="tcp://10.0.0.5:8786")     # doctest: +SKIP
+        >>> eng = nbtool.start(address="tls://10.0.0.5:8786",
+        ...                    security=Security(tls_ca_file="ca.pem", tls_client_cert="me.pem",
+        ...                                      tls_client_key="me.key",
+        ...                                      require_encryption=True))  # doctest: +SKIP
     """
     global _default_engine
+    n_workers = _check_count(n_workers, "n_workers")
     if memory_budget is None:
         memory_budget = _env_setting("NBTOOL_MEMORY_BUDGET", parse_bytes)
-    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
-    cluster = None
+    budget = _check_size(memory_budget, "memory_budget")
     if address is None:
-        from .cluster import PinnedCluster
+        from .cluster import check_dashboard_address, clean_stale_shared_folders
 
-        selected = select_gpus(gpus, discover_gpus())
-        env_workers = _env_setting("NBTOOL_N_WORKERS", int)
-        if n_workers is None and not selected:   # GPUs always get one worker each
-            n_workers = env_workers
-        slots = plan_workers(selected, n_workers=n_workers, memory_budget=budget,
-                             cores=_env_setting("NBTOOL_CORES", int))
-        cluster = PinnedCluster(slots, dashboard_address=dashboard_address)
-        client = Client(cluster)
-        n_expected = len(slots)
+        check_dashboard_address(dashboard_address, allow_remote_dashboard)
+        clean_stale_shared_folders()
+        cluster = _local_cluster(gpus, n_workers, budget, dashboard_address, security,
+                                 allow_remote_dashboard)
+        n_expected = len(cluster.slots)
         plugin = NbtoolWorkerPlugin()    # budgets travel in each worker's environment
     else:
-        client = Client(address)
+        cluster = None
         n_expected = 1
         plugin = NbtoolWorkerPlugin(budget)
+    client = None
     try:
-        try:
-            client.wait_for_workers(n_expected, timeout=WORKER_START_TIMEOUT)
-        except TimeoutError:
-            raise NbtoolError(
-                f"fewer than {n_expected} worker(s) started within {WORKER_START_TIMEOUT}s"
-                + (f" at {address}" if address else "") + ". Fix: look at the worker logs "
-                "above; in a script, guard the call with `if __name__ == '__main__':` "
-                "(workers are spawned processes that import the main module).") from None
+        client = Client(cluster) if cluster is not None else _connect(address, security)
+        _wait_for_start(client, cluster, n_expected, address)
         client.register_plugin(plugin)
         eng = Engine(client, cluster, work_dir)
     except BaseException:
-        client.close()
+        if client is not None:
+            client.close()
         if cluster is not None:
             cluster.close()
         raise
@@ -793,8 +990,65 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     return eng
 
 
+def _local_cluster(gpus, n_workers, budget, dashboard_address, security,
+                   allow_remote_dashboard):
+    """The PinnedCluster for :func:`start`: one worker per GPU, else CPU workers."""
+    from .cluster import PinnedCluster
+
+    selected = select_gpus(gpus, discover_gpus())
+    env_workers = _env_setting("NBTOOL_N_WORKERS", int)
+    if n_workers is None and not selected:   # GPUs always get one worker each
+        n_workers = env_workers
+    slots = plan_workers(selected, n_workers=n_workers, memory_budget=budget,
+                         cores=_env_setting("NBTOOL_CORES", int))
+    return PinnedCluster(slots, dashboard_address=dashboard_address, security=security,
+                         allow_remote_dashboard=allow_remote_dashboard)
+
+
+def _connect(address: str, security) -> Client:
+    """A client of an external scheduler, with the user's Security if any."""
+    if str(address).startswith("tls://") and security is None:
+        raise ValueError(
+            f"address={address!r} is a TLS scheduler, but no security= was given: expected "
+            "a distributed.security.Security with the cluster's CA and a client certificate. "
+            "Fix: nbtool.start(address, security=Security(tls_ca_file=..., "
+            "tls_client_cert=..., tls_client_key=..., require_encryption=True)).")
+    return Client(address, security=security)
+
+
+def _wait_for_start(client: Client, cluster, n_expected: int, address: str | None) -> None:
+    """Wait for the workers; a local worker process that fails ends the wait at once.
+
+    Dask keeps a Nanny's startup failure in a background task and the scheduler just never
+    hears from that worker; without looking, the wait would run out its whole timeout.
+    """
+    from .cluster import start_failure
+
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while True:
+        failed = cluster.failed_workers() if cluster is not None else {}
+        if failed:
+            raise start_failure(failed)
+        try:
+            client.wait_for_workers(n_expected, timeout=0.5)
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                break
+    raise NbtoolError(
+        f"fewer than {n_expected} worker(s) started within {WORKER_START_TIMEOUT}s"
+        + (f" at {address}" if address else "") + ". Fix: look at the worker logs "
+        "above; in a script, guard the call with `if __name__ == '__main__':` "
+        "(workers are spawned processes that import the main module).")
+
+
 def _env_setting(name: str, parse: Callable[[str], int]) -> int | None:
-    """A positive number from the environment (``None`` if unset or empty), checked early."""
+    """A positive number from the environment (``None`` if unset or empty), checked early.
+
+    Example:
+        >>> _env_setting("NBTOOL_SURELY_UNSET", int) is None
+        True
+    """
     text = os.environ.get(name, "").strip()
     if not text:
         return None
@@ -804,9 +1058,61 @@ def _env_setting(name: str, parse: Callable[[str], int]) -> int | None:
         value = None
     if value is None or value < 1:
         example = "256MB" if parse is parse_bytes else "1"
-        raise ValueError(f"{name}={text!r} in the environment is not a positive number. "
-                         f"Fix: set it like {name}={example}, or unset it.")
+        raise ValueError(f"{name}={text!r} in the environment: expected a positive number "
+                         f"such as {name}={example}. Fix: set it like that, or unset it.")
     return value
+
+
+def _check_count(value, name: str) -> int | None:
+    """A whole number of at least 1, or None (the default); 0 is refused, not the default.
+
+    Example:
+        >>> _check_count(2, "n_workers"), _check_count(None, "n_workers")
+        (2, None)
+        >>> _check_count(0, "n_workers")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: n_workers=0: expected a whole number of at least 1, such as n_workers=2...
+    """
+    if value is None:
+        return None
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{name}={value!r}: expected a whole number of at least 1, such as "
+                         f"{name}=2. Fix: pass one, or leave {name} out for the default "
+                         "(one worker per GPU, else per core).")
+    return n
+
+
+def _check_size(value, name: str, allow_none: bool = True) -> int | None:
+    """A positive size in bytes from ``"4GB"`` or a number; 0 and negatives are refused.
+
+    Example:
+        >>> _check_size("4GB", "memory_budget")
+        4000000000
+        >>> _check_size("0", "memory_budget")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: memory_budget='0': expected a positive size such as '4GB'...
+    """
+    if value is None and allow_none:
+        return None
+    try:
+        if isinstance(value, bool) or value is None or (isinstance(value, str)
+                                                         and not value.strip()):
+            n = None
+        else:
+            n = parse_bytes(value) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or n < 1:
+        default = ", or leave it out for the default" if allow_none else ""
+        raise ValueError(f"{name}={value!r}: expected a positive size such as '4GB' or "
+                         f"4_000_000_000 (bytes). Fix: pass e.g. {name}='4GB'{default}.")
+    return n
 
 
 def default_engine() -> Engine:

@@ -68,7 +68,7 @@ class ModelFileError(NbtoolError, FileNotFoundError):
     def __init__(self, model: str | None, path: str, problem: str, fix: str):
         self.model, self.path, self.problem, self.fix = model, str(path), problem, fix
         who = f"model {model!r} ({path})" if model else f"file {path}"
-        super().__init__(f"{who}: {problem}. Fix: {fix}.")
+        super().__init__(f"{who}: {_end(problem)} Fix: {_end(fix)}")
 
     __str__ = Exception.__str__
 
@@ -112,10 +112,62 @@ class ModelLoadError(NbtoolError, RuntimeError):
         self.model, self.path, self.worker, self.reason, self.fix = (
             model, str(path), worker, reason, fix)
         where = f" on worker {worker!r}" if worker else ""
-        super().__init__(f"model {model!r} ({path}) failed to load{where}: {reason}. Fix: {fix}.")
+        super().__init__(f"model {model!r} ({path}) failed to load{where}: {_end(reason)} "
+                         f"Fix: {_end(fix)}")
 
     def __reduce__(self):
         return (type(self), (self.model, self.path, self.worker, self.reason, self.fix))
+
+
+class ModelFileChanged(NbtoolError, RuntimeError):
+    """A model file that changed (re-saved in place) since it was registered: a worker
+    refuses to load it under the old registration, so a run never mixes old and new weights.
+
+    Example:
+        >>> str(ModelFileChanged("cnn", "cnn.keras", "1048-1", "2096-2"))  # doctest: +ELLIPSIS
+        "model 'cnn' (cnn.keras): the file changed since it was registered (registered 1048-1, now 2096-2). Fix: eng.register('cnn', 'cnn.keras') again to use the new file..."
+    """
+
+    def __init__(self, model: str, path: str, registered: str, now: str,
+                 worker: str | None = None):
+        self.model, self.path, self.registered, self.now, self.worker = (
+            model, str(path), registered, now, worker)
+        where = f" on worker {worker!r}" if worker else ""
+        super().__init__(
+            f"model {model!r} ({path}): the file changed since it was registered{where} "
+            f"(registered {registered}, now {now}). Fix: eng.register({model!r}, "
+            f"{str(path)!r}) again to use the new file (fingerprints are size-mtime; a worker "
+            "that sees another copy of the file needs the same one).")
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.path, self.registered, self.now, self.worker))
+
+
+class BatchAxisMismatch(NbtoolError, RuntimeError):
+    """A model whose output's first axis is not the rows it was given: its outputs would
+    be wrong (a batch size built in, or a reshape that merges rows), so they are refused.
+
+    Example:
+        >>> str(BatchAxisMismatch("pose", "pose.tflite", 0, 64, (1, 128, 2)))  # doctest: +ELLIPSIS
+        "model 'pose' (pose.tflite) returned output 0 of shape (1, 128, 2) for a batch of 64 rows; expected 64 rows first. ..."
+    """
+
+    def __init__(self, model: str | None, path: str | None, output: int, rows: int,
+                 shape: tuple):
+        self.model, self.path, self.output, self.rows, self.shape = (
+            model, path, output, rows, tuple(shape))
+        who = f"model {model!r} ({path})" if model else "the model"
+        again = f"eng.register({model!r}, {str(path)!r}, batch_size=1)" if model \
+            else "register it with batch_size=1"
+        super().__init__(
+            f"{who} returned output {output} of shape {self.shape} for a batch of {rows} "
+            f"rows; expected {rows} rows first. Its batch axis does not follow the input's "
+            "(a batch size built into the model, or a reshape that merges rows), so nbtool "
+            f"refuses outputs that would be wrong. Fix: run it one row at a time: {again}; "
+            "or export the model with a batch axis that can vary.")
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.path, self.output, self.rows, self.shape))
 
 
 class InputMismatch(NbtoolError, ValueError):
@@ -131,7 +183,7 @@ class InputMismatch(NbtoolError, ValueError):
         self.model, self.path, self.expected, self.found, self.fix = (
             model, path, expected, found, fix)
         who = f"model {model!r} ({path})" if model else "the input"
-        super().__init__(f"{who} expects {expected}, got {found}. Fix: {fix}.")
+        super().__init__(f"{who} expects {expected}, got {_end(found)} Fix: {_end(fix)}")
 
     def __reduce__(self):
         return (type(self), (self.model, self.path, self.expected, self.found, self.fix))
@@ -152,54 +204,132 @@ class PlacementError(NbtoolError, ValueError):
         have = ", ".join(available) or "no workers"
         on = f" on {replicas} workers" if replicas > 1 else ""
         super().__init__(f"model {model!r} asks for device {device!r}{on}, but the cluster "
-                         f"has {have}. Fix: {fix}.")
+                         f"has {have}. Fix: {_end(fix)}")
 
     def __reduce__(self):
         return (type(self), (self.model, self.device, self.available, self.fix, self.replicas))
 
 
 class ChunkError(NbtoolError, RuntimeError):
-    """One (model, chunk) task that failed; the other chunks are kept.
+    """One (model, chunk) task that failed; its rows are NaN in the result.
+
+    ``traceback`` holds the worker's traceback as text (it travels with the error, so the
+    worker's log keeps one line per failure and ``res.errors[0].traceback`` has the frames).
 
     Example:
         >>> e = ChunkError("cnn", 3, (300, 400), "cpu0", "ValueError: boom")
         >>> str(e)  # doctest: +ELLIPSIS
-        "model 'cnn' failed on chunk 3 (rows 300:400) on worker 'cpu0': ValueError: boom..."
+        "model 'cnn' failed on chunk 3 (rows 300:400) on worker 'cpu0': ValueError: boom. ..."
     """
 
     def __init__(self, model: str, chunk: int, rows: tuple[int, int], worker: str | None,
-                 reason: str):
+                 reason: str, traceback: str | None = None):
         self.model, self.chunk, self.rows, self.worker, self.reason = (
             model, chunk, tuple(rows), worker, reason)
+        self.traceback = traceback
         where = f" on worker {worker!r}" if worker else ""
+        # Only what this chunk knows: whether other chunks succeeded is the Prediction's say.
         super().__init__(
             f"model {model!r} failed on chunk {chunk} (rows {rows[0]}:{rows[1]}){where}: "
-            f"{reason}. The other chunks were kept; rerun just these rows with "
+            f"{_end(reason)} Its rows are NaN in the result; rerun just these rows with "
             f"eng.predict([{model!r}], x[{rows[0]}:{rows[1]}]) once the cause is fixed.")
 
     def __reduce__(self):
-        return (type(self), (self.model, self.chunk, self.rows, self.worker, self.reason))
+        return (type(self), (self.model, self.chunk, self.rows, self.worker, self.reason,
+                             self.traceback))
 
 
 class PredictionFailed(NbtoolError, RuntimeError):
     """Raised by ``Prediction.raise_for_errors()`` when any chunk failed.
 
+    ``kept`` is how many chunks succeeded and were kept, when the caller knows it; the
+    message claims nothing about the rest otherwise.
+
     Example:
-        >>> err = PredictionFailed([ChunkError("cnn", 0, (0, 10), None, "boom")])
-        >>> len(err.errors)
-        1
+        >>> err = PredictionFailed([ChunkError("cnn", 0, (0, 10), None, "boom")], kept=0)
+        >>> len(err.errors), str(err).splitlines()[0]
+        (1, '1 part(s) of the prediction failed and none succeeded:')
     """
 
-    def __init__(self, errors: list[Exception]):
+    def __init__(self, errors: list[Exception], kept: int | None = None):
         self.errors = list(errors)
+        self.kept = kept
         lines = "\n".join(f"  - {e}" for e in self.errors[:10])
         more = f"\n  ... and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
-        super().__init__(
-            f"{len(self.errors)} part(s) of the prediction failed; everything else was kept "
-            f"in the Prediction (rows of failed chunks are NaN):\n{lines}{more}")
+        if kept is None:
+            rest = " (rows of failed chunks are NaN in the Prediction)"
+        elif kept == 0:
+            rest = " and none succeeded"
+        else:
+            rest = (f"; the {kept} chunk(s) that succeeded were kept in the Prediction (rows "
+                    "of failed chunks are NaN)")
+        super().__init__(f"{len(self.errors)} part(s) of the prediction failed{rest}:\n"
+                         f"{lines}{more}")
 
     def __reduce__(self):
-        return (type(self), (self.errors,))
+        return (type(self), (self.errors, self.kept))
+
+
+class UntrustedModel(NbtoolError, ValueError):
+    """A model file that runs code of its own when loaded, registered without
+    ``trusted=True``; refused at register, before any worker opens it.
+
+    Example:
+        >>> str(UntrustedModel("lam", "lam.keras", "a Lambda layer 'lambda'",
+        ...     "Keras refuses to deserialize it in safe mode"))  # doctest: +ELLIPSIS
+        "model 'lam' (lam.keras): it contains a Lambda layer 'lambda', which Keras refuses ... trusted=True)."
+    """
+
+    def __init__(self, model: str, path: str, found: str, why: str):
+        self.model, self.path, self.found, self.why = model, str(path), found, why
+        super().__init__(
+            f"model {model!r} ({path}): it contains {found}, which {why}; nbtool refuses it "
+            f"unless you say you trust the file. Fix: if you trust it, register it with "
+            f"trusted=True: eng.register({model!r}, {str(path)!r}, trusted=True).")
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.path, self.found, self.why))
+
+
+class InvalidModelName(NbtoolError, ValueError):
+    """A model name outside the safe set (it names files and result-store arrays).
+
+    Example:
+        >>> str(InvalidModelName("a/b", "a_b"))  # doctest: +ELLIPSIS
+        "model name 'a/b': expected letters, digits and _ - . @ + ... Fix: ...'a_b'..."
+    """
+
+    def __init__(self, name: object, suggestion: str, path: str | None = None,
+                 limit: int = 100):
+        self.name, self.suggestion, self.path, self.limit = name, suggestion, path, limit
+        source = f" (from {path})" if path else ""
+        target = repr(str(path)) if path else "..."
+        super().__init__(
+            f"model name {name!r}{source}: expected letters, digits and _ - . @ + only, not "
+            f"starting with '.', at most {limit} characters (it names files and result "
+            f"arrays, where other characters collide or escape). Fix: use a clean name such "
+            f"as {suggestion!r}: eng.register({suggestion!r}, {target}).")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.suggestion, self.path, self.limit))
+
+
+class InvalidOption(NbtoolError, ValueError):
+    """A register option with a value nbtool cannot use (batch_size, replicas ...).
+
+    Example:
+        >>> str(InvalidOption("cnn", "batch_size", 0, "a whole number >= 1", "batch_size=64"))
+        "model 'cnn': batch_size=0; expected a whole number >= 1. Fix: pass batch_size=64."
+    """
+
+    def __init__(self, model: str | None, option: str, value: object, expected: str, fix: str):
+        self.model, self.option, self.value, self.expected, self.fix = (
+            model, option, value, expected, fix)
+        who = f"model {model!r}: " if model else ""
+        super().__init__(f"{who}{option}={value!r}; expected {expected}. Fix: pass {fix}.")
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.option, self.value, self.expected, self.fix))
 
 
 def _suffix(path: str) -> str:
@@ -217,3 +347,71 @@ def first_line(text: str, limit: int = 300) -> str:
     """
     line = text.strip().splitlines()[0] if text.strip() else text
     return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _end(text: str) -> str:
+    """``text`` as a sentence ending in one period: a quoted message that already ends
+    with one (or with "..." where it was cut) gets none added, so joins never read "..".
+
+    Example:
+        >>> _end("bad zip"), _end("re-save it."), _end("cut here...")
+        ('bad zip.', 're-save it.', 'cut here...')
+    """
+    text = str(text).rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+class EngineClosed(NbtoolError, RuntimeError):
+    """An engine used after :meth:`~nbtool.engine.Engine.close`: its cluster is gone.
+
+    Example:
+        >>> str(EngineClosed("predict"))  # doctest: +ELLIPSIS
+        'eng.predict(...): this engine is closed; start a new one with nbtool.start()...'
+    """
+
+    def __init__(self, method: str | None = None):
+        self.method = method
+        who = f"eng.{method}(...): " if method else ""
+        super().__init__(
+            f"{who}this engine is closed; start a new one with nbtool.start() (its cluster "
+            "and workers were shut down, and registrations do not carry over: register the "
+            "models again on the new engine).")
+
+    def __reduce__(self):
+        return (type(self), (self.method,))
+
+
+class ResultStoreError(NbtoolError, RuntimeError):
+    """A result store (``save="preds.zarr"``) that cannot be used as asked.
+
+    Example:
+        >>> str(ResultStoreError("/data/p.zarr", "it is a file, not a folder",
+        ...                      "save to a new path"))
+        'result store /data/p.zarr: it is a file, not a folder. Fix: save to a new path.'
+    """
+
+    def __init__(self, path: str, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"result store {path}: {problem}. Fix: {_end(fix)}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem, self.fix))
+
+
+class StoreBusy(ResultStoreError):
+    """Another run is writing the result store right now; this one is refused, not mixed in.
+
+    Example:
+        >>> issubclass(StoreBusy, ResultStoreError)
+        True
+    """
+
+
+class StoreRewritten(ResultStoreError):
+    """The result store behind a Prediction was written by another run since: its rows
+    are no longer this Prediction's.
+
+    Example:
+        >>> issubclass(StoreRewritten, ResultStoreError)
+        True
+    """

@@ -36,7 +36,10 @@ class LiteRTPredictor:
     fixed batch shape.
 
     The input tensor is resized to the batch size once (at warm-up) and the last, short
-    batch is padded, as in the compiled path, so tensors are allocated once. Quantized
+    batch is padded, as in the compiled path, so tensors are allocated once. A model with a
+    batch size built in (mediapipe's, with reshapes that merge the batch axis) is resized
+    only if that gives what its own batch gives; else it runs at its own batch, and
+    ``batch_note`` says so. Every output's first axis is checked against the rows sent. Quantized
     (int8/uint8) inputs are quantized here with the model's scale and zero point, and
     quantized outputs come back dequantized as float32, like every other model's.
 
@@ -47,8 +50,10 @@ class LiteRTPredictor:
     """
 
     def __init__(self, model: "LiteRTModel", batch_size: int, row_shape: tuple, dtype: str,
-                 preprocess=None):
+                 preprocess=None, name: str | None = None, path: str | None = None):
         self.model = model
+        self.name, self.path = name, path          # for errors: which model this is
+        self.batch_note: str | None = None         # why the batch is not what was asked
         self.batch_size = int(batch_size)
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
@@ -72,14 +77,47 @@ class LiteRTPredictor:
 
     def warm_up(self) -> None:
         """Allocate the tensors for the batch size and run once on zeros; records each
-        output's row shape and dtype in ``output_specs``."""
+        output's row shape and dtype in ``output_specs``. A model whose own batch is fixed
+        keeps it unless resizing gives the same outputs (:meth:`_resizes_cleanly`)."""
+        own = self.model.fixed_batch
+        if own is not None and own != self.batch_size and not self._resizes_cleanly(own):
+            self.batch_note = (f"runs {own} row(s) per call: its batch of {own} is built in "
+                               f"and a batch of {self.batch_size} changed its outputs")
+            self.batch_size = own
+        self._allocations = 0    # the probe's allocations were part of warming up
         with self._lock:
             self._allocate()
         shape = tuple(1 if d is None else d for d in self.row_shape)
         outs = self(np.zeros((1, *shape), self.dtype))
         self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
 
+    def _resizes_cleanly(self, own: int) -> bool:
+        """Whether a few distinct random rows give the same outputs (shapes, and values
+        within 1e-5) at ``batch_size`` as at the model's ``own`` batch.
+
+        A fixed batch in the file often means reshapes that merge the batch axis: resized,
+        such a model runs but mixes rows or returns the wrong number of them.
+        """
+        rows = probe_rows(self.row_shape, self.dtype, min(3, self.batch_size))
+        asked = self.batch_size
+        try:
+            with self._lock:
+                self._allocate()
+            resized = self(rows)
+        except Exception:   # the resized graph cannot even run: its own batch it is
+            return False
+        self.batch_size = own
+        try:
+            with self._lock:
+                self._allocate()
+            reference = self(rows)
+        finally:
+            self.batch_size = asked
+        return same_outputs(resized, reference)
+
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        if not self._allocations:   # e.g. the batch sweep's predictors: never warmed up
+            self.warm_up()
         m = self.model
         it, inp = m.interpreter, m.input
 
@@ -91,7 +129,37 @@ class LiteRTPredictor:
             return [_dequantize(it.get_tensor(o["index"]), o) for o in m.outputs]
 
         with self._lock:
-            return run_in_batches(rows, self.batch_size, self.dtype, run_batch)
+            return run_in_batches(rows, self.batch_size, self.dtype, run_batch,
+                                  self.name, self.path)
+
+
+def probe_rows(row_shape: tuple, dtype, n: int) -> np.ndarray:
+    """``n`` distinct, reproducible random rows (unknown sizes become 1): rows that show
+    whether a model mixes them up.
+
+    Example:
+        >>> probe_rows((None, 2), "uint8", 3).shape
+        (3, 1, 2)
+    """
+    rng = np.random.default_rng(0)
+    shape = (n, *(1 if d is None else d for d in row_shape))
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 100, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def same_outputs(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-5) -> bool:
+    """Whether two runs' outputs have the same shapes and values within ``tol``.
+
+    Example:
+        >>> same_outputs([np.ones((2, 3))], [np.ones((2, 3)) + 1e-7]), same_outputs(
+        ...     [np.ones((2, 3))], [np.ones((1, 6))])
+        (True, False)
+    """
+    return len(a) == len(b) and all(
+        x.shape == y.shape and np.allclose(x, y, rtol=tol, atol=tol, equal_nan=True)
+        for x, y in zip(a, b))
 
 
 @dataclasses.dataclass
@@ -102,6 +170,7 @@ class LiteRTModel:
     input: dict
     outputs: list[dict]
     row_shape: tuple      # the model's own input row shape (what the tensor is resized to)
+    fixed_batch: int | None = None   # the batch built into the file, if not resizable (-1)
 
 
 def open_tflite(spec: ModelSpec) -> LiteRTModel:
@@ -122,8 +191,10 @@ def open_tflite(spec: ModelSpec) -> LiteRTModel:
     except ValueError as e:
         raise ModelLoadError(spec.name, spec.path, worker_name(),
                              f"LiteRT cannot open it ({first_line(str(e))})",
-                             "check that the file is a complete .tflite flatbuffer (convert "
-                             "it again with tf.lite.TFLiteConverter or eng.optimize)") from None
+                             "check that the file is a complete .tflite flatbuffer (download "
+                             "or copy it again); if it is someone else's, ask its publisher "
+                             "for one this LiteRT reads, and if it is yours, convert it again "
+                             "with tf.lite.TFLiteConverter or eng.optimize") from None
     inputs, outputs = it.get_input_details(), it.get_output_details()
     if len(inputs) != 1:
         raise ModelLoadError(spec.name, spec.path, worker_name(),
@@ -133,7 +204,8 @@ def open_tflite(spec: ModelSpec) -> LiteRTModel:
     sig = inputs[0].get("shape_signature")
     shape = inputs[0]["shape"] if sig is None or not len(sig) else sig
     row_shape = tuple(None if int(d) < 0 else int(d) for d in shape[1:])
-    return LiteRTModel(it, inputs[0], outputs, row_shape)
+    fixed_batch = int(shape[0]) if len(shape) and int(shape[0]) > 0 else None
+    return LiteRTModel(it, inputs[0], outputs, row_shape, fixed_batch)
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -16,19 +16,42 @@ Example (in a notebook)::
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
+import keyword
 import shlex
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .errors import ModelNotFound, NbtoolError
 
 SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
                "dashboard", "stop", "optimize")
+
+
+def _gpus(text: str) -> str:
+    """argparse type for --gpus: 'auto', 'none', or GPU indices like 0,1."""
+    if text in ("auto", "none") or all(g.strip().isdigit() for g in text.split(",")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or GPU indices like 0,1, got "
+                                     f"{text!r}. Fix: e.g. --gpus 0,1")
+
+
+def _whole_number(text: str) -> int:
+    """argparse type: a count of rows, workers or replicas; 0 and negatives are refused."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1, got {text!r}. Fix: pass e.g. 2, or leave the "
+            "option out for the default")
+    return n
 
 
 @magics_class
@@ -50,27 +73,30 @@ class Nbtool(Magics):
     # -- %nbtool -----------------------------------------------------------------------
     @line_magic
     def nbtool(self, line: str = ""):
-        words = shlex.split(line)
+        words = split_line(line, "%nbtool")
         if not words:
             raise UsageError("usage: %nbtool SUBCOMMAND ...; subcommands: "
                              + ", ".join(SUBCOMMANDS) + ". %nbtool? shows the help.")
-        sub, rest = words[0], line.split(None, 1)[1] if len(words) > 1 else ""
+        sub, rest = words[0], words[1:]
         handler = self._subcommands().get(sub)
         if handler is None:
             close = difflib.get_close_matches(sub, SUBCOMMANDS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"%nbtool has no subcommand {sub!r}.{hint} Subcommands: "
                              + ", ".join(SUBCOMMANDS) + ".")
-        if set(rest.split()) & {"--help", "-h"}:
+        if set(rest) & {"--help", "-h"}:
             print(handler.parser.format_help().lstrip(": \n"))
             return None
-        args = parse_argstring(handler, rest)
+        # The words shlex made, not IPython's own split: it keeps quotes ('"a b.keras"').
+        args = handler.parser.parse_args(rest)
         try:
             return handler(args)
         except ModelNotFound as e:
             raise UsageError(str(e)) from None
         except NbtoolError as e:
             raise UsageError(f"{type(e).__name__}: {e}") from None
+        except ValueError as e:   # nbtool's refusals of a bad value (a name, a size...)
+            raise UsageError(str(e)) from None
 
     @classmethod
     def _subcommand_handlers(cls):
@@ -98,15 +124,22 @@ class Nbtool(Magics):
                     register_hint=f"%nbtool register {n} path/to/model.keras")))
 
     @magic_arguments(name="nbtool start")
-    @argument("--gpus", default="auto", help="'auto' (every GPU NVML finds), 'none' (CPU "
-              "workers), or indices like 0,1")
-    @argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
+    @argument("--gpus", type=_gpus, default="auto", help="'auto' (every GPU NVML finds), "
+              "'none' (CPU workers), or indices like 0,1")
+    @argument("--workers", type=_whole_number, default=None,
+              help="CPU workers (default: one per core)")
     @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
     @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
     def _start(self, args):
         """Start the engine: a local cluster (one worker per GPU) or an existing one."""
         import nbtool
 
+        # Refuse what can be refused before the old engine goes, so a typo does not cost it.
+        _check_size(args.memory_budget, "--memory-budget")
+        if args.address is None:
+            from .devices import discover_gpus, select_gpus
+
+            select_gpus(args.gpus, discover_gpus())   # ValueError: a UsageError in nbtool()
         if self._started is not None:   # re-running the cell restarts cleanly
             self._started.close()
             self._started = None
@@ -119,7 +152,8 @@ class Nbtool(Magics):
     @argument("name", help="the model's name")
     @argument("path", help=".keras or .h5 file, or SavedModel directory")
     @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
-    @argument("--replicas", type=int, default=1, help="workers that hold it (default 1)")
+    @argument("--replicas", type=_whole_number, default=1,
+              help="workers that hold it (default 1)")
     @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
               "for a quick sweep at first load")
     @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
@@ -139,7 +173,8 @@ class Nbtool(Magics):
     @magic_arguments(name="nbtool register-dir")
     @argument("path", help="a folder of .keras/.h5 files and SavedModel directories")
     @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
-    @argument("--replicas", type=int, default=1, help="workers that hold each model")
+    @argument("--replicas", type=_whole_number, default=1,
+              help="workers that hold each model")
     @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
     def _register_dir(self, args):
         """Register every model inside a folder, named after its file."""
@@ -205,6 +240,8 @@ class Nbtool(Magics):
     def _optimize(self, args):
         """Make quantized/LiteRT variants of a model, register them (NAME@VARIANT), compare."""
         self._check_models([args.name])
+        if args.out is not None:
+            check_variable_name(args.out)
         from .optimize import VARIANTS
 
         for v in args.variants:
@@ -229,7 +266,7 @@ class Nbtool(Magics):
     # -- %%infer ---------------------------------------------------------------------------
     @magic_arguments(name="%infer")
     @argument("names", nargs="+", help="the models to run")
-    @argument("--chunk-size", type=int, default=None, help="rows per chunk")
+    @argument("--chunk-size", type=_whole_number, default=None, help="rows per chunk")
     @argument("--combine", default=None, choices=["mean", "vote", "none"],
               help="how to combine the models (default: %%config Nbtool.combine)")
     @argument("--labels", default=None, help="an expression for the true labels: adds "
@@ -245,8 +282,10 @@ class Nbtool(Magics):
         The input is an ndarray, a path to a .npy file or a Dask array. The result renders
         below the cell, is bound to --out and is returned (so ``_`` works).
         """
-        args = parse_argstring(self.infer, line)
+        args = self.infer.parser.parse_args(split_line(line, "%%infer"))
         self._check_models(args.names)
+        if args.out is not None:   # refused before the run, not when binding its result
+            check_variable_name(args.out)
         x = self._input_from(cell)
         labels = self.shell.ev(args.labels) if args.labels else None
         combine = args.combine or self.combine
@@ -254,8 +293,9 @@ class Nbtool(Magics):
         from .progress import ProgressDisplay, wait_with_progress
 
         try:
-            run = self._engine().submit(args.names, x, args.chunk_size or self.chunk_size,
-                                        combine, args.save)
+            # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
+            size = self.chunk_size if args.chunk_size is None else args.chunk_size
+            run = self._engine().submit(args.names, x, size, combine, args.save)
         except NbtoolError as e:
             raise UsageError(f"{type(e).__name__}: {e}") from None
         except ValueError as e:
@@ -300,6 +340,64 @@ class Nbtool(Magics):
 
         names = _default_engine.registry.names() if _default_engine is not None else []
         return [n for n in names if n.startswith(event.symbol)]
+
+
+def split_line(line: str, magic: str) -> list[str]:
+    """A magic's line split into words as a shell would (quotes group, and are removed).
+
+    Example:
+        >>> split_line('register cnn "my models/cnn.keras"', "%nbtool")
+        ['register', 'cnn', 'my models/cnn.keras']
+    """
+    try:
+        return shlex.split(line)
+    except ValueError as e:   # shlex says only "No closing quotation"
+        raise UsageError(f"{magic} {line}: {str(e).lower()} (a quote opened but never "
+                         "closed). Fix: close the quote, e.g. \"models/my model.keras\", or "
+                         "drop it if the value has no spaces.") from None
+
+
+def check_variable_name(name: str, flag: str = "--out") -> str:
+    """Refuse a name that cannot safely be bound in the notebook's namespace.
+
+    An identifier, not a keyword (``class``), not a dunder: binding ``__builtins__`` or
+    the like breaks the namespace itself (the next ``print`` is a NameError).
+
+    Example:
+        >>> check_variable_name("preds")
+        'preds'
+        >>> check_variable_name("1bad")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        IPython.core.error.UsageError: --out '1bad' is not a Python identifier...
+    """
+    if not name.isidentifier():
+        problem = ("is not a Python identifier (letters, digits and _, not starting with a "
+                   "digit; no dots or spaces)")
+    elif keyword.iskeyword(name):
+        problem = "is a Python keyword"
+    elif name.startswith("__") and name.endswith("__"):
+        problem = "is a dunder name, which Python keeps for itself (binding it breaks the " \
+                  "notebook's namespace)"
+    else:
+        return name
+    raise UsageError(f"{flag} {name!r} {problem}. Fix: pass a plain variable name, "
+                     f"e.g. {flag} preds.")
+
+
+def _check_size(text: str | None, flag: str) -> None:
+    """Refuse a size like ``4GB`` that dask cannot read, naming the flag."""
+    if text is None:
+        return
+    from dask.utils import parse_bytes
+
+    try:
+        ok = parse_bytes(text) > 0
+    except (ValueError, TypeError) as e:
+        ok, text = False, f"{text} ({e})"
+    if not ok:
+        raise UsageError(f"{flag} {text}: expected a positive size like 4GB or 500MB. "
+                         f"Fix: e.g. {flag} 4GB.")
 
 
 def _compose_help() -> str:

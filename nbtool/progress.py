@@ -110,21 +110,24 @@ class ProgressDisplay:
 def wait_with_progress(run, view: ProgressDisplay | None = None):
     """Block until ``run`` is done, redrawing ``view``; returns the Prediction.
 
+    Interrupting it (Ctrl-C, the notebook's stop button) cancels the run: nothing of it
+    keeps computing or holding memory.
+
     Example:
         >>> res = wait_with_progress(eng.submit("cnn", x))   # doctest: +SKIP
     """
-    from distributed import wait
-
     if view is not None:
         view.show()
         view.update(run.progress(), force=False)
-    while not run.done:
-        try:
-            wait(run.futures, timeout=INTERVAL, return_when="ALL_COMPLETED")
-        except TimeoutError:   # distributed's wait raises on timeout
-            pass
-        if view is not None:
-            view.update(run.progress())
+    try:
+        # run.wait, not distributed.wait(timeout=): see PredictionRun.wait (a timed-out
+        # distributed.wait kept the finished run's tasks wanted until the next gc).
+        while not run.wait(INTERVAL):
+            if view is not None:
+                view.update(run.progress())
+    except BaseException:
+        run.cancel()
+        raise
     res = run.collect()
     if view is not None:
         view.finish(res)

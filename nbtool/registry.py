@@ -18,15 +18,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ModelFileError, ModelNotFound, UnsupportedFormat
+from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
+                     UnsupportedFormat, UntrustedModel)
 
 #: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
+
+#: The longest model name: names become file names and result-store array names.
+NAME_LIMIT = 100
+#: What a model name may hold (ASCII only: no case- or normalization-folding surprises).
+#: ``@`` is in it for optimize()'s ``name@variant``.
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_\-.@+]+")
+
+#: Why a Python lambda in a Keras config needs trust (the worker says the same at load).
+_LAMBDA_WHY = ("Keras refuses to deserialize in safe mode (loading it runs the Python code "
+               "stored in the file)")
+#: Why a SavedModel always needs trust: no safe mode exists for a TensorFlow graph.
+_SAVEDMODEL_WHY = ("can run arbitrary TensorFlow ops on the workers, including file reads "
+                   "and writes (a SavedModel has no safe mode)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +128,141 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
         >>> spec.size_bytes > 0                                         # doctest: +SKIP
         True
     """
+    check_name(name, path)
     fmt = detect_format(path, name)
     p = Path(path).resolve()
+    # Before reading: a file re-saved while it is read then looks changed at the next run
+    # (and is read again), never unchanged with what was read from the older one.
+    fingerprint = file_fingerprint(p)
     reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
               "tflite": _read_tflite}[fmt]
-    size, inputs, n_outputs = reader(name, p)
+    size, inputs, n_outputs, unsafe = reader(name, p)
+    if unsafe and not options.get("trusted"):
+        raise UntrustedModel(name, str(p), *unsafe)
     shape, dtype = inputs[0] if inputs else (None, None)
     return ModelSpec(name=name, path=str(p), format=fmt, size_bytes=size,
-                     fingerprint=file_fingerprint(p), input_shape=shape, input_dtype=dtype,
+                     fingerprint=fingerprint, input_shape=shape, input_dtype=dtype,
                      n_inputs=max(len(inputs), 1), n_outputs=n_outputs, **options)
+
+
+def check_name(name: Any, path: str | os.PathLike | None = None) -> str:
+    """Refuse a model name outside the safe set; returns it unchanged when it is fine.
+
+    Names become file names (a model object is saved as ``<name>.keras``) and result-store
+    array names, so only letters, digits and ``_ - . @ +`` are allowed, not a leading
+    ``.``, at most :data:`NAME_LIMIT` characters: ``a/b`` and ``a%2Fb`` must never land on
+    one array, nor ``..`` outside a folder. The error suggests a cleaned name.
+
+    Example:
+        >>> check_name("cnn@int8")
+        'cnn@int8'
+        >>> check_name("my model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidModelName: model name 'my model': expected letters, ...'my_model'...
+    """
+    if isinstance(name, str) and len(name) <= NAME_LIMIT and _NAME_CHARS.fullmatch(name) \
+            and not name.startswith("."):
+        return name
+    return _refuse_name(name, path)
+
+
+def _refuse_name(name: Any, path) -> str:
+    raise InvalidModelName(name, clean_name(name if isinstance(name, str) else str(name)),
+                           None if path is None else str(path), NAME_LIMIT)
+
+
+def clean_name(text: str) -> str:
+    """A valid model name close to ``text``: other characters become ``_``, leading dots
+    go, cut at :data:`NAME_LIMIT` characters (``"model"`` if nothing is left).
+
+    Example:
+        >>> clean_name("my model (v2)"), clean_name(".."), clean_name("a/b")
+        ('my_model_v2', 'model', 'a_b')
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9_\-.@+]+", "_", text).lstrip(".").strip("_")
+    return cleaned[:NAME_LIMIT].rstrip("_") or "model"
+
+
+def check_batch_size(model: str | None, batch_size: Any) -> int | str | None:
+    """A batch size nbtool can use: a whole number >= 1, ``"auto"`` or ``None`` (64).
+
+    ``0`` is refused like everywhere else in nbtool (``chunk_size=0`` is too), not read
+    as "the default". Returns it as a plain ``int`` (numpy integers are fine).
+
+    Example:
+        >>> check_batch_size("cnn", 32), check_batch_size("cnn", "auto")
+        (32, 'auto')
+        >>> check_batch_size("cnn", 0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidOption: model 'cnn': batch_size=0; expected a whole number >= 1...
+    """
+    if batch_size is None or batch_size == "auto" and isinstance(batch_size, str):
+        return batch_size
+    if _whole(batch_size) and batch_size >= 1:
+        return int(batch_size)
+    raise InvalidOption(model, "batch_size", batch_size,
+                        "a whole number >= 1, 'auto' (a quick sweep at the first load) or "
+                        "None (the default, 64)", "batch_size=64, batch_size='auto' or leave "
+                        "it out")
+
+
+def check_replicas(model: str | None, replicas: Any) -> int:
+    """A replica count nbtool can use: a whole number >= 1, returned as a plain ``int``.
+
+    Example:
+        >>> check_replicas("cnn", 2)
+        2
+        >>> check_replicas("cnn", 2.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidOption: model 'cnn': replicas=2.5; expected a whole number >= 1...
+    """
+    if _whole(replicas) and replicas >= 1:
+        return int(replicas)
+    raise InvalidOption(model, "replicas", replicas, "a whole number >= 1 (how many workers "
+                        "hold the model)", "replicas=1, or up to the number of workers")
+
+
+def _whole(value: Any) -> bool:
+    """A real integer: not a bool (True is not a count), not a float such as 2.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def needs_trust(config: Any) -> str | None:
+    """What in a Keras model config would run code when loaded (a Python lambda), or None.
+
+    The whole tree is walked, nested Functional/Sequential models too, but not the
+    ``compile_config`` (workers load with ``compile=False``). Keras 3 stores a lambda as
+    ``{"class_name": "__lambda__"}``; Keras 2 ``.h5`` files mark it ``function_type:
+    "lambda"``. These are exactly what Keras' safe mode refuses; the worker still loads
+    with safe mode as the second line of defence.
+
+    Example:
+        >>> layer = {"class_name": "Lambda", "config": {"name": "scale",
+        ...          "function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
+        >>> needs_trust({"class_name": "Sequential", "config": {"layers": [layer]}})
+        "a Lambda layer 'scale'"
+        >>> needs_trust({"class_name": "Sequential", "config": {"layers": []}}) is None
+        True
+    """
+    stack: list[tuple[Any, str | None]] = [(config, None)]
+    while stack:
+        node, layer = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, layer) for v in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        cfg = node.get("config")
+        if node.get("class_name") == "Lambda" and isinstance(cfg, dict):
+            layer = cfg.get("name") or layer
+        if node.get("class_name") == "__lambda__" or "lambda" in (
+                node.get("function_type"), node.get("output_shape_type")):
+            return f"a Lambda layer {layer!r}" if layer else "a Python lambda"
+        stack.extend((v, layer) for k, v in node.items() if k != "compile_config")
+    return None
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -149,7 +292,14 @@ def _read_keras_zip(name: str, p: Path):
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
         raise ModelFileError(name, str(p), f"not a readable .keras archive ({e})",
                              "re-save the model with model.save('name.keras')") from None
-    return max(weights, p.stat().st_size), *_signature_from_config(config)
+    return (max(weights, p.stat().st_size), *_signature_from_config(config),
+            _lambda_trust(config))
+
+
+def _lambda_trust(config: dict) -> tuple[str, str] | None:
+    """``(what, why)`` for :class:`UntrustedModel` if the config holds a lambda."""
+    found = needs_trust(config)
+    return None if found is None else (found, _LAMBDA_WHY)
 
 
 def _read_h5(name: str, p: Path):
@@ -166,11 +316,13 @@ def _read_h5(name: str, p: Path):
                              "config", "save the whole model with model.save('name.keras'), "
                              "not model.save_weights()")
     config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    return p.stat().st_size, *_signature_from_config(config)
+    return p.stat().st_size, *_signature_from_config(config), _lambda_trust(config)
 
 
 def _read_savedmodel(name: str, p: Path):
-    return disk_size(p), [], None
+    # Its graph is code: any SavedModel needs trusted=True (see _SAVEDMODEL_WHY).
+    return disk_size(p), [], None, ("a TensorFlow graph (a SavedModel directory)",
+                                    _SAVEDMODEL_WHY)
 
 
 def disk_size(path: str | Path) -> int:
@@ -224,11 +376,11 @@ def _read_tflite(name: str, p: Path):
             inputs.append((shape or None, dtype))
         n_outputs = graph.OutputsLength()
     except ImportError:   # without ai-edge-litert the worker learns it at the first load
-        return p.stat().st_size, [], None
+        return p.stat().st_size, [], None, None
     except Exception as e:   # a truncated or damaged flatbuffer
         raise ModelFileError(name, str(p), f"a damaged .tflite flatbuffer ({type(e).__name__}"
                              f": {e})", fix) from None
-    return p.stat().st_size, inputs, n_outputs
+    return p.stat().st_size, inputs, n_outputs, None
 
 
 #: LiteRT's tensor type codes (schema ``TensorType``) for the dtypes a model input can have.
@@ -334,7 +486,9 @@ def find_models(folder: str | os.PathLike) -> dict[str, Path]:
     """Every runnable model inside ``folder`` (not recursing into SavedModels), by name.
 
     The name is the file name without its suffix; a SavedModel directory is named after the
-    directory.
+    directory. Two models with one name (``mlp.h5`` and ``mlp.keras``): the first in sorted
+    order keeps it, the other is skipped with a warning. Names are not checked here
+    (``Engine.register_dir`` skips invalid ones with a warning).
 
     Example:
         >>> sorted(find_models("models/"))  # doctest: +SKIP
@@ -348,11 +502,23 @@ def find_models(folder: str | os.PathLike) -> dict[str, Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if "saved_model.pb" in filenames and here != root:
-            found.setdefault(here.name, here)
+            _keep_first(found, here.name, here)
             dirnames.clear()
             continue
         for f in sorted(filenames):
             if Path(f).suffix.lower() in FORMATS:
-                found.setdefault(Path(f).stem, here / f)
+                _keep_first(found, Path(f).stem, here / f)
         dirnames.sort()
     return found
+
+
+def _keep_first(found: dict[str, Path], name: str, path: Path) -> None:
+    """The first model found under a name keeps it; a later one is skipped out loud
+    (``mlp.h5`` beside ``mlp.keras`` is not silently dropped)."""
+    if name not in found:
+        found[name] = path
+        return
+    warnings.warn(f"skipped {path}: {found[name]} already takes the name {name!r}. Fix: "
+                  f"register it under a name of its own: eng.register("
+                  f"{clean_name(name + '_' + path.suffix.lstrip('.')) !r}, {str(path)!r})",
+                  stacklevel=3)

@@ -199,8 +199,32 @@ def _fmt(v) -> str:
     return str(v)
 
 
+_WARN = ("<div class='nbtool-warning' style='border-left:4px solid #c0392b;padding:4px 8px;"
+         "margin:4px 0;color:#c0392b;font-weight:bold'>{}</div>")
+
+
+def notices(res) -> list[str]:
+    """What must be read before any number of the view: the rows are gone (the result
+    store was rewritten by another run), or combined is missing or partial.
+
+    Example:
+        >>> from nbtool.results import Prediction
+        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, None, "mean", {}, [], 2, 2,
+        ...                  combined_note="combined is not available: ...")
+        >>> notices(res)
+        ['combined is not available: ...']
+    """
+    stale = res.stale
+    if stale:
+        return [stale]
+    return [res.combined_note] if res.combined_note else []
+
+
 def render_html(res) -> str:
     """The whole inline view of a :class:`~nbtool.results.Prediction`."""
+    top = "".join(_WARN.format(html.escape(n)) for n in notices(res))
+    if res.stale:   # every number below would be another run's
+        return f"<div class='nbtool-prediction'>{top}</div>"
     rows = summary_rows(res)
     cols = list(rows[0]) if rows else []
     table = ("<table class='nbtool-table'><thead><tr>"
@@ -216,7 +240,7 @@ def render_html(res) -> str:
     head = (f"<b>Prediction</b>: {len(res.models)} model(s) &times; {res.n_rows:,} rows in "
             f"{res.wall_seconds:.2f}s, chunks of {res.chunk_size:,}, combine="
             f"{html.escape(repr(res.combine))}")
-    return (f"<div class='nbtool-prediction'><div>{head}</div>{table}"
+    return (f"<div class='nbtool-prediction'>{top}<div>{head}</div>{table}"
             + (f"<div class='nbtool-charts' style='display:flex;flex-wrap:wrap;gap:12px'>"
                f"{charts}</div>" if charts else "")
             + gallery

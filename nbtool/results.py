@@ -77,7 +77,8 @@ def combine_outputs(outputs: list[np.ndarray], method: str | None):
 
     ``"mean"`` averages them (models that failed on a row, NaN there, are left out);
     ``"vote"`` returns each row's majority class (argmax per model; a one-unit output is
-    thresholded at 0.5), ties broken by the mean score.
+    thresholded at 0.5), ties broken by the mean score. A row on which every model failed
+    is NaN in the mean and -1 in the vote (never a class nobody voted for).
 
     Example:
         >>> a = np.array([[0.9, 0.1], [0.4, 0.6]]); b = np.array([[0.2, 0.8], [0.3, 0.7]])
@@ -111,7 +112,10 @@ def combine_outputs(outputs: list[np.ndarray], method: str | None):
             np.add.at(votes, (np.arange(len(per_model)), per_model), 1)
         score = mean
     # A vote counts 1; the mean score (< 1) only breaks ties.
-    return np.argmax(votes + np.nan_to_num(score, nan=0.0) * 0.5, axis=1)
+    winner = np.argmax(votes + np.nan_to_num(score, nan=0.0) * 0.5, axis=1)
+    if stack.dtype.kind == "f":
+        winner[np.isnan(stack).all(axis=(0, 2))] = -1   # nobody voted on these rows
+    return winner
 
 
 class Prediction:
@@ -131,7 +135,8 @@ class Prediction:
     def __init__(self, models: list[str], outputs: dict[str, list[np.ndarray] | None],
                  combined, combine, timings: dict[str, dict[str, Any]],
                  errors: list[Exception], n_rows: int, chunk_size: int,
-                 wall_seconds: float = 0.0, source=None):
+                 wall_seconds: float = 0.0, source=None, combined_note: str | None = None,
+                 store_path: str | None = None, store_runs: dict | None = None):
         self.models = list(models)
         self._outputs = outputs
         self._combined = combined     # an array, or a function that computes it on access
@@ -143,12 +148,48 @@ class Prediction:
         self.wall_seconds = wall_seconds
         self.source = source    # the input (a reference, never a copy), for the gallery
         self.labels = None      # true labels, once given to evaluate()
+        # Why combined is None although combine= was asked (a model failed), or what a
+        # partial combine left out: shown at the top of the views.
+        self.combined_note = combined_note
+        # A Prediction backed by a result store: its path, and the run that wrote each
+        # model there when this Prediction was made (checked on every read).
+        self.store_path = store_path
+        self.store_runs = dict(store_runs or {})
+
+    def _check_store(self, models: list[str] | None = None) -> None:
+        """Raise :class:`~nbtool.errors.StoreRewritten` if another run has written this
+        Prediction's result store since: its rows would be that run's, not these."""
+        if self.store_path is not None:
+            from .store import check_runs
+
+            check_runs(self.store_path, self.store_runs,
+                       self.models if models is None else models)
+
+    @property
+    def stale(self) -> str | None:
+        """Why this Prediction's rows are gone (its result store was rewritten by another
+        run), or None while they are its own.
+
+        Example:
+            >>> Prediction(["m"], {"m": [np.ones(1)]}, None, None, {}, [], 1, 1).stale is None
+            True
+        """
+        from .errors import StoreRewritten
+
+        try:
+            self._check_store()
+        except StoreRewritten as e:
+            return str(e)
+        return None
 
     @property
     def combined(self):
-        """The models combined row by row (``combine=``), or None. For a prediction backed
-        by a result store it is computed on first access, reading the outputs then."""
+        """The models combined row by row (``combine=``), or None: without ``combine``, or
+        when a model failed on some rows (``combined_note`` says which; predict with
+        ``partial_combine=True`` to combine the others). For a prediction backed by a
+        result store it is computed on first access, reading the outputs then."""
         if callable(self._combined):
+            self._check_store()
             compute, self._combined = self._combined, None
             try:
                 self._combined = compute()
@@ -162,9 +203,12 @@ class Prediction:
 
             raise ModelNotFound(name, self.models)
         outs = self._outputs[name]
+        if outs is not None:
+            self._check_store([name])
         if outs is None:
             mine = [e for e in self.errors if getattr(e, "model", None) == name]
-            raise PredictionFailed(mine or self.errors)
+            # No chunk of this model was kept: say so rather than "everything else was".
+            raise PredictionFailed(mine or self.errors, kept=0 if mine else None)
         return outs[0] if len(outs) == 1 else list(outs)
 
     def keys(self) -> list[str]:
@@ -192,8 +236,16 @@ class Prediction:
             True
         """
         if self.errors:
-            raise PredictionFailed(self.errors)
+            raise PredictionFailed(self.errors, kept=self._kept_chunks())
         return self
+
+    def _kept_chunks(self) -> int | None:
+        """How many (model, chunk) results succeeded (computed or resumed), if the timings
+        say; None when they do not."""
+        counts = [t.get("chunks") for t in self.timings.values()]
+        if not counts or None in counts:
+            return None
+        return sum(counts) + sum(t.get("resumed_chunks", 0) for t in self.timings.values())
 
     def evaluate(self, labels) -> dict[str, float]:
         """Compare with true labels: returns accuracy per model (and ``"ensemble"``).
@@ -207,6 +259,7 @@ class Prediction:
         """
         from .report import accuracy
 
+        self._check_store()
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != self.n_rows:
             from .errors import InputMismatch
@@ -223,6 +276,11 @@ class Prediction:
                 f"combine={self.combine!r}, {len(self.errors)} error(s), "
                 f"{self.wall_seconds:.2f}s>")
         lines = [head]
+        stale = self.stale
+        if stale:   # nothing below would be this Prediction's
+            return "\n".join([head, f"  ! {stale}"])
+        if self.combined_note:
+            lines.append(f"  ! {self.combined_note}")
         for r in summary_rows(self):
             lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.items()
                                            if v != "" and k != "output") )
@@ -241,6 +299,7 @@ class Prediction:
             >>> res.save("preds.npz")           # doctest: +SKIP
             'preds.npz'
         """
+        self._check_store()
         arrays = {}
         for m in self.models:
             for i, o in enumerate(self._outputs.get(m) or []):

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 import uuid
 
 import dask
 import numpy as np
-from distributed import as_completed
+from distributed import Future, as_completed
 
-from .errors import ChunkError, InputMismatch
+from .errors import ChunkError, InputMismatch, NbtoolError
 from .registry import ModelSpec
 from .results import CombineError, Prediction, combine_outputs
 from .sources import DaskSource, Source
@@ -31,6 +32,17 @@ from .worker import ChunkOutput, predict_chunk, resource_name
 #: per-task overhead (a few ms) stays small against the work.
 CHUNKS_PER_WORKER = 4
 MIN_DEFAULT_CHUNK = 256
+#: Seconds a cancelled run waits for the chunks already computing before it removes their
+#: input file (they would fail reading it, with a FileNotFoundError in the worker logs).
+CANCEL_GRACE = 5.0
+
+
+def _tasks_of_run(suffix: str, dask_worker=None) -> int:
+    """On a worker: how many tasks whose key ends with ``suffix`` it still runs (a
+    cancelled task keeps executing until its function returns)."""
+    running = ("executing", "long-running", "cancelled", "resumed")
+    return sum(1 for ts in dask_worker.state.tasks.values()
+               if str(ts.key).endswith(suffix) and ts.state in running)
 
 
 def check_fits(spec: ModelSpec, source: Source) -> None:
@@ -59,10 +71,7 @@ def check_fits(spec: ModelSpec, source: Source) -> None:
     fits = len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got))
     if not fits:
         shown = tuple("?" if w is None else w for w in want)
-        fix = ("reshape the input to rows of that shape"
-               + (f", e.g. x.reshape(len(x), {', '.join(map(str, shown))})"
-                  if None not in want else "")
-               + ", or pick a model made for this input")
+        fix = _reshape_fix(tuple(want), got, source.n_rows)
         raise InputMismatch(spec.name, spec.path,
                             f"rows of shape {shown} (batch shape {spec.input_shape})",
                             f"rows of shape {got} from {source.describe()}", fix)
@@ -71,6 +80,30 @@ def check_fits(spec: ModelSpec, source: Source) -> None:
         raise InputMismatch(spec.name, spec.path, f"{want_dtype} input",
                             f"{source.dtype} from {source.describe()}",
                             f"convert it first, e.g. x.astype('{want_dtype}')")
+
+
+def _reshape_fix(want: tuple, got: tuple, n_rows: int) -> str:
+    """The fix for rows of shape ``got`` where a model wants ``want``: a reshape only when
+    one really gives whole rows, never one that would fail or scramble the values."""
+    other = "pick a model made for this input"
+    if None in want:
+        return f"reshape the input to rows of that shape, or {other}"
+    shape = ", ".join(map(str, want))
+    row, per = math.prod(want), math.prod(got)
+    if got and per == row:   # same values per row, other layout (e.g. images flattened)
+        return f"reshape the input to rows of that shape, e.g. x.reshape(len(x), {shape})"
+    if not got:   # a 1-D array: its n_rows values are one row, or several, or neither
+        if n_rows == row:
+            one = "x.reshape(1, -1) (or x[None])" if len(want) == 1 else \
+                f"x.reshape(1, {shape})"
+            return f"for one row, use {one}"
+        if n_rows % row == 0:
+            return (f"for {n_rows // row} rows of {row} values, use x.reshape(-1, {shape}), "
+                    f"or {other}")
+        return (f"your 1-D array has {n_rows} values, not a whole number of rows of {row}: "
+                f"check how it was built, or {other}")
+    return (f"your rows hold {per} values each and the model's hold {row}, so no reshape "
+            f"fits: {other}, or check how the input was built")
 
 
 def _check_preprocess_input(spec: ModelSpec, pre, source: Source) -> None:
@@ -147,15 +180,24 @@ class PredictionRun:
     def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
                  chunk_size: int, combine: str | None = "mean",
                  devices: dict[str, str] | None = None, on_done=None, store=None,
-                 done: dict[str, set[int]] | None = None, dask_names: dict | None = None):
+                 done: dict[str, set[int]] | None = None, dask_names: dict | None = None,
+                 run_id: str | None = None, partial_combine: bool = False):
         self.client = client
         self.placements = placements
         self.source = source
         self.chunk_size = chunk_size
         self.combine = combine
-        self.run_id = uuid.uuid4().hex[:8]
+        # False: combined only when every model succeeded on every row (a mean of the
+        # survivors passed off as the ensemble is wrong without a sign).
+        self.partial_combine = bool(partial_combine)
+        self.run_id = run_id or uuid.uuid4().hex[:8]
         self.bounds = source.chunk_bounds(chunk_size)
         self.futures = []
+        self._scattered = []       # inputs sent to the workers for this run (released with it)
+        self._all_done = threading.Event()
+        self._pending = 0
+        self._count_lock = threading.Lock()
+        self.cancelled = False
         self._task_of = {}         # future key -> (model, chunk index)
         self.started = None
         self.finished = 0
@@ -182,15 +224,42 @@ class PredictionRun:
                 # is named by its resource, which survives restarts and cannot be stolen.
                 worker = names[(i + m) % len(names)]
                 key = f"nbtool-{spec.name}-{i}-{self.run_id}"
-                ref = StoreRef(self.store.path, self.bounds[i][0]) if self.store else None
+                ref = StoreRef(self.store.path, self.bounds[i][0], self.run_id) \
+                    if self.store else None
                 with dask.annotate(resources={resource_name(worker): 1}):
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
                         spec, data, start, stop, i, ref, dask_key_name=key))
                 keys.append((spec.name, i))
+        self._scattered = list({d.key: d for d, _, _ in args if isinstance(d, Future)}.values())
         self.started = time.perf_counter()
         self.futures = self.client.compute(tasks, optimize_graph=False)
         self._task_of = {f.key: k for f, k in zip(self.futures, keys)}
+        self._pending = len(self.futures)
+        if not self.futures:
+            self._all_done.set()
+        for f in self.futures:
+            f.add_done_callback(self._one_done)
         return self.futures
+
+    def _one_done(self, _future) -> None:
+        with self._count_lock:
+            self._pending -= 1
+            if self._pending <= 0:
+                self._all_done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every task has finished (or failed), at most ``timeout`` seconds;
+        True if they have.
+
+        An event, not ``distributed.wait(..., timeout=)``: each timeout of that leaves the
+        futures in a reference cycle (its TimeoutError's traceback) that keeps every task
+        of the run wanted until the garbage collector runs, so a hard unload in between
+        made the scheduler compute the finished run again on the restarted workers.
+
+        Example:
+            >>> while not run.wait(0.2): print(run.progress())   # doctest: +SKIP
+        """
+        return self._all_done.wait(timeout) or self.done
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """Per model: (chunks finished, chunks in all), read from the futures' states."""
@@ -203,7 +272,81 @@ class PredictionRun:
         return {m: (n, len(self.bounds)) for m, n in done.items()}
 
     def collect(self) -> Prediction:
-        """Wait for every task, keep what succeeded, and assemble the :class:`Prediction`."""
+        """Wait for every task, keep what succeeded, and assemble the :class:`Prediction`.
+
+        Then everything of the run is let go: its tasks (the scheduler forgets them, so
+        nothing recomputes them after a worker restart), the result store's writer lock
+        and the input's shared file. If waiting fails or is interrupted, the run is
+        cancelled. A second call returns the same Prediction.
+        """
+        if self.result is not None:
+            return self.result
+        if self.cancelled:
+            raise NbtoolError(f"prediction run {self.run_id} was cancelled, so it has no "
+                              "result. Fix: run the prediction again.")
+        try:
+            result = self._collect()
+            if self.cancelled:   # cancelled from another thread while this one waited
+                raise NbtoolError(f"prediction run {self.run_id} was cancelled while it "
+                                  "ran, so it has no result. Fix: run the prediction again.")
+            self.result = result
+        except BaseException:
+            self.cancel()   # interrupted or failed: nothing of it keeps running or held
+            raise
+        finally:
+            self._release()
+        if self.on_done is not None:
+            self.on_done(self.result)
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop the run and let go of everything it holds: its tasks are cancelled (one
+        already computing finishes, but writes nothing to a result store), the store's
+        writer lock is released and the input's shared file removed.
+
+        Example:
+            >>> run = eng.submit(["cnn"], x); run.cancel()   # doctest: +SKIP
+        """
+        if self.result is None:
+            self.cancelled = True
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the run's futures (explicitly: the scheduler forgets the keys even if
+        a stray reference to a future lives on somewhere), the store lock, the input file."""
+        futures, self.futures = self.futures, []
+        scattered, self._scattered = self._scattered, []
+        in_flight = any(not f.done() for f in futures)
+        if futures or scattered:
+            try:
+                self.client.cancel(futures + scattered)
+            except Exception:   # the client is closing: the scheduler forgets them with it
+                pass
+        self._all_done.set()
+        cleanup = getattr(self.source, "cleanup", None)
+        if in_flight and (cleanup is not None or self.store is not None):
+            # Cancelled mid-run: a chunk already computing goes on (a thread cannot be
+            # stopped). It reads the input file piece by piece, and writes to the store
+            # only while this run holds it: the file goes, and the lock, after them.
+            self._wait_for_workers_to_drop()
+        if self.store is not None:
+            self.store.release()
+        if cleanup is not None:
+            cleanup()
+
+    def _wait_for_workers_to_drop(self, timeout: float = CANCEL_GRACE) -> None:
+        """Wait (at most ``timeout`` s) until no worker still runs a task of this run."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                busy = self.client.run(_tasks_of_run, f"-{self.run_id}")
+            except Exception:   # workers gone or the client closing: nothing to wait for
+                return
+            if not any(busy.values()):
+                return
+            time.sleep(0.05)
+
+    def _collect(self) -> Prediction:
         results: dict[tuple[str, int], ChunkOutput] = {}
         errors: list[Exception] = []
         finished_at: dict[str, float] = {}
@@ -221,19 +364,15 @@ class PredictionRun:
                     model, chunk, self.bounds[chunk], None,
                     f"{type(value).__name__}: {value}"))
         wall = time.perf_counter() - self.started
-        # Everything is here now: let the workers drop their copies of outputs and inputs.
         self.finished = len(self.futures)
-        self.futures = []
         errors.sort(key=lambda e: (getattr(e, "model", ""), getattr(e, "chunk", 0)))
-        self.result = self._assemble(results, errors, finished_at, wall)
-        if self.on_done is not None:
-            self.on_done(self.result)
-        return self.result
+        # Assembled before the lock goes: a store's completed chunks are read under it.
+        return self._assemble(results, errors, finished_at, wall)
 
     @property
     def done(self) -> bool:
         """True once every task has finished (or failed); ``collect()`` will not wait."""
-        return bool(self.finished) or all(f.done() for f in self.futures)
+        return bool(self.finished) or self.cancelled or all(f.done() for f in self.futures)
 
     def _combine(self, outputs: dict):
         """The ensemble of single-output models; a :class:`CombineError` if impossible."""
@@ -275,18 +414,45 @@ class PredictionRun:
                     out[a:b] = r.outputs[k]
                 arrays.append(out)
             outputs[spec.name] = arrays
-        combined = None
-        if self.combine is not None and self.store is not None:
+        combined, note = None, self._combine_note(errors, outputs)
+        if self.combine is None or (note is not None and not self.partial_combine):
+            pass   # never a combine of the survivors passed off as the ensemble
+        elif self.store is not None:
             # On first access: reading every stored output is the caller's choice.
             combined = functools.partial(self._combine, outputs)
-        elif self.combine is not None:
+        else:
             try:
                 combined = self._combine(outputs)
             except CombineError as e:
                 errors.append(e)
         return Prediction([s.name for s, _ in self.placements], outputs, combined,
                           self.combine, timings, errors, n, self.chunk_size, wall,
-                          source=self.source)
+                          source=self.source, combined_note=note,
+                          store_path=self.store.path if self.store is not None else None,
+                          store_runs=self.store.runs() if self.store is not None else None)
+
+    def _combine_note(self, errors: list, outputs: dict) -> str | None:
+        """Why ``combined`` is missing (or, with ``partial_combine``, what it leaves out)
+        when a model failed on some of its chunks; None when every model has every row."""
+        if self.combine is None:
+            return None
+        failed: dict[str, set[int]] = {}
+        for e in errors:
+            if isinstance(e, ChunkError):
+                failed.setdefault(e.model, set()).add(e.chunk)
+        for spec, _ in self.placements:   # no output at all, whatever the errors say
+            if outputs.get(spec.name) is None and spec.name not in failed:
+                failed[spec.name] = set(range(len(self.bounds)))
+        if not failed:
+            return None
+        n = len(self.bounds)
+        what = ", ".join(f"model {m!r} failed on {len(c)} of {n} chunk{'s' * (n != 1)}"
+                         for m, c in failed.items())
+        if self.partial_combine:
+            return (f"combined is partial (partial_combine=True): {what}; on those rows it "
+                    "combines the other models only (NaN, or -1 for a vote, where none succeeded)")
+        return (f"combined is not available: {what}; pass partial_combine=True to combine "
+                "the others")
 
 
 def _timings(chunks: list[tuple[int, ChunkOutput]], seconds: float, n_rows: int) -> dict:

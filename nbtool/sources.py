@@ -118,7 +118,7 @@ class Source:
 
     Example:
         >>> as_source(np.zeros((5, 2), "float32")).describe()
-        'an array of shape (5, 2) and dtype float32'
+        'your array of shape (5, 2) and dtype float32'
     """
 
     n_rows: int
@@ -153,6 +153,9 @@ class ArraySource(Source):
     def __init__(self, array: np.ndarray):
         self.array = array
         self.n_rows, self.row_shape, self.dtype = len(array), array.shape[1:], array.dtype
+
+    def describe(self):
+        return f"your array of shape {self.array.shape} and dtype {self.dtype}"
 
     def chunk_args(self, client, workers, chunk_size):
         # One copy per worker that needs it, sent once; every chunk is then a slice there.
@@ -218,6 +221,10 @@ class SharedArraySource(NpySource):
         np.save(path, array)
         super().__init__(path)
 
+    def describe(self):
+        # The file is how the rows travel, not what the user passed: never name it.
+        return ArraySource.describe(self)
+
     def fingerprint(self):
         return ArraySource(self.array).fingerprint()
 
@@ -231,16 +238,29 @@ class SharedArraySource(NpySource):
 def shared_folder(fallback: str | os.PathLike, nbytes: int) -> Path:
     """``/dev/shm/nbtool-<pid>`` if it has room for ``nbytes`` twice over, else ``fallback``.
 
+    The folder is this user's alone (0700). ``/dev/shm`` is writable by everyone, so a
+    folder of that name that another user made first, or a symlink planted there, is
+    never used: the input then goes to ``fallback`` (the engine's private work folder).
+
     Example:
         >>> shared_folder("/tmp", 10**18)   # nothing has room for an exabyte
         PosixPath('/tmp')
     """
     import shutil
+    import stat
 
     shm = Path("/dev/shm")
     try:
         if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes:
-            return shm / f"nbtool-{os.getpid()}"
+            folder = shm / f"nbtool-{os.getpid()}"
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            st = os.lstat(folder)   # lstat: a symlink is not followed, it is refused
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() \
+                    and stat.S_IMODE(st.st_mode) & 0o077 == 0:
+                return folder
     except OSError:
         pass
     return Path(fallback)
@@ -391,7 +411,9 @@ def as_source(x: Any) -> Source:
         return x
     if isinstance(x, (str, os.PathLike)):
         p = Path(x)
-        if p.suffix.lower() == ".zarr" or (p.is_dir() and (p / "zarr.json").exists()):
+        # zarr.json: zarr 3; .zarray/.zgroup: zarr 2 (a folder without ".zarr" in its name).
+        if p.suffix.lower() == ".zarr" or (p.is_dir() and any(
+                (p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))):
             return _checked(ZarrSource(_open_zarr(p)))
         if p.is_dir():
             return _checked(ImageFolderSource(p))
@@ -407,8 +429,11 @@ def as_source(x: Any) -> Source:
     elif _is_dask_array(x):
         src = DaskSource(x)
     elif type(x).__module__.startswith("zarr"):
+        if hasattr(x, "array_keys"):   # a zarr Group: its arrays are the inputs, not it
+            raise _zarr_group_refusal(x)
         src = ZarrSource(x)
     else:
+        _refuse_non_arrays(x)
         try:
             arr = np.asarray(x)
         except ValueError as e:
@@ -416,14 +441,99 @@ def as_source(x: Any) -> Source:
                                 f"a ragged sequence ({e})",
                                 "pad or crop the rows to one shape first") from None
         if arr.dtype == object:
-            raise InputMismatch(None, None, "a numeric array",
-                                "an array of Python objects (ragged rows?)",
-                                "pad or crop the rows to one shape and use a numeric dtype")
+            found, fix = _describe_objects(arr)
+            raise InputMismatch(None, None, "a numeric array", found, fix)
         src = ArraySource(arr) if arr.ndim else None
         if src is None:
             raise InputMismatch(None, None, "an array with a first axis of rows",
                                 f"a scalar {arr!r}", "pass an array like x[None] for one row")
     return _checked(src)
+
+
+#: What every "not an input" refusal says nbtool takes.
+_INPUTS = "an array of rows (an ndarray, a .npy or .zarr path, a zarr or Dask array)"
+
+
+def _refuse_non_arrays(x: Any) -> None:
+    """Refuse, by what they are, the inputs ``np.asarray`` would turn into one object.
+
+    Without this, None, a dict or a generator all became a 0-d object array and were
+    called "ragged rows", which sends the user looking in the wrong place.
+    """
+    from collections.abc import Iterator, Mapping
+    from types import GeneratorType
+
+    if x is None:
+        raise InputMismatch(None, None, _INPUTS, "None",
+                            "check that the variable (or the cell's last expression) holds "
+                            "the data; a function that only prints returns None")
+    if isinstance(x, Mapping):
+        keys = list(x)
+        shown = repr(keys[:10])[:-1] + (", ...]" if len(keys) > 10 else "]")
+        pick = f"x[{keys[0]!r}]" if keys else "one of its arrays"
+        raise InputMismatch(None, None, _INPUTS, f"a dict with keys {shown}",
+                            f"pass one of its arrays, e.g. {pick}")
+    if isinstance(x, Iterator):   # rows must be counted and shaped before anything runs
+        gen = isinstance(x, GeneratorType)
+        what = "a generator" if gen else f"an iterator ({type(x).__name__})"
+        raise InputMismatch(None, None, _INPUTS, what,
+                            f"pass np.stack(list({'gen' if gen else 'it'})) or an array "
+                            "(nbtool needs the row count and row shape up front)")
+    columns, dtypes = getattr(x, "columns", None), getattr(x, "dtypes", None)
+    if columns is not None and dtypes is not None and not isinstance(x, np.ndarray):
+        # A DataFrame (pandas, polars...): name the columns that are not numbers.
+        bad = [c for c, dt in zip(list(columns), list(dtypes)) if not _numeric_dtype(dt)]
+        if bad:
+            raise InputMismatch(
+                None, None, "a numeric array", f"a DataFrame with non-numeric columns {bad}",
+                "select numeric columns or use df.to_numpy(dtype='float32')")
+
+
+def _numeric_dtype(dt: Any) -> bool:
+    """Whether a column dtype (numpy's, pandas', or another library's) holds numbers."""
+    kind = getattr(dt, "kind", None)
+    if isinstance(kind, str):
+        return kind in "biuf"
+    name = str(dt).lower()   # e.g. polars: Float32, Int64, Boolean, String
+    return name.startswith(("float", "int", "uint", "bool"))
+
+
+def _describe_objects(arr: np.ndarray) -> tuple[str, str]:
+    """What an object array holds, and the fix: (found, fix) for an InputMismatch."""
+    if arr.ndim == 0:
+        item = arr.item()
+        return (f"an object of type {type(item).__name__}",
+                f"pass {_INPUTS}, e.g. np.asarray(rows, dtype='float32')")
+    sample = arr.reshape(-1)[:1000]
+    if any(v is None for v in sample):
+        return ("an array holding None among its values (missing data?)",
+                "fill or drop the missing values first, e.g. np.nan for a missing number")
+    text = next((v for v in sample if isinstance(v, (str, bytes))), None)
+    if text is not None:
+        return (f"an array holding text such as {text!r}",
+                "convert the text to numbers first, or select the numeric columns")
+    if any(isinstance(v, (list, tuple, np.ndarray)) for v in sample):
+        return ("an array of Python objects holding sequences (rows of different shapes?)",
+                "pad or crop the rows to one shape first")
+    types = sorted({type(v).__name__ for v in sample})
+    return (f"an array of Python objects ({', '.join(types[:5])})",
+            "convert them to numbers first, e.g. np.asarray(x, dtype='float32')")
+
+
+def _zarr_group_refusal(group: Any, path: Path | None = None) -> InputMismatch:
+    """A zarr group is a folder of arrays: say which arrays it has and how to pick one."""
+    arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
+    what = f"a zarr group at {path}" if path is not None else "a zarr group"
+    if arrays:
+        found = f"{what} holding the arrays {arrays}"
+        fix = (f"pass one array's path, e.g. '{path / arrays[0]}', or zarr.open_group(...)"
+               f"[{arrays[0]!r}]" if path is not None else
+               f"pass one array, e.g. group[{arrays[0]!r}]")
+    else:
+        found = what + " holding no arrays" + (f" (its groups: {groups})" if groups else "")
+        fix = ("pick an array inside one of its groups, e.g. group['sub']['x']" if groups
+               else "write the rows to an array in it first")
+    return InputMismatch(None, None, "a zarr array (rows along its first axis)", found, fix)
 
 
 def _checked(src: Source) -> Source:
@@ -439,6 +549,12 @@ def _open_zarr(p: Path):
     try:
         return zarr.open_array(str(p), mode="r")
     except Exception as e:   # zarr raises several types for a missing or foreign store
+        try:
+            group = zarr.open_group(str(p), mode="r")
+        except Exception:
+            group = None   # neither an array nor a group: the message below says so
+        if group is not None:
+            raise _zarr_group_refusal(group, p) from None
         raise NbtoolError(f"input {p}: cannot open it as a zarr array ({type(e).__name__}: "
                           f"{e}). Fix: check the path; a zarr group needs the array's path, "
                           "e.g. zarr.open_group(p)['x'].") from None

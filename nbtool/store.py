@@ -9,6 +9,15 @@ same prediction again resumes: stored chunks are not recomputed. A changed model
 invalidates that model's chunks, a changed input or chunking invalidates the store; they
 never mix silently.
 
+One run writes a store at a time: the client holds an OS lock (``flock``) on
+``.nbtool.lock`` inside it from submit to collect, and a second run that asks for the same
+path is refused at once (:class:`~nbtool.errors.StoreBusy`) rather than left waiting: a
+kernel blocked on a lock for the length of someone else's run looks hung, and two runs on
+one path are almost always a mistake. The lock goes with the process, so a crashed kernel
+leaves none behind. The manifest records which run last wrote each model; a Prediction
+backed by the store checks it when read and refuses rows another run has written since
+(:class:`~nbtool.errors.StoreRewritten`).
+
 Example:
     >>> res = eng.predict(["cnn"], "big.npy", save="preds.zarr")   # doctest: +SKIP
     >>> res = nbtool.open_prediction("preds.zarr")                  # lazy: read on access
@@ -20,20 +29,55 @@ import dataclasses
 import json
 import os
 import shutil
+import string
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import NbtoolError
+from .errors import NbtoolError, ResultStoreError, StoreBusy, StoreRewritten
 
 MANIFEST = "nbtool.json"
-FORMAT_VERSION = 1
+#: 2: model names are percent-encoded injectively (1 only replaced '/', so 'a/b' and
+#: 'a%2Fb' shared one array).
+FORMAT_VERSION = 2
+#: The writer lock (and the id of the run holding it), inside the store.
+LOCK = ".nbtool.lock"
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_REWRITTEN_FIX = ("save each run to its own path, or read the store again with "
+                  "nbtool.open_prediction")
 
 
 def _key(model: str) -> str:
-    """A model name as a folder name (names have no spaces; '/' would nest groups)."""
+    """A model name as one folder name, one to one: every character outside
+    ``[A-Za-z0-9_-]`` is percent-encoded, ``%`` included (so no two names share a folder)
+    and ``.`` too (so ``.``/``..`` never climb); a leading ``_`` as well (zarr reserves
+    names starting ``__``).
+
+    Example:
+        >>> _key("a/b"), _key("a%2Fb"), _key(".."), _key("cnn@int8")
+        ('a%2Fb', 'a%252Fb', '%2E%2E', 'cnn%40int8')
+    """
+    if not model:
+        raise ValueError("a model name cannot be empty")
+    return "".join(ch if ch in _SAFE and not (i == 0 and ch == "_")
+                   else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+                   for i, ch in enumerate(model))
+
+
+def _key_v1(model: str) -> str:
+    """How format-1 stores named their folders: read-only, for opening old stores."""
     return model.replace("/", "%2F")
+
+
+def _owner(path: str | os.PathLike) -> str | None:
+    """The run id written in a store's lock file (None if none holds it)."""
+    try:
+        text = (Path(path) / LOCK).read_text()
+        return json.loads(text).get("run") if text.strip() else None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +91,13 @@ class StoreRef:
 
     path: str
     start: int
+    run: str | None = None   # the run that holds the store's lock: only it may write
 
     def write(self, model: str, chunk: int, outputs: list[np.ndarray]) -> None:
         """Write one chunk's outputs, then mark it done (atomically)."""
         import zarr
 
+        self._check_owner(model, chunk)
         group = zarr.open_group(self.path, mode="r+")
         for k, out in enumerate(outputs):
             group[f"{_key(model)}/out{k}"][self.start:self.start + len(out)] = out
@@ -59,7 +105,22 @@ class StoreRef:
         done.mkdir(parents=True, exist_ok=True)
         tmp = done / f".{chunk}.{os.getpid()}.tmp"
         tmp.write_bytes(b"")
+        # Checked again last: a run cancelled while this task computed must not mark rows
+        # done in a store that another run holds now.
+        self._check_owner(model, chunk)
         os.replace(tmp, done / str(chunk))
+
+    def _check_owner(self, model: str, chunk: int) -> None:
+        """A task of a run that no longer holds the store (cancelled, or collected while
+        this task was still running) writes nothing."""
+        if self.run is None:
+            return
+        owner = _owner(self.path)
+        if owner != self.run:
+            now = f"run {owner} holds it now" if owner else "no run holds it now"
+            raise ResultStoreError(self.path, f"chunk {chunk} of model {model!r} belongs to "
+                                   f"run {self.run}, which has ended ({now}), so it was not "
+                                   "written", "run the prediction again to fill the store")
 
 
 class ResultStore:
@@ -74,6 +135,105 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike):
         self.path = str(Path(path).resolve())
         self.manifest = self._read_manifest()
+        self.run_id: str | None = None   # the run holding the writer lock through this object
+        self._lock = None                # its open lock file, while held
+
+    def _key(self, model: str) -> str:
+        old = self.manifest is not None and self.manifest.get("format") == 1
+        return _key_v1(model) if old else _key(model)
+
+    # -- the writer lock ---------------------------------------------------------------------
+    def check_target(self) -> None:
+        """Refuse a path that cannot become a result store, before anything is created:
+        an existing file, a path under a file, an unwritable folder, a foreign folder.
+
+        Example:
+            >>> ResultStore("/dev/null/p.zarr").check_target()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            nbtool.errors.ResultStoreError: result store /dev/null/p.zarr: /dev/null is not...
+        """
+        root = Path(self.path)
+        if root.exists() and not root.is_dir():
+            raise ResultStoreError(self.path, "a file of that name exists, and a result store "
+                                   "is a folder", "save to a new path ending in .zarr, or "
+                                   "delete that file first")
+        parent = root
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ResultStoreError(self.path, f"{parent} is not a folder (a file), so no "
+                                   "folder can be made under it", "save under a folder, "
+                                   "e.g. save='preds.zarr' beside the notebook")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ResultStoreError(self.path, f"the folder {parent} is not writable",
+                                   "save to a folder you can write, e.g. beside the notebook")
+        if root.exists() and self.manifest is None and \
+                any(p.name != LOCK for p in root.iterdir()):
+            raise ResultStoreError(self.path, "the folder exists and is not an nbtool result "
+                                   "store", "save to a new path")
+
+    def acquire(self, run_id: str) -> None:
+        """Take the writer lock for run ``run_id``; raise :class:`~nbtool.errors.StoreBusy`
+        at once if another run holds it. :meth:`release` gives it back.
+
+        Example:
+            >>> store = ResultStore("preds.zarr"); store.acquire("run1")   # doctest: +SKIP
+            >>> ResultStore("preds.zarr").acquire("run2")                   # doctest: +SKIP
+            Traceback (most recent call last):
+            nbtool.errors.StoreBusy: result store .../preds.zarr: run run1 is writing it...
+        """
+        if self._lock is not None:
+            return
+        self.check_target()
+        try:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            f = os.fdopen(os.open(Path(self.path) / LOCK, os.O_RDWR | os.O_CREAT, 0o644),
+                          "r+")
+        except OSError as e:
+            raise self._unwritable(e) from None
+        if not _try_lock(f):   # held: by another kernel, or by another run of this one
+            holder = _holder_text(f.read())
+            f.close()
+            raise StoreBusy(self.path, f"{holder} is writing it now; a second run would mix "
+                            "its rows into that one's", "wait for that run to finish "
+                            "(run.collect()) or stop it (run.cancel()), or save this run to "
+                            "another path") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"run": run_id, "pid": os.getpid(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        self._lock, self.run_id = f, run_id
+
+    def release(self) -> None:
+        """Give the writer lock back (a no-op if not held); late tasks of the run that held
+        it find no owner in the lock file and write nothing."""
+        f, self._lock = self._lock, None
+        if f is None:
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+        except OSError:
+            pass
+        finally:
+            f.close()   # closing the descriptor drops the flock
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the writer lock."""
+        return self._lock is not None
+
+    def _unwritable(self, e: OSError) -> ResultStoreError:
+        return ResultStoreError(self.path, f"cannot write there ({type(e).__name__}: "
+                                f"{e.strerror or e})", "save to a folder you can write, "
+                                "e.g. beside the notebook")
+
+    def runs(self) -> dict[str, str | None]:
+        """The run that last wrote each model (from the manifest)."""
+        m = self.manifest or {}
+        return {n: e.get("run") for n, e in m.get("models", {}).items()}
 
     def _read_manifest(self) -> dict | None:
         f = Path(self.path) / MANIFEST
@@ -88,56 +248,79 @@ class ResultStore:
 
     def completed(self, model: str) -> set[int]:
         """Chunks of ``model`` that are wholly stored."""
-        done = Path(self.path) / "done" / _key(model)
+        done = Path(self.path) / "done" / self._key(model)
         return {int(p.name) for p in done.iterdir() if p.name.isdigit()} if done.exists() \
             else set()
 
     def prepare(self, models: list[tuple[str, str, list]], input_fingerprint: str,
-                n_rows: int, chunk_size: int) -> dict[str, set[int]]:
+                n_rows: int, chunk_size: int, n_chunks: int | None = None
+                ) -> dict[str, set[int]]:
         """Make the store ready for a run; returns the chunks already done per model.
 
         ``models`` holds (name, model fingerprint, output specs [(row shape, dtype)]).
+        Takes the writer lock first if this object does not hold it yet (:meth:`release`
+        gives it back). Each model that this run will write (chunks missing, or new) is
+        recorded in the manifest as written by this run.
         """
         import zarr
 
+        if self._lock is None:
+            import uuid
+
+            self.acquire(uuid.uuid4().hex[:8])
         root = Path(self.path)
-        m = self.manifest
-        if root.exists() and m is None and any(root.iterdir()):
-            raise NbtoolError(f"result store {self.path}: the folder exists and is not an "
-                              "nbtool result store. Fix: save to a new path.")
-        if m is not None and (m.get("input") != input_fingerprint or m.get("n_rows") != n_rows
-                              or m.get("chunk_size") != chunk_size):
+        # Read again under the lock: the run that held it before may have changed it.
+        m = self.manifest = self._read_manifest()
+        if m is not None and m.get("format") != FORMAT_VERSION:
+            warnings.warn(f"result store {self.path} was written by an older nbtool (format "
+                          f"{m.get('format')}); its results are discarded and everything is "
+                          "computed again.", stacklevel=3)
+            m = None
+        elif m is not None and (m.get("input") != input_fingerprint or m.get("n_rows") !=
+                                n_rows or m.get("chunk_size") != chunk_size):
             what = "the input" if m.get("input") != input_fingerprint else "the chunking"
             warnings.warn(f"result store {self.path}: {what} changed since it was written; "
                           "its results are discarded and everything is computed again.",
                           stacklevel=3)
-            shutil.rmtree(root)
             m = None
         if m is None:
+            _clear(root)    # all but the lock file this run holds
             m = {"format": FORMAT_VERSION, "input": input_fingerprint, "n_rows": n_rows,
                  "chunk_size": chunk_size, "models": {}}
-            zarr.open_group(self.path, mode="w")
-        group = zarr.open_group(self.path, mode="r+")
+            self.manifest = m
+        # mode="a", never "w": "w" deletes the folder, the lock file with it.
+        group = zarr.open_group(self.path, mode="a")
+        n_chunks = n_chunks if n_chunks is not None else -(-n_rows // chunk_size)
         for name, fingerprint, specs in models:
-            known = m["models"].get(name)
-            entry = {"fingerprint": fingerprint, "outputs": [[list(s), d] for s, d in specs]}
-            if known is not None and known != entry:
-                warnings.warn(f"result store {self.path}: model {name!r} changed since its "
-                              "results were written; they are discarded and computed again.",
-                              stacklevel=3)
-                shutil.rmtree(root / _key(name), ignore_errors=True)
-                shutil.rmtree(root / "done" / _key(name), ignore_errors=True)
-                known = None
-            if known is None:
-                for k, (shape, dtype) in enumerate(specs):
-                    dt = np.dtype(dtype)
-                    group.create_array(f"{_key(name)}/out{k}", shape=(n_rows, *shape),
-                                       chunks=(chunk_size, *shape), dtype=dt,
-                                       fill_value=np.nan if dt.kind == "f" else 0,
-                                       overwrite=True)
-                m["models"][name] = entry
+            m["models"][name] = self._prepare_model(group, name, fingerprint, specs,
+                                                    n_rows, chunk_size, n_chunks)
         self._write_manifest(m)
         return {name: self.completed(name) for name, _, _ in models}
+
+    def _prepare_model(self, group, name: str, fingerprint: str, specs: list, n_rows: int,
+                       chunk_size: int, n_chunks: int) -> dict:
+        """One model's arrays, kept or made new; returns its manifest entry."""
+        root = Path(self.path)
+        known = self.manifest["models"].get(name)
+        entry = {"fingerprint": fingerprint, "outputs": [[list(s), d] for s, d in specs]}
+        if known is not None and {k: known.get(k) for k in entry} != entry:
+            warnings.warn(f"result store {self.path}: model {name!r} changed since its "
+                          "results were written; they are discarded and computed again.",
+                          stacklevel=4)
+            known = None
+        if known is None:
+            shutil.rmtree(root / _key(name), ignore_errors=True)
+            shutil.rmtree(root / "done" / _key(name), ignore_errors=True)
+            for k, (shape, dtype) in enumerate(specs):
+                dt = np.dtype(dtype)
+                group.create_array(f"{_key(name)}/out{k}", shape=(n_rows, *shape),
+                                   chunks=(chunk_size, *shape), dtype=dt,
+                                   fill_value=np.nan if dt.kind == "f" else 0,
+                                   overwrite=True)
+        writes = known is None or len(self.completed(name)) < n_chunks
+        if not writes:   # wholly stored: this run reads it, the last writer stays
+            return {**entry, "run": known.get("run"), "written_at": known.get("written_at")}
+        return {**entry, "run": self.run_id, "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _write_manifest(self, m: dict) -> None:
         f = Path(self.path) / MANIFEST
@@ -152,7 +335,109 @@ class ResultStore:
 
         group = zarr.open_group(self.path, mode="r")
         n = len(self.manifest["models"][model]["outputs"])
-        return [group[f"{_key(model)}/out{k}"] for k in range(n)]
+        return [group[f"{self._key(model)}/out{k}"] for k in range(n)]
+
+
+def _try_lock(f) -> bool:
+    """Take an exclusive lock on open file ``f`` without waiting; False if another open
+    file holds it (another process, or another run of this one: flock locks belong to
+    open files, not processes). The OS drops it when the file is closed or the process
+    dies, so a crashed kernel leaves no stale lock."""
+    try:
+        import fcntl
+    except ImportError:   # Windows
+        import msvcrt
+
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _clear(root: Path) -> None:
+    """Empty a store's folder, keeping its lock file (and the lock on it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _holder_text(text: str) -> str:
+    """Who holds a lock, from its lock file's text: "run 1a2b3c4d (process 123, since
+    ...)", or "another run" when it has not written its id yet.
+
+    Example:
+        >>> _holder_text('{"run": "1a2b3c4d", "pid": 123, "since": "2025-01-01 10:00:00"}')
+        'run 1a2b3c4d (process 123, since 2025-01-01 10:00:00)'
+    """
+    try:
+        info = json.loads(text) if text.strip() else {}
+    except ValueError:
+        info = {}
+    if not info.get("run"):
+        return "another run"
+    return f"run {info['run']} (process {info.get('pid')}, since {info.get('since')})"
+
+
+def check_npz_target(path: str | os.PathLike) -> None:
+    """Refuse a ``save="*.npz"`` path that cannot be written, before the run rather than
+    after it: a folder of that name, a missing or unwritable folder, a path under a file.
+
+    Example:
+        >>> check_npz_target("/dev/null/p.npz")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.NbtoolError: save='/dev/null/p.npz': /dev/null is not a folder...
+    """
+    target = Path(path).expanduser().resolve()
+    parent = target.parent
+    problem = None
+    if target.is_dir():
+        problem = f"{target} is a folder"
+    elif parent.exists() and not parent.is_dir():
+        problem = f"{parent} is not a folder (a file), so nothing can be saved under it"
+    elif not parent.exists():
+        problem = f"the folder {parent} does not exist"
+    elif not os.access(parent, os.W_OK | os.X_OK) or \
+            (target.exists() and not os.access(target, os.W_OK)):
+        problem = f"{target} cannot be written"
+    if problem:
+        raise NbtoolError(f"save={str(path)!r}: {problem}, so the results could not be "
+                          "written there after the run. Fix: pass a .npz path in a folder "
+                          "you can write, e.g. save='preds.npz' beside the notebook.")
+
+
+def check_runs(path: str, runs: dict[str, str | None], models: list[str]) -> None:
+    """Raise :class:`~nbtool.errors.StoreRewritten` if another run wrote any of ``models``
+    in the store at ``path`` since ``runs`` (model -> run id, from its manifest) was read.
+
+    Example:
+        >>> check_runs("preds.zarr", res.store_runs, ["cnn"])   # doctest: +SKIP
+    """
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        m = None
+    for name in models:
+        now = (m or {}).get("models", {}).get(name)
+        if now is not None and now.get("run") == runs.get(name):
+            continue
+        when = f" at {now['written_at']}" if now and now.get("written_at") else ""
+        what = "was rewritten by another run" + when if now else \
+            "was deleted or rewritten by another run"
+        raise StoreRewritten(path, f"it {what}; this Prediction's rows of model {name!r} are "
+                             "gone", _REWRITTEN_FIX)
 
 
 def open_prediction(path: str | os.PathLike):
@@ -175,7 +460,8 @@ def open_prediction(path: str | os.PathLike):
     models = list(m["models"])
     n_chunks = -(-m["n_rows"] // m["chunk_size"])
     res = Prediction(models, {name: store.arrays(name) for name in models}, None, None,
-                     {}, [], m["n_rows"], m["chunk_size"])
+                     {}, [], m["n_rows"], m["chunk_size"], store_path=store.path,
+                     store_runs=store.runs())
     res.completed = {name: store.completed(name) for name in models}
     res.n_chunks = n_chunks
     return res

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChunkError, ModelLoadError, NbtoolError, first_line
-from .registry import ModelSpec
+from .errors import ChunkError, ModelFileChanged, ModelLoadError, NbtoolError, first_line
+from .registry import ModelSpec, file_fingerprint
 from . import overlap
 from .batching import run_in_batches
 from .litert import LiteRTPredictor, open_tflite
@@ -39,6 +39,9 @@ from .machine_cache import machine_cache
 from .sources import is_file_ref, read_rows
 
 logger = logging.getLogger("nbtool.worker")
+#: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
+#: ``eng.client.get_worker_logs()`` shows them, one line each.
+failure_log = logging.getLogger("distributed.worker.nbtool")
 
 #: Batch size when the user gives none. Large enough to amortise the per-call overhead on
 #: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
@@ -77,9 +80,11 @@ class CompiledPredictor:
     """
 
     def __init__(self, call, batch_size: int, row_shape: tuple, dtype: str,
-                 preprocess=None, jit_compile: bool = False):
+                 preprocess=None, jit_compile: bool = False, name: str | None = None,
+                 path: str | None = None):
         import tensorflow as tf
 
+        self.name, self.path = name, path   # for errors: which model this is
         self.batch_size = int(batch_size)
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
@@ -109,7 +114,8 @@ class CompiledPredictor:
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         return run_in_batches(rows, self.batch_size, self.dtype,
-                              lambda batch: [y.numpy() for y in self._fn(batch)])
+                              lambda batch: [y.numpy() for y in self._fn(batch)],
+                              self.name, self.path)
 
 
 @dataclasses.dataclass
@@ -223,6 +229,7 @@ class ModelCache:
             return loaded, loaded.load_seconds
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
+        self._check_file(spec)
         # What it will be charged: its weights as counted at its last load here, if any.
         known = self._info.get(spec.name, {})
         same_file = known.get("fingerprint") == spec.fingerprint
@@ -259,12 +266,28 @@ class ModelCache:
                         input_dtype=str(np.dtype(dtype)), n_outputs=n_outputs,
                         batch_size=predictor.batch_size, fingerprint=spec.fingerprint,
                         output_specs=predictor.output_specs, precision=spec.precision,
+                        batch_note=getattr(predictor, "batch_note", None),
                         oom_retries=info.get("oom_retries", 0))
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
                     seconds, footprint)
         record_cost(spec, self.device, load=seconds)
         return loaded
+
+    def _check_file(self, spec: ModelSpec) -> None:
+        """Refuse to load a file that changed since ``spec`` was registered.
+
+        Loading it anyway would serve the new weights under the old registration (and mix
+        them with chunks other workers computed from the old ones); the engine re-registers
+        instead. The fingerprint (size and mtime) is cheap enough to take at every load.
+        """
+        now = file_fingerprint(spec.path) if os.path.exists(spec.path) else "missing"
+        if now == spec.fingerprint:
+            return
+        err = ModelFileChanged(spec.name, spec.path, spec.fingerprint, now, self.worker)
+        info = self._info.setdefault(spec.name, {"loads": 0})
+        info.update(state="failed", reason=str(err), path=spec.path)
+        raise err
 
     # -- running, with smaller batches when memory runs out -------------------------------
     def _compile(self, spec: ModelSpec, call, row_shape, dtype, batch: int) -> CompiledPredictor:
@@ -480,8 +503,10 @@ def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype):
         >>> make_predictor(spec, call, 64, (8,), "float32").warm_up()   # doctest: +SKIP
     """
     if spec.format == "tflite":
-        return LiteRTPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess)
-    return CompiledPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess)
+        return LiteRTPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
+                               name=spec.name, path=spec.path)
+    return CompiledPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
+                             name=spec.name, path=spec.path)
 
 
 def _open_model(spec: ModelSpec):
@@ -586,9 +611,30 @@ def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
                               "the model uses a custom class; make it importable on the "
                               "workers (register it with @keras.saving."
                               "register_keras_serializable in an installed module)")
-    return ModelLoadError(spec.name, spec.path, worker, first_line(msg),
-                          "check that the file is complete (re-save it with "
-                          "model.save('name.keras')) and that the Keras version matches")
+    return ModelLoadError(spec.name, spec.path, worker, first_line(msg), _load_fix(spec))
+
+
+def _load_fix(spec: ModelSpec) -> str:
+    """The fix for a file that failed to load, by format: a SavedModel or a ``.tflite`` is
+    often someone else's file, which its user cannot simply re-save with ``model.save``.
+
+    Example:
+        >>> _load_fix(ModelSpec("m", "m.tflite", "tflite", 1, "1-1"))  # doctest: +ELLIPSIS
+        'it may use ops this LiteRT does not run (TensorFlow "Select" ops, custom ops)...'
+    """
+    if spec.format == "savedmodel":
+        version = getattr(_TF, "__version__", None)
+        here = f" (this worker has TensorFlow {version})" if version else ""
+        return ("it was probably made with another TensorFlow version" + here + ": ask its "
+                "publisher for a .keras or .tflite export, or load it with the TensorFlow it "
+                "was made with and re-export it there (tf.saved_model.save, or convert it "
+                "with tf.lite.TFLiteConverter.from_saved_model)")
+    if spec.format == "tflite":
+        return ('it may use ops this LiteRT does not run (TensorFlow "Select" ops, custom '
+                "ops) or a newer format: ask its publisher for a .tflite with built-in ops "
+                "only (or a .keras export), or upgrade ai-edge-litert on the workers")
+    return ("check that the file is complete (re-save it with model.save('name.keras')) and "
+            "that the Keras version matches")
 
 
 def _describe(e: Exception) -> str:
@@ -734,9 +780,32 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
                                "the memory budget, or place the model on a bigger device")
         end = stop if stop is not None else start + len(data)
         reason = str(e) if isinstance(e, NbtoolError) else _describe(e)
-        logger.warning("chunk %d of %s failed on %s:\n%s", chunk, spec.name, worker,
-                       traceback.format_exc())
-        raise ChunkError(spec.name, chunk, (start, end), worker, reason) from None
+        # One line per failure: a run whose every chunk fails must not print a traceback
+        # per chunk. The traceback travels with the error (res.errors[i].traceback).
+        failure_log.warning("chunk %d (rows %d:%d) of %s failed on %s: %s", chunk, start, end,
+                            spec.name, worker, first_line(reason, 200))
+        _quiet_dask_chunk_failures()
+        raise ChunkError(spec.name, chunk, (start, end), worker, reason,
+                         traceback=traceback.format_exc()) from None
+
+
+class _OneLinePerChunkFailure(logging.Filter):
+    """Drops Dask's own multi-line "Compute Failed" record (task repr, exception,
+    traceback) for a :class:`ChunkError`: :func:`predict_chunk` has logged its one line,
+    and the traceback travels on the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Compute Failed") and len(args) >= 4
+                    and str(args[3]).startswith(f"{ChunkError.__name__}("))
+
+
+def _quiet_dask_chunk_failures() -> None:
+    """Install :class:`_OneLinePerChunkFailure` on Dask's worker logger, once per process
+    (at the first failure: before Dask logs it, after this task raises)."""
+    dask_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _OneLinePerChunkFailure) for f in dask_log.filters):
+        dask_log.addFilter(_OneLinePerChunkFailure())
 
 
 def _read_and_run(cache: ModelCache, loaded: LoadedModel, data: Any, start: int,

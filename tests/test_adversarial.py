@@ -15,12 +15,296 @@ from nbtool.errors import NbtoolError
 
 
 # == model files: foreign, changed, untrusted =================================================
+# -- worker side: a model's batch axis, a file changed under a run, failures that stay readable
+@pytest.mark.parametrize("kind", ["batch_one", "merging"])
+def test_a_tflite_that_merges_its_batch_axis_matches_the_interpreter_or_is_refused(
+        engine, keras, tmp_path, unique, kind):
+    import tflite_models
+
+    path = getattr(tflite_models, f"{kind}_tflite")(tmp_path / f"{kind}.tflite")
+    name = f"{unique}_{kind}"
+    engine.register(name, path, batch_size=16)
+    x = np.random.default_rng(3).normal(size=(37, tflite_models.K)).astype("float32")
+    res = engine.predict(name, x, chunk_size=7, combine=None)   # odd chunks, a short last
+    if res.ok:
+        got = res[name] if isinstance(res[name], list) else [res[name]]
+        truth = tflite_models.row_by_row(path, x)
+        assert [g.shape for g in got] == [t.shape for t in truth]
+        assert all(np.abs(g - t).max() <= 1e-6 for g, t in zip(got, truth))
+    else:                       # refused, by name, with a fix that works (test_litert)
+        msg = str(res.errors[0])
+        assert f"model '{name}'" in msg and "batch_size=1" in msg and "Fix:" in msg
+    assert kind == "merging" or res.ok          # a built-in batch of 1 is run, not refused
+
+
+def test_a_chunk_sent_with_a_stale_registration_is_refused_not_served_new_weights(
+        engine, model_dir, reference, tmp_path, unique):
+    from nbtool.errors import ChunkError
+    from nbtool.worker import predict_chunk, resource_name
+
+    name, path = f"{unique}_stale", tmp_path / "m.keras"
+    path.write_bytes((model_dir / "mlp.keras").read_bytes())
+    engine.register(name, path)
+    old = engine.registry.get(name)
+    (home,) = engine.placement[name]
+    path.write_bytes((model_dir / "mlp2.keras").read_bytes())     # re-saved, never loaded
+    stale = engine.client.submit(predict_chunk, old, reference["x8"], 0, 10, 0,
+                                 resources={resource_name(home): 1}, pure=False)
+    with pytest.raises(ChunkError, match=rf"model '{name}'.*the file changed since it was "
+                                         r"registered.*Fix: eng\.register\("):
+        stale.result()
+    try:                                         # through the engine: the new file, or a refusal
+        out = engine.predict(name, reference["x8"])[name]
+        assert np.abs(out - reference["mlp2"]).max() <= 1e-5
+    except NbtoolError as e:
+        assert "changed" in str(e) and "Fix:" in str(e)
+
+# -- registration: refused at register what would later be wrong or unsafe; never stale
+def test_a_name_that_leaves_the_work_folder_or_collides_is_refused(engine, keras, unique):
+    from nbtool.errors import InvalidModelName
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    escape = engine.work_dir.parent / f"{unique}_escape.keras"
+    for bad in (f"../{unique}_escape", f"{unique}/b", f"{unique}%2Fb", ".", ".."):
+        with pytest.raises(InvalidModelName, match=r"letters, digits and _ - \. @ \+.*Fix:"):
+            engine.register(bad, model)
+        assert bad not in engine.registry
+    assert not escape.exists()                  # before: saved at work_dir/../<name>.keras
+    engine.register(f"{unique}_b", model)       # the clean name works
+    assert np.allclose(engine.predict(f"{unique}_b", np.ones((3, 8), "float32"))[f"{unique}_b"],
+                       model.predict(np.ones((3, 8), "float32"), verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"batch_size": 0}, {"batch_size": -3}, {"batch_size": True},
+                                    {"batch_size": "big"}, {"batch_size": 2.5},
+                                    {"replicas": 0}, {"replicas": 1.5}, {"replicas": True}])
+def test_register_options_nbtool_cannot_use_are_refused_before_anything(engine, model_dir,
+                                                                       unique, option):
+    (key, value), = option.items()
+    with pytest.raises(NbtoolError, match=rf"{key}={value!r}; expected a whole number >= 1"):
+        engine.register(f"{unique}_o", model_dir / "mlp.keras", **option)
+    assert f"{unique}_o" not in engine.registry
+
+
+def test_a_foreign_folder_registers_only_what_is_safe_and_says_why_for_the_rest(
+        engine, model_dir, reference, tmp_path, unique):
+    import shutil
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    good = f"{unique}_good"
+    shutil.copy(model_dir / "mlp.keras", folder / f"{good}.keras")
+    shutil.copy(model_dir / "mlp.keras", folder / f"{unique} bad name.keras")
+    shutil.copy(model_dir / "mlp.keras", folder / f".{unique}_hidden.keras")
+    shutil.copy(model_dir / "checked.keras", folder / f"{unique}_lambda.keras")
+    shutil.copytree(model_dir / "mlp_savedmodel", folder / f"{unique}_graph")
+    with pytest.warns(UserWarning) as notes:
+        specs = engine.register_dir(folder)
+    assert [s.name for s in specs] == [good]
+    said = " | ".join(str(n.message) for n in notes)
+    assert f"such as '{unique}_bad_name'" in said and f"such as '{unique}_hidden'" in said
+    assert "a Lambda layer" in said and "file reads and writes" in said
+    assert said.count(", trusted=True).") == 2            # each with its own eng.register
+    assert np.abs(engine.predict(good, reference["x8"])[good] - reference["mlp"]).max() <= 1e-5
+
+
+def test_a_registered_file_replaced_by_an_untrusted_or_deleted_one_is_never_served(
+        engine, model_dir, reference, tmp_path, unique):
+    from nbtool.errors import ModelFileError, UntrustedModel
+
+    name, path = f"{unique}_swap", tmp_path / "m.keras"
+    path.write_bytes((model_dir / "mlp.keras").read_bytes())
+    engine.register(name, path, replicas=2)
+    assert np.abs(engine.predict(name, reference["x8"])[name] - reference["mlp"]).max() <= 1e-5
+    path.write_bytes((model_dir / "checked.keras").read_bytes())    # now holds a lambda
+    for _ in range(2):                  # refused every time, not only once: no stale serve
+        with pytest.raises(UntrustedModel, match=rf"model '{name}'.*a Lambda layer"):
+            engine.predict(name, reference["x8"])
+    with pytest.raises(UntrustedModel):
+        engine.load(name)
+    path.unlink()
+    with pytest.raises(ModelFileError, match=rf"model '{name}'.*the path does not exist"):
+        engine.predict(name, reference["x8"])
 
 
 # == the cluster: another user, addresses, lifecycle ===========================================
+def test_without_the_session_certificate_no_port_of_the_cluster_runs_code(engine, tmp_path):
+    """Scheduler, every worker and every nanny: plain tcp, or TLS with a certificate of
+    one's own, and Dask's ``run`` op with a pickled function. None gets through."""
+    import asyncio
+
+    from distributed.core import rpc
+    from distributed.protocol.pickle import dumps
+    from distributed.security import Security
+
+    marker = tmp_path / "pwned"
+
+    def pwn():
+        marker.write_text("ran")
+
+    info = engine.client.scheduler_info(n_workers=-1)["workers"]
+    targets = [engine.client.scheduler.address, *info, *(w["nanny"] for w in info.values())]
+    forged = Security.temporary().get_connection_args("client")
+
+    async def attack(address, scheme, args):
+        try:
+            async with rpc(address.replace("tls://", scheme), timeout=3,
+                           connection_args=args) as r:
+                reply = await asyncio.wait_for(r.run(function=dumps(pwn)), 5)
+        except Exception as e:
+            return type(e).__name__
+        return f"GOT IN: {reply.get('status')}"
+
+    async def main():
+        return [await attack(a, s, args) for a in targets
+                for s, args in (("tcp://", {}), ("tls://", forged))]
+
+    outcomes = asyncio.run(main())
+    assert len(outcomes) == 2 * (1 + 2 * len(info))
+    # Refused at the connection, not by a mistake of this test (a TypeError proves nothing).
+    assert set(outcomes) <= {"CommClosedError", "FatalCommClosedError", "OSError",
+                             "TimeoutError", "SSLError"}, outcomes
+    assert not marker.exists()
+    # The same attack with the session's certificate does get in: the certificate is the key.
+    owner = engine.client.security.get_connection_args("client")
+    assert asyncio.run(attack(next(iter(info)), "tls://", owner)) == "GOT IN: OK"
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"dashboard_address": "0.0.0.0:8799"}, "allow_remote_dashboard=True"),
+    ({"dashboard_address": ":8799"}, "every interface"),
+    ({"n_workers": 0}, "n_workers=0: expected a whole number of at least 1"),
+    ({"memory_budget": 0}, "memory_budget=0: expected a positive size"),
+    ({"memory_budget": "-1GB"}, "memory_budget='-1GB': expected a positive size"),
+    ({"address": "tls://127.0.0.1:1"}, "no security= was given"),
+])
+def test_start_refuses_what_would_expose_the_cluster_or_silently_mean_the_default(
+        kwargs, says):
+    import nbtool
+    import nbtool.engine
+
+    before = nbtool.engine._default_engine
+    with pytest.raises(ValueError, match=says) as refused:
+        nbtool.start(**{"gpus": "none", **kwargs})
+    assert "Fix:" in str(refused.value)
+    assert nbtool.engine._default_engine is before   # nothing started, nothing replaced
+
 
 
 # == runs and result stores ====================================================================
+def test_two_runs_on_one_store_one_is_refused_and_each_reads_only_its_own_rows(
+        engine, model_dir, reference, unique, tmp_path):
+    from nbtool.errors import StoreBusy, StoreRewritten
+
+    name, path, x = f"{unique}_m", str(tmp_path / "p.zarr"), reference["x8"]
+    engine.register(name, model_dir / "mlp.keras")
+    first = engine.submit(name, x, chunk_size=7, save=path)
+    with pytest.raises(StoreBusy, match=f"run {first.run_id} .* is writing it now.*Fix:"):
+        engine.predict(name, x * 2, chunk_size=7, save=path)      # concurrently: refused
+    a = first.collect()
+    assert np.abs(a[name][:] - reference["mlp"]).max() <= 1e-5
+    with pytest.warns(UserWarning, match="the input changed"):
+        b = engine.predict(name, x[::-1].copy(), chunk_size=7, save=path)   # afterwards
+    assert np.abs(b[name][:] - reference["mlp"][::-1]).max() <= 1e-5
+    with pytest.raises(StoreRewritten, match="rewritten by another run.*Fix: save each run"):
+        a[name]                                 # never b's rows under a's name
+
+
+@pytest.mark.parametrize("names", [("a/b", "a%2Fb"), (".", ".."), ("x.y", "x%2Ey", "x%252Ey"),
+                                   ("cnn@int8", "cnn%40int8")])
+def test_model_names_that_could_share_or_escape_a_store_folder_stay_apart(tmp_path, names):
+    from nbtool.store import ResultStore, StoreRef
+
+    store = ResultStore(tmp_path / "p.zarr")
+    store.prepare([(n, "fp", [((1,), "float32")]) for n in names], "input", 2, 2)
+    for i, n in enumerate(names):
+        StoreRef(store.path, 0, store.run_id).write(n, 0, [np.full((2, 1), i, "float32")])
+    store.release()
+    assert [store.arrays(n)[0][0, 0] for n in names] == list(range(len(names)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]    # nothing climbed out
+
+
+def test_an_ensemble_with_a_failing_model_never_passes_the_survivors_off_as_combined(
+        engine, model_dir, reference, unique):
+    chk, good = f"{unique}_chk", f"{unique}_good"
+    engine.register(chk, model_dir / "checked.keras", trusted=True)
+    engine.register(good, model_dir / "mlp2.keras")
+    x = reference["x8"].copy()
+    x[59] = np.inf                                               # the last chunk fails
+    res = engine.predict([chk, good], x, chunk_size=20, combine="vote")
+    assert res.combined is None and not res.ok
+    assert f"model '{chk}' failed on 1 of 3 chunks; pass partial_combine=True" in repr(res)
+    part = engine.predict([chk, good], x, chunk_size=20, combine="vote", partial_combine=True)
+    assert np.array_equal(part.combined[40:59], np.argmax(part[good][40:59], axis=1))
+    nobody = np.isnan(part[good][59]).all()          # inf in, NaN out: nobody voted there
+    assert part.combined[59] == (-1 if nobody else np.argmax(part[good][59]))
+
+
+@pytest.mark.parametrize("where", ["file.zarr", "file.zarr/p.zarr", "file.zarr/p.npz"])
+def test_save_where_no_result_can_be_written_is_refused_before_the_run(
+        engine, model_dir, reference, unique, tmp_path, where):
+    name = f"{unique}_m"
+    engine.register(name, model_dir / "mlp.keras")
+    (tmp_path / "file.zarr").write_text("mine")
+    with pytest.raises(NbtoolError, match=r"(result store|save=).*(file of that name exists|"
+                       r"not a folder).*Fix: .*(save|pass)"):
+        engine.predict(name, reference["x8"], save=str(tmp_path / where))
+    assert [p.name for p in tmp_path.iterdir()] == ["file.zarr"]
+    assert (tmp_path / "file.zarr").read_text() == "mine"
+    assert engine.history == [] or engine.history[-1]["models"] != [name]   # nothing ran
+
 
 
 # == inputs and the magics =====================================================================
+def _zarr_group(tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("x", shape=(4, 8), dtype="float32")
+    return group
+
+
+@pytest.mark.parametrize("make, found", [
+    (lambda tmp: None, "got None"),
+    (lambda tmp: {"x": np.zeros((4, 8))}, r"a dict with keys \['x'\]"),
+    (lambda tmp: (np.zeros(8) for _ in range(4)), "a generator"),
+    (_zarr_group, r"a zarr group holding the arrays \['x'\].*group\['x'\]"),
+    (lambda tmp: [[1.0] * 8, [None] + [1.0] * 7], "None among its values"),   # a gap
+])
+def test_inputs_that_are_not_rows_are_refused_by_what_they_are(engine, model_dir, unique,
+                                                               tmp_path, make, found):
+    name = f"{unique}_mlp"
+    engine.register(name, model_dir / "mlp.keras")
+    with pytest.raises(NbtoolError, match=found) as e:
+        engine.predict(name, make(tmp_path))
+    assert "Fix:" in str(e.value) and "ragged" not in str(e.value)
+
+
+def test_one_row_as_a_1d_array_is_refused_and_the_suggested_fix_is_right(engine, model_dir,
+                                                                         reference, unique):
+    name = f"{unique}_mlp"
+    engine.register(name, model_dir / "mlp.keras")
+    x = reference["x8"][5]
+    with pytest.raises(NbtoolError, match=r"your array of shape \(8,\).*x\.reshape\(1, -1\)"):
+        engine.predict(name, x)                 # 8 rows of shape (), or one row of 8?
+    res = engine.predict(name, x.reshape(1, -1))
+    assert np.abs(res[name] - reference["mlp"][5:6]).max() <= 1e-5
+
+
+def test_the_magics_refuse_a_namespace_breaking_out_a_zero_chunk_and_a_stray_quote(
+        engine, model_dir, reference, unique):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbtool")
+    name = f"{unique}_mlp"
+    ip.run_line_magic("nbtool", f"register {name} '{model_dir / 'mlp.keras'}'")
+    ip.user_ns["x8"] = reference["x8"]
+    for line in (f"{name} --out __builtins__", f"{name} --chunk-size 0", f"{name} --out 'x"):
+        with pytest.raises(UsageError, match="Fix:"):
+            ip.run_cell_magic("infer", line, "x8")
+    assert ip.run_cell("print('still fine')").success
+    res = ip.run_cell_magic("infer", f"{name} --chunk-size 7", "x8")
+    assert res.chunk_size == 7 and np.abs(res[name] - reference["mlp"]).max() <= 1e-5

@@ -154,3 +154,32 @@ def test_the_batch_size_is_swept_once_and_remembered(engine, keras, unique, tmp_
     models = engine._statuses()["cpu0"]["models"]
     assert models[f"{name}_fixed"]["batch_size"] == 24
     assert models[f"{name}_default"]["batch_size"] == 64      # no sweep unless asked
+
+
+def test_a_model_file_re_saved_in_place_is_refused_under_its_old_registration(
+        engine, model_dir, reference, unique, tmp_path):
+    from nbtool.errors import ModelFileChanged
+    from nbtool.registry import file_fingerprint
+    from nbtool.worker import load_model, resource_name
+
+    name = f"{unique}_resaved"
+    path = tmp_path / "m.keras"
+    path.write_bytes((model_dir / "mlp.keras").read_bytes())
+    engine.register(name, path)
+    old = engine.registry.get(name)
+    (home,) = engine.placement[name]
+    engine.load(name)
+    path.write_bytes((model_dir / "mlp2.keras").read_bytes())   # new weights, same path
+    engine.unload(name)                                          # soft: it must load again
+    # The old registration reaches the worker (bypassing the engine's own check):
+    # it must not load the new weights under the old fingerprint.
+    future = engine.client.submit(load_model, old, resources={resource_name(home): 1},
+                                  pure=False)
+    with pytest.raises(ModelFileChanged) as e:
+        future.result()
+    msg = str(e.value)
+    assert f"model '{name}' ({path})" in msg and "changed since it was registered" in msg
+    assert f"(registered {old.fingerprint}, now {file_fingerprint(path)})" in msg
+    assert f"eng.register('{name}', '{path}') again" in msg
+    st = status(engine)[home]
+    assert name not in st["lru_order"] and st["models"][name]["state"] == "failed"

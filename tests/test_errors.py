@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nbtool.errors import (ChunkError, InputMismatch, ModelFileError, ModelLoadError,
-                           ModelNotFound, PlacementError, PredictionFailed, UnsupportedFormat)
+                           ModelNotFound, PlacementError, PredictionFailed, UnsupportedFormat,
+                           UntrustedModel)
 
 
 @pytest.fixture
@@ -66,10 +67,12 @@ def test_corrupt_file_fails_at_register_or_at_load_with_the_worker_named(
 def test_untrusted_lambda_is_refused_until_trusted(engine, model_dir, reference, unique,
                                                    still_works):
     name = f"{unique}_lam"
-    engine.register(name, model_dir / "checked.keras")
-    with pytest.raises(ModelLoadError) as e:
-        engine.load(name)
-    assert "safe mode" in str(e.value) and "trusted=True" in str(e.value)
+    with pytest.raises(UntrustedModel) as e:     # at register: no worker ever opens it
+        engine.register(name, model_dir / "checked.keras")
+    msg = str(e.value)
+    assert f"model '{name}'" in msg and "checked.keras" in msg and "a Lambda layer" in msg
+    assert "safe mode" in msg and f"eng.register('{name}'" in msg and "trusted=True" in msg
+    assert name not in engine.registry
     engine.register(name, model_dir / "checked.keras", trusted=True)
     assert engine.predict(name, reference["x8"]).ok
 
@@ -83,7 +86,8 @@ def test_input_that_does_not_fit_is_refused_before_anything_runs(engine, model_d
     msg = str(e.value)
     assert f"model '{name}'" in msg and "mlp.keras" in msg
     assert "rows of shape (8,)" in msg and "got rows of shape (8, 8, 1)" in msg
-    assert "x.reshape(len(x), 8)" in msg
+    # 64 values a row cannot become rows of 8: no reshape is suggested that would fail.
+    assert "64 values each and the model's hold 8, so no reshape fits" in msg
     with pytest.raises(InputMismatch, match=r"expects float32 input, got <U3"):
         engine.predict(name, np.full((4, 8), "abc"))
     st = engine._statuses()
@@ -156,3 +160,87 @@ def test_re_registering_a_changed_file_serves_the_new_model(engine, model_dir, r
     path.write_bytes((model_dir / "mlp2.keras").read_bytes())
     engine.register(name, path)                       # changed: the old copy is dropped
     assert np.abs(engine.predict(name, reference["x8"])[name] - reference["mlp2"]).max() <= 1e-5
+
+
+# -- worker side: failures that say only what they know, once ---------------------------------
+def test_a_run_whose_every_chunk_fails_logs_one_line_each_and_keeps_the_traceback(
+        engine, model_dir, unique, still_works):
+    name = f"{unique}_allnan"
+    engine.register(name, model_dir / "checked.keras", trusted=True)
+    res = engine.predict(name, np.full((40, 8), np.nan, "float32"), chunk_size=10,
+                         combine=None)
+    assert [e.chunk for e in res.errors] == [0, 1, 2, 3]
+    tb = res.errors[0].traceback           # the worker's frames travelled with the error
+    assert tb.startswith("Traceback (most recent call last)")
+    assert "in predict_chunk" in tb and "in run_in_batches" in tb and "row is not finite" in tb
+    logs = engine.client.get_worker_logs()
+    mine = [msg for entries in logs.values() for _, msg in entries if name in msg]
+    assert len(mine) == 4, mine            # one line per chunk, Dask's own block dropped
+    assert all("failed on cpu" in m and "\n" not in m and "Traceback" not in m for m in mine)
+    with pytest.raises(PredictionFailed) as e:
+        res.raise_for_errors()
+    assert str(e.value).startswith("4 part(s) of the prediction failed and none succeeded:")
+    assert "kept" not in str(e.value)
+
+
+def test_messages_claim_only_what_they_know_and_end_each_sentence_once(
+        engine, model_dir, reference, unique, still_works):
+    import pickle
+    import re
+
+    from nbtool.errors import ModelFileChanged
+
+    load = ModelLoadError("m", "m.keras", "cpu0", "it contains a Lambda layer",
+                          "if you trust it: eng.register('m', 'm.keras', trusted=True)")
+    chunk = ChunkError("m", 2, (20, 30), "cpu0", str(load))
+    assert "trusted=True). Its rows are NaN in the result;" in str(chunk)
+    assert "other chunks" not in str(chunk)
+    for e in (load, chunk, ModelFileError("m", "m.keras", "it is gone.", "check the path."),
+              InputMismatch("m", "m.keras", "rows of (8,)", "rows of (3,).", "reshape it."),
+              PlacementError("m", "gpu:3", ["cpu:0"], "start with gpus=[3]."),
+              ModelFileChanged("m", "m.keras", "1-1", "2-2", "cpu0")):
+        assert not re.search(r"(?<!\.)\.\.(?!\.)", str(e)), str(e)   # ".." but not "..."
+    first = [str(PredictionFailed([chunk], kept=k)).splitlines()[0] for k in (None, 0, 3)]
+    assert first == [
+        "1 part(s) of the prediction failed (rows of failed chunks are NaN in the Prediction):",
+        "1 part(s) of the prediction failed and none succeeded:",
+        "1 part(s) of the prediction failed; the 3 chunk(s) that succeeded were kept in the "
+        "Prediction (rows of failed chunks are NaN):"]
+    assert pickle.loads(pickle.dumps(PredictionFailed([chunk], kept=0))).kept == 0
+    # A real run: chunk 0 of 6 fails, the Prediction counts the 5 it kept.
+    name = f"{unique}_one"
+    engine.register(name, model_dir / "checked.keras", trusted=True)
+    x = reference["x8"].copy()
+    x[3] = np.nan
+    res = engine.predict(name, x, chunk_size=10, combine=None)
+    with pytest.raises(PredictionFailed, match=r"^1 part\(s\) .*; the 5 chunk\(s\) that "
+                                               r"succeeded were kept"):
+        res.raise_for_errors()
+
+
+def test_a_foreign_savedmodel_or_tflite_that_will_not_load_gets_a_fix_its_user_can_follow(
+        engine, model_dir, tmp_path, unique, still_works):
+    import shutil
+
+    from tflite_models import select_ops_tflite
+
+    saved = tmp_path / "foreign_savedmodel"
+    shutil.copytree(model_dir / "mlp_savedmodel", saved)
+    data = next((saved / "variables").glob("variables.data-*"))
+    data.write_bytes(data.read_bytes()[:10])          # TensorFlow cannot restore it
+    name = f"{unique}_foreign"
+    engine.register(name, saved, trusted=True)
+    with pytest.raises(ModelLoadError) as e:
+        engine.load(name)
+    msg = str(e.value)
+    assert f"model '{name}'" in msg and "foreign_savedmodel" in msg
+    assert "another TensorFlow version (this worker has TensorFlow 2." in msg
+    assert "ask its publisher for a .keras or .tflite export" in msg
+    assert "tf.saved_model.save" in msg and "model.save(" not in msg
+    lite = select_ops_tflite(tmp_path / "foreign.tflite")   # needs ops LiteRT lacks
+    engine.register(f"{name}_lite", lite)
+    with pytest.raises(ModelLoadError) as e:
+        engine.load(f"{name}_lite")
+    msg = str(e.value)
+    assert "Select TensorFlow op" in msg and "a .tflite with built-in ops only" in msg
+    assert "model.save(" not in msg

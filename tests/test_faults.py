@@ -231,3 +231,38 @@ def test_eight_models_under_a_quarter_budget_stay_bounded(engine, keras, unique)
     assert resident <= quarter + size and evictions >= 12
     assert resident_free >= 0.99 * 8 * size          # all eight resident without a budget
     assert rss_bounded < 0.75 * rss_free       # the budget bounds real memory too
+
+
+def test_a_hard_unload_never_recomputes_a_finished_run(engine, model_dir, unique):
+    """Before: the progress loop (what %%infer waits with) called distributed.wait with a
+    timeout, and each timeout left the run's futures in a reference cycle; until the
+    garbage collector ran, the scheduler kept every task of the finished run as wanted,
+    and `%nbtool unload --hard` made it compute them all again on the restarted workers,
+    whose input file was gone (FileNotFoundError tracebacks in the worker logs)."""
+    import gc
+    import io
+
+    from nbtool.progress import ProgressDisplay, wait_with_progress
+
+    name = f"{unique}_hu"
+    engine.register(name, model_dir / "mlp.keras", device="cpu:1")
+    x = np.random.default_rng(3).normal(size=(20_000, 8)).astype("float32")
+
+    def tasks_of(run_id):
+        return engine.client.run_on_scheduler(lambda dask_scheduler: sorted(
+            str(k) for k in dask_scheduler.tasks if str(k).endswith(run_id)))
+
+    gc.disable()   # as between two notebook cells: nothing promises the collector ran
+    try:
+        run = engine.submit(name, x, chunk_size=500)    # cold: the loop waits many times
+        res = wait_with_progress(run, ProgressDisplay(run.progress(), widgets=False,
+                                                      stream=io.StringIO()))
+        assert res.ok and res.timings[name]["chunks"] == 40
+        assert tasks_of(run.run_id) == []               # collected: nothing of it is held
+        input_file = os.path.basename(run.source.path)
+        assert engine.unload(name, hard=True) == ["cpu1"]
+        assert tasks_of(run.run_id) == []               # nothing of it was recomputed
+    finally:
+        gc.enable()
+    logs = engine.client.get_worker_logs()
+    assert not [line for lines in logs.values() for _, line in lines if input_file in line]

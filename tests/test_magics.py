@@ -195,3 +195,56 @@ def test_start_with_an_address_joins_an_existing_cluster(ip, model_dir, referenc
         finally:
             nbtool.engine._default_engine = session_engine
         assert cluster.status.name == "running"
+
+
+@pytest.mark.parametrize("bad", ["1bad", "class", "a.b", "__builtins__"])
+def test_out_that_is_not_a_plain_variable_is_refused_before_the_run(ip, models, bad):
+    a, _ = models
+    builtins_before = ip.user_ns["__builtins__"]
+    with pytest.raises(UsageError, match=r"--out .*(identifier|keyword|dunder).*--out preds"):
+        ip.run_cell_magic("infer", f"{a} --out {bad}", "x8")
+    with pytest.raises(UsageError, match=r"--out .*Fix: pass a plain variable name"):
+        ip.run_line_magic("nbtool", f"optimize {a} --variants float16 --out {bad}")
+    assert ip.user_ns["__builtins__"] is builtins_before
+    assert ip.run_cell("print('the namespace still works')").success
+
+
+def test_chunk_size_zero_or_negative_is_refused_not_replaced_by_the_default(ip, models):
+    a, _ = models
+    for bad in ("0", "-3", "ten"):
+        with pytest.raises(UsageError, match=rf"--chunk-size: expected a whole number >= 1, "
+                                             rf"got '{bad}'"):
+            ip.run_cell_magic("infer", f"{a} --chunk-size {bad}", "x8")
+
+
+def test_start_with_zero_workers_or_a_bad_budget_is_refused_and_the_engine_kept(ip, engine):
+    for line, msg in (("start --workers 0 --gpus none", r"--workers: expected a whole number"),
+                      ("start --memory-budget lots --gpus none",
+                       r"--memory-budget lots .*expected a positive size like 4GB"),
+                      # A ValueError from nbtool itself: a UsageError, not a traceback.
+                      ("start --gpus 7", r"asks for GPU\(s\) \[7\].*Fix:"),
+                      ("start --gpus x", r"--gpus: expected 'auto', 'none' or GPU indices")):
+        with pytest.raises(UsageError, match=msg):
+            ip.run_line_magic("nbtool", line)
+    assert nbtool.engine._default_engine is engine and engine.client.status == "running"
+
+
+def test_quotes_group_words_and_a_bad_quote_or_name_is_a_usage_error(ip, engine, models,
+                                                                      model_dir, reference,
+                                                                      tmp_path, unique):
+    spaced = tmp_path / "my models" / "mlp copy.keras"
+    spaced.parent.mkdir()
+    spaced.write_bytes((model_dir / "mlp.keras").read_bytes())
+    name = f"{unique}_spaced"
+    # IPython's own split kept the quotes ('"…/mlp copy.keras"'): the file was not found.
+    ip.run_line_magic("nbtool", f'register {name} "{spaced}" --replicas 1')
+    res = ip.run_cell_magic("infer", f"{name} --out 'quoted'", "x8")
+    assert ip.user_ns["quoted"] is res
+    assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5
+    with pytest.raises(UsageError, match=r"no closing quotation.*Fix: close the quote"):
+        ip.run_line_magic("nbtool", f'register m "{spaced}')
+    with pytest.raises(UsageError, match=r"%%infer .*no closing quotation"):
+        ip.run_cell_magic("infer", f"{name} --out 'x", "x8")
+    # A quoted name with a space reaches register whole, and is refused there, clearly.
+    with pytest.raises(UsageError, match=r"model name 'my model'.*Fix:"):
+        ip.run_line_magic("nbtool", f'register "my model" "{spaced}"')

@@ -81,7 +81,7 @@ def test_every_format_gives_the_same_answer(engine, model_dir, reference, unique
     eng = engine
     eng.register(f"{unique}_k", model_dir / "mlp.keras")
     eng.register(f"{unique}_h5", model_dir / "mlp.h5", device="cpu", replicas=2)
-    eng.register(f"{unique}_sm", model_dir / "mlp_savedmodel")
+    eng.register(f"{unique}_sm", model_dir / "mlp_savedmodel", trusted=True)   # a graph
     names = [f"{unique}_k", f"{unique}_h5", f"{unique}_sm"]
     res = eng.predict(names, reference["x8"], chunk_size=13)
     for n in names:
@@ -191,3 +191,105 @@ def test_prediction_renders_a_table(engine, model_dir, reference, unique):
     assert f"{unique}_m" in html and "<table" in html and "rows/s" in html
     assert f"{unique}_m" in repr(res) and "60 rows" in repr(res)
     assert engine.history[-1]["models"] == [f"{unique}_m"]
+
+
+def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_warning(
+        engine, keras, unique, tmp_path):
+    """Before: the spec kept the old fingerprint, the cached replicas kept serving the old
+    weights, and one replica that reloaded mixed old and new chunks, with 0 errors."""
+    import warnings
+
+    from conftest import dense_model
+    from nbtool.registry import file_fingerprint
+    from nbtool.worker import resident_models, unload_models
+
+    name, path = f"{unique}_re", tmp_path / "retrained.keras"
+    dense_model(keras, 16, seed=40, n_in=8).save(path)
+    engine.register(name, path, replicas=2)
+    x = np.random.default_rng(7).normal(size=(120, 8)).astype("float32")
+    first = engine.predict(name, x, chunk_size=10, combine=None)
+    assert first.timings[name]["workers"] == ["cpu0", "cpu1"]         # both replicas warm
+    assert np.abs(first[name] - keras.saving.load_model(path).predict(x, verbose=0)).max() <= TOL
+
+    dense_model(keras, 16, seed=41, n_in=8).save(path)                # retrained, same path
+    new = keras.saving.load_model(path).predict(x, verbose=0)
+    assert np.abs(new - first[name]).max() > 1e-2                     # really other weights
+    with pytest.warns(UserWarning, match=rf"model '{name}' \(.*retrained.keras\) changed since "
+                      "it was registered; using the new file"):
+        second = engine.predict(name, x, chunk_size=10, combine=None)
+    assert second.ok and np.abs(second[name] - new).max() <= TOL
+    fingerprint = file_fingerprint(path)
+    assert engine.registry.get(name).fingerprint == fingerprint
+    assert engine.registry.get(name).replicas == 2                    # the same options
+    assert all(m.get(name) in (None, fingerprint)                     # no old copy anywhere
+               for m in engine.client.run(resident_models).values())
+
+    # One replica drops it (an eviction, a restart): the reload is the new file, no mix.
+    cpu0 = engine._addresses(["cpu0"])["cpu0"]
+    engine.client.run(unload_models, [name], workers=[cpu0])
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        third = engine.predict(name, x, chunk_size=10, combine=None)
+    assert not [n for n in notes if "changed since" in str(n.message)]   # unchanged: no note
+    assert third.ok and np.abs(third[name] - new).max() <= TOL
+
+
+def _shared_files(engine) -> set:
+    """Every input file the engine has handed to its local workers, wherever it went."""
+    import os
+
+    from nbtool.sources import shared_folder
+
+    folders = set(engine._shared_dirs) | {shared_folder(engine.work_dir / "inputs", 1)}
+    return {f"{d}/{n}" for d in folders if d.is_dir() for n in os.listdir(d)}
+
+
+def test_a_refused_input_or_save_leaves_no_file_in_shared_memory(engine, model_dir, unique,
+                                                                 tmp_path):
+    """Before: the input was written to /dev/shm before it was checked, and a refused one
+    stayed there until eng.close() (three refused 45 MB inputs held 134 MB of RAM)."""
+    from nbtool.errors import InputMismatch, ResultStoreError
+
+    name = f"{unique}_m"
+    engine.register(name, model_dir / "mlp.keras")
+    engine.predict(name, np.zeros((4, 8), "float32"))        # the shared folder exists
+    before = _shared_files(engine)
+    wrong = np.zeros((50_000, 7), "float32")                   # rows of 7, the model wants 8
+    with pytest.raises(InputMismatch, match=rf"model '{name}'.*expects rows of shape \(8,\)"):
+        engine.predict(name, wrong)
+    (tmp_path / "file.zarr").write_text("not a folder")
+    with pytest.raises(ResultStoreError, match="a file of that name exists"):
+        engine.predict(name, np.zeros((50_000, 8), "float32"), save=str(tmp_path / "file.zarr"))
+    assert _shared_files(engine) == before
+    run = engine.submit(name, np.zeros((500, 8), "float32"), chunk_size=100)
+    assert len(_shared_files(engine) - before) == 1            # a run's input lives while it runs
+    run.cancel()                                               # and goes when it is cancelled
+    assert _shared_files(engine) == before
+
+
+def test_an_ensemble_with_a_failed_model_has_no_combined_unless_asked(engine, model_dir,
+                                                                      reference, unique):
+    """Before: `combined` silently became the mean of the models that survived, on the rows
+    where one failed, as if the whole ensemble had voted."""
+    chk, good = f"{unique}_chk", f"{unique}_good"
+    engine.register(chk, model_dir / "checked.keras", trusted=True)
+    engine.register(good, model_dir / "mlp.keras")
+    x = reference["x8"].copy()
+    x[25] = np.nan                                             # chunk 2 of 6 fails in-graph
+    res = engine.predict([chk, good], x, chunk_size=10)
+    assert res.combined is None and len(res.errors) == 1
+    assert res.combined_note == (f"combined is not available: model '{chk}' failed on 1 of 6 "
+                                 "chunks; pass partial_combine=True to combine the others")
+    part = engine.predict([chk, good], x, chunk_size=10, partial_combine=True)
+    assert part.combined_note.startswith(f"combined is partial (partial_combine=True): model "
+                                         f"'{chk}' failed on 1 of 6 chunks")
+    ok = np.r_[0:20, 30:60]
+    assert np.abs(part.combined[ok] - (part[chk][ok] + part[good][ok]) / 2).max() <= TOL
+    assert np.abs(part.combined[20:30] - part[good][20:30]).max() <= TOL   # the other only
+    finite = np.r_[0:25, 26:60]                                # row 25 is NaN in, junk out
+    assert np.abs(part[good][finite] - reference["mlp"][finite]).max() <= TOL
+    whole = engine.predict([chk, good], reference["x8"], chunk_size=10)    # nothing failed
+    assert whole.combined_note is None and whole.combined is not None
+    late = asyncio.run(engine.predict_async([chk, good], x, chunk_size=10,
+                                            partial_combine=True))
+    assert np.array_equal(late.combined, part.combined)

@@ -1,18 +1,22 @@
 """Reading models without TensorFlow: formats, sizes, input signatures, and bad files."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from nbtool.errors import ModelFileError, UnsupportedFormat
-from nbtool.registry import Registry, detect_format, find_models, inspect_model
+from nbtool.errors import (InvalidModelName, InvalidOption, ModelFileError, UnsupportedFormat,
+                           UntrustedModel)
+from nbtool.registry import (Registry, check_batch_size, check_name, check_replicas,
+                             detect_format, find_models, inspect_model, needs_trust)
 
 
 def test_keras_h5_and_savedmodel_are_read_with_their_input_signature(model_dir):
     keras_spec = inspect_model("mlp", model_dir / "mlp.keras")
     h5_spec = inspect_model("mlp", model_dir / "mlp.h5")
-    sm_spec = inspect_model("sm", model_dir / "mlp_savedmodel")
+    sm_spec = inspect_model("sm", model_dir / "mlp_savedmodel", trusted=True)
     assert (keras_spec.format, h5_spec.format, sm_spec.format) == ("keras", "h5", "savedmodel")
     assert keras_spec.input_shape == h5_spec.input_shape == (None, 8)
     assert keras_spec.input_dtype == "float32"
@@ -39,7 +43,8 @@ def test_reading_models_never_imports_tensorflow(model_dir):
         "import sys, nbtool.registry as r\n"
         f"r.inspect_model('a', {str(model_dir / 'mlp.keras')!r})\n"
         f"r.inspect_model('b', {str(model_dir / 'mlp.h5')!r})\n"
-        f"r.inspect_model('c', {str(model_dir / 'mlp_savedmodel')!r})\n"
+        f"r.inspect_model('c', {str(model_dir / 'mlp_savedmodel')!r}, trusted=True)\n"
+        f"r.inspect_model('d', {str(model_dir / 'checked.keras')!r}, trusted=True)\n"
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
@@ -90,3 +95,109 @@ def test_registry_suggests_close_names():
     with pytest.raises(KeyError) as e:
         reg.get("cnm")
     assert "did you mean 'cnn'" in str(e.value)
+
+
+# -- refused at register: what would later be wrong or unsafe --------------------------------
+
+def test_a_lambda_anywhere_in_the_config_is_refused_at_register_unless_trusted(keras, tmp_path):
+    """Before: read fine here, refused only by the worker at the first predict."""
+    import h5py
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t + 1,
+                                                                     name="plus_one")])
+    i = keras.Input((4,))
+    nested = keras.Model(i, keras.layers.Dense(2)(inner(i)))     # a Functional around it
+    nested.save(tmp_path / "nested.keras")
+    nested.save(tmp_path / "nested.h5")
+    # A Keras 2 .h5 marks its lambda differently (marshalled bytecode, function_type).
+    k2 = {"class_name": "Sequential", "config": {"name": "k2", "layers": [
+        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 4]}},
+        {"class_name": "Lambda", "config": {"name": "old_lambda", "function_type": "lambda",
+                                            "function": ["4wEAAAAA", None, None]}}]}}
+    with h5py.File(tmp_path / "k2.h5", "w") as f:
+        f.attrs["model_config"] = json.dumps(k2)
+    for file, layer in (("nested.keras", "plus_one"), ("nested.h5", "plus_one"),
+                        ("k2.h5", "old_lambda")):
+        with pytest.raises(UntrustedModel) as e:
+            inspect_model("nested", tmp_path / file)
+        msg = str(e.value)
+        assert f"a Lambda layer '{layer}'" in msg and "safe mode" in msg and file in msg
+        assert "Fix: if you trust it" in msg and "eng.register('nested', " in msg
+        assert msg.endswith("trusted=True).")
+        assert inspect_model("nested", tmp_path / file, trusted=True).input_shape == (None, 4)
+    # Only what safe mode refuses: a lambda loss in the compile config is never loaded.
+    assert needs_trust({"class_name": "Functional", "config": {"layers": []},
+                        "compile_config": {"loss": {"class_name": "__lambda__"}}}) is None
+
+
+def test_a_savedmodel_needs_trusted_because_its_graph_can_write_files(engine, keras, tmp_path,
+                                                                      unique):
+    """Before: a SavedModel with trusted=False wrote a file on the worker at predict."""
+    import tensorflow as tf
+
+    target = tmp_path / "written_by_the_graph.txt"
+
+    class Writer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            tf.io.write_file(str(target), "the graph ran")
+            return x * 2.0
+
+    writer = Writer()
+    tf.saved_model.save(writer, str(tmp_path / "writer"),
+                        signatures={"serving_default": writer.serve})
+    name = f"{unique}_writer"
+    with pytest.raises(UntrustedModel) as e:
+        engine.register(name, tmp_path / "writer")
+    msg = str(e.value)
+    assert f"model '{name}'" in msg and "writer" in msg and "SavedModel" in msg
+    assert "file reads and writes" in msg and "trusted=True" in msg
+    assert name not in engine.registry and not target.exists()
+    engine.register(name, tmp_path / "writer", trusted=True)
+    x = np.arange(12, dtype="float32").reshape(3, 4)
+    res = engine.predict(name, x)
+    assert res.ok and np.allclose(res[name], x * 2) and target.read_text() == "the graph ran"
+
+
+@pytest.mark.parametrize("bad, clean", [
+    ("a/b", "a_b"), ("a%2Fb", "a_2Fb"), (".", "model"), ("..", "model"), (".hidden", "hidden"),
+    ("my model", "my_model"), ("", "model"), ("x" * 101, "x" * 100), ("modèle", "mod_le"),
+    (3, "3")])
+def test_model_names_outside_the_safe_set_are_refused_with_a_clean_name(bad, clean):
+    """Before: 'a/b' and 'a%2Fb' landed on one result array; '.' and '..' broke zarr."""
+    with pytest.raises(InvalidModelName) as e:
+        check_name(bad)
+    msg = str(e.value)
+    assert f"model name {bad!r}" in msg and "letters, digits and _ - . @ +" in msg
+    assert f"such as {clean!r}" in msg
+    check_name(clean)                                    # the suggestion itself is valid
+    for good in ("cnn@int8", "a-b.c+d_e", "v1.2", "x" * 100):
+        assert check_name(good) == good
+
+
+@pytest.mark.parametrize("bad", [-3, "big", 2.5, True, 0, "0", "64"])
+def test_a_batch_size_nbtool_cannot_use_is_refused_with_the_allowed_values(bad):
+    """Before: 0 silently meant 64; -3, 2.5 and True reached the worker."""
+    with pytest.raises(InvalidOption) as e:
+        check_batch_size("cnn", bad)
+    msg = str(e.value)
+    assert f"model 'cnn': batch_size={bad!r}" in msg and "a whole number >= 1" in msg
+    assert "'auto'" in msg and "None (the default, 64)" in msg and "Fix:" in msg
+    assert [check_batch_size("cnn", v) for v in (1, np.int64(8), "auto", None)] == \
+        [1, 8, "auto", None]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_a_replica_count_that_is_not_a_whole_number_of_workers_is_refused(bad):
+    """Before: replicas=1.5 became 1, True became 1, without a word."""
+    with pytest.raises(InvalidOption, match=r"replicas=.*a whole number >= 1"):
+        check_replicas("cnn", bad)
+    assert check_replicas("cnn", np.int32(2)) == 2
+
+
+def test_find_models_warns_when_two_files_would_share_a_name(model_dir):
+    """Before: mlp.keras beside mlp.h5 was dropped without a word."""
+    with pytest.warns(UserWarning, match=r"skipped .*mlp.keras: .*mlp.h5 already takes the "
+                                         r"name 'mlp'.*eng.register\('mlp_keras'"):
+        found = find_models(model_dir)
+    assert found["mlp"].name == "mlp.h5"

@@ -85,3 +85,27 @@ def test_failed_chunks_and_errors_show(digits_like):
     res.errors.append(ChunkError("m", 1, (10, 20), "cpu1", "ValueError: boom"))
     html = res._repr_html_()
     assert "nbtool-errors" in html and "rows 10:20" in html and "boom" in html
+
+
+def test_a_missing_combined_is_said_first_in_the_html_and_the_text(engine, model_dir,
+                                                                   reference, unique):
+    """Before: an ensemble whose model failed on some chunks showed a combined column of
+    the survivors alone, and nothing in the view said so."""
+    from html import escape
+
+    chk, good = f"{unique}_chk", f"{unique}_good"
+    engine.register(chk, model_dir / "checked.keras", trusted=True)
+    engine.register(good, model_dir / "mlp.keras")
+    x = reference["x8"].copy()
+    x[[5, 25, 45]] = np.nan                                     # 3 of 6 chunks fail
+    res = engine.predict([chk, good], x, chunk_size=10)
+    note = (f"combined is not available: model '{chk}' failed on 3 of 6 chunks; pass "
+            "partial_combine=True to combine the others")
+    html = res._repr_html_()
+    assert html.startswith("<div class='nbtool-prediction'><div class='nbtool-warning'")
+    assert html.index(escape(note)) < html.index("<table")     # above every number
+    assert repr(res).splitlines()[1] == f"  ! {note}"          # right under the header
+    part = engine.predict([chk, good], x, chunk_size=10, partial_combine=True)
+    assert "combined is partial (partial_combine=True)" in part._repr_html_().split("<table")[0]
+    whole = engine.predict([chk, good], reference["x8"], chunk_size=10)
+    assert "nbtool-warning" not in whole._repr_html_() and " ! " not in repr(whole)

@@ -115,3 +115,97 @@ def test_a_chunk_that_does_not_fit_a_worker_is_refused(engine, model_dir, unique
 def test_npy_rows_are_read_by_reference():
     src_ref = NpyFile("x.npy")
     assert ImageFiles(("a.png",), (2, 2)).color == "RGB" and src_ref.path == "x.npy"
+
+
+class _Table:
+    """What a DataFrame (pandas, polars) shows nbtool: columns, their dtypes, __array__."""
+
+    columns = ["age", "city", "score"]
+    dtypes = [np.dtype("int64"), np.dtype("O"), np.dtype("float64")]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array([[31, "Oslo", 0.5], [42, "Lima", 0.7]], dtype=object)
+
+
+def test_none_a_dict_a_generator_or_a_text_table_are_named_not_called_ragged():
+    def rows():
+        yield np.zeros(8)
+
+    cases = [(None, r"got None\. Fix: check that the variable"),
+             ({"x": np.zeros((2, 8)), "y": np.zeros(2)},
+              r"a dict with keys \['x', 'y'\]\. Fix: .*x\['x'\]"),
+             (rows(), r"a generator\. Fix: pass np\.stack\(list\(gen\)\) or an array"),
+             (_Table(), r"a DataFrame with non-numeric columns \['city'\]\. Fix: select "
+                        r"numeric columns or use df\.to_numpy\(dtype='float32'\)"),
+             (np.array([1.0, None]), r"holding None among its values"),
+             (np.array([[1.0, "a"]], dtype=object), r"holding text such as 'a'")]
+    for x, msg in cases:
+        with pytest.raises(InputMismatch, match=msg) as e:
+            as_source(x)
+        assert "ragged" not in str(e.value)
+    with pytest.raises(InputMismatch, match="ragged"):   # the real ragged case still says so
+        as_source([[1.0, 2.0], [3.0]])
+
+
+def test_an_input_error_names_your_array_never_the_shared_file(engine, model_dir, reference,
+                                                              unique):
+    name = f"{unique}_mlp"
+    engine.register(name, model_dir / "mlp.keras")
+    with pytest.raises(InputMismatch) as e:
+        engine.predict(name, reference["img"])
+    msg = str(e.value)
+    assert "from your array of shape (60, 8, 8, 1) and dtype float32" in msg
+    assert "/dev/shm" not in msg and str(engine.work_dir) not in msg and ".npy" not in msg
+
+
+def test_a_zarr_group_names_its_arrays_and_how_to_pick_one(tmp_path, zarr_input, engine,
+                                                          model_dir, reference, unique):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("x", shape=reference["x8"].shape, dtype="float32")[:] = reference["x8"]
+    group.create_array("y", shape=(60,), dtype="int64")
+    with pytest.raises(InputMismatch, match=r"a zarr group holding the arrays \['x', 'y'\]\. "
+                                            r"Fix: pass one array, e.g\. group\['x'\]"):
+        as_source(group)
+    with pytest.raises(InputMismatch, match=r"zarr group at .*g\.zarr holding the arrays "
+                                            r"\['x', 'y'\]\. Fix: .*g\.zarr/x'"):
+        as_source(str(tmp_path / "g.zarr"))
+    # The fixes work: the array object, and the array's path.
+    name = f"{unique}_zg"
+    engine.register(name, model_dir / "mlp.keras")
+    for x in (group["x"], str(tmp_path / "g.zarr" / "x")):
+        assert np.abs(engine.predict(name, x)[name] - reference["mlp"]).max() <= 1e-5
+
+
+def test_shared_memory_folder_is_private_and_never_one_another_user_planted(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    from nbtool.sources import shared_folder
+
+    mine = Path(f"/dev/shm/nbtool-{os.getpid()}")
+    existed = mine.exists()
+    try:
+        if not existed:
+            got = shared_folder(tmp_path, 10)
+            assert got == mine and (os.stat(mine).st_mode & 0o777) == 0o700
+            shutil.rmtree(mine)
+        # Planted first by someone else: a symlink to their folder, or a folder they own.
+        target = tmp_path / "theirs"
+        target.mkdir()
+        mine.symlink_to(target)
+        assert shared_folder(tmp_path, 10) == tmp_path
+        mine.unlink()
+        mine.mkdir(mode=0o777)
+        os.chmod(mine, 0o777)
+        assert shared_folder(tmp_path, 10) == tmp_path      # open to others: not used
+        os.chown(mine, 65534, 65534)
+        os.chmod(mine, 0o700)
+        assert shared_folder(tmp_path, 10) == tmp_path      # not ours: not used
+    finally:
+        if mine.is_symlink():
+            mine.unlink()
+        elif mine.exists() and not existed:
+            shutil.rmtree(mine)

@@ -103,3 +103,110 @@ def test_failed_chunks_are_not_marked_and_are_retried(engine, model_dir, referen
     assert np.isnan(res[name][20:30]).all() and not np.isnan(res[name][30:40]).any()
     res = engine.predict(name, x, chunk_size=10, combine=None, save=str(path))
     assert res.timings[name]["chunks"] == 0 and len(res.errors) == 1   # only chunk 2 ran
+
+
+def test_a_second_run_on_a_store_in_use_is_refused_and_the_first_keeps_its_rows(
+        engine, two, reference, tmp_path):
+    """Before: a second run on the same save= path rewrote the store under the first, whose
+    Prediction then returned the second run's rows with 0 errors."""
+    from nbtool.errors import StoreBusy
+
+    a, b = two
+    path = tmp_path / "p.zarr"
+    first = engine.submit([a, b], reference["x8"], chunk_size=8, save=str(path))
+    with pytest.raises(StoreBusy, match=rf"result store {path}: run {first.run_id} \(process "
+                       r"\d+, since .*\) is writing it now.*Fix: wait for that run to finish"):
+        engine.submit([a, b], reference["x8"] * 2, chunk_size=8, save=str(path))
+    res = first.collect()
+    assert res.ok
+    assert np.abs(np.asarray(res[a]) - reference["mlp"]).max() <= 1e-5
+    assert np.abs(res.combined - (reference["mlp"] + reference["mlp2"]) / 2).max() <= 1e-5
+    # Collected: the lock is free again, and a resume that writes nothing changes nothing.
+    again = engine.predict([a, b], reference["x8"], chunk_size=8, save=str(path))
+    assert again.timings[a]["chunks"] == 0
+    assert np.abs(np.asarray(res[a]) - reference["mlp"]).max() <= 1e-5   # still its own
+
+
+def test_a_prediction_whose_store_another_run_rewrote_refuses_to_read_it(engine, two,
+                                                                          reference, tmp_path):
+    """Before: run A's Prediction, read after run B wrote other inputs to the same path,
+    silently returned B's rows."""
+    from nbtool.errors import StoreRewritten
+
+    a, _ = two
+    path = tmp_path / "p.zarr"
+    res_a = engine.predict(a, reference["x8"], chunk_size=10, save=str(path))
+    with pytest.warns(UserWarning, match="the input changed"):
+        res_b = engine.predict(a, reference["x8"][::-1].copy(), chunk_size=10, save=str(path))
+    gone = (rf"result store {path}: it was rewritten by another run at \d{{4}}-.*; this "
+            rf"Prediction's rows of model '{a}' are gone\. Fix: save each run to its own path, "
+            r"or read the store again with nbtool.open_prediction")
+    with pytest.raises(StoreRewritten, match=gone):
+        res_a[a]
+    with pytest.raises(StoreRewritten, match=gone):
+        res_a.combined
+    assert "rows of model" in repr(res_a) and "nbtool-warning" in res_a._repr_html_()
+    assert "<table" not in res_a._repr_html_()          # no numbers of the other run
+    assert np.abs(np.asarray(res_b[a]) - reference["mlp"][::-1]).max() <= 1e-5
+    assert np.array_equal(nbtool.open_prediction(path)[a][:], res_b[a][:])
+
+
+def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path):
+    """Before: 'a/b' and 'a%2Fb' were one array in the store (the second overwrote the
+    first), and '.'/'..' were folder names that climb out of it."""
+    from nbtool.store import StoreRef
+
+    names = ["a/b", "a%2Fb", ".", "..", "a.b", "__x"]
+    path = tmp_path / "s" / "p.zarr"
+    store = ResultStore(path)
+    store.prepare([(n, "fp", [((2,), "float32")]) for n in names], "input", 4, 2)
+    for i, n in enumerate(names):
+        ref = StoreRef(store.path, 0, store.run_id)
+        ref.write(n, 0, [np.full((2, 2), i, "float32")])
+    store.release()
+    for i, n in enumerate(names):
+        assert store.completed(n) == {0}
+        assert np.array_equal(store.arrays(n)[0][:2], np.full((2, 2), i, "float32")), n
+    assert os.listdir(tmp_path) == ["s"] and os.listdir(tmp_path / "s") == ["p.zarr"]
+    lazy = nbtool.open_prediction(path)
+    assert [float(lazy[n][0, 0]) for n in names] == [float(i) for i in range(len(names))]
+
+
+def test_a_late_task_of_a_run_that_no_longer_holds_the_store_writes_nothing(tmp_path):
+    from nbtool.errors import ResultStoreError
+    from nbtool.store import StoreRef
+
+    store = ResultStore(tmp_path / "p.zarr")
+    store.prepare([("m", "fp", [((1,), "float32")])], "input", 4, 2)
+    old = store.run_id
+    store.release()                              # run `old` ended (collected or cancelled)
+    store.acquire("newer")                       # and another run holds the store now
+    with pytest.raises(ResultStoreError, match=rf"belongs to run {old}, which has ended "
+                       r"\(run newer holds it now\), so it was not written"):
+        StoreRef(store.path, 0, old).write("m", 0, [np.ones((2, 1), "float32")])
+    store.release()
+    assert store.completed("m") == set()
+
+
+def test_save_onto_a_file_or_under_one_is_a_clear_error_and_leaves_nothing(engine, two,
+                                                                         reference, tmp_path):
+    """Before: raw OS errors (FileExistsError, NotADirectoryError) from deep inside zarr,
+    and for .npz only after the whole run had computed."""
+    from nbtool.errors import NbtoolError, ResultStoreError
+
+    a, _ = two
+    (tmp_path / "taken.zarr").write_text("a file")
+    (tmp_path / "notes.txt").write_text("a file")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ResultStoreError, match=rf"result store {tmp_path / 'taken.zarr'}: a "
+                       "file of that name exists.*Fix: save to a new path ending in .zarr"):
+        engine.predict(a, reference["x8"], save=str(tmp_path / "taken.zarr"))
+    under = tmp_path / "notes.txt" / "p.zarr"
+    with pytest.raises(ResultStoreError, match=rf"result store {under}: {tmp_path / 'notes.txt'}"
+                       " is not a folder.*Fix: save under a folder"):
+        engine.predict(a, reference["x8"], save=str(under))
+    with pytest.raises(NbtoolError, match=r"save='.*notes.txt/p.npz': .*notes.txt is not a "
+                       r"folder.*Fix: pass a .npz path in a folder you can write"):
+        engine.predict(a, reference["x8"], save=str(tmp_path / "notes.txt" / "p.npz"))
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "taken.zarr").read_text() == "a file"

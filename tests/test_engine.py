@@ -1,0 +1,82 @@
+"""The engine's lifecycle and arguments: 0 is refused everywhere, a closed engine says so."""
+
+import asyncio
+
+import pytest
+
+import nbtool
+import nbtool.engine
+from nbtool.errors import EngineClosed, NbtoolError
+
+
+@pytest.fixture
+def keep_default_engine():
+    """Starting another engine makes it the default; give the session's back afterwards."""
+    before = nbtool.engine._default_engine
+    yield
+    nbtool.engine._default_engine = before
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"n_workers": 0}, "n_workers=0"),
+    ({"n_workers": -2}, "n_workers=-2"),
+    ({"n_workers": True}, "n_workers=True"),
+    ({"memory_budget": "0"}, "memory_budget='0'"),
+    ({"memory_budget": 0}, "memory_budget=0"),
+    ({"memory_budget": "-1GB"}, "memory_budget='-1GB'"),
+    ({"memory_budget": ""}, "memory_budget=''"),
+    ({"memory_budget": "lots"}, "memory_budget='lots'"),
+])
+def test_zero_or_negative_counts_and_sizes_are_refused_not_read_as_the_default(
+        kwargs, named, keep_default_engine):
+    # Refused before any cluster starts, like chunk_size=0: nothing to clean up.
+    with pytest.raises(ValueError) as refused:
+        nbtool.start(gpus="none", dashboard_address="127.0.0.1:0", **kwargs)
+    msg = str(refused.value)
+    assert msg.startswith(named + ":"), msg
+    assert "expected" in msg and ("'4GB'" in msg or "n_workers=2" in msg), msg
+
+
+def test_set_memory_budget_refuses_zero_and_keeps_the_budget(engine):
+    before = {n: w.budget for n, w in engine.workers.items()}
+    for bad in ("0", 0, "-1GB", None):
+        with pytest.raises(ValueError, match=r"memory_budget=.*expected a positive size"):
+            engine.set_memory_budget(bad)
+    engine.refresh_workers()
+    assert {n: w.budget for n, w in engine.workers.items()} == before
+
+
+def test_a_closed_engine_refuses_every_public_method_with_one_clear_error(
+        keep_default_engine, model_dir, reference):
+    eng = nbtool.start(gpus="none", n_workers=1, dashboard_address="127.0.0.1:0")
+    eng.register("m", model_dir / "mlp.keras")
+    eng.close()
+    eng.close()   # twice: a no-op
+    x = reference["x8"]
+    calls = {
+        "register": lambda: eng.register("m2", model_dir / "mlp.keras"),
+        "register_dir": lambda: eng.register_dir(model_dir),
+        "load": lambda: eng.load("m"),
+        "start_load": lambda: eng.start_load("m"),
+        "unload": lambda: eng.unload("m"),
+        "predict": lambda: eng.predict("m", x),
+        "predict_async": lambda: asyncio.run(eng.predict_async("m", x)),
+        "submit": lambda: eng.submit("m", x),
+        "models": eng.models,
+        "devices": eng.devices,
+        "agreement": lambda: eng.agreement("m", "m", x),
+        "optimize": lambda: eng.optimize("m", ["float16"], calibration=x),
+        "dashboard": eng.dashboard,
+        "set_memory_budget": lambda: eng.set_memory_budget("1GB"),
+    }
+    for method, call in calls.items():
+        with pytest.raises(EngineClosed) as closed:
+            call()
+        assert str(closed.value).startswith(f"eng.{method}(...): this engine is closed; "
+                                            "start a new one with nbtool.start()"), method
+    # Nothing slipped in: the register above did not register.
+    assert "m2" not in eng.registry
+    assert eng.dashboard_link is None and "closed" in repr(eng)
+    # The default engine's shortcuts keep their own message.
+    with pytest.raises(NbtoolError, match="no nbtool engine is running"):
+        nbtool.predict("m", x)
