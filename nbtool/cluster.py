@@ -141,6 +141,21 @@ class PinnedCluster(LocalCluster):
                 out[str(name)] = _exception_chain(getattr(nanny, "_Server__startup_exc", None))
         return out
 
+    def _update_worker_status(self, op, msg):
+        """Keep every Nanny when its worker leaves: here a worker leaves only to restart.
+
+        Dask's SpecCluster closes the Nanny of a worker still away ``lost-worker-timeout``
+        (15 s) after it left, judged by name at that moment; a worker restarted twice about
+        15 s apart (two hard unloads) is then caught mid-restart and lost for good. A
+        pinned worker is restarted by its own Nanny, and the Nannies close with the cluster.
+        """
+        from distributed.deploy.cluster import Cluster
+
+        if op == "remove":
+            Cluster._update_worker_status(self, op, msg)
+        else:
+            super()._update_worker_status(op, msg)
+
     def new_worker_spec(self) -> dict:
         """The spec of the next slot that has no worker yet: its name and environment."""
         name = next((n for n in self.slots if n not in self.worker_spec), None)

@@ -480,8 +480,15 @@ class Engine:
             return []
         keep = {w: [m for m in s["lru_order"] if m not in names and m in self.registry]
                 for w, s in holders.items()}
-        # What comes back is what the files hold now, never a copy of a file since re-saved.
-        self._refresh_changed({m for ms in keep.values() for m in ms})
+        # What comes back is what the files hold now, never a copy of a file since re-saved;
+        # a model whose file is gone or now refused stays unloaded (it says why on next use).
+        for m in sorted({m for ms in keep.values() for m in ms}):
+            try:
+                self._refresh_changed([m])
+            except NbtoolError as e:
+                keep = {w: [k for k in ms if k != m] for w, ms in keep.items()}
+                warnings.warn(f"hard unload: model {m!r} is not loaded again: {e}",
+                              stacklevel=2)
         # A finished load still held here is a task the scheduler would run again on the
         # restarted workers (a finished task is recomputed while someone wants it): let go.
         for key in [k for k, f in self._background_loads.items() if f.done()]:

@@ -317,3 +317,18 @@ def test_start_removes_shared_memory_that_dead_kernels_left_and_nothing_else(tmp
     with pytest.raises(ValueError):   # no GPU 97 here: start() stops after the cleanup
         nbtool.start(gpus=[97], dashboard_address="127.0.0.1:0")
     assert not os.path.exists(real)
+
+
+def test_a_worker_restarted_twice_fifteen_seconds_apart_is_not_lost(engine):
+    """Dask's SpecCluster closed the Nanny of a worker still away 15 s after it left, judged
+    at that moment: a second hard unload about 15 s after the first lost the worker."""
+    import time
+
+    first = time.monotonic()
+    engine.client.restart_workers(["cpu1"])
+    time.sleep(max(0.0, 14.2 - (time.monotonic() - first)))
+    engine.client.restart_workers(["cpu1"], timeout=60)
+    time.sleep(2)   # past the 15 s mark of the first restart
+    names = sorted(str(w["name"]) for w in
+                   engine.client.scheduler_info(n_workers=-1)["workers"].values())
+    assert names == ["cpu0", "cpu1"]
