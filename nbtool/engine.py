@@ -264,7 +264,12 @@ class Engine:
                 continue
             options = {f: getattr(spec, f) for f in ("device", "replicas", "batch_size",
                                                      "preprocess", "trusted", "precision")}
-            self._add(inspect_model(name, spec.path, **options))
+            try:
+                changed = inspect_model(name, spec.path, **options)
+            except NbtoolError:   # gone, broken or now refused: no old copy stays behind
+                self._drop_old_copies(name)
+                raise
+            self._add(changed)
             warnings.warn(f"model {name!r} ({spec.path}) changed since it was registered; "
                           "using the new file (re-registered with the same options; the old "
                           "copies were unloaded from the workers).", stacklevel=3)

@@ -273,6 +273,8 @@ class Nbtool(Magics):
               "accuracy and a confusion matrix")
     @argument("--out", default=None, help="the variable that receives the Prediction")
     @argument("--save", default=None, help="also write the outputs to this .npz file")
+    @argument("--partial-combine", action="store_true", help="combine the models that "
+              "succeeded even if another failed (by default combined is then None)")
     @argument("--background", action="store_true", help="return at once; the result is "
               "bound to --out when it is done")
     @cell_magic
@@ -295,7 +297,8 @@ class Nbtool(Magics):
         try:
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
             size = self.chunk_size if args.chunk_size is None else args.chunk_size
-            run = self._engine().submit(args.names, x, size, combine, args.save)
+            run = self._engine().submit(args.names, x, size, combine, args.save,
+                                        partial_combine=args.partial_combine)
         except NbtoolError as e:
             raise UsageError(f"{type(e).__name__}: {e}") from None
         except ValueError as e:

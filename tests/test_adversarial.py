@@ -125,6 +125,8 @@ def test_a_registered_file_replaced_by_an_untrusted_or_deleted_one_is_never_serv
     path.unlink()
     with pytest.raises(ModelFileError, match=rf"model '{name}'.*the path does not exist"):
         engine.predict(name, reference["x8"])
+    resident = [m for row in engine.devices() for m in row["models"].split(", ")]
+    assert name not in resident                        # and no stale copy stays in memory
 
 
 # == the cluster: another user, addresses, lifecycle ===========================================

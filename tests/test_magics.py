@@ -248,3 +248,18 @@ def test_quotes_group_words_and_a_bad_quote_or_name_is_a_usage_error(ip, engine,
     # A quoted name with a space reaches register whole, and is refused there, clearly.
     with pytest.raises(UsageError, match=r"model name 'my model'.*Fix:"):
         ip.run_line_magic("nbtool", f'register "my model" "{spaced}"')
+
+
+def test_infer_with_a_failed_model_combines_only_when_asked(ip, engine, model_dir, unique):
+    import numpy as np
+
+    chk, good = f"{unique}_chk", f"{unique}_good"
+    engine.register(chk, model_dir / "checked.keras", trusted=True)
+    engine.register(good, model_dir / "mlp.keras")
+    x = np.zeros((40, 8), "float32")
+    x[5] = np.nan                                       # the first chunk of chk fails
+    ip.user_ns["xbad"] = x
+    res = ip.run_cell_magic("infer", f"{chk} {good} --chunk-size 10", "xbad")
+    assert res.combined is None and "failed on 1 of 4 chunks" in res.combined_note
+    part = ip.run_cell_magic("infer", f"{chk} {good} --chunk-size 10 --partial-combine", "xbad")
+    assert part.combined is not None and part.combined_note.startswith("combined is partial")

@@ -178,34 +178,43 @@ def test_a_zarr_group_names_its_arrays_and_how_to_pick_one(tmp_path, zarr_input,
         assert np.abs(engine.predict(name, x)[name] - reference["mlp"]).max() <= 1e-5
 
 
-def test_shared_memory_folder_is_private_and_never_one_another_user_planted(tmp_path):
-    import os
-    import shutil
-    from pathlib import Path
+def test_shared_memory_folder_is_private_and_never_one_another_user_planted():
+    # In a child process: its /dev/shm/nbtool-<pid> is new (this process's engine may
+    # already have made its own).
+    import subprocess
+    import sys
+    import textwrap
 
-    from nbtool.sources import shared_folder
-
-    mine = Path(f"/dev/shm/nbtool-{os.getpid()}")
-    existed = mine.exists()
-    try:
-        if not existed:
-            got = shared_folder(tmp_path, 10)
-            assert got == mine and (os.stat(mine).st_mode & 0o777) == 0o700
+    script = textwrap.dedent("""
+        import os, shutil, tempfile
+        from pathlib import Path
+        from nbtool.sources import shared_folder
+        fallback = Path(tempfile.mkdtemp())
+        mine = Path(f"/dev/shm/nbtool-{os.getpid()}")
+        try:
+            got = shared_folder(fallback, 10)
+            print("own", got == mine and (os.stat(mine).st_mode & 0o777) == 0o700)
             shutil.rmtree(mine)
-        # Planted first by someone else: a symlink to their folder, or a folder they own.
-        target = tmp_path / "theirs"
-        target.mkdir()
-        mine.symlink_to(target)
-        assert shared_folder(tmp_path, 10) == tmp_path
-        mine.unlink()
-        mine.mkdir(mode=0o777)
-        os.chmod(mine, 0o777)
-        assert shared_folder(tmp_path, 10) == tmp_path      # open to others: not used
-        os.chown(mine, 65534, 65534)
-        os.chmod(mine, 0o700)
-        assert shared_folder(tmp_path, 10) == tmp_path      # not ours: not used
-    finally:
-        if mine.is_symlink():
+            target = fallback / "theirs"
+            target.mkdir()
+            mine.symlink_to(target)                      # planted first: a symlink
+            print("symlink", shared_folder(fallback, 10) == fallback)
             mine.unlink()
-        elif mine.exists() and not existed:
-            shutil.rmtree(mine)
+            mine.mkdir()
+            os.chmod(mine, 0o777)                        # open to others
+            print("open", shared_folder(fallback, 10) == fallback)
+            os.chmod(mine, 0o700)
+            os.chown(mine, 65534, 65534)                 # another user's
+            print("foreign", shared_folder(fallback, 10) == fallback)
+        finally:
+            if mine.is_symlink():
+                mine.unlink()
+            elif mine.exists():
+                shutil.rmtree(mine)
+            shutil.rmtree(fallback)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["own", "True", "symlink", "True", "open", "True",
+                                  "foreign", "True"], out.stdout
