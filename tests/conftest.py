@@ -93,3 +93,13 @@ def dense_model(keras, units: int, seed: int, n_in: int = 32):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((n_in,)), keras.layers.Dense(units, activation="relu"),
                              keras.layers.Dense(4)], name=f"dense{seed}")
+
+
+@pytest.fixture
+def failing_pair(engine, model_dir, unique):
+    """Two models registered side by side: ``checked`` (fails in-graph on a chunk holding a
+    NaN row) and the mlp; their names, for ensembles where one member fails."""
+    chk, good = f"{unique}_chk", f"{unique}_good"
+    engine.register(chk, model_dir / "checked.keras", trusted=True)
+    engine.register(good, model_dir / "mlp.keras")
+    return chk, good

@@ -250,12 +250,10 @@ def test_quotes_group_words_and_a_bad_quote_or_name_is_a_usage_error(ip, engine,
         ip.run_line_magic("nbtool", f'register "my model" "{spaced}"')
 
 
-def test_infer_with_a_failed_model_combines_only_when_asked(ip, engine, model_dir, unique):
+def test_infer_with_a_failed_model_combines_only_when_asked(ip, failing_pair):
     import numpy as np
 
-    chk, good = f"{unique}_chk", f"{unique}_good"
-    engine.register(chk, model_dir / "checked.keras", trusted=True)
-    engine.register(good, model_dir / "mlp.keras")
+    chk, good = failing_pair
     x = np.zeros((40, 8), "float32")
     x[5] = np.nan                                       # the first chunk of chk fails
     ip.user_ns["xbad"] = x

@@ -267,13 +267,11 @@ def test_a_refused_input_or_save_leaves_no_file_in_shared_memory(engine, model_d
     assert _shared_files(engine) == before
 
 
-def test_an_ensemble_with_a_failed_model_has_no_combined_unless_asked(engine, model_dir,
-                                                                      reference, unique):
+def test_an_ensemble_with_a_failed_model_has_no_combined_unless_asked(engine, reference,
+                                                                      failing_pair):
     """Before: `combined` silently became the mean of the models that survived, on the rows
     where one failed, as if the whole ensemble had voted."""
-    chk, good = f"{unique}_chk", f"{unique}_good"
-    engine.register(chk, model_dir / "checked.keras", trusted=True)
-    engine.register(good, model_dir / "mlp.keras")
+    chk, good = failing_pair
     x = reference["x8"].copy()
     x[25] = np.nan                                             # chunk 2 of 6 fails in-graph
     res = engine.predict([chk, good], x, chunk_size=10)

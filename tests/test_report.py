@@ -87,15 +87,13 @@ def test_failed_chunks_and_errors_show(digits_like):
     assert "nbtool-errors" in html and "rows 10:20" in html and "boom" in html
 
 
-def test_a_missing_combined_is_said_first_in_the_html_and_the_text(engine, model_dir,
-                                                                   reference, unique):
+def test_a_missing_combined_is_said_first_in_the_html_and_the_text(engine, reference,
+                                                                   failing_pair):
     """Before: an ensemble whose model failed on some chunks showed a combined column of
     the survivors alone, and nothing in the view said so."""
     from html import escape
 
-    chk, good = f"{unique}_chk", f"{unique}_good"
-    engine.register(chk, model_dir / "checked.keras", trusted=True)
-    engine.register(good, model_dir / "mlp.keras")
+    chk, good = failing_pair
     x = reference["x8"].copy()
     x[[5, 25, 45]] = np.nan                                     # 3 of 6 chunks fail
     res = engine.predict([chk, good], x, chunk_size=10)
