@@ -112,6 +112,12 @@ class Engine:
     def refresh_workers(self) -> dict[str, WorkerInfo]:
         """Ask every worker for its device and budget; returns them by worker name."""
         statuses = self._statuses()
+        deadline = time.monotonic() + 10
+        while not statuses and time.monotonic() < deadline:
+            # Seen once in CI right after start(): the workers had registered but none was
+            # listed yet; give them a moment before calling the cluster empty.
+            time.sleep(0.2)
+            statuses = self._statuses()
         self.workers = {name: WorkerInfo(name, s["device"], s["budget"])
                         for name, s in sorted(statuses.items())}
         if not self.workers:
