@@ -7,7 +7,10 @@
 
 The shortcuts ``nbtool.register``, ``nbtool.predict`` ... act on the last engine started.
 Importing nbtool is light: nothing heavy loads until it is used, and the notebook kernel
-never imports TensorFlow (models load inside the workers).
+never imports TensorFlow (models load inside the workers). In a notebook kernel, importing
+it (or ``%load_ext nbtool``) also keeps TensorFlow's known-harmless start-up lines out of
+the cells from then on (:mod:`nbtool.quiet`; ``NBTOOL_QUIET=0`` shows them): import nbtool
+before Keras.
 """
 
 from __future__ import annotations
@@ -71,3 +74,12 @@ def load_ipython_extension(ip) -> None:
     from .magics import load_ipython_extension as load
 
     load(ip)
+
+
+def _quiet_kernel() -> None:
+    from .quiet import quiet_kernel
+
+    quiet_kernel()
+
+
+_quiet_kernel()

@@ -17,9 +17,10 @@ import asyncio
 import html
 import sys
 import threading
+import warnings
 from typing import Callable
 
-from .progress import INTERVAL, ProgressDisplay
+from .progress import INTERVAL, ProgressDisplay, in_notebook
 
 
 class BackgroundRun:
@@ -39,7 +40,7 @@ class BackgroundRun:
         self.prediction = None
         self.exception: BaseException | None = None
         self._done = threading.Event()
-        self._handle = None
+        self.output = None   # the output area in the starting cell (a notebook)
         self.task = None
         self.show = show   # False when the caller places the progress and result itself
 
@@ -51,13 +52,24 @@ class BackgroundRun:
         return self.run.progress()
 
     def start(self) -> "BackgroundRun":
-        """Start watching: on the running event loop if there is one, else in a thread."""
-        if self.view is not None and self.show:
-            self.view.show()
-        if self.show and self.view is not None and self.view.box is not None:
+        """Start watching: on the running event loop if there is one, else in a thread.
+
+        In a notebook, everything the run shows (its progress, then its result, its
+        failure or its warnings) goes to an output area placed now, in the cell that
+        started it: never under whichever cell happens to run when it finishes.
+        """
+        if self.show and in_notebook():
+            import ipywidgets as w
             from IPython.display import HTML, display
 
-            self._handle = display(HTML("<i>running in the background...</i>"), display_id=True)
+            self.output = w.Output()
+            display(self.output)
+            with self.output:   # this cell is running now: displays go into the area
+                if self.view is not None:
+                    self.view.show()
+                display(HTML("<i>running in the background...</i>"))
+        elif self.view is not None and self.show:
+            self.view.show()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -74,21 +86,33 @@ class BackgroundRun:
                 if self.view is not None:
                     self.view.update(self.run.progress())
                 await asyncio.sleep(INTERVAL)
-            res = await asyncio.to_thread(self.run.collect)
+            res, caught = await asyncio.to_thread(self._collect_warnings)
         except BaseException as e:   # shown below, never swallowed
             self._finish(None, e)
             return
-        self._finish(res, None)
+        self._finish(res, None, caught)
+
+    def _collect_warnings(self):
+        """The run's result and the warnings raised while assembling it (a failed save,
+        a model loaded again later...): they are shown in the run's own output area.
+
+        ``catch_warnings`` is process-wide: a warning the notebook itself raises in these
+        few milliseconds of assembling would show here rather than in its cell (never lost).
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = self.run.collect()
+        return res, list(caught)
 
     def _collect(self) -> None:
         try:
-            res = self.run.collect()
+            res, caught = self._collect_warnings()
         except BaseException as e:
             self._finish(None, e)
             return
-        self._finish(res, None)
+        self._finish(res, None, caught)
 
-    def _finish(self, res, error: BaseException | None) -> None:
+    def _finish(self, res, error: BaseException | None, caught=()) -> None:
         if error is None and self.bind is not None:
             try:
                 self.bind(res)
@@ -97,12 +121,8 @@ class BackgroundRun:
         self.prediction, self.exception = res, error
         if self.view is not None:
             self.view.finish(res, error)
-        if self._handle is not None:
-            from IPython.display import HTML
-
-            self._handle.update(res if error is None else HTML(
-                f"<pre style='color:#c0392b'>background prediction failed: "
-                f"{html.escape(type(error).__name__)}: {html.escape(str(error))}</pre>"))
+        if self.output is not None:
+            self._show_outcome(res, error, caught)
         elif not self.show:
             pass   # the caller shows the outcome (the dashboard's result area)
         elif error is not None:
@@ -112,6 +132,24 @@ class BackgroundRun:
             where = f" -> {self.name}" if self.name else ""
             print(f"[nbtool] background prediction finished{where}: {res!r}".splitlines()[0])
         self._done.set()
+
+    def _show_outcome(self, res, error, caught) -> None:
+        """Into the run's output area (from any thread: ``append_*`` needs no cell)."""
+        from IPython.display import HTML
+
+        out = self.output
+        out.outputs = tuple(o for o in out.outputs
+                            if "running in the background" not in str(o.get("data", {})))
+        for w in caught:
+            out.append_display_data(HTML(
+                f"<pre style='color:#b9770e'>{html.escape(w.category.__name__)}: "
+                f"{html.escape(str(w.message))}</pre>"))
+        if error is not None:
+            out.append_display_data(HTML(
+                f"<pre style='color:#c0392b'>background prediction failed: "
+                f"{html.escape(type(error).__name__)}: {html.escape(str(error))}</pre>"))
+        else:
+            out.append_display_data(res)
 
     def result(self, timeout: float | None = None):
         """Wait for the prediction and return it (raising what the run raised).

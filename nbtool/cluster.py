@@ -208,6 +208,52 @@ def check_dashboard_address(address: str | int | None, allow_remote: bool = Fals
         "allow_remote_dashboard=True if that is what you want.")
 
 
+def free_dashboard_address(address: str | int | None) -> str | int | None:
+    """``address`` if its port is free, else the same host on a free port (port 0).
+
+    A second engine on the machine (another notebook, another user) finds 8787 taken;
+    Dask would then warn "Port 8787 is already in use" in red and pick another port
+    itself. Asking for port 0 picks one quietly; the engine's repr says where it is.
+
+    Example:
+        >>> free_dashboard_address("127.0.0.1:0")
+        '127.0.0.1:0'
+        >>> import socket
+        >>> with socket.socket() as taken:
+        ...     taken.bind(("127.0.0.1", 0)); taken.listen()
+        ...     port = taken.getsockname()[1]
+        ...     free_dashboard_address(f"127.0.0.1:{port}")
+        '127.0.0.1:0'
+    """
+    import socket
+
+    from distributed.utils import clean_dashboard_address
+
+    if address is None:
+        return None
+    try:
+        spec = clean_dashboard_address(address)
+    except ValueError:
+        return address   # check_dashboard_address says what is wrong with it
+    taken = False
+    for part in spec:
+        host, port = part["address"] or "0.0.0.0", int(part["port"] or 0)
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As Tornado binds: a port left in TIME_WAIT by a closed cluster is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host.strip("[]"), port))
+            except OSError:
+                taken = True
+    if not taken:
+        return address
+    host = str(address).rsplit(":", 1)[0] if ":" in str(address) else ""
+    return f"{host}:0"
+
+
 def _is_loopback(host: str | None) -> bool:
     if host == "localhost":
         return True

@@ -235,7 +235,9 @@ def _worker_env(visible: str, threads: int, device: str, budget: int) -> dict[st
         "TF_NUM_INTRAOP_THREADS": str(threads),
         "TF_NUM_INTEROP_THREADS": "1",
         "OMP_NUM_THREADS": str(threads),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
+        # Warnings and errors only; the known-harmless start-up lines that TensorFlow
+        # prints before this takes effect are dropped by nbtool.quiet.
+        "TF_CPP_MIN_LOG_LEVEL": "1",
         "NBTOOL_DEVICE": device,
         "NBTOOL_TF_THREADS": str(threads),
         "NBTOOL_MEMORY_BUDGET": str(budget),

@@ -36,6 +36,7 @@ from .planning import plan_cold_routes
 from .registry import (ModelSpec, Registry, check_batch_size, check_name, check_replicas,
                        file_fingerprint, find_models, inspect_model)
 from .results import Prediction, check_combine, output_agreement
+from .quiet import planned_restart
 from .runner import PredictionRun, check_fits, resolve_chunk_size
 from .sources import as_source
 from .tables import Table, human_bytes
@@ -98,6 +99,7 @@ class Engine:
         self.registry = Registry()
         self.placement: dict[str, list[str]] = {}    # model -> worker names
         self.history: list[dict[str, Any]] = []      # one summary per prediction
+        self._runs: list[PredictionRun] = []         # submitted runs, until they end
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nbtool-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -504,8 +506,9 @@ class Engine:
         # restarted workers (a finished task is recomputed while someone wants it): let go.
         for key in [k for k, f in self._background_loads.items() if f.done()]:
             self._background_loads.pop(key).release()
-        self.client.restart_workers(self._restriction(sorted(holders)))
-        self._wait_for_workers(sorted(holders))
+        with planned_restart():   # its outcome is what this returns, not Dask's warnings
+            self.client.restart_workers(self._restriction(sorted(holders)))
+            self._wait_for_workers(sorted(holders))
         futures = [self.client.submit(load_model, self.registry.get(m),
                                       resources={resource_name(w): 1}, pure=False,
                                       key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
@@ -647,7 +650,22 @@ class Engine:
         except BaseException:
             run.cancel()   # the store lock, the input file, any task already sent
             raise
+        self._runs = [r for r in self._runs if not r.done] + [run]
         return run
+
+    def running(self) -> list[PredictionRun]:
+        """The predictions submitted and not yet finished or cancelled, oldest first.
+
+        Each has ``progress()`` (chunks done per model) and ``run_id``; the dashboard
+        shows them live.
+
+        Example:
+            >>> run = eng.submit(["cnn"], x)                     # doctest: +SKIP
+            >>> [r.run_id for r in eng.running()]                # doctest: +SKIP
+            ['3f2a9c1e']
+        """
+        self._runs = [r for r in self._runs if not r.done]
+        return list(self._runs)
 
     def _routes(self, specs: list[ModelSpec], n_rows: int) -> tuple[dict, dict]:
         """Where each model's chunks go in this run, and the replicas to load afterwards.
@@ -904,8 +922,12 @@ class Engine:
     def __repr__(self) -> str:
         if getattr(self, "_closed", False):
             return "<nbtool.Engine: closed; start a new one with nbtool.start()>"
+        kinds = {w.kind for w in self.workers.values()}
+        kind = f"{kinds.pop().upper()} " if len(kinds) == 1 else ""
+        count = f"{len(self.workers)} {kind}worker{'s' if len(self.workers) != 1 else ''}"
+        note = getattr(self.cluster, "gpu_note", "")
         ws = ", ".join(f"{w.name} ({w.device})" for w in self.workers.values())
-        return (f"<nbtool.Engine: {len(self.workers)} worker(s) [{ws}], "
+        return (f"<nbtool.Engine: {note + ': ' if note else ''}{count} [{ws}], "
                 f"{len(self.registry)} model(s), dashboard {self.dashboard_link}>")
 
 
@@ -975,6 +997,9 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         ...                                      require_encryption=True))  # doctest: +SKIP
     """
     global _default_engine
+    from .quiet import quiet_kernel
+
+    quiet_kernel()
     n_workers = _check_count(n_workers, "n_workers")
     if memory_budget is None:
         memory_budget = _env_setting("NBTOOL_MEMORY_BUDGET", parse_bytes)
@@ -1011,7 +1036,7 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
 def _local_cluster(gpus, n_workers, budget, dashboard_address, security,
                    allow_remote_dashboard):
     """The PinnedCluster for :func:`start`: one worker per GPU, else CPU workers."""
-    from .cluster import PinnedCluster
+    from .cluster import PinnedCluster, free_dashboard_address
 
     selected = select_gpus(gpus, discover_gpus())
     env_workers = _env_setting("NBTOOL_N_WORKERS", int)
@@ -1019,8 +1044,19 @@ def _local_cluster(gpus, n_workers, budget, dashboard_address, security,
         n_workers = env_workers
     slots = plan_workers(selected, n_workers=n_workers, memory_budget=budget,
                          cores=_env_setting("NBTOOL_CORES", int))
-    return PinnedCluster(slots, dashboard_address=dashboard_address, security=security,
-                         allow_remote_dashboard=allow_remote_dashboard)
+    cluster = PinnedCluster(slots, dashboard_address=free_dashboard_address(dashboard_address),
+                            security=security, allow_remote_dashboard=allow_remote_dashboard)
+    cluster.gpu_note = _gpu_note(gpus, selected)
+    return cluster
+
+
+def _gpu_note(gpus, selected: list) -> str:
+    """How the engine came to its workers' devices, said once in its repr."""
+    if selected:
+        return ""
+    if gpus in (None, "none", 0, []):
+        return "GPUs not used (gpus={!r})".format(gpus)
+    return "no GPU found"
 
 
 def _connect(address: str, security) -> Client:

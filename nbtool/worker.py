@@ -36,6 +36,7 @@ from . import overlap
 from .batching import run_in_batches
 from .litert import LiteRTPredictor, open_tflite
 from .machine_cache import machine_cache
+from .quiet import native_logs_filtered
 from .sources import is_file_ref, read_rows
 
 logger = logging.getLogger("nbtool.worker")
@@ -743,6 +744,12 @@ def get_cache(budget: int | None = None, worker: str | None = None) -> ModelCach
 
 
 # -- tasks (called by the engine through Dask) ---------------------------------------------
+#: Rows this process has predicted, and the seconds it spent on them, since it started: the
+#: dashboard turns their change between two looks into rows/s and busy % per worker.
+_THROUGHPUT = {"rows": 0, "busy_seconds": 0.0}
+_THROUGHPUT_LOCK = threading.Lock()   # chunks may run in several task threads
+
+
 def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
                   chunk: int, store=None) -> ChunkOutput:
     """Run one model on rows ``start:stop`` of ``data``; the unit of work of a prediction.
@@ -763,6 +770,9 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         t0 = time.perf_counter()
         n_rows, outputs = _read_and_run(cache, loaded, data, start, stop)
         seconds = time.perf_counter() - t0
+        with _THROUGHPUT_LOCK:
+            _THROUGHPUT["rows"] += n_rows
+            _THROUGHPUT["busy_seconds"] += seconds
         if not loaded.row_cost_recorded and n_rows:   # once per load: no I/O per chunk
             loaded.row_cost_recorded = True
             record_cost(spec, cache.device, row=seconds / n_rows)
@@ -782,11 +792,27 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         reason = str(e) if isinstance(e, NbtoolError) else _describe(e)
         # One line per failure: a run whose every chunk fails must not print a traceback
         # per chunk. The traceback travels with the error (res.errors[i].traceback).
+        _keep_failures_off_the_notebook()
         failure_log.warning("chunk %d (rows %d:%d) of %s failed on %s: %s", chunk, start, end,
                             spec.name, worker, first_line(reason, 200))
         _quiet_dask_chunk_failures()
         raise ChunkError(spec.name, chunk, (start, end), worker, reason,
                          traceback=traceback.format_exc()) from None
+
+
+def _keep_failures_off_the_notebook() -> None:
+    """A local worker's stderr is the notebook kernel's, so its log lines land in red under
+    whatever cell runs: there, failure lines go only to the worker's log that
+    ``eng.client.get_worker_logs()`` reads (the error itself reaches the result and its
+    report). A worker nbtool did not start (an existing cluster) keeps its usual log."""
+    if not os.environ.get("NBTOOL_DEVICE") or not failure_log.propagate:
+        return
+    from distributed.utils import DequeHandler
+
+    failure_log.propagate = False
+    for handler in logging.getLogger("distributed.worker").handlers:
+        if isinstance(handler, DequeHandler):
+            failure_log.addHandler(handler)
 
 
 class _OneLinePerChunkFailure(logging.Filter):
@@ -867,8 +893,11 @@ def worker_status() -> dict[str, Any]:
     cache = prepare_worker()
     tf = _tensorflow()
     status = cache.status()
+    with _THROUGHPUT_LOCK:
+        throughput = dict(_THROUGHPUT)
     status.update(
         pid=os.getpid(),
+        throughput=throughput,
         rss=psutil.Process().memory_info().rss,
         idle_memory=_IDLE_MEMORY,
         memory_in_use=cache.memory_in_use(),
@@ -899,10 +928,27 @@ def prepare_worker(budget: int | None = None, worker: str | None = None) -> Mode
             cache.evict_lru(0)
             cache.peak_accounted = cache.resident_bytes()   # the peak under this budget
         if _IDLE_MEMORY is None:
-            _warm_runtime()
+            # TensorFlow starts here: its known-harmless start-up lines stay out of the
+            # notebook (they would land in red under whatever cell runs).
+            with native_logs_filtered(expect_gpu=_expects_gpu()):
+                _warm_runtime()
             gc.collect()
             _IDLE_MEMORY = cache.memory_in_use()
         return cache
+
+
+def _expects_gpu() -> bool:
+    """Whether this worker should see a GPU: by its plan, else by what NVML finds."""
+    from .devices import FAKE_GPUS_ENV, discover_gpus
+
+    if os.environ.get(FAKE_GPUS_ENV):   # an injected inventory: no real GPU behind it
+        return False
+    device = os.environ.get("NBTOOL_DEVICE")
+    if device:
+        return device.startswith("gpu")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() in ("-1",):
+        return False
+    return bool(discover_gpus())
 
 
 def _warm_runtime() -> None:

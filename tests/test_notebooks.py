@@ -5,6 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from notebook_output import assert_quiet
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -15,6 +16,8 @@ def run_notebook(name: str) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    # Quiet on a CPU machine: no TensorFlow start-up lines, no Dask restart warnings.
+    assert_quiet(nb, name)
     return nb
 
 
@@ -60,6 +63,7 @@ def test_background_infer_in_a_real_kernel_binds_while_the_kernel_stays_free(tmp
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = outputs_text(nb)
     assert "bound: True task: True rows: 20000 meanwhile: 499500" in text, text[-2000:]
+    assert_quiet(nb, "the --background notebook")
     widgets = [o for c in nb.cells for o in c.get("outputs", [])
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets                                            # the live progress bars

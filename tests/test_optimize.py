@@ -244,6 +244,9 @@ def test_optimization_notebook_runs_and_shows_the_comparison():
                      o.get("data", {}).get("text/plain", "")))
     assert "nbtool-comparison" in text and "cnn@int8" in text and "mlp@float16" in text
     assert "chosen:" in text and "pruned" in text and "Traceback" not in text
+    from notebook_output import assert_quiet
+
+    assert_quiet(nb, "optimization.ipynb")
 
 
 def test_docstring_examples_of_optimize_run():

@@ -1,0 +1,267 @@
+"""A quiet notebook: known-harmless log lines are dropped, everything else still shows.
+
+Two sources of noise reach a notebook's cells in red:
+
+* TensorFlow's C++ start-up lines, written straight to file descriptor 2 (so neither
+  Python's ``logging`` nor ``TF_CPP_MIN_LOG_LEVEL`` catches the ones printed before absl's
+  logging starts): the oneDNN notice, the CPU-instructions notice, and on a machine without
+  a GPU "Could not find cuda drivers" and "failed call to cuInit". :class:`NativeLogFilter`
+  puts a pipe on descriptor 2 and passes on every line except those; the CUDA ones only
+  where no GPU is expected, since on a GPU machine they are the real problem.
+* Dask's messages about a worker restart that nbtool asked for (a hard unload):
+  "Restarting worker", "Worker process still alive after 4.0 seconds, killing", "Removing
+  worker ... caused the cluster to lose already computed task(s)". Inside
+  :func:`planned_restart` they are dropped; the same messages about an unplanned restart
+  (a worker that crashed) still show.
+
+Setting ``NBTOOL_QUIET=0`` turns both filters off.
+
+Example:
+    >>> noisy = b"I0000 00:00:1.2 3 port.cc:153] oneDNN custom operations are on."
+    >>> is_noise(noisy, expect_gpu=False)
+    True
+    >>> is_noise(b"Fatal Python error: Segmentation fault", expect_gpu=False)
+    False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+
+#: Lines TensorFlow prints on every start, on every machine: never a problem.
+ALWAYS_NOISE = (
+    re.compile(rb"oneDNN custom operations are on"),
+    re.compile(rb"This TensorFlow binary is optimized to use available CPU instructions"),
+    # The second line of the message above.
+    re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow"),
+    re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
+)
+#: Lines that say "no GPU": the expected state of a CPU-only worker or machine, and a real
+#: problem where a GPU is expected (they are kept there).
+NO_GPU_NOISE = (
+    re.compile(rb"Could not find cuda drivers on your machine, GPU will not be used"),
+    re.compile(rb"failed call to cuInit"),
+    re.compile(rb"Unable to register cu(DNN|FFT|BLAS) factory"),
+)
+#: Dask's messages about a worker restart; dropped only while one is planned.
+RESTART_NOISE = (
+    "Restarting worker",
+    "Worker process still alive after",
+    "caused the cluster to lose already computed task",
+    "Nanny asking worker to close",
+    "Worker process %d was killed by signal",
+)
+#: The loggers (in the notebook's process) that report worker restarts.
+RESTART_LOGGERS = ("distributed.nanny", "distributed.scheduler", "distributed.core")
+
+
+def enabled() -> bool:
+    """False when the user asked to see everything (``NBTOOL_QUIET=0``).
+
+    Example:
+        >>> enabled()
+        True
+    """
+    return os.environ.get("NBTOOL_QUIET", "1") != "0"
+
+
+def is_noise(line: bytes, expect_gpu: bool) -> bool:
+    """True for a known-harmless TensorFlow line (see the module's lists).
+
+    Example:
+        >>> is_noise(b"E0000 cuda_platform.cc:52] failed call to cuInit: (303)", True)
+        False
+    """
+    patterns = ALWAYS_NOISE if expect_gpu else ALWAYS_NOISE + NO_GPU_NOISE
+    return any(p.search(line) for p in patterns)
+
+
+class NativeLogFilter:
+    """Filters what this process writes to file descriptor 2 (C++ libraries included).
+
+    ``start()`` moves the real descriptor aside, puts a pipe in its place and passes each
+    line that is not :func:`is_noise` on to it, from a daemon thread; ``stop()`` puts the
+    real descriptor back and passes on whatever was still in the pipe. A process that dies
+    abruptly loses what the thread had not yet passed on, so worker processes filter only
+    while TensorFlow starts (see :func:`native_logs_filtered`).
+
+    Example:
+        >>> f = NativeLogFilter(expect_gpu=False).start()      # doctest: +SKIP
+        >>> f.stop()                                          # doctest: +SKIP
+    """
+
+    def __init__(self, expect_gpu: bool):
+        self.expect_gpu = expect_gpu
+        self.dropped = 0
+        self._real = None
+        self._read_end = None
+        self._thread = None
+
+    def start(self) -> "NativeLogFilter":
+        import sys
+
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()   # what Python buffered goes out before the swap
+        self._real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._read_end = read_end
+        self._thread = threading.Thread(target=self._pass_on, name="nbtool-native-log-filter",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _pass_on(self) -> None:
+        pending = b""
+        while True:
+            try:
+                data = os.read(self._read_end, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            self._write(lines)
+        if pending:
+            self._write([pending], newline=False)
+
+    def _write(self, lines: list[bytes], newline: bool = True) -> None:
+        kept = []
+        for line in lines:
+            if is_noise(line, self.expect_gpu):
+                self.dropped += 1
+            else:
+                kept.append(line + (b"\n" if newline else b""))
+        if kept:
+            with contextlib.suppress(OSError):
+                os.write(self._real, b"".join(kept))
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Put the real descriptor 2 back and pass on what is left in the pipe."""
+        import sys
+
+        if self._real is None:
+            return
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(self._real, 2)   # closes the pipe's last write end here: the thread sees EOF
+        self._thread.join(timeout)
+        os.close(self._read_end)
+        os.close(self._real)
+        self._real = None
+
+
+@contextlib.contextmanager
+def native_logs_filtered(expect_gpu: bool):
+    """Drop TensorFlow's known-harmless start-up lines written while the block runs.
+
+    Example:
+        >>> with native_logs_filtered(expect_gpu=False):   # doctest: +SKIP
+        ...     import tensorflow
+    """
+    if not enabled():
+        yield
+        return
+    f = NativeLogFilter(expect_gpu).start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+_KERNEL_FILTER: NativeLogFilter | None = None
+
+
+def quiet_this_process(expect_gpu: bool) -> NativeLogFilter | None:
+    """Filter this process's descriptor 2 for good (the notebook kernel); once per process.
+
+    In a kernel, descriptor 2 is already a pipe that ipykernel reads and forwards to the
+    cells, from a thread of its own process: filtering in front of it adds no new way to
+    lose a line.
+
+    Example:
+        >>> quiet_this_process(expect_gpu=False)   # doctest: +SKIP
+    """
+    global _KERNEL_FILTER
+    if _KERNEL_FILTER is None and enabled():
+        _KERNEL_FILTER = NativeLogFilter(expect_gpu).start()
+    return _KERNEL_FILTER
+
+
+def quiet_kernel() -> NativeLogFilter | None:
+    """In a notebook kernel, drop TensorFlow's known-harmless lines from its cells.
+
+    Called by ``%load_ext nbtool`` and :func:`nbtool.start`; it covers what TensorFlow
+    prints in the kernel from then on (the notebook's own Keras training included), so
+    load nbtool first. Outside a kernel (a script, a terminal) it does nothing.
+
+    Example:
+        >>> quiet_kernel() is None      # not in a kernel here
+        True
+    """
+    from .progress import in_notebook
+
+    if not in_notebook():
+        return None
+    from .devices import FAKE_GPUS_ENV, discover_gpus
+
+    real_gpus = not os.environ.get(FAKE_GPUS_ENV) and bool(discover_gpus())
+    return quiet_this_process(expect_gpu=real_gpus)
+
+
+class _PlannedRestarts(logging.Filter):
+    """Drops Dask's restart messages while :func:`planned_restart` is in force (and for
+    a few seconds after, for the messages that arrive late from the cluster's thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = 0
+        self.until = 0.0
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (self.active or time.monotonic() < self.until):
+            return True
+        message = str(record.msg)
+        if any(text in message for text in RESTART_NOISE):
+            self.dropped += 1
+            return False
+        return True
+
+
+_RESTARTS = _PlannedRestarts()
+_RESTARTS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def planned_restart(grace: float = 5.0):
+    """Silence Dask's worker-restart messages for a restart nbtool asked for.
+
+    The outcome is what the caller returns (a hard unload returns the workers it
+    restarted); the messages would only land in red under whichever cell made the client.
+
+    Example:
+        >>> with planned_restart():                         # doctest: +SKIP
+        ...     client.restart_workers(["cpu0"])
+    """
+    if not enabled():
+        yield
+        return
+    with _RESTARTS_LOCK:
+        for name in RESTART_LOGGERS:
+            log = logging.getLogger(name)
+            if _RESTARTS not in log.filters:
+                log.addFilter(_RESTARTS)
+        _RESTARTS.active += 1
+    try:
+        yield _RESTARTS
+    finally:
+        with _RESTARTS_LOCK:
+            _RESTARTS.active -= 1
+            _RESTARTS.until = time.monotonic() + grace
