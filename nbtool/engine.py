@@ -31,7 +31,7 @@ from dask.utils import parse_bytes
 from distributed import Client
 
 from .devices import WorkerInfo, discover_gpus, place, plan_workers, select_gpus
-from .errors import EngineClosed, ModelLoadError, NbtoolError
+from .errors import EngineClosed, InvalidOption, ModelLoadError, NbtoolError
 from .planning import plan_cold_routes
 from .registry import (ModelSpec, Registry, check_batch_size, check_name, check_replicas,
                        file_fingerprint, find_models, inspect_model)
@@ -173,28 +173,44 @@ class Engine:
                  trusted: bool = False, precision: str | None = None) -> ModelSpec:
         """Register a model file (or a Keras model object) under ``name`` and place it.
 
-        ``model`` is a path to a ``.keras``/``.h5`` file or a SavedModel directory, or a
-        Keras model you just built: that one is saved once as ``.keras`` in the engine's
-        work folder. ``device`` is ``"auto"``, ``"cpu"``, ``"gpu"`` or e.g. ``"gpu:1"``;
-        ``replicas`` places it on that many workers so its chunks run in parallel.
-        Nothing loads now: the model loads on a worker the first time it is used (or on
-        :meth:`load`). ``name`` holds letters, digits and ``_ - . @ +`` (it names files
-        and result arrays). ``trusted=True`` lets Keras deserialize Lambda layers and custom
-        code from this file (safe mode is on otherwise); without it a file holding a
-        Python lambda is refused here, and so is every SavedModel directory (its graph
-        can run any TensorFlow op, file reads and writes included). ``preprocess`` runs inside the
-        compiled graph on the worker: a preset name (``"rescale"``, ``"mobilenet"``,
-        ``"imagenet"``, ``"cast"``), a :class:`nbtool.preprocess.Preprocess`, or a function of
-        TF ops; with a preset, inputs travel as uint8. ``batch_size="auto"`` picks one by a
-        quick sweep at the first load (remembered per machine); ``None`` means 64; any
-        other value must be a whole number >= 1. A file re-saved in place is picked up at
-        the next run or load (see :meth:`submit`).
-        ``precision="bfloat16"`` (or ``"float16"``) runs the model in mixed precision, opt-in:
-        check it with :meth:`agreement` against the float32 model first. Registering a name again replaces
-        it (a no-op if nothing changed).
+        ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
+        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter) or a
+        SavedModel directory (``model.export(dir)``, ``tf.saved_model.save``), or a Keras
+        model you just built: that one is saved once as ``.keras`` in the engine's work
+        folder. The file's input shape, dtype and outputs are read here without
+        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``,
+        ``"cpu"``, ``"gpu"`` or e.g. ``"gpu:1"``; ``replicas`` places it on that many
+        workers so its chunks run in parallel. Nothing loads now: the model loads on a
+        worker the first time it is used (or on :meth:`load`), so a file that reads here
+        but cannot load (damaged weights, a custom layer class the workers cannot
+        import, a ``.tflite`` needing TensorFlow "Select" ops) fails then, with
+        :class:`~nbtool.errors.ModelLoadError`. ``name`` holds letters, digits and
+        ``_ - . @ +`` (it names files and result arrays).
+
+        ``trusted=True`` is for files that run code when loaded: Keras' safe mode then
+        lets a Lambda layer's stored Python be deserialized. Without it a ``.keras`` or
+        ``.h5`` holding a Python lambda is refused here, and so is every SavedModel
+        directory (its graph can run any TensorFlow op, file reads and writes included),
+        with :class:`~nbtool.errors.UntrustedModel`. A custom layer class is not made
+        loadable by ``trusted=True``: it must be importable on the workers (registered
+        with ``@keras.saving.register_keras_serializable``).
+
+        ``preprocess`` runs inside the compiled graph on the worker: a preset name
+        (``"rescale"``, ``"mobilenet"``, ``"imagenet"``, ``"cast"``), a
+        :class:`nbtool.preprocess.Preprocess`, or a function of TF ops; with a preset,
+        inputs travel as uint8. ``batch_size`` (every format) is the rows per call:
+        ``"auto"`` picks one by a quick sweep at the first load (remembered per machine);
+        ``None`` means 64; any other value must be a whole number >= 1. A file re-saved in
+        place is picked up at the next run or load (see :meth:`submit`).
+        ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
+        mixed precision, opt-in: check it with :meth:`agreement` against the float32 model
+        first. Registering a name again replaces it (a no-op if nothing changed).
 
         Example:
             >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
+            >>> eng.register("old", "models/old_keras2.h5")               # doctest: +SKIP
+            >>> eng.register("det", "models/detector.tflite")             # doctest: +SKIP
+            >>> eng.register("exported", "models/exported/", trusted=True)  # doctest: +SKIP
             >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
         """
         # Everything is checked before a model object is saved under the name.
@@ -217,6 +233,13 @@ class Engine:
                              batch_size=batch_size, preprocess=preprocess,
                              trusted=bool(trusted),
                              precision=None if precision == "float32" else precision)
+        if spec.precision and spec.format in ("tflite", "savedmodel"):
+            # Mixed precision rebuilds a Keras model; silently running float32 instead
+            # would report a precision that was never used.
+            raise InvalidOption(name, "precision", precision,
+                                "None for a .tflite or SavedModel (mixed precision rebuilds "
+                                "a Keras model; these are not Keras models)",
+                                "precision=None, or register the .keras/.h5 original")
         return self._add(spec)
 
     def _model_path(self, name: str, model: Any) -> str:
@@ -232,8 +255,9 @@ class Engine:
             finally:
                 shutil.rmtree(aside, ignore_errors=True)
             return str(path)
-        raise TypeError(f"model {name!r}: expected a path to a .keras/.h5 file or SavedModel "
-                        f"directory, or a Keras model; got {type(model).__name__}.")
+        raise TypeError(f"model {name!r}: expected a path to a .keras, .h5 or .tflite file "
+                        f"or a SavedModel directory, or a Keras model; got "
+                        f"{type(model).__name__}.")
 
     def _add(self, spec: ModelSpec) -> ModelSpec:
         old = self.registry.get(spec.name) if spec.name in self.registry else None
@@ -548,15 +572,32 @@ class Engine:
                 partial_combine: bool = False) -> Prediction:
         """Run models on ``x`` in chunks on the workers; returns a :class:`Prediction`.
 
-        ``x`` is an ndarray, a path to a ``.npy`` (workers memory-map their slices) or a
-        Dask array (its row blocks become the chunks). The input is checked against every
-        model before anything is scheduled. ``combine`` is ``"mean"``, ``"vote"`` or
-        ``None``. A chunk that fails does not discard the others: see ``res.errors`` and
+        ``x`` is one of:
+
+        - an ndarray or a list of rows (on a local cluster handed to the workers as one
+          shared-memory file; else scattered once);
+        - a path to a ``.npy`` file (workers memory-map their own slices);
+        - a zarr array: a path (``"x.zarr"``, or a folder holding zarr metadata) or a
+          zarr array object (workers read their own slices);
+        - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
+          (workers decode and resize their own files);
+        - a Dask array (its row blocks become the chunks).
+
+        The input is checked against every model before anything is scheduled (a
+        SavedModel is loaded first to learn its input). ``res[name]`` is the model's
+        output, a list of arrays for a model with several outputs (a ``.tflite`` gives
+        them in LiteRT's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
+        chunk that fails does not discard the others: see ``res.errors`` and
         ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
         says which model failed where), unless ``partial_combine=True``: the rows a model
         failed on are then combined from the other models (NaN where every model failed).
-        ``save="preds.npz"`` also writes the outputs there; ``save="preds.zarr"`` writes a
-        resumable result store (one run at a time: another run on the same path is refused).
+
+        ``save="preds.zarr"`` writes a resumable result store: each chunk's outputs are
+        written by its worker as it completes, ``res[name]`` is then a zarr array on disk,
+        and running the same prediction again computes only the chunks not stored yet
+        (one run at a time: another run on the same path is refused);
+        ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
+        writes the outputs once, at the end.
 
         Example:
             >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
@@ -888,7 +929,8 @@ class Engine:
             self.client.close()
         finally:
             if self.cluster is not None:
-                self.cluster.close()
+                with planned_restart():   # stopping workers is planned too: no warnings
+                    self.cluster.close()
             for folder in self._shared_dirs:
                 shutil.rmtree(folder, ignore_errors=True)
             if self._own_work_dir:

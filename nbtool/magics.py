@@ -150,13 +150,16 @@ class Nbtool(Magics):
 
     @magic_arguments(name="nbtool register")
     @argument("name", help="the model's name")
-    @argument("path", help=".keras or .h5 file, or SavedModel directory")
+    @argument("path", help="a .keras, .h5 (Keras 2 or 3) or .tflite file, or a SavedModel "
+              "directory (that one needs --trusted)")
     @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
     @argument("--replicas", type=_whole_number, default=1,
               help="workers that hold it (default 1)")
     @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
               "for a quick sweep at first load")
-    @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
+    @argument("--trusted", action="store_true", help="allow files that run code "
+              "when loaded: Lambda layers (Python stored in the file) and SavedModel "
+              "directories")
     def _register(self, args):
         """Register a model file under a name."""
         eng = self._engine()
@@ -171,11 +174,14 @@ class Nbtool(Magics):
         return eng.models()
 
     @magic_arguments(name="nbtool register-dir")
-    @argument("path", help="a folder of .keras/.h5 files and SavedModel directories")
+    @argument("path", help="a folder of .keras/.h5/.tflite files and SavedModel "
+              "directories")
     @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
     @argument("--replicas", type=_whole_number, default=1,
               help="workers that hold each model")
-    @argument("--trusted", action="store_true", help="allow Lambda layers and custom code")
+    @argument("--trusted", action="store_true", help="allow files that run code "
+              "when loaded: Lambda layers (Python stored in the file) and SavedModel "
+              "directories")
     def _register_dir(self, args):
         """Register every model inside a folder, named after its file."""
         eng = self._engine()
@@ -226,7 +232,8 @@ class Nbtool(Magics):
             self._started = None
 
     @magic_arguments(name="nbtool optimize")
-    @argument("name", help="the registered Keras model to make variants of")
+    @argument("name", help="the registered model to make variants of (a .keras, .h5 or "
+              "SavedModel; a .tflite is converted already)")
     @argument("--variants", nargs="+", default=["float16", "dynamic-int8", "int8"],
               help="float16, dynamic-int8, int8 (calibrated), keras-int8, float32 "
               "(default: float16 dynamic-int8 int8)")
@@ -272,7 +279,9 @@ class Nbtool(Magics):
     @argument("--labels", default=None, help="an expression for the true labels: adds "
               "accuracy and a confusion matrix")
     @argument("--out", default=None, help="the variable that receives the Prediction")
-    @argument("--save", default=None, help="also write the outputs to this .npz file")
+    @argument("--save", default=None, help="also write the outputs there: a .zarr path is "
+              "a resumable result store written chunk by chunk, a .npz file is written "
+              "at the end")
     @argument("--partial-combine", action="store_true", help="combine the models that "
               "succeeded even if another failed (by default combined is then None)")
     @argument("--background", action="store_true", help="return at once; the result is "
@@ -281,8 +290,9 @@ class Nbtool(Magics):
     def infer(self, line: str, cell: str):
         """Predict with registered models; the cell's last expression is the input.
 
-        The input is an ndarray, a path to a .npy file or a Dask array. The result renders
-        below the cell, is bound to --out and is returned (so ``_`` works).
+        The input is an ndarray, a path to a .npy file, a .zarr array or a folder of
+        images, a zarr or Dask array, or ``nbtool.images(folder, size=...)``. The result
+        renders below the cell, is bound to --out and is returned (so ``_`` works).
         """
         args = self.infer.parser.parse_args(split_line(line, "%%infer"))
         self._check_models(args.names)
@@ -353,7 +363,7 @@ def split_line(line: str, magic: str) -> list[str]:
         ['register', 'cnn', 'my models/cnn.keras']
     """
     try:
-        return shlex.split(line)
+        return shlex.split(line, comments=True)   # `%nbtool models  # note`, as in Python
     except ValueError as e:   # shlex says only "No closing quotation"
         raise UsageError(f"{magic} {line}: {str(e).lower()} (a quote opened but never "
                          "closed). Fix: close the quote, e.g. \"models/my model.keras\", or "
@@ -419,6 +429,9 @@ Nbtool.nbtool.__doc__ = _compose_help()
 
 def load_ipython_extension(ip) -> None:
     """``%load_ext nbtool``: register the magics, their settings and tab completion."""
+    from .quiet import quiet_kernel
+
+    quiet_kernel()   # before the notebook's own TensorFlow start-up lines
     magics = Nbtool(shell=ip)
     ip.register_magics(magics)
     if magics not in ip.configurables:

@@ -3,15 +3,28 @@
 The notebook kernel must not import TensorFlow (it would grab GPU memory), so everything the
 client needs to know about a model (format, size, input shape and dtype) is read from the
 file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config`` attribute of
-an ``.h5`` file. SavedModel directories only tell their size here; their input signature is
-learned on the worker the first time the model loads.
+an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read with LiteRT's
+schema). SavedModel directories only tell their size here; their input signature is
+learned on the worker the first time the model loads. What would run code at load (a
+Python lambda, any SavedModel graph) is refused here unless ``trusted=True``.
 
 Example:
-    >>> from nbtool.registry import Registry
+    A ``.keras`` file is a zip; the ``config.json`` inside (trimmed here to what is read)
+    is enough to know the model, with no TensorFlow imported and no weights loaded.
+
+    >>> import json, pathlib, tempfile, zipfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "mlp.keras"
+    >>> layers = [{"class_name": "InputLayer",
+    ...            "config": {"batch_shape": [None, 8], "dtype": "float32"}}]
+    >>> with zipfile.ZipFile(path, "w") as z:
+    ...     z.writestr("config.json", json.dumps({"class_name": "Sequential",
+    ...                                           "config": {"layers": layers}}))
     >>> reg = Registry()
-    >>> spec = reg.register("mlp", "models/mlp.keras")      # doctest: +SKIP
-    >>> spec.format, spec.input_shape                        # doctest: +SKIP
-    ('keras', (None, 8))
+    >>> reg.add(inspect_model("mlp", path)) is None     # None: no "mlp" was there before
+    True
+    >>> spec = reg.get("mlp")
+    >>> spec.format, spec.input_shape, spec.input_dtype
+    ('keras', (None, 8), 'float32')
 """
 
 from __future__ import annotations
@@ -123,10 +136,23 @@ def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
 def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSpec:
     """Build a :class:`ModelSpec` by reading the model file (never importing TensorFlow).
 
+    Refuses, before anything is sent to a worker: a path that does not exist or is no
+    model (:class:`ModelFileError`, :class:`UnsupportedFormat`), a bad name, and, unless
+    ``trusted=True``, a file holding a Python lambda or any SavedModel directory
+    (:class:`UntrustedModel`). A SavedModel's input signature is unknown here (``None``):
+    the worker learns it at the first load.
+
     Example:
-        >>> spec = inspect_model("mlp", "models/mlp.keras", replicas=2)  # doctest: +SKIP
-        >>> spec.size_bytes > 0                                         # doctest: +SKIP
-        True
+        >>> import pathlib, tempfile
+        >>> exported = pathlib.Path(tempfile.mkdtemp()) / "exported"   # model.export(...)
+        >>> exported.mkdir(); _ = (exported / "saved_model.pb").write_bytes(b"...")
+        >>> inspect_model("exported", exported)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.UntrustedModel: model 'exported' (...): it contains a TensorFlow graph...
+        >>> spec = inspect_model("exported", exported, trusted=True, replicas=2)
+        >>> spec.format, spec.input_shape, spec.replicas
+        ('savedmodel', None, 2)
     """
     check_name(name, path)
     fmt = detect_format(path, name)
@@ -444,6 +470,9 @@ class Registry:
         Traceback (most recent call last):
         ...
         nbtool.errors.ModelNotFound: no model named 'cnn' is registered; ...
+        >>> reg.add(ModelSpec("cnn", "/m/cnn.keras", "keras", 1024, "1024-1"))  # None: new
+        >>> reg.names(), "cnn" in reg, reg.remove("cnn").path, len(reg)
+        (['cnn'], True, '/m/cnn.keras', 0)
     """
 
     def __init__(self):
@@ -491,8 +520,14 @@ def find_models(folder: str | os.PathLike) -> dict[str, Path]:
     (``Engine.register_dir`` skips invalid ones with a warning).
 
     Example:
-        >>> sorted(find_models("models/"))  # doctest: +SKIP
-        ['cnn', 'mlp', 'exported']
+        >>> import pathlib, tempfile
+        >>> models = pathlib.Path(tempfile.mkdtemp())
+        >>> for f in ("cnn.keras", "mlp.h5", "det.tflite", "notes.txt"):
+        ...     _ = (models / f).write_bytes(b"")
+        >>> (models / "exported" / "variables").mkdir(parents=True)
+        >>> _ = (models / "exported" / "saved_model.pb").write_bytes(b"")
+        >>> sorted(find_models(models))
+        ['cnn', 'det', 'exported', 'mlp']
     """
     root = Path(folder)
     if not root.is_dir():

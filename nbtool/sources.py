@@ -3,9 +3,15 @@
 A source knows its rows (count, row shape, dtype) and hands each (model, chunk) task a
 reference to its rows, never a copy:
 
-- an ndarray is scattered once to the workers that need it; each task slices it there;
+- an ndarray (or a list of rows) is scattered once to the workers that need it; each task
+  slices it there. On a local cluster the engine hands it over instead as one ``.npy``
+  file in shared memory (:class:`SharedArraySource`) that every worker maps;
 - a path to a ``.npy`` file is memory-mapped by each worker, which reads only its slice;
   the client reads nothing but the header;
+- a ``.zarr`` array (a path, or a zarr array object) is read by each worker, its slice only;
+  the client reads the metadata;
+- a folder of images (a path, or :func:`images` to set size, colour and scale) is listed
+  by the client; workers decode and resize their own files;
 - a Dask array contributes its blocks (row-wise), computed wherever Dask likes.
 
 Example:
@@ -31,7 +37,10 @@ class NpyFile:
     """A ``.npy`` file that workers open themselves (memory-mapped).
 
     Example:
-        >>> read_rows(NpyFile("x.npy"), 100, 200).shape   # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.npy"
+        >>> np.save(path, np.zeros((300, 28, 28), "float32"))
+        >>> read_rows(NpyFile(str(path)), 100, 200).shape
         (100, 28, 28)
     """
 
@@ -43,7 +52,10 @@ class ZarrRef:
     """A zarr array on disk that workers open themselves (only their slice is read).
 
     Example:
-        >>> read_rows(ZarrRef("x.zarr"), 0, 10).shape   # doctest: +SKIP
+        >>> import pathlib, tempfile, zarr
+        >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> zarr.open_array(path, mode="w", shape=(50, 28, 28), dtype="float32")[:] = 1.0
+        >>> read_rows(ZarrRef(path), 0, 10).shape
         (10, 28, 28)
     """
 
@@ -56,8 +68,15 @@ class ImageFiles:
     """Image files that workers decode and resize themselves; the client only lists them.
 
     Example:
-        >>> read_rows(ImageFiles(("a.png", "b.png"), (32, 32), "RGB"), 0, 2).shape  # doctest: +SKIP
-        (2, 32, 32, 3)
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> files = tuple(str(folder / f) for f in ("a.png", "b.png"))
+        >>> for f in files:
+        ...     Image.new("RGB", (64, 48), (255, 0, 0)).save(f)
+        >>> rows = read_rows(ImageFiles(files, (32, 32), "RGB", scale=1 / 255), 0, 2)
+        >>> rows.shape, rows[0, 0, 0].tolist()
+        ((2, 32, 32, 3), [1.0, 0.0, 0.0])
     """
 
     files: tuple
@@ -206,9 +225,17 @@ class SharedArraySource(NpySource):
     machine; the file goes when the run is collected.
 
     Example:
-        >>> src = SharedArraySource(np.zeros((4, 2), "float32"), "/tmp")   # doctest: +SKIP
-        >>> src.chunk_args(None, [], 2)[0][0]                               # doctest: +SKIP
-        NpyFile(path='/dev/shm/nbtool-.../input-....npy')
+        >>> import tempfile
+        >>> src = SharedArraySource(np.arange(8, dtype="float32").reshape(4, 2),
+        ...                         tempfile.mkdtemp())
+        >>> ref, start, stop = src.chunk_args(None, [], 2)[1]
+        >>> ref                                        # doctest: +ELLIPSIS
+        NpyFile(path='.../input-....npy')
+        >>> read_rows(ref, start, stop).tolist()
+        [[4.0, 5.0], [6.0, 7.0]]
+        >>> src.describe()
+        'your array of shape (4, 2) and dtype float32'
+        >>> src.cleanup()
     """
 
     def __init__(self, array: np.ndarray, folder: str | os.PathLike):
@@ -351,7 +378,15 @@ def images(folder: str | os.PathLike, size: tuple[int, int] | None = None,
     ``"L"``; pixel values (0-255) are multiplied by ``scale``.
 
     Example:
-        >>> res = eng.predict("cnn", nbtool.images("photos/", size=(224, 224)))  # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> photos = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("cat.jpg", "dog.png"):
+        ...     Image.new("RGB", (640, 480)).save(photos / name)
+        >>> src = images(photos, size=(224, 224), scale=1 / 255)
+        >>> src.n_rows, src.row_shape
+        (2, (224, 224, 3))
+        >>> res = eng.predict("cnn", src)       # doctest: +SKIP
     """
     return ImageFolderSource(folder, size, color, scale)
 
@@ -394,14 +429,23 @@ class DaskSource(Source):
 
 
 def as_source(x: Any) -> Source:
-    """Wrap an input as a :class:`Source`: ndarray, ``.npy`` path, Dask array, or a list.
+    """Wrap an input as a :class:`Source`.
 
-    Raises :class:`~nbtool.errors.InputMismatch` for inputs with no rows and
+    ``x`` is an ndarray or a list of rows; a path to a ``.npy`` file; a path to a zarr
+    array (ending in ``.zarr``, or a folder holding zarr metadata) or a zarr array object;
+    a path to a folder of images (``.png``, ``.jpg``...; :func:`images` sets their size);
+    a Dask array; or a :class:`Source` already made. Raises
+    :class:`~nbtool.errors.InputMismatch` for inputs with no rows or that are not rows
+    (None, a dict, a generator, a zarr group: the error says what to pass instead) and
     :class:`~nbtool.errors.NbtoolError` for paths it cannot read.
 
     Example:
         >>> type(as_source([[1.0, 2.0], [3.0, 4.0]])).__name__
         'ArraySource'
+        >>> import dask.array as da
+        >>> src = as_source(da.zeros((10, 3), chunks=4))
+        >>> type(src).__name__, src.chunk_bounds(4)
+        ('DaskSource', [(0, 4), (4, 8), (8, 10)])
         >>> as_source(np.float32(1.0))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

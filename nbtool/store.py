@@ -20,7 +20,7 @@ backed by the store checks it when read and refuses rows another run has written
 
 Example:
     >>> res = eng.predict(["cnn"], "big.npy", save="preds.zarr")   # doctest: +SKIP
-    >>> res = nbtool.open_prediction("preds.zarr")                  # lazy: read on access
+    >>> res = nbtool.open_prediction("preds.zarr")   # lazy: read on access  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -126,10 +126,24 @@ class StoreRef:
 class ResultStore:
     """The client's side of a store: prepare it for a run, find what is done, read it back.
 
+    What a run does with it, without a cluster: prepare it for 10 rows in chunks of 4
+    (3 chunks) of one model with one output of 3 values per row, write chunk 1 as a
+    worker would, and read it back.
+
     Example:
-        >>> store = ResultStore("preds.zarr")          # doctest: +SKIP
-        >>> store.completed("cnn")                     # doctest: +SKIP
-        {0, 1, 2}
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
+        >>> store = ResultStore(path)
+        >>> store.acquire("run1")
+        >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
+        {'cnn': set()}
+        >>> StoreRef(store.path, 4, "run1").write("cnn", 1, [np.ones((4, 3), "float32")])
+        >>> store.completed("cnn")
+        {1}
+        >>> store.release()
+        >>> res = open_prediction(path)
+        >>> res.completed, res["cnn"][3:5].tolist()
+        ({'cnn': {1}}, [[nan, nan, nan], [1.0, 1.0, 1.0]])
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -178,10 +192,14 @@ class ResultStore:
         at once if another run holds it. :meth:`release` gives it back.
 
         Example:
-            >>> store = ResultStore("preds.zarr"); store.acquire("run1")   # doctest: +SKIP
-            >>> ResultStore("preds.zarr").acquire("run2")                   # doctest: +SKIP
+            >>> import pathlib, tempfile
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
+            >>> store = ResultStore(path); store.acquire("run1")
+            >>> ResultStore(path).acquire("run2")  # doctest: +ELLIPSIS
             Traceback (most recent call last):
-            nbtool.errors.StoreBusy: result store .../preds.zarr: run run1 is writing it...
+            ...
+            nbtool.errors.StoreBusy: result store .../preds.zarr: run run1 (process ...) is writing it now...
+            >>> store.release(); ResultStore(path).acquire("run2")   # free again
         """
         if self._lock is not None:
             return
@@ -449,6 +467,8 @@ def open_prediction(path: str | os.PathLike):
     Example:
         >>> res = nbtool.open_prediction("preds.zarr")   # doctest: +SKIP
         >>> res["cnn"][:10]                              # doctest: +SKIP
+
+    (:class:`ResultStore`'s example makes a store and opens it for real.)
     """
     from .results import Prediction
 

@@ -80,3 +80,19 @@ def test_a_closed_engine_refuses_every_public_method_with_one_clear_error(
     # The default engine's shortcuts keep their own message.
     with pytest.raises(NbtoolError, match="no nbtool engine is running"):
         nbtool.predict("m", x)
+
+
+def test_precision_for_a_tflite_or_savedmodel_is_refused_not_silently_ignored(
+        engine, model_dir, unique, tmp_path):
+    """Before: accepted, and the model still ran in float32 (agreement 1.5e-8 with the
+    float32 original, while the .keras one in bfloat16 differed by 3.5e-3)."""
+    from nbtool.errors import InvalidOption
+    from tflite_models import batch_one_tflite
+
+    tfl = batch_one_tflite(tmp_path / "one.tflite")
+    for path, extra in ((tfl, {}), (model_dir / "mlp_savedmodel", {"trusted": True})):
+        with pytest.raises(InvalidOption, match="precision='bfloat16'; expected None for a "
+                                                ".tflite or SavedModel"):
+            engine.register(f"{unique}_p", path, precision="bfloat16", **extra)
+        assert f"{unique}_p" not in engine.registry
+    engine.register(f"{unique}_k", model_dir / "mlp.keras", precision="bfloat16")   # still fine

@@ -261,3 +261,12 @@ def test_infer_with_a_failed_model_combines_only_when_asked(ip, failing_pair):
     assert res.combined is None and "failed on 1 of 4 chunks" in res.combined_note
     part = ip.run_cell_magic("infer", f"{chk} {good} --chunk-size 10 --partial-combine", "xbad")
     assert part.combined is not None and part.combined_note.startswith("combined is partial")
+
+
+def test_a_comment_after_a_line_magic_is_a_comment_as_in_python(ip):
+    """Before: `%nbtool models  # note` failed with "unrecognized arguments: # note"."""
+    from nbtool.magics import split_line
+
+    assert split_line("register cnn m.keras  # the small one", "%nbtool") == [
+        "register", "cnn", "m.keras"]
+    assert split_line('register cnn "my #1 model.keras"', "%nbtool")[-1] == "my #1 model.keras"
