@@ -1039,9 +1039,10 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         ...                                      require_encryption=True))  # doctest: +SKIP
     """
     global _default_engine
-    from .quiet import quiet_kernel
+    from .quiet import quiet_dask, quiet_kernel
 
     quiet_kernel()
+    quiet_dask()
     n_workers = _check_count(n_workers, "n_workers")
     if memory_budget is None:
         memory_budget = _env_setting("NBTOOL_MEMORY_BUDGET", parse_bytes)

@@ -1,6 +1,6 @@
 """A quiet notebook: known-harmless log lines are dropped, everything else still shows.
 
-Two sources of noise reach a notebook's cells in red:
+Three sources of noise reach a notebook's cells in red:
 
 * TensorFlow's C++ start-up lines, written straight to file descriptor 2 (so neither
   Python's ``logging`` nor ``TF_CPP_MIN_LOG_LEVEL`` catches the ones printed before absl's
@@ -14,7 +14,10 @@ Two sources of noise reach a notebook's cells in red:
   :func:`planned_restart` they are dropped; the same messages about an unplanned restart
   (a worker that crashed) still show.
 
-Setting ``NBTOOL_QUIET=0`` turns both filters off.
+* Dask's "Event loop was unresponsive": the cluster's loop shares the kernel's process,
+  so a long cell (training a model) stalls it; nothing for the user to do.
+
+Setting ``NBTOOL_QUIET=0`` turns the filters off.
 
 Example:
     >>> noisy = b"I0000 00:00:1.2 3 port.cc:153] oneDNN custom operations are on."
@@ -56,8 +59,12 @@ RESTART_NOISE = (
     "Nanny asking worker to close",
     "Worker process %d was killed by signal",
 )
-#: The loggers (in the notebook's process) that report worker restarts.
-RESTART_LOGGERS = ("distributed.nanny", "distributed.scheduler", "distributed.core")
+#: Dask's diagnostics a notebook user cannot act on: the cluster's event loop shares the
+#: kernel's process, so any long cell (training a model) "blocks" it for a while.
+ALWAYS_DASK_NOISE = ("Event loop was unresponsive",)
+#: The loggers (in the notebook's process) that report worker restarts and loop stalls.
+DASK_LOGGERS = ("distributed.nanny", "distributed.scheduler", "distributed.core",
+                "distributed.client")
 
 
 def enabled() -> bool:
@@ -215,9 +222,10 @@ def quiet_kernel() -> NativeLogFilter | None:
     return quiet_this_process(expect_gpu=real_gpus)
 
 
-class _PlannedRestarts(logging.Filter):
-    """Drops Dask's restart messages while :func:`planned_restart` is in force (and for
-    a few seconds after, for the messages that arrive late from the cluster's thread)."""
+class _DaskNoise(logging.Filter):
+    """Drops :data:`ALWAYS_DASK_NOISE`, and Dask's restart messages while
+    :func:`planned_restart` is in force (and for a few seconds after, for the messages
+    that arrive late from the cluster's thread)."""
 
     def __init__(self):
         super().__init__()
@@ -226,17 +234,34 @@ class _PlannedRestarts(logging.Filter):
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (self.active or time.monotonic() < self.until):
-            return True
         message = str(record.msg)
-        if any(text in message for text in RESTART_NOISE):
+        planned = self.active or time.monotonic() < self.until
+        if any(text in message for text in ALWAYS_DASK_NOISE) or (
+                planned and any(text in message for text in RESTART_NOISE)):
             self.dropped += 1
             return False
         return True
 
 
-_RESTARTS = _PlannedRestarts()
-_RESTARTS_LOCK = threading.Lock()
+_DASK_NOISE = _DaskNoise()
+_DASK_LOCK = threading.Lock()
+
+
+def quiet_dask() -> None:
+    """Put the filter of Dask's noise on Dask's loggers in this process (once).
+
+    Example:
+        >>> quiet_dask()
+        >>> any(isinstance(f, _DaskNoise) for f in logging.getLogger("distributed.core").filters)
+        True
+    """
+    if not enabled():
+        return
+    with _DASK_LOCK:
+        for name in DASK_LOGGERS:
+            log = logging.getLogger(name)
+            if _DASK_NOISE not in log.filters:
+                log.addFilter(_DASK_NOISE)
 
 
 @contextlib.contextmanager
@@ -253,15 +278,12 @@ def planned_restart(grace: float = 5.0):
     if not enabled():
         yield
         return
-    with _RESTARTS_LOCK:
-        for name in RESTART_LOGGERS:
-            log = logging.getLogger(name)
-            if _RESTARTS not in log.filters:
-                log.addFilter(_RESTARTS)
-        _RESTARTS.active += 1
+    quiet_dask()
+    with _DASK_LOCK:
+        _DASK_NOISE.active += 1
     try:
-        yield _RESTARTS
+        yield _DASK_NOISE
     finally:
-        with _RESTARTS_LOCK:
-            _RESTARTS.active -= 1
-            _RESTARTS.until = time.monotonic() + grace
+        with _DASK_LOCK:
+            _DASK_NOISE.active -= 1
+            _DASK_NOISE.until = time.monotonic() + grace

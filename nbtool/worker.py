@@ -603,7 +603,7 @@ def _load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
     low = f"{msg} {e}".lower()
     if "safe_mode" in low or "lambda" in low and "deserializ" in low:
         return ModelLoadError(spec.name, spec.path, worker,
-                              "it contains a Lambda layer or custom code, which Keras "
+                              "it contains a Lambda layer (stored Python code), which Keras "
                               "refuses to deserialize in safe mode",
                               f"if you trust this file, register it with trusted=True: "
                               f"eng.register({spec.name!r}, {spec.path!r}, trusted=True)")
