@@ -28,15 +28,24 @@ def widgets_dir() -> Path:
 
 
 class MemoryBars(anywidget.AnyWidget):
-    """One bar per worker: models resident vs. the budget, and the process's memory.
+    """The Devices view. One bar per worker: models resident vs. the budget, and the
+    process's memory, with a sparkline of that memory over the last minutes and the
+    worker's rows/s; then one bar per GPU (memory) with a sparkline of its utilisation.
+
+    ``rows``: dicts with worker, device, used, budget, resident, models, and optionally
+    history (memory samples, oldest first), rate (rows/s) and busy (share of the time
+    spent predicting). ``gpus``: dicts with label, name, total, used, utilization and
+    history (utilisation samples); ``None`` where a value is unknown, shown as "n/a".
 
     Example:
         >>> bars = MemoryBars(rows=[{"worker": "cpu0", "device": "cpu:0", "used": 8e8,
-        ...                          "budget": 4e9, "resident": 1e8, "models": "cnn"}])
-        >>> bars.rows[0]["worker"]
-        'cpu0'
+        ...                          "budget": 4e9, "resident": 1e8, "models": "cnn",
+        ...                          "history": [7e8, 8e8], "rate": 1500.0, "busy": 0.4}])
+        >>> bars.rows[0]["worker"], bars.gpus
+        ('cpu0', [])
     """
 
     _esm = widgets_dir() / "memory_bars.js"
     _css = widgets_dir() / "memory_bars.css"
     rows = traitlets.List(traitlets.Dict()).tag(sync=True)
+    gpus = traitlets.List(traitlets.Dict()).tag(sync=True)

@@ -1,13 +1,16 @@
-"""A live panel for an engine: devices and memory, models with load/unload buttons, a run
-form, and the recent runs.
+"""A live panel for an engine: devices (memory now and over the last minutes, rows/s per
+worker, GPUs from NVML), models with load/unload buttons, a run form, the predictions
+running now, and the recent runs.
 
 Standard ipywidgets for the controls, an anywidget view (``widgets/memory_bars.js``) for
-the memory bars. One periodic callback on the kernel's event loop refreshes everything,
-batched with ``hold_sync``; it reads the workers' state with one ``client.run`` round trip
-(which runs on the workers' event loops, beside their task threads, so predictions do not
-slow down) and stops when the dashboard or the engine is closed. Buttons never block the
-kernel: loads are Dask futures, a hard unload runs in a helper thread that touches no
-widget, and runs are background runs watched from the event loop.
+the devices (:mod:`nbtool.dashboard_devices`), the running runs in
+:mod:`nbtool.dashboard_runs`. One periodic callback on the kernel's event loop refreshes
+everything, batched with ``hold_sync``; it reads the workers' state with one
+``client.run`` round trip (which runs on the workers' event loops, beside their task
+threads, so predictions do not slow down) and stops when the dashboard or the engine is
+closed. Buttons never block the kernel: loads are Dask futures, a hard unload runs in a
+helper thread that touches no widget, and runs are background runs watched from the event
+loop.
 
 Example (in a notebook):
     >>> dash = nbtool.dashboard()    # doctest: +SKIP
@@ -27,11 +30,15 @@ from typing import Any
 import ipywidgets as w
 import numpy as np
 
+from .dashboard_devices import DeviceSection
+from .dashboard_runs import RunningSection
 from .engine import _state_text
 from .tables import human_bytes
 
 #: Seconds between refreshes.
 REFRESH_SECONDS = 1.0
+#: Labelled controls size their label to its text: a fixed width cut "chunk size".
+LABEL = {"description_width": "initial"}
 
 
 class Dashboard:
@@ -56,8 +63,6 @@ class Dashboard:
 
     def __init__(self, engine, namespace: dict | None = None, interval: float = REFRESH_SECONDS,
                  autorefresh: bool = True):
-        from ._widgets import MemoryBars
-
         self.engine = engine
         self.namespace = namespace if namespace is not None else _notebook_namespace()
         self.interval = interval
@@ -71,24 +76,31 @@ class Dashboard:
 
         self.title = w.HTML()
         self.message = w.HTML().add_class("nbtool-message")
-        self.memory = MemoryBars()
+        self.devices = DeviceSection()
+        self.memory = self.devices.bars
+        self.running = RunningSection()
         self.models_box = w.VBox().add_class("nbtool-models")
-        self.run_models = w.SelectMultiple(description="models", rows=4).add_class(
-            "nbtool-run-models")
-        self.run_input = w.Dropdown(description="input").add_class("nbtool-run-input")
-        self.run_chunk = w.IntText(value=0, description="chunk size").add_class(
-            "nbtool-run-chunk")
+        self.run_models = w.SelectMultiple(description="models", rows=4, style=LABEL
+                                           ).add_class("nbtool-run-models")
+        self.run_input = w.Dropdown(description="input", style=LABEL).add_class(
+            "nbtool-run-input")
+        # Text, not a number box: "auto" (nbtool picks) is a value, not a 0.
+        self.run_chunk = w.Combobox(value="auto", options=["auto", "256", "1024", "4096"],
+                                    ensure_option=False, description="chunk size",
+                                    style=LABEL).add_class("nbtool-run-chunk")
         self.run_combine = w.Dropdown(options=["mean", "vote", "none"], value="mean",
-                                      description="combine").add_class("nbtool-run-combine")
-        self.run_out = w.Text(value="dash_result", description="bind to").add_class(
-            "nbtool-run-out")
+                                      description="combine", style=LABEL).add_class(
+            "nbtool-run-combine")
+        self.run_out = w.Text(value="dash_result", description="bind to", style=LABEL
+                              ).add_class("nbtool-run-out")
         self.run_button = w.Button(description="Run", button_style="primary",
                                    icon="play").add_class("nbtool-run-button")
         self.run_button.on_click(lambda _: self.start_run())
         self.run_progress = w.VBox().add_class("nbtool-run-progress")
         self.run_result = w.HTML().add_class("nbtool-run-result")
         self.history = w.HTML().add_class("nbtool-history")
-        close = w.Button(description="Close dashboard", icon="times")
+        close = w.Button(description="Close dashboard", icon="times",
+                         layout=w.Layout(width="auto"))
         close.on_click(lambda _: self.close())
         form = w.VBox([w.HBox([self.run_models, w.VBox([self.run_input, self.run_chunk])]),
                        w.HBox([self.run_combine, self.run_out, self.run_button])])
@@ -97,6 +109,7 @@ class Dashboard:
             w.HTML("<b>Devices</b>"), self.memory,
             w.HTML("<b>Models</b>"), self.models_box,
             w.HTML("<b>Run</b>"), form, self.run_progress, self.run_result,
+            w.HTML("<b>Running now</b>"), self.running.box,
             w.HTML("<b>Recent runs</b>"), self.history,
         ]).add_class("nbtool-dashboard")
         self.refresh()
@@ -123,6 +136,7 @@ class Dashboard:
         while not self.closed:
             await asyncio.sleep(self.interval)
             if self.closed or self.engine.client.status in ("closing", "closed"):
+                self.devices.close()   # the engine stopped: so does the panel
                 break
             try:
                 self.refresh()
@@ -135,6 +149,7 @@ class Dashboard:
         if self.task is not None:
             self.task.cancel()
         self._threads.shutdown(wait=False)
+        self.devices.close()
         self.widget.close()
 
     # -- refreshing ---------------------------------------------------------------------
@@ -143,19 +158,17 @@ class Dashboard:
         eng = self.engine
         statuses = eng._statuses()
         self._settle_pending()
-        widgets = [self.title, self.memory, self.run_models, self.run_input, self.history]
+        runs = eng.running()
+        widgets = [self.title, self.run_models, self.run_input, self.history]
         with contextlib.ExitStack() as stack:
-            for widget in widgets + [x for row in self._model_rows.values()
-                                     for x in row.values()]:
+            for widget in widgets + self.running.widgets() + [
+                    x for row in self._model_rows.values() for x in row.values()]:
                 stack.enter_context(widget.hold_sync())
             self.title.value = (f"<b>nbtool dashboard</b> &middot; {len(statuses)} worker(s), "
                                 f"{len(eng.registry)} model(s) &middot; "
                                 f"<a href='{eng.dashboard_link}' target='_blank'>Dask</a>")
-            self.memory.rows = [{"worker": n, "device": s["device"],
-                                 "used": int(s["memory_in_use"]), "budget": int(s["budget"]),
-                                 "resident": int(s["resident_bytes"]),
-                                 "models": ", ".join(s["lru_order"])}
-                                for n, s in sorted(statuses.items())]
+            self.devices.update(statuses)
+            self.running.update(runs)
             self._refresh_models(statuses)
             names = tuple(eng.registry.names())
             if self.run_models.options != names:
@@ -175,9 +188,8 @@ class Dashboard:
         eng = self.engine
         if list(self._model_rows) != eng.registry.names():
             self._model_rows = {n: self._model_row(n) for n in eng.registry.names()}
-            self.models_box.children = [w.HBox(list(r.values())) for r in
-                                        self._model_rows.values()] or [w.HTML("<i>no models "
-                                                                              "registered</i>")]
+            self.models_box.children = [_model_line(r) for r in self._model_rows.values()] \
+                or [w.HTML("<i>no models registered</i>")]
         pending = {what.split(" ", 1)[1] for what, f in self._pending
                    if what.startswith("load ")}
         for name, row in self._model_rows.items():
@@ -200,9 +212,9 @@ class Dashboard:
                                  f"last used {_ago(max(used))}" if foot else "")
 
     def _model_row(self, name: str) -> dict[str, w.Widget]:
-        info = w.HTML(layout=w.Layout(width="320px"))
-        state = w.HTML(layout=w.Layout(width="280px")).add_class(f"nbtool-state-{name}")
-        cost = w.HTML(layout=w.Layout(width="260px"))
+        info = w.HTML(layout=w.Layout(width="260px"))
+        state = w.HTML(layout=w.Layout(flex="1 1 160px")).add_class(f"nbtool-state-{name}")
+        cost = w.HTML(layout=w.Layout(flex="1 1 220px"))
         load = w.Button(description="Load", tooltip=f"load {name} now").add_class(
             f"nbtool-load-{name}")
         unload = w.Button(description="Unload", tooltip=f"drop {name} from the caches"
@@ -211,7 +223,9 @@ class Dashboard:
                         tooltip=f"restart the workers that held {name}").add_class(
             f"nbtool-hard-{name}")
         for b in (load, unload, hard):
-            b.layout = w.Layout(width="110px")
+            # As wide as its text (a fixed 110px cut "Hard unload"), never shrunk by the
+            # row (flex items with overflow hidden shrink to nothing).
+            b.layout = w.Layout(width="auto", min_width="80px", flex="0 0 auto")
         load.on_click(lambda _: self.load(name))
         unload.on_click(lambda _: self.unload(name))
         hard.on_click(lambda _: self.unload(name, hard=True))
@@ -276,8 +290,12 @@ class Dashboard:
             return None
         combine = None if self.run_combine.value == "none" else self.run_combine.value
         try:
-            run = self.engine.submit(names, self.namespace[var], self.run_chunk.value or None,
-                                     combine)
+            chunk_size = parse_chunk_size(self.run_chunk.value)
+        except ValueError as e:
+            self.message.value = _error_html(str(e))
+            return None
+        try:
+            run = self.engine.submit(names, self.namespace[var], chunk_size, combine)
         except Exception as e:
             self.message.value = _error_html(f"{type(e).__name__}: {e}")
             return None
@@ -292,6 +310,33 @@ class Dashboard:
 
         self.run = BackgroundRun(run, view, bind, out, show=False).start()
         return self.run
+
+
+def parse_chunk_size(text: str) -> int | None:
+    """The run form's chunk size: ``None`` for "auto" (or nothing), else a whole number >= 1.
+
+    Example:
+        >>> parse_chunk_size("auto"), parse_chunk_size(" 1,024 ")
+        (None, 1024)
+        >>> parse_chunk_size("abc")
+        Traceback (most recent call last):
+        ValueError: chunk size: expected 'auto' or a positive whole number, got 'abc'
+    """
+    value = str(text).strip().replace(",", "").replace("_", "")
+    if value.lower() in ("", "auto"):
+        return None
+    if value.isascii() and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"chunk size: expected 'auto' or a positive whole number, got {text!r}")
+
+
+def _model_line(row: dict[str, w.Widget]) -> w.HBox:
+    """One model's line: what it is, its state, its cost, then its buttons as one block
+    that wraps to a second line in a narrow output (never shrunk: labels stay whole)."""
+    buttons = w.HBox([row["load"], row["unload"], row["hard"]],
+                     layout=w.Layout(flex="0 0 auto"))
+    return w.HBox([row["info"], row["state"], row["cost"], buttons],
+                  layout=w.Layout(flex_flow="row wrap", align_items="center"))
 
 
 def _notebook_namespace() -> dict:

@@ -3,6 +3,7 @@ Playwright's Python package; no browser is downloaded)."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -95,7 +96,10 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
         "import numpy as np, nbtool\n"
         "eng = nbtool.start(n_workers=1, gpus='none', dashboard_address='127.0.0.1:0')",
         f"eng.register('web_mlp', {str(model_dir / 'mlp.keras')!r})\n"
-        "x = np.random.default_rng(0).normal(size=(500, 8)).astype('float32')",
+        "x = np.random.default_rng(0).normal(size=(30000, 8)).astype('float32')",
+        # An injected GPU inventory (this machine has none): the GPU section shows it,
+        # with its memory total and no invented readings.
+        "import os\nos.environ['NBTOOL_FAKE_GPUS'] = '1x16GB'\n"
         "dash = nbtool.dashboard(interval=0.5)\ndash",
     ]
     nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
@@ -126,17 +130,50 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
             expect(page.locator(".nbtool-membar-row")).to_have_count(1, timeout=30_000)
             state = page.locator(".nbtool-state-web_mlp")
             expect(state).to_contain_text("not loaded", timeout=30_000)
+            expect(page.locator(".nbtool-gpu-row")).to_have_count(1)
+            expect(page.locator(".nbtool-gpu-row")).to_contain_text(
+                "utilisation n/a; memory n/a of 16.0 GB")
+            # Memory over the last minutes: a sparkline per worker, with points by now.
+            expect(page.locator(".nbtool-membar-row svg.nbtool-spark polyline")).to_have_count(
+                1, timeout=30_000)
+            expect(page.locator(".nbtool-running")).to_contain_text("nothing running")
+            expect(page.locator(".nbtool-run-chunk input")).to_have_value("auto")
+
+            # No label is cut: every button's and description's text fits its box.
+            hard = page.locator("button.nbtool-hard-web_mlp")
+            expect(hard).to_have_text("Hard unload")
+            assert hard.evaluate("b => b.scrollWidth <= b.clientWidth"), "Hard unload is cut"
+            cut = page.evaluate("""() => [...document.querySelectorAll(
+                '.nbtool-dashboard button, .nbtool-dashboard .widget-label, .nbtool-membar-name')]
+                .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth)
+                .map(e => e.textContent)""")
+            assert cut == [], f"labels cut: {cut}"
 
             page.locator(".nbtool-load-web_mlp button, button.nbtool-load-web_mlp").first.click()
             expect(state).to_contain_text("cpu0: loaded", timeout=60_000)
 
             page.locator(".nbtool-run-models select").select_option("web_mlp")
             page.locator(".nbtool-run-input select").select_option("x")
+            page.locator(".nbtool-run-chunk input").fill("20")    # 1,500 small chunks: a
             page.locator(".nbtool-run-button button, button.nbtool-run-button").first.click()
+
+            # ... run of a few seconds, seen live: its bar, and the worker's rows/s.
+            running = page.locator(".nbtool-running .nbtool-run-row")
+            expect(running).to_have_count(1, timeout=30_000)
+            expect(running).to_contain_text("30,000 rows in chunks of 20")
+            expect(running).to_contain_text("/1500 chunks")
+            expect(page.locator(".nbtool-membar-row")).to_contain_text(
+                re.compile(r"\b[1-9][\d,]* rows/s"), timeout=30_000)
+            dashboard.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "dashboard-running.png"), full_page=True)
+
             result = page.locator(".nbtool-run-result .nbtool-prediction")
-            expect(result).to_be_visible(timeout=60_000)
+            expect(result).to_be_visible(timeout=120_000)
             expect(result).to_contain_text("web_mlp")
-            expect(page.locator(".nbtool-history")).to_contain_text("500 rows", timeout=30_000)
+            expect(page.locator(".nbtool-history")).to_contain_text("30,000 rows",
+                                                                   timeout=30_000)
+            expect(page.locator(".nbtool-running")).to_contain_text("nothing running",
+                                                                   timeout=30_000)
             dashboard.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         except Exception:
@@ -144,4 +181,5 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
             raise
         finally:
             browser.close()
-    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    for shot in ("dashboard.png", "dashboard-running.png"):
+        assert (ARTIFACTS / shot).stat().st_size > 10_000

@@ -1,6 +1,9 @@
 """The dashboard's widget model, kernel side: what it shows after each button and run."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 from nbtool.dashboard import Dashboard
+from nbtool.gpu_monitor import GpuMonitor
 
 
 def wait_until(dash, predicate, timeout=60):
@@ -87,9 +91,12 @@ def test_a_failing_load_shows_the_reason(engine, model_dir, tmp_path, unique):
 def test_run_form_predicts_binds_and_records(dash, engine, reference):
     dash.run_models.value = (dash.model,)
     dash.run_input.value = "x8"
-    dash.run_chunk.value = 7
+    assert dash.run_chunk.value == "auto"                    # unset shows "auto", not 0
+    dash.run_chunk.value = "7"
     dash.run_out.value = "from_dash"
     bg = dash.start_run()
+    dash.refresh()          # its model loads first: the run is still going, and shows
+    assert bg.run.run_id in dash.running.rows
     res = bg.result(timeout=120)
     assert dash.namespace["from_dash"] is res
     assert np.abs(res[dash.model] - reference["mlp"]).max() <= 1e-5
@@ -97,6 +104,89 @@ def test_run_form_predicts_binds_and_records(dash, engine, reference):
     assert dash.run_progress.children[0].children[0].children[0].value == 9   # 9 chunks
     dash.refresh()
     assert "60 rows" in dash.history.value and "error(s)" in dash.history.value
+    assert not dash.running.rows and "nothing running" in dash.running.box.children[0].value
+
+
+def test_chunk_size_field_takes_auto_or_a_whole_number(dash):
+    dash.run_models.value = (dash.model,)
+    dash.run_input.value = "x8"
+    for bad in ("abc", "0", "-5", "2.5"):
+        dash.run_chunk.value = bad
+        assert dash.start_run() is None
+        assert dash.message.value.endswith(
+            f"chunk size: expected &#x27;auto&#x27; or a positive whole number, got "
+            f"&#x27;{bad}&#x27;</span>"), dash.message.value
+    assert dash.run is None                                   # nothing was submitted
+
+
+def test_running_now_shows_each_run_live_then_hands_it_to_the_history(dash, engine):
+    x = np.random.default_rng(1).normal(size=(2000, 8)).astype("float32")
+    (home,) = engine.placement[dash.model]
+    before = {r["worker"]: len(r["history"]) for r in dash.memory.rows}
+    run = engine.submit([dash.model], x, chunk_size=10)       # 200 chunks, from the notebook
+    dash.refresh()
+    row = dash.running.rows[run.run_id]
+    bar = row["bars"][dash.model]
+    assert bar.max == 200 and bar.value < 200                 # its model is still loading
+    assert "2,000 rows in chunks of 10" in row["header"].value
+    assert "/200 chunks" in row["texts"][dash.model].value
+    seen = {bar.value}
+    while not run.done:
+        time.sleep(0.2)
+        dash.refresh()
+        if run.run_id in dash.running.rows:
+            seen.add(bar.value)
+    assert len(seen) >= 2 or bar.value == 200                 # it moved while we looked
+    res = run.collect()
+    assert res[dash.model].shape == (2000, 3)
+    dash.refresh()
+    assert run.run_id not in dash.running.rows
+    assert "2,000 rows" in dash.history.value
+    rows = {r["worker"]: r for r in dash.memory.rows}
+    assert rows[home]["rate"] > 0                             # rows/s of the worker that ran it
+    assert all(len(rows[w]["history"]) > before[w] for w in before)   # sparkline points
+    assert all(v > 0 for v in rows[home]["history"])
+
+
+def test_gpu_section_reports_fake_gpus_without_inventing_readings(dash, monkeypatch):
+    monkeypatch.setenv("NBTOOL_FAKE_GPUS", "2x16GB")
+    dash.refresh()
+    assert [(g["label"], g["total"], g["used"], g["utilization"], g["history"])
+            for g in dash.memory.gpus] == [("gpu:0", 16 * 10**9, None, None, []),
+                                           ("gpu:1", 16 * 10**9, None, None, [])]
+
+
+def test_gpu_monitor_reads_nvml_or_reports_no_gpus_without_a_driver(monkeypatch):
+    import pynvml
+
+    monkeypatch.delenv("NBTOOL_FAKE_GPUS", raising=False)
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:      # no NVIDIA driver (this CPU machine): no GPUs, no error
+        count = 0
+    monitor = GpuMonitor()
+    try:
+        readings = monitor.read()
+        assert len(readings) == count
+        for r in readings:        # a GPU machine: real numbers from NVML
+            assert r.memory_total > 0 and 0 <= r.memory_used <= r.memory_total
+            assert r.utilization is None or 0 <= r.utilization <= 100
+        assert len(monitor.read()) == count                   # NVML stays open between reads
+    finally:
+        monitor.close()
+
+
+def test_reading_gpus_never_imports_tensorflow_in_the_kernel():
+    code = ("import sys, nbtool.dashboard\n"
+            "from nbtool.gpu_monitor import GpuMonitor\n"
+            "print(len(GpuMonitor().read()), 'tensorflow' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "NBTOOL_FAKE_GPUS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False", out.stdout
 
 
 def test_bad_run_form_input_says_why(dash):
