@@ -143,3 +143,39 @@ def test_large_data_npy_zarr_store_interrupted_and_resumed():
         resumed, computed = (int(v) for v in line_with(text, f"{m}: ").split()[1:7:5])
         assert resumed + computed == 108 and resumed >= 1 and computed >= 1, stored
     assert "Array (10800, 10)" in text
+
+
+def test_a_failed_chunk_is_one_line_and_background_output_stays_in_its_own_cell(tmp_path,
+                                                                               model_dir):
+    """Before: each failed chunk printed a worker log line in red under whatever cell ran,
+    and a background run's outcome landed under the cell running when it finished. Now the
+    failure is one line in the result's report, and the background run's result is in the
+    output area it placed in its own cell; no cell shows stderr."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in (
+        "import numpy as np\n%load_ext nbtool\n%nbtool start --workers 1 --gpus none",
+        f"%nbtool register chk {model_dir / 'checked.keras'} --trusted\n"
+        f"%nbtool register good {model_dir / 'mlp.keras'}",
+        "x = np.random.default_rng(0).normal(size=(40, 8)).astype('float32')\nx[15] = np.nan\n"
+        "big = np.random.default_rng(1).normal(size=(20000, 8)).astype('float32')",
+        "%%infer chk good --chunk-size 10 --combine none --out r\nx",
+        "%%infer good --background --out later --chunk-size 100\nbig",
+        "handle = _\nimport asyncio\nwhile not handle.done:\n    await asyncio.sleep(0.05)\n"
+        "print('finished:', later['good'].shape)",
+        "print([o['data']['text/plain'].splitlines()[0] for o in handle.output.outputs\n"
+        "       if o['data']['text/plain'].startswith('<Prediction')])",
+        "%nbtool stop",
+    )]
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert_quiet(nb, "the failing-chunk notebook")
+    report = "".join(o.get("data", {}).get("text/html", "") for o in nb.cells[3].outputs)
+    assert report.count("<li>") == 1 and "chunk 1 (rows 10:20)" in report, report[-1500:]
+    waited = [o for o in nb.cells[5].outputs]
+    assert [o.get("text") for o in waited] == ["finished: (20000, 3)\n"], waited
+    # The run's output area sits in its own cell, and holds its result (read in the kernel).
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) and
+               o["data"]["text/plain"] == "Output()" for o in nb.cells[4].outputs)
+    held = nb.cells[6].outputs[0]["text"]
+    assert held.startswith("[\"<Prediction: 1 model(s) x 20000 rows, combine='mean', "
+                           "0 error(s)"), held
