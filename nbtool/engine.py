@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -106,6 +107,11 @@ class Engine:
         self.workers: dict[str, WorkerInfo] = {}
         self._dask_names: dict[str, Any] = {}
         self._shared_dirs: set[Path] = set()   # where inputs were handed to local workers
+        # Ended without close() (a kernel shut down without `%nbtool stop`): the folders
+        # still go when the interpreter exits; /dev/shm is memory, held until reboot.
+        self._remove_folders = weakref.finalize(
+            self, _remove_folders, self._shared_dirs,
+            self.work_dir if self._own_work_dir else None)
         self._background_loads: dict[tuple[str, str], Any] = {}   # replicas loading
         self._comparisons: dict[str, Any] = {}   # model -> its last optimize() Comparison
         self.refresh_workers()
@@ -931,10 +937,7 @@ class Engine:
             if self.cluster is not None:
                 with planned_restart():   # stopping workers is planned too: no warnings
                     self.cluster.close()
-            for folder in self._shared_dirs:
-                shutil.rmtree(folder, ignore_errors=True)
-            if self._own_work_dir:
-                shutil.rmtree(self.work_dir, ignore_errors=True)
+            self._remove_folders()
             if _default_engine is self:
                 _default_engine = None
 
@@ -971,6 +974,14 @@ class Engine:
         ws = ", ".join(f"{w.name} ({w.device})" for w in self.workers.values())
         return (f"<nbtool.Engine: {note + ': ' if note else ''}{count} [{ws}], "
                 f"{len(self.registry)} model(s), dashboard {self.dashboard_link}>")
+
+
+def _remove_folders(shared_dirs: set[Path], work_dir: Path | None) -> None:
+    """Remove an engine's input folders and its own work folder (``close`` and at exit)."""
+    for folder in shared_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _names(models) -> list[str]:

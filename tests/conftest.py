@@ -2,21 +2,77 @@
 
 Starting workers costs seconds (each imports TensorFlow), so one two-worker engine serves
 the whole session; tests register models under their own names so they never collide.
+
+Isolation: before anything else runs, the session gets one private folder (``SESSION_DIR``,
+under the real temp dir) that becomes TMPDIR and holds Jupyter's, IPython's, Keras' and
+nbtool's folders. The tests and every process they start (kernels, ``jupyter lab``, Dask
+workers) inherit it, so nothing lands in the user's home or in /tmp; it is removed when
+the session ends, failures included. tests/test_hygiene.py checks it is in force.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+import time
 import uuid
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The batch-size sweep caches its answers; keep the tests' answers out of the user's home.
-import tempfile as _tempfile
-
-os.environ.setdefault("NBTOOL_CACHE_DIR", _tempfile.mkdtemp(prefix="nbtool-test-cache-"))
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: The session's private folder: everything the tests write goes under it.
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="nbtool-tests-")).resolve()
+
+#: Each variable that says where a tool writes, and its folder inside SESSION_DIR.
+ISOLATED_DIRS = {
+    "TMPDIR": "tmp",                          # tempfile, Dask's scratch, TF's autograph files
+    "JUPYTER_CONFIG_DIR": "jupyter-config",   # ~/.jupyter (and lab/ settings, workspaces)
+    "JUPYTER_DATA_DIR": "jupyter-data",       # ~/.local/share/jupyter
+    "JUPYTER_RUNTIME_DIR": "jupyter-runtime",  # kernel and server connection files
+    # jupyterlab.commands.get_workspaces_dir: the browser test's notebook stayed in the
+    # user's workspace, and their next `make lab` asked for it (a 404).
+    "JUPYTERLAB_WORKSPACES_DIR": "jupyterlab-workspaces",
+    "JUPYTERLAB_SETTINGS_DIR": "jupyterlab-settings",
+    "IPYTHONDIR": "ipython",                  # kernels' profile, history, security
+    "XDG_RUNTIME_DIR": "xdg-runtime",         # chromium's dconf (else ~/.cache/dconf)
+    "NBTOOL_CACHE_DIR": "nbtool-cache",       # the batch-size sweep's answers
+    "MPLCONFIGDIR": "matplotlib",
+    "KERAS_HOME": "keras",                    # keras.json, written on first import
+}
+for _name, _sub in ISOLATED_DIRS.items():
+    (SESSION_DIR / _sub).mkdir(mode=0o700)
+    os.environ[_name] = str(SESSION_DIR / _sub)
+# tempfile caches its folder on first use, and pytest's capture has used it already.
+tempfile.tempdir = os.environ["TMPDIR"]
+# The kernels nbclient starts still find the venv's python3 kernelspec: it is in
+# sys.prefix/share/jupyter, searched whatever JUPYTER_DATA_DIR says.
+
+
+@atexit.register
+def remove_session_dir() -> None:
+    """Remove the session folder when the test process ends, whatever happened.
+
+    At exit rather than in pytest_unconfigure: IPython's shell (the magics tests) writes its
+    history into IPYTHONDIR from an exit hook; exit hooks run newest first, so this one,
+    registered before IPython or Dask is even imported, runs after theirs.
+    """
+    for _ in range(5):   # a worker or kernel still exiting can write one last file
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+        if not SESSION_DIR.exists():
+            return
+        time.sleep(1)
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest's tmpdir plugin reads the option
+def pytest_configure(config):
+    """pytest's own tmp_path folders (else /tmp/pytest-of-<user>) go with the session."""
+    if config.option.basetemp is None:
+        config.option.basetemp = str(SESSION_DIR / "pytest")
 
 
 @pytest.fixture(scope="session")

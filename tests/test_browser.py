@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -48,6 +49,10 @@ def lab(tmp_path):
          "--allow-root",   # CI runs as root
          f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
          f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=",
+         # The workspace names this test's notebook: in the user's own folder it made their
+         # next `make lab` ask for it (a 404). tests/conftest.py's session folder holds it.
+         f"--LabApp.workspaces_dir={os.environ['JUPYTERLAB_WORKSPACES_DIR']}",
+         f"--LabApp.user_settings_dir={os.environ['JUPYTERLAB_SETTINGS_DIR']}",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +116,9 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+        # XDG_CONFIG_HOME: chromium keeps its "Crash Reports" there (else ~/.config/chromium).
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, env={
+            **os.environ, "XDG_CONFIG_HOME": tempfile.mkdtemp(prefix="chromium-config-")}, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
