@@ -1,15 +1,25 @@
 """binder/ builds what mybinder.org would run, and the quick start fits in Binder's memory.
 
-The slow test builds a fresh virtual environment the way repo2docker does (install
+The slow test builds a virtual environment the way repo2docker does (install
 binder/requirements.txt, then run binder/postBuild from the repository root with that
 environment first on PATH), then executes the quick-start notebook in that environment's
 kernel under binder/start's environment, measuring the kernel and its Dask workers.
+
+Installing the requirements (TensorFlow, JupyterLab...) is most of the test's time, so that
+environment is kept in pytest's cache (.pytest_cache/d/binder-env, about 2 GB) for the next
+session, keyed by requirements.txt and the Python that built it: a changed requirement gets a
+fresh one. postBuild (nbtool from this tree) runs every time. ``--cache-clear``, or
+``-p no:cacheprovider``, builds everything from scratch, as CI does in its fresh clone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -140,24 +150,89 @@ def sample_peak(root: psutil.Process, stop: threading.Event, peaks: dict) -> Non
         stop.wait(0.1)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_binder_environment_runs_the_quickstart_within_2gb(tmp_path):
-    t0 = time.monotonic()
-    venv = tmp_path / "binder-env"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+def binder_environ(venv: Path) -> dict[str, str]:
+    """This process's environment as repo2docker's would be: ``venv`` first on PATH, and
+    none of the settings binder/start makes (nor this venv's) carried over."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
-           and not k.startswith(("NBTOOL_", "OMP_", "TF_NUM_", "JPY_"))}
+           # PYTHONDONTWRITEBYTECODE: Binder's kernels write bytecode, and the requirements
+           # are installed without it (below): each process would compile TensorFlow anew.
+           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE")
+           and not k.startswith(("OMP_", "TF_NUM_", "JPY_"))
+           # The session's nbtool cache folder stays (tests/conftest.py): not a Binder setting.
+           and (not k.startswith("NBTOOL_") or k == "NBTOOL_CACHE_DIR")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
-    # What repo2docker does: the requirements, then postBuild from the repository root.
+    return env
+
+
+def install_requirements(venv: Path) -> None:
+    """A new virtual environment at ``venv`` holding binder/requirements.txt."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # --no-compile: byte-compiling every installed module took more than half of the
+    # install (147 s with it, 59 s without, on 2 busy cores); the first kernel compiles and
+    # writes what it imports (a fraction of it), and later processes read that.
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                    "-r", str(BINDER / "requirements.txt")], env=env, cwd=ROOT, check=True)
+                    "--no-compile", "-r", str(BINDER / "requirements.txt")],
+                   env=binder_environ(venv), cwd=ROOT, check=True)
+
+
+def requirements_key(where: Path) -> str:
+    """Names an installed requirements environment: what was installed, by which Python,
+    and where (a virtual environment's scripts name their own path: it cannot move)."""
+    h = hashlib.sha256((BINDER / "requirements.txt").read_bytes())
+    h.update(f"{sys.version}|{sys.base_prefix}|{where.resolve()}".encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Held by one pytest session at a time: another waits rather than building, or
+    reinstalling nbtool into, the same environment at once."""
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def binder_requirements_env(request, tmp_path):
+    """A virtual environment with binder/requirements.txt installed (nbtool not yet).
+
+    Reused from pytest's cache when the same requirements were installed by the same
+    Python before; built in ``tmp_path`` when the cache is off (``-p no:cacheprovider``).
+    """
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        install_requirements(tmp_path / "binder-env")
+        yield tmp_path / "binder-env"
+        return
+    root = cache.mkdir("binder-env")
+    built = root / requirements_key(root)
+    with exclusive(root / "lock"):
+        if not (built / "complete").exists():   # never built, or its install was cut short
+            for old in root.iterdir():           # older requirements' environments too
+                if old.is_dir():
+                    shutil.rmtree(old)
+            install_requirements(built / "venv")
+            (built / "complete").write_text("binder/requirements.txt installed\n")
+        yield built / "venv"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_binder_environment_runs_the_quickstart_within_2gb(binder_requirements_env, tmp_path):
+    t0 = time.monotonic()
+    venv = binder_requirements_env
+    env = binder_environ(venv)
+    # What repo2docker does after the requirements: postBuild from the repository root.
     subprocess.run([str(BINDER / "postBuild")], env=env, cwd=ROOT, check=True)
+    # TensorFlow itself is imported by the notebook's kernel below (it trains with Keras).
     installed = subprocess.run(
         [str(venv / "bin" / "python"), "-c",
-         "import nbtool, tensorflow as tf; print(nbtool.__file__, tf.__version__)"],
+         "import nbtool, importlib.metadata as m; print(nbtool.__file__, "
+         "m.version('tensorflow-cpu'))"],
         env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert installed.startswith(str(venv)), installed    # nbtool from the new environment
     built = time.monotonic() - t0

@@ -1,5 +1,8 @@
 """Inputs that live on disk: workers read their own slices; the client reads metadata."""
 
+import contextlib
+import time
+
 import numpy as np
 import pytest
 
@@ -95,6 +98,64 @@ def test_bad_sources_say_what_is_wrong(tmp_path, image_folder):
         as_source(str(tmp_path / "junk.npy"))
 
 
+@contextlib.contextmanager
+def every_worker_thread_held(client):
+    """Every worker thread busy with a task that waits on an event until the block ends.
+
+    A task submitted inside the block waits in its worker's queue, so cancelling it there
+    means it never starts. Why: a cancelled task that has started runs to its end (a
+    thread cannot be stopped), and one chunk sized to a quarter of a worker's memory keeps
+    that worker's only thread busy for about a minute, which the next test on that worker
+    waited out (47 s of test_a_zarr_group_names_its_arrays_and_how_to_pick_one).
+    """
+    from distributed import Event
+
+    release = Event(client=client)
+    prefix = f"hold-{release.name}"
+    threads = {addr: w["nthreads"] for addr, w in
+               client.scheduler_info(n_workers=-1)["workers"].items()}
+    holds = [client.submit(release.wait, key=f"{prefix}-{addr}-{i}", workers=[addr],
+                           allow_other_workers=False, pure=False)
+             for addr, n in threads.items() for i in range(n)]
+
+    def holding() -> bool:   # each thread runs a hold (not a task left by an earlier test)
+        running = client.run(lambda dask_worker: sum(
+            str(ts.key).startswith(prefix) for ts in dask_worker.state.executing))
+        return all(running.get(addr) == n for addr, n in threads.items())
+
+    try:
+        wait_until(holding, "every worker thread to be held")
+        yield
+    finally:
+        release.set()
+        client.gather(holds)
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout:.0f}s"
+        time.sleep(0.05)
+
+
+#: A worker's states for a task whose function has started (a cancelled one included).
+STARTED = ("executing", "long-running", "cancelled", "resumed")
+
+
+def queued_chunks_of_run(client, run_id: str) -> dict:
+    """``{key: state}`` of the tasks of the run ``run_id`` that the workers hold; fails if
+    any of them has started."""
+    suffix = f"-{run_id}"
+    found = client.run(lambda dask_worker: {str(k): ts.state for k, ts in
+                                            dask_worker.state.tasks.items()
+                                            if str(k).endswith(suffix)})
+    held = {k: state for by_key in found.values() for k, state in by_key.items()}
+    started = {k: state for k, state in held.items() if state in STARTED}
+    assert not started, f"chunks of the run {run_id} started: {started}"
+    return held
+
+
 def test_a_chunk_that_does_not_fit_a_worker_is_refused(engine, model_dir, unique, tmp_path):
     name = f"{unique}_big"
     engine.register(name, model_dir / "mlp.keras")
@@ -104,12 +165,21 @@ def test_a_chunk_that_does_not_fit_a_worker_is_refused(engine, model_dir, unique
     del big
     with pytest.raises(InputMismatch, match=r"chunks that fit a worker's memory.*chunk_size="):
         engine.predict(name, str(tmp_path / "huge.npy"), chunk_size=300_000_000)
-    run = engine.submit(name, str(tmp_path / "huge.npy"))   # a default chunk shrinks to fit
     limit = min(w["memory_limit"] for w in engine.client.scheduler_info(
         n_workers=-1)["workers"].values())
-    assert run.chunk_size * 32 <= limit // 4
-    for f in run.futures:
-        f.cancel()
+    # The run is really submitted, but none of its chunks (millions of rows each) may start.
+    with every_worker_thread_held(engine.client):
+        run = engine.submit(name, str(tmp_path / "huge.npy"))   # a default chunk shrinks
+        assert run.futures and run.chunk_size * 32 <= limit // 4   # to fit
+        # Cancelled once its chunks are queued on the worker: the scheduler's message that
+        # drops them follows the one that sent them, so once they are gone none can come.
+        wait_until(lambda: queued_chunks_of_run(engine.client, run.run_id),
+                   "the run's chunks to reach their worker")
+        run.cancel()
+        wait_until(lambda: not queued_chunks_of_run(engine.client, run.run_id),
+                   "the worker to drop the cancelled run's chunks")
+    # Nothing of the run ran or is left to run: the next test finds the workers idle.
+    assert not queued_chunks_of_run(engine.client, run.run_id)
 
 
 def test_npy_rows_are_read_by_reference():
