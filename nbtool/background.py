@@ -119,6 +119,12 @@ class BackgroundRun:
             except BaseException as e:   # a failing bind is an error of the run too
                 error = e
         self.prediction, self.exception = res, error
+        try:
+            self._show(res, error, caught)
+        finally:   # whatever showing did, whoever waits on the run is told it ended
+            self._done.set()
+
+    def _show(self, res, error, caught) -> None:
         if self.view is not None:
             self.view.finish(res, error)
         if self.output is not None:
@@ -131,7 +137,6 @@ class BackgroundRun:
         else:
             where = f" -> {self.name}" if self.name else ""
             print(f"[nbtool] background prediction finished{where}: {res!r}".splitlines()[0])
-        self._done.set()
 
     def _show_outcome(self, res, error, caught) -> None:
         """Into the run's output area (from any thread: ``append_*`` needs no cell)."""

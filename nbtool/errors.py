@@ -239,6 +239,22 @@ class ChunkError(NbtoolError, RuntimeError):
                              self.traceback))
 
 
+class ChunkCancelled(NbtoolError, RuntimeError):
+    """A chunk that stopped between two batches because its run was cancelled: nobody
+    wants its result, and the worker is free for the next run at once.
+
+    Example:
+        >>> str(ChunkCancelled())
+        'the chunk stopped: its prediction run was cancelled.'
+    """
+
+    def __init__(self):
+        super().__init__("the chunk stopped: its prediction run was cancelled.")
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
 class PredictionFailed(NbtoolError, RuntimeError):
     """Raised by ``Prediction.raise_for_errors()`` when any chunk failed.
 

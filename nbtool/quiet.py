@@ -108,6 +108,7 @@ class NativeLogFilter:
         self._real = None
         self._read_end = None
         self._thread = None
+        self._stopped = False
 
     def start(self) -> "NativeLogFilter":
         import sys
@@ -125,8 +126,22 @@ class NativeLogFilter:
         return self
 
     def _pass_on(self) -> None:
+        import select
+
         pending = b""
         while True:
+            # A line still without its newline after a moment goes on as it is: a writer
+            # may be waiting for it (ipykernel, closing, writes one NUL byte and waits
+            # until its own reader sees it).
+            try:
+                ready, _, _ = select.select([self._read_end], [], [], 0.1)
+            except (OSError, ValueError):   # closed by stop(): nothing more will come
+                break
+            if not ready:
+                if pending:
+                    self._write([pending], newline=False)
+                    pending = b""
+                continue
             try:
                 data = os.read(self._read_end, 65536)
             except OSError:
@@ -153,15 +168,16 @@ class NativeLogFilter:
         """Put the real descriptor 2 back and pass on what is left in the pipe."""
         import sys
 
-        if self._real is None:
+        if self._real is None or self._stopped:
             return
+        self._stopped = True
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.dup2(self._real, 2)   # closes the pipe's last write end here: the thread sees EOF
         self._thread.join(timeout)
-        os.close(self._read_end)
-        os.close(self._real)
-        self._real = None
+        if not self._thread.is_alive():   # else a child process still holds a write end:
+            os.close(self._read_end)      # the thread keeps passing its lines on
+            os.close(self._real)
 
 
 @contextlib.contextmanager

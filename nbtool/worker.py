@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChunkError, ModelFileChanged, ModelLoadError, NbtoolError, first_line
+from .errors import ChunkCancelled, ChunkError, ModelFileChanged, ModelLoadError, NbtoolError, first_line
 from .registry import ModelSpec, file_fingerprint
 from . import overlap
 from .batching import run_in_batches
@@ -781,7 +781,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
             outputs = None
         return ChunkOutput(outputs, seconds, load_seconds, worker,
                            loaded.predictor.batch_size, rows=n_rows)
-    except ChunkError:
+    except (ChunkError, ChunkCancelled):   # a cancelled chunk is no failure: nothing to log
         raise
     except Exception as e:
         if type(e).__name__ == "ResourceExhaustedError":

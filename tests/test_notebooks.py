@@ -21,6 +21,21 @@ def run_notebook(name: str) -> nbformat.NotebookNode:
     return nb
 
 
+def cell_seconds(nb) -> list[tuple[str, float]]:
+    """How long each cell ran (from nbclient's timing record): what a failure shows."""
+    from datetime import datetime
+
+    out = []
+    for c in nb.cells:
+        t = c.get("metadata", {}).get("execution", {})
+        a, b = t.get("iopub.execute_input"), t.get("shell.execute_reply")
+        if a and b:
+            seconds = (datetime.fromisoformat(b.replace("Z", "+00:00"))
+                       - datetime.fromisoformat(a.replace("Z", "+00:00"))).total_seconds()
+            out.append((c.source.splitlines()[0][:40], round(seconds, 2)))
+    return out
+
+
 def outputs_text(nb) -> str:
     parts = []
     for cell in nb.cells:
@@ -51,7 +66,8 @@ def test_background_infer_in_a_real_kernel_binds_while_the_kernel_stays_free(tmp
     nb.cells = [nbformat.v4.new_code_cell(c) for c in (
         "import numpy as np\n%load_ext nbtool\n%nbtool start --workers 1 --gpus none",
         f"%nbtool register bg {model_dir / 'mlp.keras'}",
-        "x = np.random.default_rng(0).normal(size=(20000, 8)).astype('float32')",
+        # Long enough (hundreds of chunks) that the next cell runs while it does.
+        "x = np.random.default_rng(0).normal(size=(100000, 8)).astype('float32')",
         "%%infer bg --background --out later --chunk-size 100\nx",
         "handle = _\nran_meanwhile = 'later' not in globals() and sum(range(1000))",
         "import asyncio\nwhile not handle.done:\n    await asyncio.sleep(0.05)\n"
@@ -62,7 +78,8 @@ def test_background_infer_in_a_real_kernel_binds_while_the_kernel_stays_free(tmp
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = outputs_text(nb)
-    assert "bound: True task: True rows: 20000 meanwhile: 499500" in text, text[-2000:]
+    assert "bound: True task: True rows: 100000 meanwhile: 499500" in text, (
+        text[-2000:], cell_seconds(nb))
     assert_quiet(nb, "the --background notebook")
     widgets = [o for c in nb.cells for o in c.get("outputs", [])
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]

@@ -110,3 +110,20 @@ def test_an_engine_starts_restarts_and_stops_without_a_line_on_stderr(model_dir)
     port_line = next(l for l in out.splitlines() if l.startswith("PORT")).split()
     assert f":{port_line[1]}/" not in port_line[2] and port_line[2].startswith("http://127.0.0.1:")
     assert child.stderr == "", child.stderr[-3000:]
+
+
+def test_a_line_without_its_newline_goes_on_at_once():
+    """ipykernel, shutting down, writes one NUL byte to descriptor 2 and waits until its
+    reader sees it: held back waiting for a newline, it kept every kernel from exiting."""
+    child = run_child("""
+        import os, select, sys
+        from nbtool.quiet import NativeLogFilter
+        r, w = os.pipe()
+        os.dup2(w, 2)                      # descriptor 2 is a pipe, as in ipykernel
+        f = NativeLogFilter(expect_gpu=False).start()
+        os.write(2, b"\\0")
+        ready, _, _ = select.select([r], [], [], 10)
+        print("seen" if ready and os.read(r, 10) == b"\\0" else "held back", flush=True)
+        os._exit(0)
+    """)
+    assert child.stdout == "seen\n", (child.stdout, child.stderr)
