@@ -87,13 +87,8 @@ def discover_gpus() -> list[GPU]:
     fake = os.environ.get(FAKE_GPUS_ENV)
     if fake:
         return parse_inventory(fake)
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:  # no driver: a CPU machine
+    pynvml = open_nvml()
+    if pynvml is None:
         return []
     try:
         gpus = []
@@ -106,6 +101,27 @@ def discover_gpus() -> list[GPU]:
         return gpus
     finally:
         pynvml.nvmlShutdown()
+
+
+def open_nvml():
+    """The ``pynvml`` module with NVML started, or None where there is no NVML (no
+    nvidia-ml-py, or no driver: a CPU machine). NVML counts its users: match each
+    successful call with ``nvml.nvmlShutdown()``.
+
+    Example:
+        >>> nvml = open_nvml()
+        >>> nvml is None or nvml.nvmlShutdown() is None
+        True
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:   # no driver: a CPU machine
+        return None
+    return pynvml
 
 
 def parse_inventory(text: str) -> list[GPU]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .devices import FAKE_GPUS_ENV, parse_inventory
+from .devices import FAKE_GPUS_ENV, open_nvml, parse_inventory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +70,8 @@ class GpuMonitor:
         return [self._read_one(index, handle) for index, handle in self._handles]
 
     def _open(self) -> list:
-        try:
-            import pynvml
-        except ImportError:
-            return []
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError:   # no driver: a CPU machine
+        pynvml = open_nvml()
+        if pynvml is None:
             return []
         self._nvml = pynvml
         return [(i, pynvml.nvmlDeviceGetHandleByIndex(i))
