@@ -15,15 +15,49 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 
 
 class NbtoolError(Exception):
     """Base class of every error nbtool raises on purpose.
 
+    Errors travel between processes (a worker's error reaches the notebook pickled), and
+    an exception pickles as its class and ``args``, which for these is the message, not the
+    arguments ``__init__`` takes. So every subclass's ``__init__`` is wrapped, once, here,
+    to record the arguments it was called with, and unpickling calls it again with them:
+    no class writes its own ``__reduce__``, and none can forget an argument.
+
     Example:
+        >>> import pickle
         >>> issubclass(ModelNotFound, NbtoolError)
         True
+        >>> e = ModelNotFound("cnm", known=["cnn"], register_hint="%nbtool register cnm x")
+        >>> str(pickle.loads(pickle.dumps(e))) == str(e)
+        True
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            if "_init_args" not in self.__dict__:   # the outermost call: the real arguments
+                self._init_args = (args, kw)
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    def __reduce__(self):
+        args, kw = self.__dict__.get("_init_args", (self.args, {}))
+        return (_rebuild, (type(self), args, kw))
+
+
+def _rebuild(cls, args, kw):
+    """Unpickle an nbtool error: its class called with the arguments it was made with."""
+    return cls(*args, **kw)
 
 
 class ModelNotFound(NbtoolError, KeyError):
@@ -52,8 +86,6 @@ class ModelNotFound(NbtoolError, KeyError):
     # KeyError's str() adds quotes around the message; keep it readable.
     __str__ = Exception.__str__
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.known))
 
 
 class ModelFileError(NbtoolError, FileNotFoundError):
@@ -71,9 +103,6 @@ class ModelFileError(NbtoolError, FileNotFoundError):
         super().__init__(f"{who}: {_end(problem)} Fix: {_end(fix)}")
 
     __str__ = Exception.__str__
-
-    def __reduce__(self):  # keep it picklable across Dask workers
-        return (type(self), (self.model, self.path, self.problem, self.fix))
 
 
 class UnsupportedFormat(NbtoolError, ValueError):
@@ -96,8 +125,6 @@ class UnsupportedFormat(NbtoolError, ValueError):
 
     __str__ = Exception.__str__
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.found))
 
 
 class ModelLoadError(NbtoolError, RuntimeError):
@@ -115,8 +142,6 @@ class ModelLoadError(NbtoolError, RuntimeError):
         super().__init__(f"model {model!r} ({path}) failed to load{where}: {_end(reason)} "
                          f"Fix: {_end(fix)}")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.worker, self.reason, self.fix))
 
 
 class ModelFileChanged(NbtoolError, RuntimeError):
@@ -139,8 +164,6 @@ class ModelFileChanged(NbtoolError, RuntimeError):
             f"{str(path)!r}) again to use the new file (fingerprints are size-mtime; a worker "
             "that sees another copy of the file needs the same one).")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.registered, self.now, self.worker))
 
 
 class BatchAxisMismatch(NbtoolError, RuntimeError):
@@ -166,8 +189,6 @@ class BatchAxisMismatch(NbtoolError, RuntimeError):
             f"refuses outputs that would be wrong. Fix: run it one row at a time: {again}; "
             "or export the model with a batch axis that can vary.")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.output, self.rows, self.shape))
 
 
 class InputMismatch(NbtoolError, ValueError):
@@ -185,8 +206,6 @@ class InputMismatch(NbtoolError, ValueError):
         who = f"model {model!r} ({path})" if model else "the input"
         super().__init__(f"{who} expects {expected}, got {_end(found)} Fix: {_end(fix)}")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.expected, self.found, self.fix))
 
 
 class PlacementError(NbtoolError, ValueError):
@@ -206,8 +225,6 @@ class PlacementError(NbtoolError, ValueError):
         super().__init__(f"model {model!r} asks for device {device!r}{on}, but the cluster "
                          f"has {have}. Fix: {_end(fix)}")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.device, self.available, self.fix, self.replicas))
 
 
 class ChunkError(NbtoolError, RuntimeError):
@@ -234,9 +251,6 @@ class ChunkError(NbtoolError, RuntimeError):
             f"{_end(reason)} Its rows are NaN in the result; rerun just these rows with "
             f"eng.predict([{model!r}], x[{rows[0]}:{rows[1]}]) once the cause is fixed.")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.chunk, self.rows, self.worker, self.reason,
-                             self.traceback))
 
 
 class ChunkCancelled(NbtoolError, RuntimeError):
@@ -251,8 +265,6 @@ class ChunkCancelled(NbtoolError, RuntimeError):
     def __init__(self):
         super().__init__("the chunk stopped: its prediction run was cancelled.")
 
-    def __reduce__(self):
-        return (type(self), ())
 
 
 class PredictionFailed(NbtoolError, RuntimeError):
@@ -282,8 +294,6 @@ class PredictionFailed(NbtoolError, RuntimeError):
         super().__init__(f"{len(self.errors)} part(s) of the prediction failed{rest}:\n"
                          f"{lines}{more}")
 
-    def __reduce__(self):
-        return (type(self), (self.errors, self.kept))
 
 
 class UntrustedModel(NbtoolError, ValueError):
@@ -303,8 +313,6 @@ class UntrustedModel(NbtoolError, ValueError):
             f"unless you say you trust the file. Fix: if you trust it, register it with "
             f"trusted=True: eng.register({model!r}, {str(path)!r}, trusted=True).")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.path, self.found, self.why))
 
 
 class InvalidModelName(NbtoolError, ValueError):
@@ -326,8 +334,6 @@ class InvalidModelName(NbtoolError, ValueError):
             f"arrays, where other characters collide or escape). Fix: use a clean name such "
             f"as {suggestion!r}: eng.register({suggestion!r}, {target}).")
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.suggestion, self.path, self.limit))
 
 
 class InvalidOption(NbtoolError, ValueError):
@@ -344,8 +350,6 @@ class InvalidOption(NbtoolError, ValueError):
         who = f"model {model!r}: " if model else ""
         super().__init__(f"{who}{option}={value!r}; expected {expected}. Fix: pass {fix}.")
 
-    def __reduce__(self):
-        return (type(self), (self.model, self.option, self.value, self.expected, self.fix))
 
 
 def _suffix(path: str) -> str:
@@ -393,8 +397,6 @@ class EngineClosed(NbtoolError, RuntimeError):
             "and workers were shut down, and registrations do not carry over: register the "
             "models again on the new engine).")
 
-    def __reduce__(self):
-        return (type(self), (self.method,))
 
 
 class ResultStoreError(NbtoolError, RuntimeError):
@@ -410,8 +412,6 @@ class ResultStoreError(NbtoolError, RuntimeError):
         self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"result store {path}: {problem}. Fix: {_end(fix)}")
 
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem, self.fix))
 
 
 class StoreBusy(ResultStoreError):
@@ -431,3 +431,37 @@ class StoreRewritten(ResultStoreError):
         >>> issubclass(StoreRewritten, ResultStoreError)
         True
     """
+
+
+class NoVariantQualifies(NbtoolError, ValueError):
+    """No variant of a model meets the tolerance given to :meth:`Comparison.choose`.
+
+    Example:
+        >>> str(NoVariantQualifies("cnn", "top-1 agreement >= 0.999",
+        ...                        {"cnn@int8": "top-1 agreement 0.97"}))  # doctest: +ELLIPSIS
+        "no variant of model 'cnn' meets top-1 agreement >= 0.999: cnn@int8 has top-1 ..."
+    """
+
+    def __init__(self, model: str, wanted: str, found: dict[str, str]):
+        self.model, self.wanted, self.found = model, wanted, dict(found)
+        have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
+        super().__init__(
+            f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen the "
+            f"tolerance, try another variant, or keep the original {model!r}.")
+
+
+class CombineError(NbtoolError, ValueError):
+    """The models' outputs cannot be combined the way that was asked.
+
+    Example:
+        >>> str(CombineError("mean", "shapes differ"))  # doctest: +ELLIPSIS
+        "combine='mean' is not possible: shapes differ. ..."
+    """
+
+    def __init__(self, method, reason: str):
+        self.method, self.reason = method, reason
+        super().__init__(
+            f"combine={method!r} is not possible: {reason}. The per-model outputs are kept "
+            "in the Prediction; fix: predict with combine=None, or with models whose "
+            "outputs have the same shape.")
+

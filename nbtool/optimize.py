@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NbtoolError
+from .errors import NbtoolError, NoVariantQualifies
 from .registry import ModelSpec, disk_size
 from .results import output_agreement
 from .tables import Table, human_bytes
@@ -60,26 +60,6 @@ VARIANTS = {
 
 #: Variants that need a representative dataset.
 NEEDS_CALIBRATION = {"int8"}
-
-
-class NoVariantQualifies(NbtoolError, ValueError):
-    """No variant of a model meets the tolerance given to :meth:`Comparison.choose`.
-
-    Example:
-        >>> str(NoVariantQualifies("cnn", "top-1 agreement >= 0.999",
-        ...                        {"cnn@int8": "top-1 agreement 0.97"}))  # doctest: +ELLIPSIS
-        "no variant of model 'cnn' meets top-1 agreement >= 0.999: cnn@int8 has top-1 ..."
-    """
-
-    def __init__(self, model: str, wanted: str, found: dict[str, str]):
-        self.model, self.wanted, self.found = model, wanted, dict(found)
-        have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
-        super().__init__(
-            f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen the "
-            f"tolerance, try another variant, or keep the original {model!r}.")
-
-    def __reduce__(self):
-        return (type(self), (self.model, self.wanted, self.found))
 
 
 # -- on a worker: conversion ---------------------------------------------------------------

@@ -15,28 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NbtoolError, PredictionFailed
+from .errors import CombineError, PredictionFailed
 
 COMBINE_METHODS = ("mean", "vote", None)
-
-
-class CombineError(NbtoolError, ValueError):
-    """The models' outputs cannot be combined the way that was asked.
-
-    Example:
-        >>> str(CombineError("mean", "shapes differ"))  # doctest: +ELLIPSIS
-        "combine='mean' is not possible: shapes differ. ..."
-    """
-
-    def __init__(self, method, reason: str):
-        self.method, self.reason = method, reason
-        super().__init__(
-            f"combine={method!r} is not possible: {reason}. The per-model outputs are kept "
-            "in the Prediction; fix: predict with combine=None, or with models whose "
-            "outputs have the same shape.")
-
-    def __reduce__(self):
-        return (type(self), (self.method, self.reason))
 
 
 def check_combine(method) -> None:

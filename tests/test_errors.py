@@ -244,3 +244,36 @@ def test_a_foreign_savedmodel_or_tflite_that_will_not_load_gets_a_fix_its_user_c
     msg = str(e.value)
     assert "Select TensorFlow op" in msg and "a .tflite with built-in ops only" in msg
     assert "model.save(" not in msg
+
+
+def test_every_error_survives_the_trip_from_a_worker_with_its_message_and_fields():
+    """Errors cross processes pickled. Before, each class wrote its own __reduce__ and
+    ModelNotFound's forgot register_hint: the message changed on the way. Now the arguments
+    of every error are recorded once, in the base class."""
+    import inspect
+    import pickle
+
+    import nbtool.errors as errors
+
+    made = {
+        errors.ModelNotFound: errors.ModelNotFound("cnm", ["cnn"], "%nbtool register cnm x"),
+        errors.ChunkError: ChunkError("m", 2, (20, 30), "cpu0", "boom", traceback="tb"),
+        errors.PredictionFailed: PredictionFailed(
+            [ChunkError("m", 2, (20, 30), "cpu0", "boom")], kept=3),
+        errors.InvalidOption: errors.InvalidOption("m", "batch_size", 0, "a whole number",
+                                                   "batch_size=64"),
+        errors.ChunkCancelled: errors.ChunkCancelled(),
+        errors.CombineError: errors.CombineError("mean", "shapes differ"),
+        errors.NoVariantQualifies: errors.NoVariantQualifies("m", "x >= 1", {"m@a": "0.5"}),
+    }
+    every = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+             if issubclass(c, errors.NbtoolError) and c.__module__ == errors.__name__]
+    assert set(made) <= set(every)
+    for cls, e in made.items():
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is cls and str(back) == str(e), cls
+        skip = ("errors", "_init_args")   # hold exceptions: equal only by identity
+        assert {k: v for k, v in vars(back).items() if k not in skip} == \
+            {k: v for k, v in vars(e).items() if k not in skip}, cls
+    assert not [c.__name__ for c in every if "__reduce__" in c.__dict__
+                and c is not errors.NbtoolError]
