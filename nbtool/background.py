@@ -7,7 +7,7 @@ running loop) a thread collects the result and binds it; nothing draws from that
 but one closing line.
 
 Example:
-    >>> bg = BackgroundRun(run, ProgressDisplay(run.progress()), bind=print)  # doctest: +SKIP
+    >>> bg = BackgroundRun(run, progress_view(run.progress()), bind=print)  # doctest: +SKIP
     >>> bg.start(); bg.result(timeout=60)                                     # doctest: +SKIP
 """
 
@@ -20,7 +20,7 @@ import threading
 import warnings
 from typing import Callable
 
-from .progress import INTERVAL, ProgressDisplay, in_notebook
+from .progress import INTERVAL, TextProgress, WidgetProgress, in_notebook
 
 
 class BackgroundRun:
@@ -31,8 +31,8 @@ class BackgroundRun:
         (False, {'cnn': (3, 8)})
     """
 
-    def __init__(self, run, view: ProgressDisplay | None, bind: Callable | None = None,
-                 name: str | None = None, show: bool = True):
+    def __init__(self, run, view: TextProgress | WidgetProgress | None,
+                 bind: Callable | None = None, name: str | None = None, show: bool = True):
         self.run = run
         self.view = view
         self.bind = bind

@@ -278,7 +278,7 @@ class Dashboard:
     def start_run(self):
         """Run the form's prediction in the background; bind and show it when done."""
         from .background import BackgroundRun
-        from .progress import ProgressDisplay
+        from .progress import progress_view
 
         names, var, out = list(self.run_models.value), self.run_input.value, \
             self.run_out.value.strip()
@@ -299,7 +299,7 @@ class Dashboard:
         except Exception as e:
             self.message.value = _error_html(f"{type(e).__name__}: {e}")
             return None
-        view = ProgressDisplay(run.progress(), widgets=True)
+        view = progress_view(run.progress(), widgets=True)
         self.run_progress.children = [view.box]
         self.run_result.value = ""
 

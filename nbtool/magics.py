@@ -302,7 +302,7 @@ class Nbtool(Magics):
         labels = self.shell.ev(args.labels) if args.labels else None
         combine = args.combine or self.combine
         combine = None if combine == "none" else combine
-        from .progress import ProgressDisplay, wait_with_progress
+        from .progress import progress_view, wait_with_progress
 
         try:
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
@@ -313,7 +313,7 @@ class Nbtool(Magics):
             raise UsageError(f"{type(e).__name__}: {e}") from None
         except ValueError as e:
             raise UsageError(str(e)) from None
-        view = ProgressDisplay(run.progress()) if self.progress else None
+        view = progress_view(run.progress()) if self.progress else None
 
         def bind(res):
             if labels is not None:

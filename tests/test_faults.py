@@ -246,7 +246,7 @@ def test_a_hard_unload_never_recomputes_a_finished_run(engine, model_dir, unique
     import gc
     import io
 
-    from nbtool.progress import ProgressDisplay, wait_with_progress
+    from nbtool.progress import progress_view, wait_with_progress
 
     name = f"{unique}_hu"
     engine.register(name, model_dir / "mlp.keras", device="cpu:1")
@@ -259,7 +259,7 @@ def test_a_hard_unload_never_recomputes_a_finished_run(engine, model_dir, unique
     gc.disable()   # as between two notebook cells: nothing promises the collector ran
     try:
         run = engine.submit(name, x, chunk_size=500)    # cold: the loop waits many times
-        res = wait_with_progress(run, ProgressDisplay(run.progress(), widgets=False,
+        res = wait_with_progress(run, progress_view(run.progress(), widgets=False,
                                                       stream=io.StringIO()))
         assert res.ok and res.timings[name]["chunks"] == 40
         assert tasks_of(run.run_id) == []               # collected: nothing of it is held

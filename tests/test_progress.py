@@ -6,11 +6,11 @@ import io
 import numpy as np
 
 from nbtool.background import BackgroundRun
-from nbtool.progress import ProgressDisplay, wait_with_progress
+from nbtool.progress import progress_view, wait_with_progress
 
 
 def test_widget_bars_follow_the_counts_and_end_green_or_red():
-    view = ProgressDisplay({"a": (0, 4), "b": (0, 2)}, widgets=True)
+    view = progress_view({"a": (0, 4), "b": (0, 2)}, widgets=True)
     assert [b.max for b in view.bars.values()] == [4, 2]
     view.update({"a": (3, 4), "b": (1, 2)}, force=True)
     assert view.bars["a"].value == 3 and view.labels["b"].value == "1/2 chunks"
@@ -28,7 +28,7 @@ def test_text_progress_in_a_terminal(engine, model_dir, reference, unique):
     engine.register(name, model_dir / "mlp.keras")
     out = io.StringIO()
     run = engine.submit(name, reference["x8"], chunk_size=6)
-    res = wait_with_progress(run, ProgressDisplay(run.progress(), widgets=False, stream=out))
+    res = wait_with_progress(run, progress_view(run.progress(), widgets=False, stream=out))
     assert out.getvalue().rstrip().endswith(f"{name} 10/10")
     assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5
     assert run.progress() == {name: (10, 10)}
@@ -42,7 +42,7 @@ def test_background_on_an_event_loop_keeps_it_free_and_binds(engine, model_dir, 
 
     async def main():
         run = engine.submit(name, reference["x8"], chunk_size=3)
-        bg = BackgroundRun(run, ProgressDisplay(run.progress(), widgets=True),
+        bg = BackgroundRun(run, progress_view(run.progress(), widgets=True),
                            bind=lambda r: bound.setdefault("res", r), name="later").start()
         assert bg.task is not None            # watched by a task on this loop, no thread
         ticks = 0
