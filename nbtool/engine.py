@@ -105,6 +105,7 @@ class Engine:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nbtool-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, WorkerInfo] = {}
+        self._restarted_at = float("-inf")           # the last hard unload's restart
         self._dask_names: dict[str, Any] = {}
         self._shared_dirs: set[Path] = set()   # where inputs were handed to local workers
         # Ended without close() (a kernel shut down without `%nbtool stop`): the folders
@@ -150,8 +151,20 @@ class Engine:
         return [self._dask_names.get(n, n) for n in names]
 
     def _statuses(self, names: Iterable[str] | None = None) -> dict[str, dict]:
-        """``worker_status()`` of the given workers (all by default), by worker name."""
+        """``worker_status()`` of the given workers (all by default), by worker name.
+
+        Within 30 s of a hard unload, a known worker that the scheduler does not list at
+        this instant (seen once in CI: re-registering after the restart) is waited for a
+        few seconds rather than left out of the answer. Otherwise a missing worker is
+        missing (the dashboard asks every second and must not block).
+        """
         addrs = self._addresses(names)
+        wanted = set(names) if names is not None else set(self.workers)
+        settling = time.monotonic() - self._restarted_at < 30
+        deadline = time.monotonic() + (5 if settling else 0)
+        while wanted - set(addrs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            addrs = self._addresses(names)
         if not addrs:
             return {}
         raw = self.client.run(worker_status, workers=list(addrs.values()))
@@ -539,6 +552,7 @@ class Engine:
         with planned_restart():   # its outcome is what this returns, not Dask's warnings
             self.client.restart_workers(self._restriction(sorted(holders)))
             self._wait_for_workers(sorted(holders))
+        self._restarted_at = time.monotonic()
         futures = [self.client.submit(load_model, self.registry.get(m),
                                       resources={resource_name(w): 1}, pure=False,
                                       key=f"nbtool-rewarm-{m}-{w}-{time.monotonic_ns()}")
