@@ -691,6 +691,9 @@ class Engine:
             source = self._local_handoff(source)
 
             def finish(res):
+                # A finished run holds its Prediction: let go of it here, or its arrays
+                # stay alive after the user drops the result (until the next submit).
+                self._runs = [r for r in self._runs if not r.done]
                 self._finish_run(res, save)
                 # Only now: queued beside the run, these loads went ahead of its chunks
                 # (measured).

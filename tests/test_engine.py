@@ -96,3 +96,19 @@ def test_precision_for_a_tflite_or_savedmodel_is_refused_not_silently_ignored(
             engine.register(f"{unique}_p", path, precision="bfloat16", **extra)
         assert f"{unique}_p" not in engine.registry
     engine.register(f"{unique}_k", model_dir / "mlp.keras", precision="bfloat16")   # still fine
+
+
+def test_a_collected_run_is_not_kept_alive_by_the_engine(engine, model_dir, unique):
+    """Before: the engine's list of running predictions held a finished run, and with it
+    the Prediction's arrays, until the next submit."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    engine.register(f"{unique}_m", model_dir / "mlp.keras")
+    res = engine.predict(f"{unique}_m", np.zeros((100, 8), "float32"))
+    gone = weakref.ref(res)
+    del res
+    gc.collect()
+    assert gone() is None and engine.running() == []
