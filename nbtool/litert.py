@@ -21,7 +21,7 @@ import numpy as np
 
 from .batching import run_in_batches
 from .errors import ModelLoadError, first_line
-from .registry import ModelSpec
+from .wire import ModelSpec
 
 
 def worker_name() -> str:

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import numbers
 import os
@@ -37,10 +36,11 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
                      UnsupportedFormat, UntrustedModel)
+from .wire import ModelSpec, file_fingerprint
 
 #: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
@@ -57,53 +57,6 @@ _LAMBDA_WHY = ("Keras refuses to deserialize in safe mode (loading it runs the P
 #: Why a SavedModel always needs trust: no safe mode exists for a TensorFlow graph.
 _SAVEDMODEL_WHY = ("can run arbitrary TensorFlow ops on the workers, including file reads "
                    "and writes (a SavedModel has no safe mode)")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to load and run one registered model.
-
-    It is small and picklable: it travels with every task. ``fingerprint`` changes when the
-    file changes, so a worker never keeps serving a stale copy.
-
-    Example:
-        >>> spec = ModelSpec(name="mlp", path="/m/mlp.keras", format="keras",
-        ...                  size_bytes=1024, fingerprint="1024-1")
-        >>> spec.input_row_shape
-        >>> spec.cache_key
-        ('mlp', '1024-1')
-    """
-
-    name: str
-    path: str
-    format: str
-    size_bytes: int
-    fingerprint: str
-    input_shape: tuple | None = None      # batch shape, e.g. (None, 8); None if unknown
-    input_dtype: str | None = None
-    n_inputs: int = 1
-    n_outputs: int | None = None
-    device: str = "auto"
-    replicas: int = 1
-    batch_size: int | None = None
-    preprocess: Callable | None = None
-    trusted: bool = False
-    precision: str | None = None   # None (as saved) or "bfloat16" / "float16" (mixed)
-
-    @property
-    def input_row_shape(self) -> tuple | None:
-        """The shape of one input row (the batch shape without its first axis), if known."""
-        return None if self.input_shape is None else tuple(self.input_shape[1:])
-
-    @property
-    def cache_key(self) -> tuple[str, str]:
-        """What a worker's cache is keyed by: a changed file is a different model."""
-        return (self.name, self.fingerprint)
-
-    def with_input(self, shape: tuple | None, dtype: str | None, n_outputs: int | None):
-        """A copy that knows its input signature (learned on a worker for SavedModels)."""
-        return dataclasses.replace(self, input_shape=shape, input_dtype=dtype,
-                                   n_outputs=n_outputs)
 
 
 def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
@@ -289,24 +242,6 @@ def needs_trust(config: Any) -> str | None:
             return f"a Lambda layer {layer!r}" if layer else "a Python lambda"
         stack.extend((v, layer) for k, v in node.items() if k != "compile_config")
     return None
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """Size and modification time of a model file (or of a directory's newest file).
-
-    Cheap enough to ask before every load and every run: a model re-saved in place gets a
-    new fingerprint, so a stale copy is never served without a word.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> f = pathlib.Path(tempfile.mkdtemp()) / "m.keras"; _ = f.write_bytes(b"123")
-        >>> file_fingerprint(f).startswith("3-")
-        True
-    """
-    p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-    stats = [f.stat() for f in files]
-    return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
 
 
 def _read_keras_zip(name: str, p: Path):

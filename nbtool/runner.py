@@ -22,11 +22,12 @@ import numpy as np
 from distributed import Future, as_completed
 
 from .errors import ChunkError, InputMismatch, NbtoolError
-from .registry import ModelSpec
+from .wire import ModelSpec
 from .results import CombineError, Prediction, combine_outputs
 from .sources import DaskSource, Source
 from .store import StoreRef
-from .worker import ChunkOutput, predict_chunk, resource_name
+from .wire import ChunkOutput
+from .worker import predict_chunk, resource_name
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the
 #: per-task overhead (a few ms) stays small against the work.

@@ -30,59 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputMismatch, NbtoolError
-
-
-@dataclasses.dataclass(frozen=True)
-class NpyFile:
-    """A ``.npy`` file that workers open themselves (memory-mapped).
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.npy"
-        >>> np.save(path, np.zeros((300, 28, 28), "float32"))
-        >>> read_rows(NpyFile(str(path)), 100, 200).shape
-        (100, 28, 28)
-    """
-
-    path: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ZarrRef:
-    """A zarr array on disk that workers open themselves (only their slice is read).
-
-    Example:
-        >>> import pathlib, tempfile, zarr
-        >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
-        >>> zarr.open_array(path, mode="w", shape=(50, 28, 28), dtype="float32")[:] = 1.0
-        >>> read_rows(ZarrRef(path), 0, 10).shape
-        (10, 28, 28)
-    """
-
-    store: str
-    path: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFiles:
-    """Image files that workers decode and resize themselves; the client only lists them.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> from PIL import Image
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> files = tuple(str(folder / f) for f in ("a.png", "b.png"))
-        >>> for f in files:
-        ...     Image.new("RGB", (64, 48), (255, 0, 0)).save(f)
-        >>> rows = read_rows(ImageFiles(files, (32, 32), "RGB", scale=1 / 255), 0, 2)
-        >>> rows.shape, rows[0, 0, 0].tolist()
-        ((2, 32, 32, 3), [1.0, 0.0, 0.0])
-    """
-
-    files: tuple
-    size: tuple            # (height, width)
-    color: str = "RGB"     # "RGB" or "L"
-    scale: float = 1.0     # multiply pixel values (uint8 0..255) by this
+from .wire import ImageFiles, NpyFile, ZarrRef
 
 
 def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
@@ -101,16 +49,6 @@ def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
     if isinstance(data, ImageFiles):
         return _decode_images(data, start, stop)
     return data[start:stop]
-
-
-def is_file_ref(data: Any) -> bool:
-    """Whether ``data`` is a reference the worker reads from a file (not rows in memory).
-
-    Example:
-        >>> is_file_ref(NpyFile("x.npy")), is_file_ref(np.zeros(3))
-        (True, False)
-    """
-    return isinstance(data, (NpyFile, ZarrRef, ImageFiles))
 
 
 def _decode_images(ref: ImageFiles, start: int, stop: int | None) -> np.ndarray:

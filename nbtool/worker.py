@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 
 from .errors import ChunkCancelled, ChunkError, ModelFileChanged, ModelLoadError, NbtoolError, first_line
-from .registry import ModelSpec, file_fingerprint
+from .wire import ChunkOutput, ModelSpec, file_fingerprint
 from . import overlap
 from .batching import run_in_batches
 from .litert import LiteRTPredictor, open_tflite
 from .machine_cache import machine_cache
 from .quiet import native_logs_filtered
-from .sources import is_file_ref, read_rows
+from .sources import read_rows
+from .wire import is_file_ref
 
 logger = logging.getLogger("nbtool.worker")
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
@@ -47,23 +48,6 @@ failure_log = logging.getLogger("distributed.worker.nbtool")
 #: Batch size when the user gives none. Large enough to amortise the per-call overhead on
 #: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
 DEFAULT_BATCH_SIZE = 64
-
-
-@dataclasses.dataclass
-class ChunkOutput:
-    """What one (model, chunk) task sends back.
-
-    Example:
-        >>> ChunkOutput([np.zeros((2, 3))], 0.01, 0.0, "cpu0", 64, rows=2).rows
-        2
-    """
-
-    outputs: list[np.ndarray] | None   # None when they went to the result store
-    seconds: float          # compute time on the worker, reading the rows included
-    load_seconds: float     # > 0 when this task had to load the model
-    worker: str
-    batch_size: int
-    rows: int = 0
 
 
 class CompiledPredictor:

@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 
-PURE_MODULES = ["nbtool.errors", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.store", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
+PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.store", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
                 "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap",
                 "nbtool.batching", "nbtool.litert", "nbtool.machine_cache",
                 "nbtool.planning"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nbtool.errors import InputMismatch, NbtoolError
-from nbtool.sources import (ImageFiles, ImageFolderSource, NpyFile, ZarrRef, ZarrSource,
+from nbtool.wire import ImageFiles, NpyFile, ZarrRef
+from nbtool.sources import (ImageFolderSource, ZarrSource,
                             as_source, images)
 
 

@@ -1,0 +1,255 @@
+"""What crosses between the kernel and the workers: model specs, data references, chunk
+outputs and the state each worker reports. Nothing here imports anything above it.
+
+Both sides import this module, so it holds plain picklable dataclasses and no behaviour
+that needs TensorFlow, Dask or the engine.
+
+Example:
+    >>> spec = ModelSpec(name="mlp", path="/m/mlp.keras", format="keras",
+    ...                  size_bytes=1024, fingerprint="1024-1")
+    >>> ModelState(state="loaded", loads=1).describe()
+    'loaded'
+    >>> ModelState(state="failed", reason="no such file").describe()
+    'failed: no such file'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load and run one registered model.
+
+    It is small and picklable: it travels with every task. ``fingerprint`` changes when the
+    file changes, so a worker never keeps serving a stale copy.
+
+    Example:
+        >>> spec = ModelSpec(name="mlp", path="/m/mlp.keras", format="keras",
+        ...                  size_bytes=1024, fingerprint="1024-1")
+        >>> spec.input_row_shape
+        >>> spec.cache_key
+        ('mlp', '1024-1')
+    """
+
+    name: str
+    path: str
+    format: str
+    size_bytes: int
+    fingerprint: str
+    input_shape: tuple | None = None      # batch shape, e.g. (None, 8); None if unknown
+    input_dtype: str | None = None
+    n_inputs: int = 1
+    n_outputs: int | None = None
+    device: str = "auto"
+    replicas: int = 1
+    batch_size: int | str | None = None
+    preprocess: Callable | None = None
+    trusted: bool = False
+    precision: str | None = None   # None (as saved) or "bfloat16" / "float16" (mixed)
+    #: Each output's row shape and dtype, learned at the model's first load and kept.
+    output_specs: tuple | None = None
+
+    @property
+    def input_row_shape(self) -> tuple | None:
+        """The shape of one input row (the batch shape without its first axis), if known."""
+        return None if self.input_shape is None else tuple(self.input_shape[1:])
+
+    @property
+    def cache_key(self) -> tuple[str, str]:
+        """What a worker's cache is keyed by: a changed file is a different model."""
+        return (self.name, self.fingerprint)
+
+    def with_input(self, shape: tuple | None, dtype: str | None, n_outputs: int | None):
+        """A copy that knows its input signature (learned on a worker for SavedModels)."""
+        return dataclasses.replace(self, input_shape=shape, input_dtype=dtype,
+                                   n_outputs=n_outputs)
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Size and modification time of a model file (or of a directory's newest file).
+
+    Cheap enough to ask before every load and every run: a model re-saved in place gets a
+    new fingerprint, so a stale copy is never served without a word.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "m.keras"; _ = f.write_bytes(b"123")
+        >>> file_fingerprint(f).startswith("3-")
+        True
+    """
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    stats = [f.stat() for f in files]
+    return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+# -- references to rows that workers read themselves -------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NpyFile:
+    """A ``.npy`` file that workers open themselves (memory-mapped).
+
+    Example:
+        >>> NpyFile("/data/x.npy").path
+        '/data/x.npy'
+    """
+
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ZarrRef:
+    """A zarr array on disk that workers open themselves (only their slice is read).
+
+    Example:
+        >>> ZarrRef("/data/x.zarr").store
+        '/data/x.zarr'
+    """
+
+    store: str
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """Image files that workers decode and resize themselves; the client only lists them.
+
+    Example:
+        >>> ImageFiles(("a.png", "b.png"), (32, 32), scale=1 / 255).color
+        'RGB'
+    """
+
+    files: tuple
+    size: tuple            # (height, width)
+    color: str = "RGB"     # "RGB" or "L"
+    scale: float = 1.0     # multiply pixel values (uint8 0..255) by this
+
+
+def is_file_ref(data: Any) -> bool:
+    """Whether ``data`` is a reference the worker reads from a file (not rows in memory).
+
+    Example:
+        >>> is_file_ref(NpyFile("x.npy")), is_file_ref(np.zeros(3))
+        (True, False)
+    """
+    return isinstance(data, (NpyFile, ZarrRef, ImageFiles))
+
+
+# -- what workers send back ------------------------------------------------------------
+@dataclasses.dataclass
+class ChunkOutput:
+    """What one (model, chunk) task sends back.
+
+    Example:
+        >>> ChunkOutput([np.zeros((2, 3))], 0.01, 0.0, "cpu0", 64, rows=2).rows
+        2
+    """
+
+    outputs: list[np.ndarray] | None   # None when they went to the result store
+    seconds: float          # compute time on the worker, reading the rows included
+    load_seconds: float     # > 0 when this task had to load the model
+    worker: str
+    batch_size: int
+    rows: int = 0
+
+
+@dataclasses.dataclass
+class ModelState:
+    """One model's entry in one worker's cache: its state and what its loads measured.
+
+    ``state`` is one of "loading", "loaded", "evicted", "unloaded", "replaced", "failed";
+    ``reason`` says why it failed. The fields after ``loads`` are known once it has loaded.
+
+    Example:
+        >>> s = ModelState(state="loaded", loads=1, weight_bytes=4096, accounted=4096)
+        >>> s.loaded, s.describe()
+        (True, 'loaded')
+    """
+
+    state: str = "not loaded"
+    reason: str | None = None
+    path: str | None = None
+    loads: int = 0
+    oom_retries: int = 0
+    size_bytes: int | None = None
+    weight_bytes: int | None = None
+    footprint: int | None = None        # measured growth at its last load
+    load_seconds: float | None = None
+    input_shape: tuple | None = None
+    input_dtype: str | None = None
+    n_outputs: int | None = None
+    output_specs: list | None = None    # [(row shape, dtype)] per output
+    batch_size: int | None = None
+    batch_note: str | None = None
+    fingerprint: str | None = None
+    precision: str | None = None
+    # While resident:
+    accounted: int | None = None        # bytes charged against the budget
+    last_used: float | None = None
+    uses: int = 0
+    traces: int | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is resident now."""
+        return self.state == "loaded"
+
+    def describe(self) -> str:
+        """One phrase for tables: the state, and the reason when it failed.
+
+        Example:
+            >>> ModelState().describe()
+            'not loaded'
+        """
+        if self.state == "failed":
+            return f"failed: {self.reason}"
+        return self.state
+
+
+@dataclasses.dataclass
+class WorkerStatus:
+    """One worker's report: its cache (models, memory, budget) and process facts.
+
+    Example:
+        >>> s = WorkerStatus(worker="cpu0", device="cpu:0", budget=2**30,
+        ...                  models={"mlp": ModelState(state="loaded")})
+        >>> s.models["mlp"].describe(), s.free_budget
+        ('loaded', 1073741824)
+    """
+
+    worker: str
+    device: str
+    budget: int
+    models: dict[str, ModelState] = dataclasses.field(default_factory=dict)
+    lru_order: list[str] = dataclasses.field(default_factory=list)   # oldest first
+    resident_bytes: int = 0
+    evictions: int = 0
+    peak_accounted: int = 0
+    pid: int | None = None
+    rss: int | None = None
+    idle_memory: int | None = None        # RSS after start-up, before any model
+    memory_in_use: int | None = None      # GPU allocator bytes on a GPU, else RSS
+    throughput: dict[str, float] = dataclasses.field(default_factory=dict)
+    gpus_seen: list[str] = dataclasses.field(default_factory=list)   # by the backend
+    threads: int | None = None            # the backend's intra-op threads
+    env: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+    @property
+    def free_budget(self) -> int:
+        """Budget bytes not charged to a resident model."""
+        return max(0, self.budget - self.resident_bytes)
+
+    def state_of(self, model: str) -> ModelState:
+        """The model's state here ("not loaded" if this worker never saw it).
+
+        Example:
+            >>> WorkerStatus("cpu0", "cpu:0", 1).state_of("cnn").state
+            'not loaded'
+        """
+        return self.models.get(model) or ModelState()
