@@ -28,11 +28,11 @@ __all__ = [
 
 _LAZY = {
     "Engine": ("nbtool.engine", "Engine"),
-    "start": ("nbtool.engine", "start"),
-    "default_engine": ("nbtool.engine", "default_engine"),
+    "start": ("nbtool.session", "start"),
+    "default_engine": ("nbtool.session", "default_engine"),
     "Prediction": ("nbtool.results", "Prediction"),
-    "open_prediction": ("nbtool.store", "open_prediction"),
-    "images": ("nbtool.sources", "images"),
+    "open_prediction": ("nbtool.results", "open_prediction"),
+    "images": ("nbtool.inputs", "images"),
     "errors": ("nbtool.errors", None),
 }
 
@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
 
 def _on_default(method: str):
     def shortcut(*args, **kwargs):
-        from .engine import default_engine
+        from .session import default_engine
 
         return getattr(default_engine(), method)(*args, **kwargs)
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from .dashboard_devices import DeviceSection
 from .dashboard_runs import RunningSection
-from .engine import _state_text
-from .tables import human_bytes
+from .tables import human_bytes, model_rows
+from .wire import ModelState
 
 #: Seconds between refreshes.
 REFRESH_SECONDS = 1.0
@@ -69,10 +69,10 @@ class Dashboard:
         self.closed = False
         self.task = None
         self.refreshes = 0
-        self._pending: list[tuple[str, Any]] = []    # (what, future) of button actions
+        self.pending: list[tuple[str, Any]] = []     # (what, future) of button actions
         self._threads = concurrent.futures.ThreadPoolExecutor(1, "nbtool-dashboard")
         self.run = None                              # the BackgroundRun of the run form
-        self._model_rows: dict[str, dict[str, w.Widget]] = {}
+        self.model_lines: dict[str, dict[str, w.Widget]] = {}   # model -> its widgets
 
         self.title = w.HTML()
         self.message = w.HTML().add_class("nbtool-message")
@@ -156,13 +156,13 @@ class Dashboard:
     def refresh(self) -> None:
         """Read the engine and its workers once and update every part of the panel."""
         eng = self.engine
-        statuses = eng._statuses()
+        statuses = eng.status()
         self._settle_pending()
         runs = eng.running()
         widgets = [self.title, self.run_models, self.run_input, self.history]
         with contextlib.ExitStack() as stack:
             for widget in widgets + self.running.widgets() + [
-                    x for row in self._model_rows.values() for x in row.values()]:
+                    x for line in self.model_lines.values() for x in line.values()]:
                 stack.enter_context(widget.hold_sync())
             self.title.value = (f"<b>nbtool dashboard</b> &middot; {len(statuses)} worker(s), "
                                 f"{len(eng.registry)} model(s) &middot; "
@@ -186,32 +186,25 @@ class Dashboard:
 
     def _refresh_models(self, statuses: dict) -> None:
         eng = self.engine
-        if list(self._model_rows) != eng.registry.names():
-            self._model_rows = {n: self._model_row(n) for n in eng.registry.names()}
-            self.models_box.children = [_model_line(r) for r in self._model_rows.values()] \
+        if list(self.model_lines) != eng.registry.names():
+            self.model_lines = {n: self._model_line(n) for n in eng.registry.names()}
+            self.models_box.children = [_model_box(r) for r in self.model_lines.values()] \
                 or [w.HTML("<i>no models registered</i>")]
-        pending = {what.split(" ", 1)[1] for what, f in self._pending
+        pending = {what.split(" ", 1)[1] for what, f in self.pending
                    if what.startswith("load ")}
-        for name, row in self._model_rows.items():
-            spec = eng.registry.get(name)
-            states, foot, loads, used = [], [], [], []
-            for worker in eng.placement.get(name, []):
-                info = statuses.get(worker, {}).get("models", {}).get(name)
-                state = _state(info, queued=name in pending)
-                states.append(f"{worker}: {state}")
-                if info and info.get("state") == "loaded":
-                    foot.append(info.get("accounted") or 0)
-                    loads.append(info.get("load_seconds") or 0)
-                    used.append(info.get("last_used") or 0)
-            devices = ", ".join(eng.workers[x].device for x in eng.placement.get(name, [])
-                                if x in eng.workers)
-            row["info"].value = (f"<b>{html.escape(name)}</b> {spec.format}, "
-                                 f"{human_bytes(spec.size_bytes)} &rarr; {devices}")
-            row["state"].value = html.escape("; ".join(states))
-            row["cost"].value = (f"footprint {human_bytes(max(foot))}, load {max(loads):.2f}s, "
-                                 f"last used {_ago(max(used))}" if foot else "")
+        devices = {n: x.device for n, x in eng.workers.items()}
+        for row in model_rows(list(eng.registry), eng.placement, devices, statuses):
+            line = self.model_lines[row.name]
+            queued = row.name in pending
+            line["info"].value = (f"<b>{html.escape(row.name)}</b> {row.format}, "
+                                  f"{human_bytes(row.size_bytes)} &rarr; "
+                                  f"{', '.join(row.devices)}")
+            line["state"].value = html.escape(row.state_text(lambda s: _state(s, queued)))
+            line["cost"].value = (f"footprint {human_bytes(row.footprint)}, load "
+                                  f"{row.load_seconds:.2f}s, last used {_ago(row.last_used)}"
+                                  if row.loaded else "")
 
-    def _model_row(self, name: str) -> dict[str, w.Widget]:
+    def _model_line(self, name: str) -> dict[str, w.Widget]:
         info = w.HTML(layout=w.Layout(width="260px"))
         state = w.HTML(layout=w.Layout(flex="1 1 160px")).add_class(f"nbtool-state-{name}")
         cost = w.HTML(layout=w.Layout(flex="1 1 220px"))
@@ -234,7 +227,7 @@ class Dashboard:
 
     def _settle_pending(self) -> None:
         still = []
-        for what, fut in self._pending:
+        for what, fut in self.pending:
             if not fut.done():
                 still.append((what, fut))
                 continue
@@ -243,14 +236,14 @@ class Dashboard:
                 self.message.value = f"done: {html.escape(what)}"
             except Exception as e:
                 self.message.value = _error_html(f"{what} failed: {e}")
-        self._pending = still
+        self.pending = still
 
     # -- actions ------------------------------------------------------------------------
     def load(self, name: str) -> None:
         """Start loading a model on its workers (the button's action)."""
         try:
             for fut in self.engine.start_load(name).values():
-                self._pending.append((f"load {name}", fut))
+                self.pending.append((f"load {name}", fut))
             self.message.value = f"loading {html.escape(name)}..."
         except Exception as e:
             self.message.value = _error_html(f"load {name} failed: {e}")
@@ -262,11 +255,11 @@ class Dashboard:
             # restarted workers: finished ones are reported and let go, this model's
             # unfinished ones cancelled (it must not come back).
             self._settle_pending()
-            for _, fut in [p for p in self._pending if p[0] == f"load {name}"]:
+            for _, fut in [p for p in self.pending if p[0] == f"load {name}"]:
                 fut.cancel()
-            self._pending = [p for p in self._pending if p[0] != f"load {name}"]
+            self.pending = [p for p in self.pending if p[0] != f"load {name}"]
             fut = self._threads.submit(self.engine.unload, name, True)
-            self._pending.append((f"hard unload {name}", fut))
+            self.pending.append((f"hard unload {name}", fut))
             self.message.value = f"restarting the workers that held {html.escape(name)}..."
             return
         try:
@@ -330,7 +323,7 @@ def parse_chunk_size(text: str) -> int | None:
     raise ValueError(f"chunk size: expected 'auto' or a positive whole number, got {text!r}")
 
 
-def _model_line(row: dict[str, w.Widget]) -> w.HBox:
+def _model_box(row: dict[str, w.Widget]) -> w.HBox:
     """One model's line: what it is, its state, its cost, then its buttons as one block
     that wraps to a second line in a narrow output (never shrunk: labels stay whole)."""
     buttons = w.HBox([row["load"], row["unload"], row["hard"]],
@@ -364,9 +357,9 @@ def _candidate_inputs(ns: dict) -> list[str]:
     return sorted(out)
 
 
-def _state(info: dict | None, queued: bool) -> str:
-    """The engine's state text, plus what only the dashboard knows: a load it queued."""
-    state = _state_text(info)
+def _state(info: ModelState, queued: bool) -> str:
+    """The state's text, plus what only the dashboard knows: a load it queued."""
+    state = info.describe()
     if queued and state in ("not loaded", "unloaded", "evicted"):
         return "loading (queued)"
     return {"unloaded": "not loaded (unloaded)", "evicted": "not loaded (evicted)",

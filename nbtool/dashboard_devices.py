@@ -1,17 +1,18 @@
 """The dashboard's "Devices" section: per worker its memory now and over the last minutes
 (a sparkline) and the rows/s it predicts; per GPU its utilisation and memory from NVML.
 
-Rates come from the workers' cumulative counters (``worker_status()["throughput"]``):
+Rates come from the workers' cumulative counters (``WorkerStatus.throughput``):
 the change between refreshes over the wall time between them. A worker that restarted
 (a new pid) starts its counters again, so its rate starts again too.
 
 Example:
+    >>> from nbtool.wire import WorkerStatus
     >>> section = DeviceSection()
-    >>> status = {"pid": 1, "device": "cpu:0", "memory_in_use": 8e8, "budget": 4e9,
-    ...           "resident_bytes": 1e8, "lru_order": ["cnn"],
-    ...           "throughput": {"rows": 0, "busy_seconds": 0.0}}
+    >>> status = WorkerStatus("cpu0", "cpu:0", budget=4 * 10**9, pid=1, memory_in_use=8 * 10**8,
+    ...                       resident_bytes=10**8, lru_order=["cnn"],
+    ...                       throughput={"rows": 0, "busy_seconds": 0.0})
     >>> section.update({"cpu0": status}, now=0.0)
-    >>> status["throughput"] = {"rows": 2000, "busy_seconds": 0.5}
+    >>> status.throughput = {"rows": 2000, "busy_seconds": 0.5}
     >>> section.update({"cpu0": status}, now=1.0)
     >>> row = section.bars.rows[0]
     >>> row["rate"], row["busy"], row["history"]
@@ -26,6 +27,7 @@ import time
 from ._widgets import MemoryBars
 from .gpu_monitor import GpuMonitor
 from .samples import SampleWindow
+from .wire import WorkerStatus
 
 #: How far back the sparklines reach (seconds).
 HISTORY_SECONDS = 300.0
@@ -50,23 +52,23 @@ class DeviceSection:
         self.gpus = GpuMonitor()
         self._pids: dict[str, int] = {}
 
-    def update(self, statuses: dict[str, dict], now: float | None = None) -> None:
-        """Sample every worker's status (``engine._statuses()``) and every GPU, and redraw."""
+    def update(self, statuses: dict[str, WorkerStatus], now: float | None = None) -> None:
+        """Sample every worker's status (``engine.status()``) and every GPU, and redraw."""
         now = time.monotonic() if now is None else now
         rows = []
         for name, s in sorted(statuses.items()):
-            if self._pids.get(name) != s.get("pid"):   # restarted: its counters start at 0
-                self._pids[name] = s.get("pid")
+            if self._pids.get(name) != s.pid:   # restarted: its counters start at 0
+                self._pids[name] = s.pid
                 self.samples.forget(f"rows:{name}")
                 self.samples.forget(f"busy:{name}")
-            counters = s.get("throughput") or {}
-            self.samples.add(f"mem:{name}", int(s["memory_in_use"]), now)
+            counters = s.throughput or {}
+            self.samples.add(f"mem:{name}", int(s.memory_in_use or 0), now)
             if counters:
                 self.samples.add(f"rows:{name}", counters["rows"], now)
                 self.samples.add(f"busy:{name}", counters["busy_seconds"], now)
-            rows.append({"worker": name, "device": s["device"], "used": int(s["memory_in_use"]),
-                         "budget": int(s["budget"]), "resident": int(s["resident_bytes"]),
-                         "models": ", ".join(s["lru_order"]),
+            rows.append({"worker": name, "device": s.device, "used": int(s.memory_in_use or 0),
+                         "budget": int(s.budget), "resident": int(s.resident_bytes),
+                         "models": ", ".join(s.lru_order),
                          "history": self.samples.series(f"mem:{name}"),
                          "rate": self.samples.rate(f"rows:{name}", RATE_SECONDS),
                          "busy": self.samples.rate(f"busy:{name}", RATE_SECONDS)})

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 from dask.utils import parse_bytes
 
 from .errors import PlacementError
+from .settings import as_bytes
 
 FAKE_GPUS_ENV = "NBTOOL_FAKE_GPUS"
 
@@ -51,6 +52,7 @@ class GPU:
 
     @property
     def label(self) -> str:
+        """The device name workers and placement use: ``gpu:<index>``."""
         return f"gpu:{self.index}"
 
 
@@ -140,8 +142,7 @@ def parse_inventory(text: str) -> list[GPU]:
     try:
         items = json.loads(text)
         return [GPU(int(d["index"]), str(d.get("name", "fake")),
-                    parse_bytes(d["memory_total"]) if isinstance(d["memory_total"], str)
-                    else int(d["memory_total"]), str(d.get("uuid", "")))
+                    as_bytes(d["memory_total"]), str(d.get("uuid", "")))
                 for d in items]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
@@ -217,7 +218,7 @@ def plan_workers(gpus: list[GPU], *, n_workers: int | None = None,
 
     cores = cores or os.cpu_count() or 1
     total_memory = total_memory or psutil.virtual_memory().total
-    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
+    budget = None if memory_budget is None else as_bytes(memory_budget)
     if gpus:
         if n_workers not in (None, len(gpus)):
             raise ValueError(
@@ -275,6 +276,7 @@ class WorkerInfo:
 
     @property
     def kind(self) -> str:
+        """``"gpu"`` or ``"cpu"``: what ``device="gpu"`` matches."""
         return self.device.split(":", 1)[0]
 
 

@@ -1,39 +1,35 @@
-"""The errors nbtool raises.
+"""Every error nbtool raises on purpose, and how they cross between processes.
 
 Every message names the thing (model, file, worker), says what was expected and what was
-found, and ends with the fix. All of them derive from :class:`NbtoolError`, so
-``except nbtool.errors.NbtoolError`` catches everything nbtool raises on purpose.
+found, and ends with the fix. All derive from :class:`NbtoolError`, so ``except
+nbtool.errors.NbtoolError`` catches everything nbtool raises on purpose.
 
 Example:
-    >>> from nbtool.errors import ModelNotFound
-    >>> raise ModelNotFound("cnm", known=["cnn", "mlp"])
-    Traceback (most recent call last):
-    ...
-    nbtool.errors.ModelNotFound: no model named 'cnm' is registered; did you mean 'cnn'? ...
+    >>> str(ModelNotFound("cnm", known=["cnn", "mlp"]))  # doctest: +ELLIPSIS
+    "no model named 'cnm' is registered; did you mean 'cnn'? ..."
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import inspect
+from typing import Sequence
 
 
 class NbtoolError(Exception):
     """Base class of every error nbtool raises on purpose.
 
-    Errors travel between processes (a worker's error reaches the notebook pickled), and
-    an exception pickles as its class and ``args``, which for these is the message, not the
-    arguments ``__init__`` takes. So every subclass's ``__init__`` is wrapped, once, here,
-    to record the arguments it was called with, and unpickling calls it again with them:
-    no class writes its own ``__reduce__``, and none can forget an argument.
+    Errors cross processes pickled, and an exception pickles as its class and ``args`` (the
+    message here). So each subclass's ``__init__`` is wrapped once, here: it records its
+    arguments for unpickling to call it again with (no class writes a ``__reduce__``), and
+    keeps each as an attribute of its name (``e.model``...).
 
     Example:
         >>> import pickle
-        >>> issubclass(ModelNotFound, NbtoolError)
-        True
         >>> e = ModelNotFound("cnm", known=["cnn"], register_hint="%nbtool register cnm x")
-        >>> str(pickle.loads(pickle.dumps(e))) == str(e)
-        True
+        >>> e.name, str(pickle.loads(pickle.dumps(e))) == str(e)
+        ('cnm', True)
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -41,25 +37,54 @@ class NbtoolError(Exception):
         init = cls.__dict__.get("__init__")
         if init is None:
             return
+        signature = inspect.signature(init)
 
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
             if "_init_args" not in self.__dict__:   # the outermost call: the real arguments
                 self._init_args = (args, kw)
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                self.__dict__.update(list(bound.arguments.items())[1:])   # after self
             init(self, *args, **kw)
 
         cls.__init__ = recording_init
 
-    def __reduce__(self):
+    def __reduce__(self):   # unpickled as its class called with the arguments it was given
         args, kw = self.__dict__.get("_init_args", (self.args, {}))
-        return (_rebuild, (type(self), args, kw))
+        return functools.partial(type(self), *args, **kw), ()
+
+    # KeyError and OSError subclasses print their message differently; every one reads as is.
+    __str__ = Exception.__str__
 
 
-def _rebuild(cls, args, kw):
-    """Unpickle an nbtool error: its class called with the arguments it was made with."""
-    return cls(*args, **kw)
+def _end(text: str) -> str:
+    """``text`` ending in one period: none added after one, or after a cut's "..."."""
+    text = str(text).rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
+def _who(model: str | None, path, otherwise: str) -> str:
+    """How a message names its model: ``model 'cnn' (cnn.keras)``, else ``otherwise``."""
+    return f"model {model!r} ({path})" if model else otherwise
+
+
+def _on(worker: str | None) -> str:
+    return f" on worker {worker!r}" if worker else ""
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    r"""The first line of a library's error message, cut at ``limit`` characters.
+
+    Example:
+        >>> first_line("ValueError: bad magic\n  at line 3")
+        'ValueError: bad magic'
+    """
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+# -- registering: names, files, options ---------------------------------------------------
 class ModelNotFound(NbtoolError, KeyError):
     """A model name that is not registered.
 
@@ -68,41 +93,30 @@ class ModelNotFound(NbtoolError, KeyError):
         "no model named 'cnm' is registered; did you mean 'cnn'? ..."
     """
 
-    def __init__(self, name: str, known: list[str] | tuple[str, ...] = (),
-                 register_hint: str | None = None):
-        self.name = name
+    def __init__(self, name: str, known: Sequence[str] = (), register_hint: str | None = None):
         self.known = sorted(known)
         close = difflib.get_close_matches(name, self.known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         listing = ", ".join(repr(k) for k in self.known[:10]) or "none yet"
         if len(self.known) > 10:
             listing += f" and {len(self.known) - 10} more (eng.models() lists them)"
-        super().__init__(
-            f"no model named {name!r} is registered; {hint}registered: {listing}. "
-            "Register it first with "
-            + (register_hint or f"eng.register({name!r}, 'path/to/model.keras')") + "."
-        )
-
-    # KeyError's str() adds quotes around the message; keep it readable.
-    __str__ = Exception.__str__
-
+        how = register_hint or f"eng.register({name!r}, 'path/to/model.keras')"
+        super().__init__(f"no model named {name!r} is registered; {hint}registered: "
+                         f"{listing}. Register it first with {how}.")
 
 
 class ModelFileError(NbtoolError, FileNotFoundError):
     """A model file that is missing, unreadable or corrupt.
 
     Example:
-        >>> str(ModelFileError("cnn", "models/cnn.keras", "the file does not exist",
-        ...     "check the path"))
-        "model 'cnn' (models/cnn.keras): the file does not exist. Fix: check the path."
+        >>> str(ModelFileError("cnn", "cnn.keras", "it does not exist", "check the path"))
+        "model 'cnn' (cnn.keras): it does not exist. Fix: check the path."
     """
 
     def __init__(self, model: str | None, path: str, problem: str, fix: str):
-        self.model, self.path, self.problem, self.fix = model, str(path), problem, fix
-        who = f"model {model!r} ({path})" if model else f"file {path}"
-        super().__init__(f"{who}: {_end(problem)} Fix: {_end(fix)}")
-
-    __str__ = Exception.__str__
+        self.path = str(path)
+        super().__init__(f"{_who(model, path, f'file {path}')}: {_end(problem)} "
+                         f"Fix: {_end(fix)}")
 
 
 class UnsupportedFormat(NbtoolError, ValueError):
@@ -114,205 +128,31 @@ class UnsupportedFormat(NbtoolError, ValueError):
     """
 
     def __init__(self, model: str | None, path: str, found: str | None = None):
-        self.model, self.path, self.found = model, str(path), found
-        what = found or f"a file ending in {_suffix(path)!r}"
+        self.path = str(path)
+        name = str(path).rsplit("/", 1)[-1]
+        suffix = "." + name.rsplit(".", 1)[-1] if "." in name else "(no suffix)"
+        what = found or f"a file ending in {suffix!r}"
         super().__init__(
             f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras, .h5 "
             "or .tflite file, or a TensorFlow SavedModel directory (one with saved_model.pb). "
             "Fix: save the model with model.save('name.keras'), or model.export('dir') for "
-            "a SavedModel."
-        )
-
-    __str__ = Exception.__str__
-
-
-
-class ModelLoadError(NbtoolError, RuntimeError):
-    """A model file that exists but could not be loaded on a worker.
-
-    Example:
-        >>> str(ModelLoadError("cnn", "cnn.keras", "gpu0", "bad zip", "re-save it"))
-        "model 'cnn' (cnn.keras) failed to load on worker 'gpu0': bad zip. Fix: re-save it."
-    """
-
-    def __init__(self, model: str, path: str, worker: str | None, reason: str, fix: str):
-        self.model, self.path, self.worker, self.reason, self.fix = (
-            model, str(path), worker, reason, fix)
-        where = f" on worker {worker!r}" if worker else ""
-        super().__init__(f"model {model!r} ({path}) failed to load{where}: {_end(reason)} "
-                         f"Fix: {_end(fix)}")
-
-
-
-class ModelFileChanged(NbtoolError, RuntimeError):
-    """A model file that changed (re-saved in place) since it was registered: a worker
-    refuses to load it under the old registration, so a run never mixes old and new weights.
-
-    Example:
-        >>> str(ModelFileChanged("cnn", "cnn.keras", "1048-1", "2096-2"))  # doctest: +ELLIPSIS
-        "model 'cnn' (cnn.keras): the file changed since it was registered (registered 1048-1, now 2096-2). Fix: eng.register('cnn', 'cnn.keras') again to use the new file..."
-    """
-
-    def __init__(self, model: str, path: str, registered: str, now: str,
-                 worker: str | None = None):
-        self.model, self.path, self.registered, self.now, self.worker = (
-            model, str(path), registered, now, worker)
-        where = f" on worker {worker!r}" if worker else ""
-        super().__init__(
-            f"model {model!r} ({path}): the file changed since it was registered{where} "
-            f"(registered {registered}, now {now}). Fix: eng.register({model!r}, "
-            f"{str(path)!r}) again to use the new file (fingerprints are size-mtime; a worker "
-            "that sees another copy of the file needs the same one).")
-
-
-
-class BatchAxisMismatch(NbtoolError, RuntimeError):
-    """A model whose output's first axis is not the rows it was given: its outputs would
-    be wrong (a batch size built in, or a reshape that merges rows), so they are refused.
-
-    Example:
-        >>> str(BatchAxisMismatch("pose", "pose.tflite", 0, 64, (1, 128, 2)))  # doctest: +ELLIPSIS
-        "model 'pose' (pose.tflite) returned output 0 of shape (1, 128, 2) for a batch of 64 rows; expected 64 rows first. ..."
-    """
-
-    def __init__(self, model: str | None, path: str | None, output: int, rows: int,
-                 shape: tuple):
-        self.model, self.path, self.output, self.rows, self.shape = (
-            model, path, output, rows, tuple(shape))
-        who = f"model {model!r} ({path})" if model else "the model"
-        again = f"eng.register({model!r}, {str(path)!r}, batch_size=1)" if model \
-            else "register it with batch_size=1"
-        super().__init__(
-            f"{who} returned output {output} of shape {self.shape} for a batch of {rows} "
-            f"rows; expected {rows} rows first. Its batch axis does not follow the input's "
-            "(a batch size built into the model, or a reshape that merges rows), so nbtool "
-            f"refuses outputs that would be wrong. Fix: run it one row at a time: {again}; "
-            "or export the model with a batch axis that can vary.")
-
-
-
-class InputMismatch(NbtoolError, ValueError):
-    """An input whose shape or dtype does not fit a model; raised before anything runs.
-
-    Example:
-        >>> str(InputMismatch("mlp", "mlp.h5", "rows of shape (8,)", "rows of shape (3,)",
-        ...     "reshape the input"))
-        "model 'mlp' (mlp.h5) expects rows of shape (8,), got rows of shape (3,). Fix: reshape the input."
-    """
-
-    def __init__(self, model: str | None, path: str | None, expected: str, found: str, fix: str):
-        self.model, self.path, self.expected, self.found, self.fix = (
-            model, path, expected, found, fix)
-        who = f"model {model!r} ({path})" if model else "the input"
-        super().__init__(f"{who} expects {expected}, got {_end(found)} Fix: {_end(fix)}")
-
-
-
-class PlacementError(NbtoolError, ValueError):
-    """A device request that no worker of the cluster can satisfy.
-
-    Example:
-        >>> str(PlacementError("cnn", "gpu:3", ["cpu:0", "cpu:1"], "start with gpus=[3]"))
-        "model 'cnn' asks for device 'gpu:3', but the cluster has cpu:0, cpu:1. Fix: start with gpus=[3]."
-    """
-
-    def __init__(self, model: str, device: str, available: list[str], fix: str,
-                 replicas: int = 1):
-        self.model, self.device, self.available, self.fix, self.replicas = (
-            model, device, available, fix, replicas)
-        have = ", ".join(available) or "no workers"
-        on = f" on {replicas} workers" if replicas > 1 else ""
-        super().__init__(f"model {model!r} asks for device {device!r}{on}, but the cluster "
-                         f"has {have}. Fix: {_end(fix)}")
-
-
-
-class ChunkError(NbtoolError, RuntimeError):
-    """One (model, chunk) task that failed; its rows are NaN in the result.
-
-    ``traceback`` holds the worker's traceback as text (it travels with the error, so the
-    worker's log keeps one line per failure and ``res.errors[0].traceback`` has the frames).
-
-    Example:
-        >>> e = ChunkError("cnn", 3, (300, 400), "cpu0", "ValueError: boom")
-        >>> str(e)  # doctest: +ELLIPSIS
-        "model 'cnn' failed on chunk 3 (rows 300:400) on worker 'cpu0': ValueError: boom. ..."
-    """
-
-    def __init__(self, model: str, chunk: int, rows: tuple[int, int], worker: str | None,
-                 reason: str, traceback: str | None = None):
-        self.model, self.chunk, self.rows, self.worker, self.reason = (
-            model, chunk, tuple(rows), worker, reason)
-        self.traceback = traceback
-        where = f" on worker {worker!r}" if worker else ""
-        # Only what this chunk knows: whether other chunks succeeded is the Prediction's say.
-        super().__init__(
-            f"model {model!r} failed on chunk {chunk} (rows {rows[0]}:{rows[1]}){where}: "
-            f"{_end(reason)} Its rows are NaN in the result; rerun just these rows with "
-            f"eng.predict([{model!r}], x[{rows[0]}:{rows[1]}]) once the cause is fixed.")
-
-
-
-class ChunkCancelled(NbtoolError, RuntimeError):
-    """A chunk that stopped between two batches because its run was cancelled: nobody
-    wants its result, and the worker is free for the next run at once.
-
-    Example:
-        >>> str(ChunkCancelled())
-        'the chunk stopped: its prediction run was cancelled.'
-    """
-
-    def __init__(self):
-        super().__init__("the chunk stopped: its prediction run was cancelled.")
-
-
-
-class PredictionFailed(NbtoolError, RuntimeError):
-    """Raised by ``Prediction.raise_for_errors()`` when any chunk failed.
-
-    ``kept`` is how many chunks succeeded and were kept, when the caller knows it; the
-    message claims nothing about the rest otherwise.
-
-    Example:
-        >>> err = PredictionFailed([ChunkError("cnn", 0, (0, 10), None, "boom")], kept=0)
-        >>> len(err.errors), str(err).splitlines()[0]
-        (1, '1 part(s) of the prediction failed and none succeeded:')
-    """
-
-    def __init__(self, errors: list[Exception], kept: int | None = None):
-        self.errors = list(errors)
-        self.kept = kept
-        lines = "\n".join(f"  - {e}" for e in self.errors[:10])
-        more = f"\n  ... and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
-        if kept is None:
-            rest = " (rows of failed chunks are NaN in the Prediction)"
-        elif kept == 0:
-            rest = " and none succeeded"
-        else:
-            rest = (f"; the {kept} chunk(s) that succeeded were kept in the Prediction (rows "
-                    "of failed chunks are NaN)")
-        super().__init__(f"{len(self.errors)} part(s) of the prediction failed{rest}:\n"
-                         f"{lines}{more}")
-
+            "a SavedModel.")
 
 
 class UntrustedModel(NbtoolError, ValueError):
-    """A model file that runs code of its own when loaded, registered without
-    ``trusted=True``; refused at register, before any worker opens it.
+    """A model file that runs code when loaded, registered without ``trusted=True``.
 
     Example:
-        >>> str(UntrustedModel("lam", "lam.keras", "a Lambda layer 'lambda'",
-        ...     "Keras refuses to deserialize it in safe mode"))  # doctest: +ELLIPSIS
-        "model 'lam' (lam.keras): it contains a Lambda layer 'lambda', which Keras refuses ... trusted=True)."
+        >>> str(UntrustedModel("lam", "lam.keras", "a Lambda layer", "runs code"))  # doctest: +ELLIPSIS
+        "model 'lam' (lam.keras): it contains a Lambda layer, which runs code; ... trusted=True)."
     """
 
     def __init__(self, model: str, path: str, found: str, why: str):
-        self.model, self.path, self.found, self.why = model, str(path), found, why
+        self.path = str(path)
         super().__init__(
             f"model {model!r} ({path}): it contains {found}, which {why}; nbtool refuses it "
             f"unless you say you trust the file. Fix: if you trust it, register it with "
             f"trusted=True: eng.register({model!r}, {str(path)!r}, trusted=True).")
-
 
 
 class InvalidModelName(NbtoolError, ValueError):
@@ -325,7 +165,6 @@ class InvalidModelName(NbtoolError, ValueError):
 
     def __init__(self, name: object, suggestion: str, path: str | None = None,
                  limit: int = 100):
-        self.name, self.suggestion, self.path, self.limit = name, suggestion, path, limit
         source = f" (from {path})" if path else ""
         target = repr(str(path)) if path else "..."
         super().__init__(
@@ -333,7 +172,6 @@ class InvalidModelName(NbtoolError, ValueError):
             f"starting with '.', at most {limit} characters (it names files and result "
             f"arrays, where other characters collide or escape). Fix: use a clean name such "
             f"as {suggestion!r}: eng.register({suggestion!r}, {target}).")
-
 
 
 class InvalidOption(NbtoolError, ValueError):
@@ -345,109 +183,144 @@ class InvalidOption(NbtoolError, ValueError):
     """
 
     def __init__(self, model: str | None, option: str, value: object, expected: str, fix: str):
-        self.model, self.option, self.value, self.expected, self.fix = (
-            model, option, value, expected, fix)
         who = f"model {model!r}: " if model else ""
         super().__init__(f"{who}{option}={value!r}; expected {expected}. Fix: pass {fix}.")
 
 
-
-def _suffix(path: str) -> str:
-    name = str(path).rsplit("/", 1)[-1]
-    return "." + name.rsplit(".", 1)[-1] if "." in name else "(no suffix)"
-
-
-def first_line(text: str, limit: int = 300) -> str:
-    r"""The first line of a (library's) error message, cut at ``limit`` characters: what an
-    nbtool error quotes as its reason.
+class PlacementError(NbtoolError, ValueError):
+    """A device request that no worker of the cluster can satisfy.
 
     Example:
-        >>> first_line("ValueError: bad magic\n  at line 3")
-        'ValueError: bad magic'
+        >>> str(PlacementError("cnn", "gpu:3", ["cpu:0", "cpu:1"], "start with gpus=[3]"))
+        "model 'cnn' asks for device 'gpu:3', but the cluster has cpu:0, cpu:1. Fix: start with gpus=[3]."
     """
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= limit else line[:limit] + "..."
+
+    def __init__(self, model: str, device: str, available: list, fix: str, replicas: int = 1):
+        have = ", ".join(available) or "no workers"
+        on = f" on {replicas} workers" if replicas > 1 else ""
+        super().__init__(f"model {model!r} asks for device {device!r}{on}, but the cluster "
+                         f"has {have}. Fix: {_end(fix)}")
 
 
-def _end(text: str) -> str:
-    """``text`` as a sentence ending in one period: a quoted message that already ends
-    with one (or with "..." where it was cut) gets none added, so joins never read "..".
+# -- loading on a worker ------------------------------------------------------------------
+class ModelLoadError(NbtoolError, RuntimeError):
+    """A model file that exists but could not be loaded on a worker.
 
     Example:
-        >>> _end("bad zip"), _end("re-save it."), _end("cut here...")
-        ('bad zip.', 're-save it.', 'cut here...')
+        >>> str(ModelLoadError("cnn", "cnn.keras", "gpu0", "bad zip", "re-save it"))
+        "model 'cnn' (cnn.keras) failed to load on worker 'gpu0': bad zip. Fix: re-save it."
     """
-    text = str(text).rstrip()
-    return text if text.endswith((".", "!", "?")) else text + "."
+
+    def __init__(self, model: str, path: str, worker: str | None, reason: str, fix: str):
+        self.path = str(path)
+        super().__init__(f"model {model!r} ({path}) failed to load{_on(worker)}: "
+                         f"{_end(reason)} Fix: {_end(fix)}")
 
 
-class EngineClosed(NbtoolError, RuntimeError):
-    """An engine used after :meth:`~nbtool.engine.Engine.close`: its cluster is gone.
+class ModelFileChanged(NbtoolError, RuntimeError):
+    """A model file re-saved since it was registered: never loaded under the old name.
 
     Example:
-        >>> str(EngineClosed("predict"))  # doctest: +ELLIPSIS
-        'eng.predict(...): this engine is closed; start a new one with nbtool.start()...'
+        >>> str(ModelFileChanged("cnn", "cnn.keras", "1048-1", "2096-2"))  # doctest: +ELLIPSIS
+        "model 'cnn' (cnn.keras): the file changed since it was registered (registered 1048-1, now 2096-2). Fix: eng.register('cnn', 'cnn.keras') again to use the new file..."
     """
 
-    def __init__(self, method: str | None = None):
-        self.method = method
-        who = f"eng.{method}(...): " if method else ""
+    def __init__(self, model: str, path: str, registered: str, now: str,
+                 worker: str | None = None):
+        self.path = str(path)
         super().__init__(
-            f"{who}this engine is closed; start a new one with nbtool.start() (its cluster "
-            "and workers were shut down, and registrations do not carry over: register the "
-            "models again on the new engine).")
+            f"model {model!r} ({path}): the file changed since it was registered"
+            f"{_on(worker)} (registered {registered}, now {now}). Fix: eng.register("
+            f"{model!r}, {str(path)!r}) again to use the new file (fingerprints are "
+            "size-mtime; a worker that sees another copy of the file needs the same one).")
 
 
-
-class ResultStoreError(NbtoolError, RuntimeError):
-    """A result store (``save="preds.zarr"``) that cannot be used as asked.
-
-    Example:
-        >>> str(ResultStoreError("/data/p.zarr", "it is a file, not a folder",
-        ...                      "save to a new path"))
-        'result store /data/p.zarr: it is a file, not a folder. Fix: save to a new path.'
-    """
-
-    def __init__(self, path: str, problem: str, fix: str):
-        self.path, self.problem, self.fix = str(path), problem, fix
-        super().__init__(f"result store {path}: {problem}. Fix: {_end(fix)}")
-
-
-
-class StoreBusy(ResultStoreError):
-    """Another run is writing the result store right now; this one is refused, not mixed in.
+# -- running ------------------------------------------------------------------------------
+class InputMismatch(NbtoolError, ValueError):
+    """An input whose shape or dtype does not fit a model; raised before anything runs.
 
     Example:
-        >>> issubclass(StoreBusy, ResultStoreError)
-        True
+        >>> str(InputMismatch("mlp", "mlp.h5", "rows of shape (8,)", "(3,)", "reshape it"))
+        "model 'mlp' (mlp.h5) expects rows of shape (8,), got (3,). Fix: reshape it."
     """
 
+    def __init__(self, model: str | None, path: str | None, expected: str, found: str, fix: str):
+        super().__init__(f"{_who(model, path, 'the input')} expects {expected}, got "
+                         f"{_end(found)} Fix: {_end(fix)}")
 
-class StoreRewritten(ResultStoreError):
-    """The result store behind a Prediction was written by another run since: its rows
-    are no longer this Prediction's.
+
+class BatchAxisMismatch(NbtoolError, RuntimeError):
+    """A model whose output's first axis is not the rows it was given (refused: wrong).
 
     Example:
-        >>> issubclass(StoreRewritten, ResultStoreError)
-        True
+        >>> str(BatchAxisMismatch("pose", "pose.tflite", 0, 64, (1, 128, 2)))  # doctest: +ELLIPSIS
+        "model 'pose' (pose.tflite) returned output 0 of shape (1, 128, 2) for a batch of 64 rows; expected 64 rows first. ..."
     """
 
-
-class NoVariantQualifies(NbtoolError, ValueError):
-    """No variant of a model meets the tolerance given to :meth:`Comparison.choose`.
-
-    Example:
-        >>> str(NoVariantQualifies("cnn", "top-1 agreement >= 0.999",
-        ...                        {"cnn@int8": "top-1 agreement 0.97"}))  # doctest: +ELLIPSIS
-        "no variant of model 'cnn' meets top-1 agreement >= 0.999: cnn@int8 has top-1 ..."
-    """
-
-    def __init__(self, model: str, wanted: str, found: dict[str, str]):
-        self.model, self.wanted, self.found = model, wanted, dict(found)
-        have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
+    def __init__(self, model: str | None, path: str | None, output: int, rows: int, shape):
+        self.shape = tuple(shape)
+        again = f"eng.register({model!r}, {str(path)!r}, batch_size=1)" if model \
+            else "register it with batch_size=1"
         super().__init__(
-            f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen the "
-            f"tolerance, try another variant, or keep the original {model!r}.")
+            f"{_who(model, path, 'the model')} returned output {output} of shape {self.shape} "
+            f"for a batch of {rows} rows; expected {rows} rows first. Its batch axis does not "
+            "follow the input's (a batch size built into the model, or a reshape that merges "
+            f"rows), so nbtool refuses outputs that would be wrong. Fix: run it one row at a "
+            f"time: {again}; or export the model with a batch axis that can vary.")
+
+
+class ChunkError(NbtoolError, RuntimeError):
+    """One (model, chunk) task that failed; its rows are NaN in the result.
+
+    ``traceback`` is the worker's, as text: ``res.errors[0].traceback`` has the frames.
+
+    Example:
+        >>> str(ChunkError("cnn", 3, (300, 400), "cpu0", "ValueError: boom"))  # doctest: +ELLIPSIS
+        "model 'cnn' failed on chunk 3 (rows 300:400) on worker 'cpu0': ValueError: boom. ..."
+    """
+
+    def __init__(self, model: str, chunk: int, rows: tuple[int, int], worker: str | None,
+                 reason: str, traceback: str | None = None):
+        self.rows = tuple(rows)
+        # Only what this chunk knows: whether other chunks succeeded is the Prediction's say.
+        super().__init__(
+            f"model {model!r} failed on chunk {chunk} (rows {rows[0]}:{rows[1]}){_on(worker)}"
+            f": {_end(reason)} Its rows are NaN in the result; rerun just these rows with "
+            f"eng.predict([{model!r}], x[{rows[0]}:{rows[1]}]) once the cause is fixed.")
+
+
+class ChunkCancelled(NbtoolError, RuntimeError):
+    """A chunk that stopped between two batches because its run was cancelled.
+
+    Example:
+        >>> str(ChunkCancelled())
+        'the chunk stopped: its prediction run was cancelled.'
+    """
+
+    def __init__(self):
+        super().__init__("the chunk stopped: its prediction run was cancelled.")
+
+
+class PredictionFailed(NbtoolError, RuntimeError):
+    """Raised by ``Prediction.raise_for_errors()`` when any chunk failed.
+
+    ``kept``: how many chunks succeeded, when the caller knows (else nothing is claimed).
+
+    Example:
+        >>> err = PredictionFailed([ChunkError("cnn", 0, (0, 10), None, "boom")], kept=0)
+        >>> len(err.errors), str(err).splitlines()[0]
+        (1, '1 part(s) of the prediction failed and none succeeded:')
+    """
+
+    def __init__(self, errors: list[Exception], kept: int | None = None):
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors[:10])
+        more = f"\n  ... and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
+        rest = (" (rows of failed chunks are NaN in the Prediction)" if kept is None else
+                " and none succeeded" if kept == 0 else f"; the {kept} chunk(s) that "
+                "succeeded were kept in the Prediction (rows of failed chunks are NaN)")
+        super().__init__(f"{len(self.errors)} part(s) of the prediction failed{rest}:\n"
+                         f"{lines}{more}")
 
 
 class CombineError(NbtoolError, ValueError):
@@ -459,9 +332,68 @@ class CombineError(NbtoolError, ValueError):
     """
 
     def __init__(self, method, reason: str):
-        self.method, self.reason = method, reason
-        super().__init__(
-            f"combine={method!r} is not possible: {reason}. The per-model outputs are kept "
-            "in the Prediction; fix: predict with combine=None, or with models whose "
-            "outputs have the same shape.")
+        super().__init__(f"combine={method!r} is not possible: {reason}. The per-model "
+                         "outputs are kept in the Prediction; fix: predict with combine=None, "
+                         "or with models whose outputs have the same shape.")
 
+
+class EngineClosed(NbtoolError, RuntimeError):
+    """An engine used after :meth:`~nbtool.engine.Engine.close`: its cluster is gone.
+
+    Example:
+        >>> str(EngineClosed("predict"))  # doctest: +ELLIPSIS
+        'eng.predict(...): this engine is closed; start a new one with nbtool.start()...'
+    """
+
+    def __init__(self, method: str | None = None):
+        who = f"eng.{method}(...): " if method else ""
+        super().__init__(f"{who}this engine is closed; start a new one with nbtool.start() "
+                         "(its cluster and workers were shut down, and registrations do not "
+                         "carry over: register the models again on the new engine).")
+
+
+# -- result stores and variants -------------------------------------------------------------
+class ResultStoreError(NbtoolError, RuntimeError):
+    """A result store (``save="preds.zarr"``) that cannot be used as asked.
+
+    Example:
+        >>> str(ResultStoreError("/data/p.zarr", "it is a file", "save to a new path"))
+        'result store /data/p.zarr: it is a file. Fix: save to a new path.'
+    """
+
+    def __init__(self, path: str, problem: str, fix: str):
+        self.path = str(path)
+        super().__init__(f"result store {path}: {problem}. Fix: {_end(fix)}")
+
+
+class StoreBusy(ResultStoreError):
+    """Another run is writing the result store now; this one is refused, not mixed in.
+
+    Example:
+        >>> str(StoreBusy("p.zarr", "run 1a2b is writing it now", "wait"))  # doctest: +ELLIPSIS
+        'result store p.zarr: run 1a2b is writing it now. Fix: wait.'
+    """
+
+
+class StoreRewritten(ResultStoreError):
+    """Another run wrote the result store behind a Prediction: its rows are not its own.
+
+    Example:
+        >>> isinstance(StoreRewritten("p.zarr", "it was rewritten", "reopen it"), StoreBusy)
+        False
+    """
+
+
+class NoVariantQualifies(NbtoolError, ValueError):
+    """No variant of a model meets the tolerance given to :meth:`Comparison.choose`.
+
+    Example:
+        >>> str(NoVariantQualifies("cnn", "agreement >= 0.99", {"cnn@int8": "0.97"}))
+        "no variant of model 'cnn' meets agreement >= 0.99: cnn@int8 has 0.97. Fix: loosen the tolerance, try another variant, or keep the original 'cnn'."
+    """
+
+    def __init__(self, model: str, wanted: str, found: dict[str, str]):
+        self.found = dict(found)
+        have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
+        super().__init__(f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen "
+                         f"the tolerance, try another variant, or keep the original {model!r}.")

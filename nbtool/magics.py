@@ -16,11 +16,8 @@ Example (in a notebook)::
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
-import keyword
-import shlex
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -28,35 +25,23 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .errors import ModelNotFound, NbtoolError
+from .magic_args import (batch_size_flag, check_choice, check_size, check_variable_name,
+                         device_option, gpus_arg, replicas_option, split_line, trusted_option,
+                         whole_number)
 
 SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
                "dashboard", "stop", "optimize")
 
 
-def _gpus(text: str) -> str:
-    """argparse type for --gpus: 'auto', 'none', or GPU indices like 0,1."""
-    if text in ("auto", "none") or all(g.strip().isdigit() for g in text.split(",")):
-        return text
-    raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or GPU indices like 0,1, got "
-                                     f"{text!r}. Fix: e.g. --gpus 0,1")
-
-
-def _whole_number(text: str) -> int:
-    """argparse type: a count of rows, workers or replicas; 0 and negatives are refused."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = None
-    if n is None or n < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1, got {text!r}. Fix: pass e.g. 2, or leave the "
-            "option out for the default")
-    return n
-
-
 @magics_class
 class Nbtool(Magics):
-    """The nbtool magics. Settings: ``%config Nbtool`` lists them."""
+    """The nbtool magics. Settings: ``%config Nbtool`` lists them.
+
+    Example:
+        >>> ip = get_ipython()                                   # doctest: +SKIP
+        >>> ip.run_line_magic("load_ext", "nbtool")              # doctest: +SKIP
+        >>> ip.run_line_magic("config", "Nbtool.chunk_size = 2048")  # doctest: +SKIP
+    """
 
     chunk_size = Int(None, allow_none=True, help="Rows per chunk when %%infer gets no "
                      "--chunk-size (None: nbtool picks).").tag(config=True)
@@ -108,12 +93,13 @@ class Nbtool(Magics):
                                       for f in self._subcommand_handlers())))
 
     def _engine(self):
-        from .engine import _default_engine
+        from .session import current_engine
 
-        if _default_engine is None:
+        eng = current_engine()
+        if eng is None:
             raise UsageError("no nbtool engine is running. Start one with %nbtool start "
                              "(or eng = nbtool.start()).")
-        return _default_engine
+        return eng
 
     def _check_models(self, names: list[str]) -> None:
         eng = self._engine()
@@ -124,9 +110,9 @@ class Nbtool(Magics):
                     register_hint=f"%nbtool register {n} path/to/model.keras")))
 
     @magic_arguments(name="nbtool start")
-    @argument("--gpus", type=_gpus, default="auto", help="'auto' (every GPU NVML finds), "
+    @argument("--gpus", type=gpus_arg, default="auto", help="'auto' (every GPU NVML finds), "
               "'none' (CPU workers), or indices like 0,1")
-    @argument("--workers", type=_whole_number, default=None,
+    @argument("--workers", type=whole_number, default=None,
               help="CPU workers (default: one per core)")
     @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
     @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
@@ -135,7 +121,7 @@ class Nbtool(Magics):
         import nbtool
 
         # Refuse what can be refused before the old engine goes, so a typo does not cost it.
-        _check_size(args.memory_budget, "--memory-budget")
+        check_size(args.memory_budget, "--memory-budget")
         if args.address is None:
             from .devices import discover_gpus, select_gpus
 
@@ -143,8 +129,9 @@ class Nbtool(Magics):
         if self._started is not None:   # re-running the cell restarts cleanly
             self._started.close()
             self._started = None
-        eng = self._started = nbtool.start(address=args.address, gpus=args.gpus, n_workers=args.workers,
-                           memory_budget=args.memory_budget or self.memory_budget)
+        eng = self._started = nbtool.start(
+            address=args.address, gpus=args.gpus, n_workers=args.workers,
+            memory_budget=args.memory_budget or self.memory_budget)
         self.shell.user_ns.setdefault("eng", eng)
         return eng
 
@@ -152,23 +139,15 @@ class Nbtool(Magics):
     @argument("name", help="the model's name")
     @argument("path", help="a .keras, .h5 (Keras 2 or 3) or .tflite file, or a SavedModel "
               "directory (that one needs --trusted)")
-    @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
-    @argument("--replicas", type=_whole_number, default=1,
-              help="workers that hold it (default 1)")
+    @device_option
+    @replicas_option("workers that hold it (default 1)")
     @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
               "for a quick sweep at first load")
-    @argument("--trusted", action="store_true", help="allow files that run code "
-              "when loaded: Lambda layers (Python stored in the file) and SavedModel "
-              "directories")
+    @trusted_option
     def _register(self, args):
         """Register a model file under a name."""
         eng = self._engine()
-        batch = args.batch_size
-        if batch is not None and batch != "auto":
-            if not batch.isdigit() or int(batch) < 1:
-                raise UsageError(f"--batch-size {batch}: expected a whole number >= 1 or "
-                                 "'auto'.")
-            batch = int(batch)
+        batch = batch_size_flag(args.batch_size)
         eng.register(args.name, args.path, device=args.device, replicas=args.replicas,
                      batch_size=batch, trusted=args.trusted)
         return eng.models()
@@ -176,12 +155,9 @@ class Nbtool(Magics):
     @magic_arguments(name="nbtool register-dir")
     @argument("path", help="a folder of .keras/.h5/.tflite files and SavedModel "
               "directories")
-    @argument("--device", default="auto", help="auto, cpu, gpu or one device like gpu:1")
-    @argument("--replicas", type=_whole_number, default=1,
-              help="workers that hold each model")
-    @argument("--trusted", action="store_true", help="allow files that run code "
-              "when loaded: Lambda layers (Python stored in the file) and SavedModel "
-              "directories")
+    @device_option
+    @replicas_option("workers that hold each model")
+    @trusted_option
     def _register_dir(self, args):
         """Register every model inside a folder, named after its file."""
         eng = self._engine()
@@ -252,11 +228,7 @@ class Nbtool(Magics):
         from .optimize import VARIANTS
 
         for v in args.variants:
-            if v not in VARIANTS:
-                close = difflib.get_close_matches(v, list(VARIANTS), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise UsageError(f"--variants {v}: not a variant.{hint} Variants: "
-                                 + ", ".join(VARIANTS) + ".")
+            check_choice("--variants", v, VARIANTS, "a variant")
         ev = self.shell.ev
         try:
             cmp = self._engine().optimize(
@@ -273,7 +245,7 @@ class Nbtool(Magics):
     # -- %%infer ---------------------------------------------------------------------------
     @magic_arguments(name="%infer")
     @argument("names", nargs="+", help="the models to run")
-    @argument("--chunk-size", type=_whole_number, default=None, help="rows per chunk")
+    @argument("--chunk-size", type=whole_number, default=None, help="rows per chunk")
     @argument("--combine", default=None, choices=["mean", "vote", "none"],
               help="how to combine the models (default: %%config Nbtool.combine)")
     @argument("--labels", default=None, help="an expression for the true labels: adds "
@@ -293,6 +265,11 @@ class Nbtool(Magics):
         The input is an ndarray, a path to a .npy file, a .zarr array or a folder of
         images, a zarr or Dask array, or ``nbtool.images(folder, size=...)``. The result
         renders below the cell, is bound to --out and is returned (so ``_`` works).
+
+        Example (a cell)::
+
+            %%infer cnn mlp --combine mean --labels y_test --out preds
+            x_test
         """
         args = self.infer.parser.parse_args(split_line(line, "%%infer"))
         self._check_models(args.names)
@@ -344,73 +321,21 @@ class Nbtool(Magics):
 
     # -- completion ------------------------------------------------------------------------
     def complete(self, _shell, event) -> list[str]:
-        """Model names (and for %nbtool, subcommands) for tab completion."""
+        """Model names (and for %nbtool, subcommands) for tab completion.
+
+        Example:
+            >>> get_ipython().complete("", "%nbtool reg")[1]   # doctest: +SKIP
+            ['register', 'register-dir']
+        """
         words = event.line.split()
         typing_first = len(words) == 1 or (len(words) == 2 and not event.line.endswith(" "))
         if words and words[0] == "%nbtool" and typing_first:
             return [s for s in SUBCOMMANDS if s.startswith(event.symbol)]
-        from .engine import _default_engine
+        from .session import current_engine
 
-        names = _default_engine.registry.names() if _default_engine is not None else []
+        eng = current_engine()
+        names = eng.registry.names() if eng is not None else []
         return [n for n in names if n.startswith(event.symbol)]
-
-
-def split_line(line: str, magic: str) -> list[str]:
-    """A magic's line split into words as a shell would (quotes group, and are removed).
-
-    Example:
-        >>> split_line('register cnn "my models/cnn.keras"', "%nbtool")
-        ['register', 'cnn', 'my models/cnn.keras']
-    """
-    try:
-        return shlex.split(line, comments=True)   # `%nbtool models  # note`, as in Python
-    except ValueError as e:   # shlex says only "No closing quotation"
-        raise UsageError(f"{magic} {line}: {str(e).lower()} (a quote opened but never "
-                         "closed). Fix: close the quote, e.g. \"models/my model.keras\", or "
-                         "drop it if the value has no spaces.") from None
-
-
-def check_variable_name(name: str, flag: str = "--out") -> str:
-    """Refuse a name that cannot safely be bound in the notebook's namespace.
-
-    An identifier, not a keyword (``class``), not a dunder: binding ``__builtins__`` or
-    the like breaks the namespace itself (the next ``print`` is a NameError).
-
-    Example:
-        >>> check_variable_name("preds")
-        'preds'
-        >>> check_variable_name("1bad")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        IPython.core.error.UsageError: --out '1bad' is not a Python identifier...
-    """
-    if not name.isidentifier():
-        problem = ("is not a Python identifier (letters, digits and _, not starting with a "
-                   "digit; no dots or spaces)")
-    elif keyword.iskeyword(name):
-        problem = "is a Python keyword"
-    elif name.startswith("__") and name.endswith("__"):
-        problem = "is a dunder name, which Python keeps for itself (binding it breaks the " \
-                  "notebook's namespace)"
-    else:
-        return name
-    raise UsageError(f"{flag} {name!r} {problem}. Fix: pass a plain variable name, "
-                     f"e.g. {flag} preds.")
-
-
-def _check_size(text: str | None, flag: str) -> None:
-    """Refuse a size like ``4GB`` that dask cannot read, naming the flag."""
-    if text is None:
-        return
-    from dask.utils import parse_bytes
-
-    try:
-        ok = parse_bytes(text) > 0
-    except (ValueError, TypeError) as e:
-        ok, text = False, f"{text} ({e})"
-    if not ok:
-        raise UsageError(f"{flag} {text}: expected a positive size like 4GB or 500MB. "
-                         f"Fix: e.g. {flag} 4GB.")
 
 
 def _compose_help() -> str:
@@ -428,7 +353,11 @@ Nbtool.nbtool.__doc__ = _compose_help()
 
 
 def load_ipython_extension(ip) -> None:
-    """``%load_ext nbtool``: register the magics, their settings and tab completion."""
+    """``%load_ext nbtool``: register the magics, their settings and tab completion.
+
+    Example:
+        >>> get_ipython().run_line_magic("load_ext", "nbtool")   # doctest: +SKIP
+    """
     from .quiet import quiet_kernel
 
     quiet_kernel()   # before the notebook's own TensorFlow start-up lines

@@ -1,9 +1,12 @@
-"""Making cheaper variants of a model and choosing one by measurement.
+"""Cheaper variants of a model, in the kernel: what they are, having workers make them,
+and choosing one by measurement.
 
-``eng.optimize("cnn", variants=[...], calibration=x_sample)`` converts a registered Keras
-model into variants, registers each as a model of its own (``cnn@float16``, ``cnn@int8``,
-...), runs them all on the workers and returns a :class:`Comparison`: size on disk, load
-time, throughput, agreement with the original and, with labels, accuracy.
+``eng.optimize("cnn", variants=[...], calibration=x_sample)`` has the workers convert a
+registered Keras model into variants (:mod:`nbtool.worker.convert`: conversion needs
+TensorFlow, which the kernel never imports), registers each as a model of its own
+(``cnn@float16``, ``cnn@int8``, ...), runs them all on the workers and returns a
+:class:`Comparison`: size on disk, load time, throughput, agreement with the original and,
+with labels, accuracy.
 ``comparison.choose(min_agreement=0.99)`` picks the fastest variant within that tolerance.
 
 The variants (:data:`VARIANTS`):
@@ -31,23 +34,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import html
-import io
 import math
 import os
-import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import NbtoolError, NoVariantQualifies
-from .registry import ModelSpec, disk_size
-from .results import output_agreement
+from .errors import NoVariantQualifies
+from .metrics import output_agreement
+from .model_files import disk_size
+from .report import fmt
 from .tables import Table, human_bytes
+from .worker import convert_variant
 
 #: The variants nbtool can make, and what each is.
 VARIANTS = {
@@ -62,107 +62,11 @@ VARIANTS = {
 NEEDS_CALIBRATION = {"int8"}
 
 
-# -- on a worker: conversion ---------------------------------------------------------------
-def convert_variant(spec: ModelSpec, variant: str,
-                    calibration: np.ndarray | None = None) -> dict[str, Any]:
-    """Convert a registered Keras model into one variant; runs on a Dask worker.
-
-    Conversion needs TensorFlow, which the notebook kernel never imports (it would take GPU
-    memory and seconds to start); the workers already run it and can read the model file.
-    So the engine sends this task to a worker and gets the bytes back: the client writes
-    them next to the models it saves, like a Keras object given to ``register``.
-
-    Returns ``{"data": bytes, "suffix": ".tflite" or ".keras", "seconds": float}``.
-
-    Example:
-        >>> out = client.submit(convert_variant, spec, "float16").result()   # doctest: +SKIP
-        >>> out["suffix"], len(out["data"]) < spec.size_bytes                # doctest: +SKIP
-        ('.tflite', True)
-    """
-    from .worker import _tensorflow
-
-    if variant not in VARIANTS:
-        raise ValueError(_unknown_variant(variant))
-    if spec.format == "tflite":
-        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is already a LiteRT model; "
-                          "nbtool converts Keras models (.keras, .h5, SavedModel). Fix: "
-                          "optimize the Keras original it came from.")
-    tf = _tensorflow()
-    import keras
-
-    t0 = time.perf_counter()
-    # The converters print "Saved artifact at ..." and warn per layer: not the user's news.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if spec.format == "savedmodel":
-            model = None
-        else:
-            model = keras.saving.load_model(spec.path, compile=False,
-                                            safe_mode=not spec.trusted)
-        if variant == "keras-int8":
-            data = _keras_int8(spec, model)
-            return {"data": data, "suffix": ".keras", "seconds": time.perf_counter() - t0}
-        converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) if model is None \
-            else tf.lite.TFLiteConverter.from_keras_model(model)
-        if variant != "float32":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if variant == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        if variant == "int8":
-            rows = _calibration_rows(spec, calibration)
-            converter.representative_dataset = lambda: ([r[None]] for r in rows)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
-        try:
-            data = converter.convert()
-        except Exception as e:
-            from .worker import _describe
-
-            raise NbtoolError(f"model {spec.name!r} ({spec.path}): the LiteRT converter "
-                              f"could not make the {variant!r} variant ({_describe(e)}). "
-                              "Fix: try another variant (float16 and dynamic-int8 support "
-                              "the most ops), or convert it yourself and register the "
-                              ".tflite.") from None
-    return {"data": bytes(data), "suffix": ".tflite", "seconds": time.perf_counter() - t0}
-
-
-def _calibration_rows(spec: ModelSpec, calibration) -> np.ndarray:
-    if calibration is None or len(calibration) == 0:
-        raise ValueError(f"model {spec.name!r}: the 'int8' variant needs calibration rows "
-                         "(a representative sample of real inputs, ~100-500 rows). Fix: "
-                         "pass calibration=x_train[:200].")
-    rows = np.asarray(calibration)
-    if spec.preprocess is not None:   # the converted graph starts after preprocessing
-        rows = np.asarray(spec.preprocess(rows))
-    return rows.astype(np.float32)
-
-
-def _keras_int8(spec: ModelSpec, model) -> bytes:
-    if model is None:
-        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is a SavedModel; Keras' "
-                          "quantize() needs a Keras model. Fix: use the LiteRT variants "
-                          "('dynamic-int8', 'int8') for it, or register the .keras file.")
-    model.quantize("int8")
-    quantized = [l.name for l in model._flatten_layers(include_self=False)
-                 if getattr(l, "quantization_mode", None) == "int8"]
-    if not quantized:
-        raise NbtoolError(f"model {spec.name!r} ({spec.path}): Keras' quantize('int8') "
-                          "changed nothing: it quantizes Dense, EinsumDense and Embedding "
-                          "layers, and this model has none. Fix: use the LiteRT variants "
-                          "('dynamic-int8', 'int8').")
-    with tempfile.TemporaryDirectory(prefix="nbtool-quantize-") as d:
-        path = os.path.join(d, "model.keras")
-        model.save(path)
-        return Path(path).read_bytes()
-
-
 def _unknown_variant(variant) -> str:
     return (f"variant {variant!r}: expected one of {', '.join(VARIANTS)} "
             "(e.g. variants=['float16', 'dynamic-int8', 'int8']).")
 
 
-# -- in the kernel: making, registering, measuring ------------------------------------------
 def variant_name(model: str, variant: str) -> str:
     """The registered name of a variant.
 
@@ -183,9 +87,7 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     Example:
         >>> optimize(eng, "cnn", ["float16"], x=x_test)   # doctest: +SKIP
     """
-    from .runner import check_fits
-    from .sources import as_source
-    from .worker import resource_name
+    from .inputs import as_source, check_fits
 
     spec = engine.registry.get(name)
     variants = [variants] if isinstance(variants, str) else list(dict.fromkeys(variants))
@@ -217,12 +119,12 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
         raise ValueError(f"model {name!r}: {len(np.asarray(labels).reshape(-1))} labels for "
                          f"{len(x)} rows of x; expected one label per row.")
 
-    # Conversions run on the workers (see convert_variant), spread over all of them.
+    # Conversions need TensorFlow, so they run on the workers (nbtool.worker.convert),
+    # spread over all of them; the bytes come back and are written here.
     workers = sorted(engine.workers)
-    futures = {v: engine.client.submit(
-        convert_variant, spec, v, calib if v in NEEDS_CALIBRATION else None,
-        resources={resource_name(workers[i % len(workers)]): 1}, pure=False,
-        key=f"nbtool-convert-{name}-{v}-{time.monotonic_ns()}")
+    futures = {v: engine.pool.submit_to(
+        workers[i % len(workers)], convert_variant, spec, v,
+        calib if v in NEEDS_CALIBRATION else None, what=f"convert-{name}-{v}")
         for i, v in enumerate(variants)}
     folder = Path(engine.work_dir) / "variants"
     folder.mkdir(parents=True, exist_ok=True)
@@ -263,7 +165,7 @@ def compare(engine, original: str, others: list[str], x, labels=None,
     for m in models:
         spec = engine.registry.get(m)
         entries = engine.load(m)[m]
-        load_s = max((e.get("load_seconds") or 0.0) for e in entries.values())
+        load_s = max((e.load_seconds or 0.0) for e in entries.values())
         best = 0.0
         for _ in range(max(1, int(repeats))):
             res = engine.predict(m, x_run, combine=None)
@@ -378,8 +280,8 @@ class Comparison:
         for r in self.rows:
             if r["model"] == self.original:
                 continue
-            failed = [f"{label} {_fmt(r.get(key))}" for key, op, limit, label in checks
-                      if not _passes(r.get(key), op, limit)]
+            failed = [f"{label} {fmt(r.get(key), '{:.4g}')}"
+                      for key, op, limit, label in checks if not _passes(r.get(key), op, limit)]
             if failed:
                 found[r["model"]] = ", ".join(failed)
             else:
@@ -400,14 +302,14 @@ class Comparison:
             row = {"model": r["model"], "variant": r.get("variant", ""),
                    "format": r.get("format", ""),
                    "size": human_bytes(r.get("size_bytes")),
-                   "size x": _fmt(r.get("size_ratio"), "{:.2f}"),
-                   "load s": _fmt(r.get("load_seconds"), "{:.2f}"),
-                   "rows/s": _fmt(r.get("rows_per_second"), "{:,.0f}"),
-                   "speedup": _fmt(r.get("speedup"), "{:.2f}x"),
-                   "top-1 agree": _fmt(r.get("top1_agreement"), "{:.2%}"),
-                   "max abs diff": _fmt(r.get("max_abs_diff"), "{:.2g}")}
+                   "size x": fmt(r.get("size_ratio"), "{:.2f}"),
+                   "load s": fmt(r.get("load_seconds"), "{:.2f}"),
+                   "rows/s": fmt(r.get("rows_per_second"), "{:,.0f}"),
+                   "speedup": fmt(r.get("speedup"), "{:.2f}x"),
+                   "top-1 agree": fmt(r.get("top1_agreement"), "{:.2%}"),
+                   "max abs diff": fmt(r.get("max_abs_diff"), "{:.2g}")}
             if self.has_labels:
-                row["accuracy"] = _fmt(r.get("accuracy"), "{:.2%}")
+                row["accuracy"] = fmt(r.get("accuracy"), "{:.2%}")
             out.append(row)
         return Table(out, title=f"variants of {self.original}")
 
@@ -436,9 +338,3 @@ def _passes(value, op: str, limit: float) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     return value >= limit if op == ">=" else value <= limit
-
-
-def _fmt(value, spec: str = "{:.4g}") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return spec.format(value)

@@ -1,4 +1,5 @@
-"""Plan a cold run: which replicas of each not-yet-loaded model should load it and run it.
+"""Plan where a run goes: which replicas of each not-yet-loaded model load it and run it
+now, and which load it afterwards (:class:`nbtool.loads.BackgroundLoads`).
 
 A replicated model that no worker holds yet would, by default, be loaded by every replica
 at once, each paying the same load and trace before its first chunk. When loading costs as
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+
+from .wire import ModelSpec
+from .worker import model_costs, resident_models
 
 #: Above this many combinations the search goes model by model instead of trying them all.
 MAX_COMBINATIONS = 4096
@@ -75,3 +80,75 @@ def plan_cold_routes(replicas: dict[str, list[str]], costs: dict[str, tuple[floa
             ks.append(min(c, key=lambda k: place(ks + [k])[0]))
         _, routes = place(ks)
     return {m: routes[m] for m in replicas}
+
+
+def plan_routes(pool, specs: list[ModelSpec], placement: dict[str, list[str]],
+                n_rows: int, measured_here: bool = True) -> tuple[dict, dict]:
+    """Where each model's chunks go in this run, and the replicas to load afterwards.
+
+    Every replica, unless some replicated models are loaded nowhere yet and this
+    machine has measured them before: then :func:`plan_cold_routes` decides which
+    replicas load and run each of them now. ``measured_here``: the costs recorded on the
+    workers are this machine's (a local cluster); ``NBTOOL_PLAN_COLD=0`` turns it off.
+    ``pool`` is the engine's :class:`~nbtool.pool.WorkerPool`: one round trip asks which
+    models the workers hold, and, only if some are cold, one more their recorded costs.
+
+    Example:
+        >>> plan_routes(pool, [spec], {"cnn": ["cpu0", "cpu1"]}, 2000)   # doctest: +SKIP
+        ({'cnn': ['cpu0']}, {'cnn': ['cpu1']})
+    """
+    routes = {s.name: list(placement[s.name]) for s in specs}
+    replicated = [s for s in specs if len(routes[s.name]) > 1]
+    if not replicated or not measured_here or os.environ.get("NBTOOL_PLAN_COLD", "1") == "0":
+        return routes, {}
+    used = sorted({w for s in specs for w in routes[s.name]})
+    held = pool.run_on(resident_models, names=used)   # worker -> {model: fingerprint}
+    cold = [s for s in replicated
+            if not any(m.get(s.name) == s.fingerprint for m in held.values())]
+    if not cold:
+        return routes, {}
+    measured: dict[str, list[dict]] = {}
+    for per_worker in pool.run_on(model_costs, specs, names=used).values():
+        for name, c in per_worker.items():
+            measured.setdefault(name, []).append(c)
+    return route_cold_run(specs, routes, held, measured, n_rows)
+
+
+def route_cold_run(specs: list[ModelSpec], routes: dict[str, list[str]],
+                   held: dict[str, dict[str, str]], measured: dict[str, list[dict]],
+                   n_rows: int) -> tuple[dict, dict]:
+    """The arithmetic of :func:`plan_routes`: the routes of the cold replicated models
+    from their measured costs (``measured``: model -> each worker's ``{"load": s, "row":
+    s}``), the other models' work counted as each worker's busy time first. Returns
+    (routes, replicas to load afterwards); every replica if some cold model was never
+    measured here.
+
+    Example:
+        >>> spec = lambda n: ModelSpec(n, n, "keras", 1, "fp")
+        >>> both = ["cpu0", "cpu1"]
+        >>> route_cold_run([spec("a"), spec("b")], {"a": both, "b": both}, {"cpu0": {}},
+        ...                {"a": [{"load": 3.0, "row": 1e-4}], "b": [{"load": 3.0, "row": 1e-4}]},
+        ...                2000)
+        ({'a': ['cpu0'], 'b': ['cpu1']}, {'a': ['cpu1'], 'b': ['cpu0']})
+    """
+    routes = dict(routes)
+    cold = [s for s in specs if len(routes[s.name]) > 1
+            and not any(m.get(s.name) == s.fingerprint for m in held.values())]
+    if any(s.name not in measured for s in cold):
+        return routes, {}   # first time here: every replica, and this run measures them
+    cost = {n: (sum(c["load"] for c in cs) / len(cs), sum(c["row"] for c in cs) / len(cs))
+            for n, cs in measured.items()}
+    busy = dict.fromkeys(sorted({w for s in specs for w in routes[s.name]}), 0.0)
+    for s in specs:
+        if s not in cold and s.name in cost:   # the others' rows, and loads still due
+            load, row = cost[s.name]
+            for w in routes[s.name]:
+                due = held.get(w, {}).get(s.name) != s.fingerprint
+                busy[w] += (load if due else 0.0) + row * n_rows / len(routes[s.name])
+    plan = plan_cold_routes({s.name: routes[s.name] for s in cold},
+                            {s.name: (cost[s.name][0], cost[s.name][1] * n_rows)
+                             for s in cold}, busy)
+    later = {n: [w for w in routes[n] if w not in ws] for n, ws in plan.items()}
+    routes.update(plan)
+    return routes, {n: ws for n, ws in later.items() if ws}
+

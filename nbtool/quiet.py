@@ -217,6 +217,40 @@ def quiet_this_process(expect_gpu: bool) -> NativeLogFilter | None:
     return _KERNEL_FILTER
 
 
+def expects_gpu() -> bool:
+    """Whether this process should see a GPU: by its worker plan, else by what NVML finds.
+
+    Asked before TensorFlow starts, to tell its harmless start-up lines from real trouble
+    (a GPU worker that finds no GPU must say so). The kernel asks it too: it has no plan,
+    so NVML answers.
+
+    Example:
+        >>> import os
+        >>> os.environ["NBTOOL_DEVICE"] = "gpu:1"; expects_gpu()
+        True
+        >>> del os.environ["NBTOOL_DEVICE"]
+    """
+    if os.environ.get("NBTOOL_FAKE_GPUS"):   # an injected inventory: no real GPU behind it
+        return False
+    device = os.environ.get("NBTOOL_DEVICE")
+    if device:
+        return device.startswith("gpu")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() == "-1":
+        return False
+    # A kernel, or a worker nbtool did not plan (an existing cluster): does this machine
+    # have a GPU? (NVML directly: this module sits below devices.py.)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:   # no nvidia-ml-py, or no driver: a CPU machine
+        return False
+    try:
+        return pynvml.nvmlDeviceGetCount() > 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def quiet_kernel() -> NativeLogFilter | None:
     """In a notebook kernel, drop TensorFlow's known-harmless lines from its cells.
 
@@ -228,14 +262,14 @@ def quiet_kernel() -> NativeLogFilter | None:
         >>> quiet_kernel() is None      # not in a kernel here
         True
     """
-    from .progress import in_notebook
-
-    if not in_notebook():
+    try:
+        from IPython import get_ipython
+    except ImportError:   # pragma: no cover - IPython is a dependency
         return None
-    from .devices import FAKE_GPUS_ENV, discover_gpus
-
-    real_gpus = not os.environ.get(FAKE_GPUS_ENV) and bool(discover_gpus())
-    return quiet_this_process(expect_gpu=real_gpus)
+    ip = get_ipython()
+    if ip is None or getattr(ip, "kernel", None) is None:   # not a kernel: nothing to do
+        return None
+    return quiet_this_process(expect_gpu=expects_gpu())
 
 
 class _DaskNoise(logging.Filter):

@@ -1,89 +1,43 @@
-"""Model specs and the registry, read from the files without importing TensorFlow.
+"""The registered models of one engine, and the checks on their names and options.
 
-The notebook kernel must not import TensorFlow (it would grab GPU memory), so everything the
-client needs to know about a model (format, size, input shape and dtype) is read from the
-file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config`` attribute of
-an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read with LiteRT's
-schema). SavedModel directories only tell their size here; their input signature is
-learned on the worker the first time the model loads. What would run code at load (a
-Python lambda, any SavedModel graph) is refused here unless ``trusted=True``.
+A model is registered under a name from a file; :func:`inspect_model` reads the file
+(:mod:`nbtool.model_files`, no TensorFlow) and refuses, before any worker opens it, a bad
+name, a file that is no model, or one that would run code at load unless ``trusted=True``.
 
 Example:
-    A ``.keras`` file is a zip; the ``config.json`` inside (trimmed here to what is read)
-    is enough to know the model, with no TensorFlow imported and no weights loaded.
+    A name outside the safe set is refused before the file is even read, with a clean
+    name to use instead:
 
-    >>> import json, pathlib, tempfile, zipfile
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "mlp.keras"
-    >>> layers = [{"class_name": "InputLayer",
-    ...            "config": {"batch_shape": [None, 8], "dtype": "float32"}}]
-    >>> with zipfile.ZipFile(path, "w") as z:
-    ...     z.writestr("config.json", json.dumps({"class_name": "Sequential",
-    ...                                           "config": {"layers": layers}}))
+    >>> inspect_model("my model", "models/my model.keras")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nbtool.errors.InvalidModelName: model name 'my model' (from models/my model.keras): ...
     >>> reg = Registry()
-    >>> reg.add(inspect_model("mlp", path)) is None     # None: no "mlp" was there before
+    >>> reg.add(ModelSpec("my_model", "/m/my model.keras", "keras", 1024, "1024-1")) is None
     True
-    >>> spec = reg.get("mlp")
-    >>> spec.format, spec.input_shape, spec.input_dtype
-    ('keras', (None, 8), 'float32')
+    >>> reg.names()
+    ['my_model']
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
-                     UnsupportedFormat, UntrustedModel)
+                     UntrustedModel)
+from .model_files import FORMATS, detect_format, read_model_file
 from .wire import ModelSpec, file_fingerprint
-
-#: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
-FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
 
 #: The longest model name: names become file names and result-store array names.
 NAME_LIMIT = 100
 #: What a model name may hold (ASCII only: no case- or normalization-folding surprises).
 #: ``@`` is in it for optimize()'s ``name@variant``.
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_\-.@+]+")
-
-#: Why a Python lambda in a Keras config needs trust (the worker says the same at load).
-_LAMBDA_WHY = ("Keras refuses to deserialize in safe mode (loading it runs the Python code "
-               "stored in the file)")
-#: Why a SavedModel always needs trust: no safe mode exists for a TensorFlow graph.
-_SAVEDMODEL_WHY = ("can run arbitrary TensorFlow ops on the workers, including file reads "
-                   "and writes (a SavedModel has no safe mode)")
-
-
-def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
-    """Say which format a model path is in: ``"keras"``, ``"h5"``, ``"savedmodel"`` or
-    ``"tflite"``.
-
-    Raises :class:`ModelFileError` if the path does not exist and
-    :class:`UnsupportedFormat` if nbtool cannot run it.
-
-    Example:
-        >>> detect_format("does/not/exist.keras")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        nbtool.errors.ModelFileError: file does/not/exist.keras: the path does not exist...
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ModelFileError(model, str(path), "the path does not exist",
-                             f"check the path (the working directory is {os.getcwd()})")
-    if p.is_dir():
-        if (p / "saved_model.pb").exists():
-            return "savedmodel"
-        raise UnsupportedFormat(model, str(path), "a directory without saved_model.pb")
-    fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise UnsupportedFormat(model, str(path))
-    return fmt
 
 
 def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSpec:
@@ -108,20 +62,18 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
         ('savedmodel', None, 2)
     """
     check_name(name, path)
-    fmt = detect_format(path, name)
+    detect_format(path, name)   # a missing path or foreign file is refused before reading
     p = Path(path).resolve()
     # Before reading: a file re-saved while it is read then looks changed at the next run
     # (and is read again), never unchanged with what was read from the older one.
     fingerprint = file_fingerprint(p)
-    reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
-              "tflite": _read_tflite}[fmt]
-    size, inputs, n_outputs, unsafe = reader(name, p)
-    if unsafe and not options.get("trusted"):
-        raise UntrustedModel(name, str(p), *unsafe)
-    shape, dtype = inputs[0] if inputs else (None, None)
-    return ModelSpec(name=name, path=str(p), format=fmt, size_bytes=size,
+    info = read_model_file(p, name)
+    if info.unsafe and not options.get("trusted"):
+        raise UntrustedModel(name, str(p), *info.unsafe)
+    shape, dtype = info.input
+    return ModelSpec(name=name, path=str(p), format=info.format, size_bytes=info.size_bytes,
                      fingerprint=fingerprint, input_shape=shape, input_dtype=dtype,
-                     n_inputs=max(len(inputs), 1), n_outputs=n_outputs, **options)
+                     n_inputs=max(len(info.inputs), 1), n_outputs=info.n_outputs, **options)
 
 
 def check_name(name: Any, path: str | os.PathLike | None = None) -> str:
@@ -207,191 +159,6 @@ def check_replicas(model: str | None, replicas: Any) -> int:
 def _whole(value: Any) -> bool:
     """A real integer: not a bool (True is not a count), not a float such as 2.0."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def needs_trust(config: Any) -> str | None:
-    """What in a Keras model config would run code when loaded (a Python lambda), or None.
-
-    The whole tree is walked, nested Functional/Sequential models too, but not the
-    ``compile_config`` (workers load with ``compile=False``). Keras 3 stores a lambda as
-    ``{"class_name": "__lambda__"}``; Keras 2 ``.h5`` files mark it ``function_type:
-    "lambda"``. These are exactly what Keras' safe mode refuses; the worker still loads
-    with safe mode as the second line of defence.
-
-    Example:
-        >>> layer = {"class_name": "Lambda", "config": {"name": "scale",
-        ...          "function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
-        >>> needs_trust({"class_name": "Sequential", "config": {"layers": [layer]}})
-        "a Lambda layer 'scale'"
-        >>> needs_trust({"class_name": "Sequential", "config": {"layers": []}}) is None
-        True
-    """
-    stack: list[tuple[Any, str | None]] = [(config, None)]
-    while stack:
-        node, layer = stack.pop()
-        if isinstance(node, list):
-            stack.extend((v, layer) for v in node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        cfg = node.get("config")
-        if node.get("class_name") == "Lambda" and isinstance(cfg, dict):
-            layer = cfg.get("name") or layer
-        if node.get("class_name") == "__lambda__" or "lambda" in (
-                node.get("function_type"), node.get("output_shape_type")):
-            return f"a Lambda layer {layer!r}" if layer else "a Python lambda"
-        stack.extend((v, layer) for k, v in node.items() if k != "compile_config")
-    return None
-
-
-def _read_keras_zip(name: str, p: Path):
-    try:
-        with zipfile.ZipFile(p) as z:
-            config = json.loads(z.read("config.json"))
-            weights = sum(i.file_size for i in z.infolist() if i.filename.endswith(".h5")
-                          or i.filename.endswith(".npz"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ModelFileError(name, str(p), f"not a readable .keras archive ({e})",
-                             "re-save the model with model.save('name.keras')") from None
-    return (max(weights, p.stat().st_size), *_signature_from_config(config),
-            _lambda_trust(config))
-
-
-def _lambda_trust(config: dict) -> tuple[str, str] | None:
-    """``(what, why)`` for :class:`UntrustedModel` if the config holds a lambda."""
-    found = needs_trust(config)
-    return None if found is None else (found, _LAMBDA_WHY)
-
-
-def _read_h5(name: str, p: Path):
-    import h5py  # light: no TensorFlow behind it
-
-    try:
-        with h5py.File(p, "r") as f:
-            raw = f.attrs.get("model_config")
-    except OSError as e:
-        raise ModelFileError(name, str(p), f"not a readable HDF5 file ({e})",
-                             "re-save the model with model.save('name.keras')") from None
-    if raw is None:
-        raise ModelFileError(name, str(p), "the HDF5 file holds weights only, no model "
-                             "config", "save the whole model with model.save('name.keras'), "
-                             "not model.save_weights()")
-    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    return p.stat().st_size, *_signature_from_config(config), _lambda_trust(config)
-
-
-def _read_savedmodel(name: str, p: Path):
-    # Its graph is code: any SavedModel needs trusted=True (see _SAVEDMODEL_WHY).
-    return disk_size(p), [], None, ("a TensorFlow graph (a SavedModel directory)",
-                                    _SAVEDMODEL_WHY)
-
-
-def disk_size(path: str | Path) -> int:
-    """Bytes on disk of a model file, or of every file in a model directory (SavedModel).
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "a").write_bytes(b"123")
-        3
-        >>> disk_size(d), disk_size(d / "a")
-        (3, 3)
-    """
-    p = Path(path)
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
-
-
-def _read_tflite(name: str, p: Path):
-    """Size, input and outputs of a LiteRT flatbuffer, read with its schema (no TF).
-
-    A quantized (int8/uint8) input is reported as float32: that is what callers send, the
-    worker quantizes it with the model's scale and zero point.
-    """
-    fix = ("convert the model again (eng.optimize(...) or tf.lite.TFLiteConverter) and "
-           "save the bytes it returns unchanged")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ModelFileError(name, str(p), f"the file cannot be read ({e})", fix) from None
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ModelFileError(name, str(p), "not a LiteRT (.tflite) flatbuffer: its file "
-                             f"identifier is {data[4:8]!r}, expected b'TFL3'", fix)
-    try:
-        from ai_edge_litert import schema_py_generated as schema  # flatbuffers only, no TF
-
-        model = schema.Model.GetRootAs(data, 0)
-        graph = model.Subgraphs(0)
-        inputs = []
-        for i in range(graph.InputsLength()):
-            t = graph.Tensors(graph.Inputs(i))
-            dims = t.ShapeSignatureAsNumpy() if t.ShapeSignatureLength() else t.ShapeAsNumpy()
-            dims = [] if isinstance(dims, int) else list(dims)
-            shape = tuple(None if int(d) < 0 else int(d) for d in dims)
-            if shape:
-                shape = (None, *shape[1:])   # the worker resizes the batch axis
-            dtype = _TFLITE_TYPES.get(t.Type(), "float32")
-            q = t.Quantization()
-            if dtype in ("int8", "uint8") and q is not None and q.ScaleLength():
-                dtype = "float32"
-            inputs.append((shape or None, dtype))
-        n_outputs = graph.OutputsLength()
-    except ImportError:   # without ai-edge-litert the worker learns it at the first load
-        return p.stat().st_size, [], None, None
-    except Exception as e:   # a truncated or damaged flatbuffer
-        raise ModelFileError(name, str(p), f"a damaged .tflite flatbuffer ({type(e).__name__}"
-                             f": {e})", fix) from None
-    return p.stat().st_size, inputs, n_outputs, None
-
-
-#: LiteRT's tensor type codes (schema ``TensorType``) for the dtypes a model input can have.
-_TFLITE_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool",
-                 7: "int16", 9: "int8", 10: "float64"}
-
-
-def _signature_from_config(config: dict) -> tuple[list[tuple[tuple, str]], int | None]:
-    """Inputs ``[(batch_shape, dtype), ...]`` and the number of outputs of a Keras config."""
-    cfg = config.get("config", {})
-    layers = cfg.get("layers", [])
-    by_name = {l.get("config", {}).get("name"): l for l in layers}
-    inputs: list[tuple[tuple, str]] = []
-    if config.get("class_name") == "Sequential":
-        first = layers[0] if layers else {}
-        if first.get("class_name") == "InputLayer":
-            inputs.append(_input_layer_signature(first))
-        elif cfg.get("build_input_shape"):
-            inputs.append((tuple(cfg["build_input_shape"]), _dtype_name(cfg.get("dtype"))))
-        return inputs, 1
-    for ref in _refs(cfg.get("input_layers")):
-        layer = by_name.get(ref)
-        if layer is not None and layer.get("class_name") == "InputLayer":
-            inputs.append(_input_layer_signature(layer))
-    outputs = _refs(cfg.get("output_layers"))
-    return inputs, (len(outputs) or None)
-
-
-def _refs(spec) -> list[str]:
-    """Layer names from Keras' ``input_layers``/``output_layers`` (one ref or a list)."""
-    if not spec:
-        return []
-    if isinstance(spec, list) and spec and isinstance(spec[0], str):
-        return [spec[0]]
-    if isinstance(spec, dict):
-        return [r[0] for r in spec.values()]
-    return [r[0] for r in spec if isinstance(r, list) and r]
-
-
-def _input_layer_signature(layer: dict) -> tuple[tuple, str]:
-    c = layer.get("config", {})
-    shape = c.get("batch_shape") or c.get("batch_input_shape")
-    return (tuple(shape) if shape else None), _dtype_name(c.get("dtype"))
-
-
-def _dtype_name(dtype) -> str:
-    if isinstance(dtype, dict):  # a DTypePolicy
-        name = dtype.get("config", {}).get("name", "float32")
-        return "float32" if name.startswith("mixed_") else name
-    return dtype or "float32"
 
 
 class Registry:

@@ -6,15 +6,18 @@ agreement and, with labels, the ensemble's confusion matrix; for image inputs a 
 gallery of the samples the models disagree on most. Charts are inline SVG and the gallery
 inline PNG: the HTML needs no server and stays small however many rows were predicted.
 
+The numbers themselves (classes, agreement, accuracy, confusion) are counted in
+:mod:`nbtool.metrics`; this module lays them out.
+
 Example:
-    >>> import numpy as np
     >>> from nbtool.results import Prediction
     >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
-    >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, None, None, {}, [], 4, 4)
-    >>> predicted_classes(res)["a"].tolist()
-    [0, 1, 2, 1]
-    >>> agreement(res)[1].tolist()
-    [[1.0, 0.5], [0.5, 1.0]]
+    >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
+    >>> [(r["model"], r["output"]) for r in summary_rows(res)]
+    [('a', '(4, 3)'), ('b', '(4, 3)')]
+    >>> html = render_html(res)
+    >>> "<table" in html, "agreement between models" in html
+    (True, True)
 """
 
 from __future__ import annotations
@@ -25,101 +28,13 @@ import io
 
 import numpy as np
 
+from .metrics import (accuracy, agreement, classifier_scores, confusion, disagreement_rows,
+                      outputs_by_model, predicted_classes)
 from .svg import bar_chart, heatmap
 
+#: Bars and confusion rows beyond this many classes would not be read: the most predicted.
 MAX_CLASSES_SHOWN = 20
-MAX_GALLERY = 8
 GALLERY_PIXELS = 64
-
-
-def classifier_scores(res) -> dict[str, np.ndarray]:
-    """Per model, its (rows, classes) scores, for models that look like classifiers."""
-    out = {}
-    for m in res.models:
-        outs = res._outputs.get(m)
-        if not outs or len(outs) != 1 or outs[0].ndim != 2:
-            continue
-        o = outs[0]
-        if o.shape[1] == 1:   # one unit: a sigmoid classifier only if it looks like one
-            finite = o[np.isfinite(o)] if o.dtype.kind == "f" else o
-            if finite.size == 0 or finite.min() < 0 or finite.max() > 1:
-                continue
-        out[m] = o
-    return out
-
-
-def to_classes(scores: np.ndarray) -> np.ndarray:
-    """Argmax per row (a one-unit output is thresholded at 0.5); -1 where the row failed.
-
-    Example:
-        >>> to_classes(np.array([[0.2, 0.8], [np.nan, np.nan]])).tolist()
-        [1, -1]
-        >>> to_classes(np.array([[0.7], [0.1]])).tolist()
-        [1, 0]
-    """
-    bad = np.isnan(scores).any(axis=1) if scores.dtype.kind == "f" else np.zeros(len(scores), bool)
-    if scores.shape[1] == 1:
-        classes = (np.nan_to_num(scores[:, 0]) > 0.5).astype(np.int64)
-    else:
-        classes = np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1).astype(np.int64)
-    classes[bad] = -1
-    return classes
-
-
-def predicted_classes(res) -> dict[str, np.ndarray]:
-    """Predicted class per row for each classifier model, plus ``"ensemble"`` if combined."""
-    out = {m: to_classes(s) for m, s in classifier_scores(res).items()}
-    if res.combined is not None and out and len(res.models) > 1:
-        comb = np.asarray(res.combined)
-        out["ensemble"] = comb.astype(np.int64) if comb.ndim == 1 else to_classes(comb)
-    return out
-
-
-def agreement(res) -> tuple[list[str], np.ndarray]:
-    """Share of rows on which each pair of models predicts the same class."""
-    classes = {m: c for m, c in predicted_classes(res).items() if m != "ensemble"}
-    names = list(classes)
-    mat = np.ones((len(names), len(names)))
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            ok = (classes[a] >= 0) & (classes[b] >= 0)
-            mat[i, j] = float((classes[a][ok] == classes[b][ok]).mean()) if ok.any() else np.nan
-    return names, mat
-
-
-def accuracy(res, labels) -> dict[str, float]:
-    """Accuracy of each classifier (and the ensemble) against true labels."""
-    labels = np.asarray(labels).reshape(-1)
-    return {m: float((c == labels).mean()) for m, c in predicted_classes(res).items()}
-
-
-def confusion(classes: np.ndarray, labels, n_classes: int) -> np.ndarray:
-    """Counts: rows are true classes, columns predicted ones.
-
-    Example:
-        >>> confusion(np.array([0, 1, 1]), [0, 1, 0], 2).tolist()
-        [[1, 1], [0, 1]]
-    """
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    mat = np.zeros((n_classes, n_classes), dtype=np.int64)
-    ok = (classes >= 0) & (labels >= 0) & (labels < n_classes) & (classes < n_classes)
-    np.add.at(mat, (labels[ok], classes[ok]), 1)
-    return mat
-
-
-def disagreement_rows(res, k: int = MAX_GALLERY) -> np.ndarray:
-    """The rows where the models disagree most: most distinct classes, then least confident."""
-    scores = classifier_scores(res)
-    if len(scores) < 2:
-        return np.array([], dtype=np.int64)
-    classes = np.stack([to_classes(s) for s in scores.values()])
-    distinct = np.array([len(set(col[col >= 0])) for col in classes.T])
-    mean = np.nanmean(np.stack(list(scores.values())), axis=0) if all(
-        s.shape == next(iter(scores.values())).shape for s in scores.values()) else None
-    confidence = np.nanmax(mean, axis=1) if mean is not None and mean.shape[1] > 1 else \
-        np.zeros(len(distinct))
-    order = np.lexsort((np.nan_to_num(confidence, nan=1.0), -distinct))
-    return order[:k][distinct[order[:k]] > 1]
 
 
 def _image_rows(res, rows: np.ndarray):
@@ -131,13 +46,13 @@ def _image_rows(res, rows: np.ndarray):
     is_image = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
     if not is_image:
         return None
-    from .sources import NpyFile, NpySource, read_rows
+    from .sources import NpySource
 
+    picked = np.sort(rows)
     if getattr(src, "array", None) is not None and isinstance(src.array, np.ndarray):
-        return src.array[np.sort(rows)], np.sort(rows)
-    if isinstance(src, NpySource):
-        picked = np.sort(rows)
-        return np.stack([read_rows(NpyFile(src.path), r, r + 1)[0] for r in picked]), picked
+        return src.array[picked], picked
+    if isinstance(src, NpySource):   # memory-mapped: only the picked rows are read
+        return np.asarray(np.load(src.path, mmap_mode="r")[picked]), picked
     return None
 
 
@@ -165,12 +80,22 @@ def png_data_uri(image: np.ndarray, size: int = GALLERY_PIXELS) -> str:
 
 
 def summary_rows(res) -> list[dict]:
-    """One row per model: what the table shows (also used by the text repr)."""
+    """One row per model: what the table shows (also used by the text repr).
+
+    Example:
+        >>> from nbtool.results import Prediction
+        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2,
+        ...                  timings={"m": {"seconds": 0.5}})
+        >>> row = summary_rows(res)[0]
+        >>> row["output"], row["seconds"], fmt(row["rows/s"])
+        ('(2, 3)', 0.5, '-')
+    """
     acc = accuracy(res, res.labels) if res.labels is not None else {}
     rows = []
+    outputs = outputs_by_model(res)
     for m in res.models:
         t = res.timings.get(m, {})
-        outs = res._outputs.get(m)
+        outs = outputs.get(m)
         row = {
             "model": m,
             "output": ", ".join(str(o.shape) for o in outs) if outs else "failed",
@@ -191,12 +116,21 @@ def summary_rows(res) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if np.isnan(v):
-            return "-"
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
-    return str(v)
+def fmt(value, spec: str | None = None) -> str:
+    """A value as a table cell: ``"-"`` when missing (None or NaN), else formatted with
+    ``spec``, or without one a float with 3 decimals (none from 100 up), anything else as is.
+
+    Example:
+        >>> fmt(0.12345), fmt(12345.6), fmt(float("nan")), fmt(None), fmt(3), fmt(0.5, "{:.1%}")
+        ('0.123', '12,346', '-', '-', '3', '50.0%')
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if spec is not None:
+        return spec.format(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
 
 
 _WARN = ("<div class='nbtool-warning' style='border-left:4px solid #c0392b;padding:4px 8px;"
@@ -209,8 +143,8 @@ def notices(res) -> list[str]:
 
     Example:
         >>> from nbtool.results import Prediction
-        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, None, "mean", {}, [], 2, 2,
-        ...                  combined_note="combined is not available: ...")
+        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2,
+        ...                  combine="mean", combined_note="combined is not available: ...")
         >>> notices(res)
         ['combined is not available: ...']
     """
@@ -221,7 +155,16 @@ def notices(res) -> list[str]:
 
 
 def render_html(res) -> str:
-    """The whole inline view of a :class:`~nbtool.results.Prediction`."""
+    """The whole inline view of a :class:`~nbtool.results.Prediction`: notices first, the
+    summary table, class charts, the gallery of disagreements, the errors.
+
+    Example:
+        >>> from nbtool.results import Prediction
+        >>> res = Prediction(["reg"], {"reg": [np.ones((2, 1)) * 7]}, n_rows=2, chunk_size=2)
+        >>> html = render_html(res)
+        >>> "<table" in html, "<svg" in html       # no class charts for a regression
+        (True, False)
+    """
     top = "".join(_WARN.format(html.escape(n)) for n in notices(res))
     if res.stale:   # every number below would be another run's
         return f"<div class='nbtool-prediction'>{top}</div>"
@@ -229,7 +172,7 @@ def render_html(res) -> str:
     cols = list(rows[0]) if rows else []
     table = ("<table class='nbtool-table'><thead><tr>"
              + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>"
-             + "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c, '')))}</td>"
                                          for c in cols) + "</tr>" for r in rows)
              + "</tbody></table>")
     charts = _charts(res)

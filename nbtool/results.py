@@ -1,4 +1,6 @@
-"""The result of a prediction: per-model outputs in input order, combined, timed.
+"""A prediction's result: per-model outputs in input order, combined, timed; or read back.
+
+:func:`open_prediction` opens a result store (:mod:`nbtool.store`) as one, lazily.
 
 Example:
     >>> res = eng.predict(["cnn", "mlp"], x, combine="mean")   # doctest: +SKIP
@@ -10,12 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import numpy as np
 
-from .errors import CombineError, PredictionFailed
+from .errors import CombineError, NbtoolError, PredictionFailed
 
 COMBINE_METHODS = ("mean", "vote", None)
 
@@ -32,25 +35,6 @@ def check_combine(method) -> None:
     if method not in COMBINE_METHODS:
         raise ValueError(f"combine={method!r} is not a combine method; choose 'mean', "
                          "'vote' or None.")
-
-
-def output_agreement(a, b) -> dict[str, float]:
-    """How far two models' outputs on the same rows are apart: ``max_abs_diff`` and, for
-    class scores (rows of two or more), ``top1_agreement`` (the share of rows whose argmax
-    is the same).
-
-    Example:
-        >>> output_agreement([[0.75, 0.25], [0.25, 0.75]], [[1.0, 0.0], [0.75, 0.25]])
-        {'max_abs_diff': 0.5, 'top1_agreement': 0.5}
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"outputs of shapes {a.shape} and {b.shape}; agreement needs the "
-                         "same shape.")
-    out = {"max_abs_diff": float(np.abs(a - b).max())}
-    if a.ndim == 2 and a.shape[1] > 1:
-        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
-    return out
 
 
 def combine_outputs(outputs: list[np.ndarray], method: str | None):
@@ -108,21 +92,22 @@ class Prediction:
     holds seconds, rows per second, load seconds, chunks and workers.
 
     Example:
-        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, None, None, {}, [], 2, 2)
+        >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2)
         >>> res["m"].shape, res.ok
         ((2, 3), True)
     """
 
-    def __init__(self, models: list[str], outputs: dict[str, list[np.ndarray] | None],
-                 combined, combine, timings: dict[str, dict[str, Any]],
-                 errors: list[Exception], n_rows: int, chunk_size: int,
-                 wall_seconds: float = 0.0, source=None, combined_note: str | None = None,
-                 store_path: str | None = None, store_runs: dict | None = None):
+    def __init__(self, models: list[str], outputs: dict[str, list[np.ndarray] | None], *,
+                 n_rows: int, chunk_size: int, combined=None, combine: str | None = None,
+                 timings: dict[str, dict[str, Any]] | None = None,
+                 errors: list[Exception] = (), wall_seconds: float = 0.0, source=None,
+                 combined_note: str | None = None, store_path: str | None = None,
+                 store_runs: dict | None = None):
         self.models = list(models)
         self._outputs = outputs
         self._combined = combined     # an array, or a function that computes it on access
         self.combine = combine
-        self.timings = timings
+        self.timings = dict(timings or {})
         self.errors = list(errors)
         self.n_rows = n_rows
         self.chunk_size = chunk_size
@@ -152,7 +137,7 @@ class Prediction:
         run), or None while they are its own.
 
         Example:
-            >>> Prediction(["m"], {"m": [np.ones(1)]}, None, None, {}, [], 1, 1).stale is None
+            >>> Prediction(["m"], {"m": [np.ones(1)]}, n_rows=1, chunk_size=1).stale is None
             True
         """
         from .errors import StoreRewritten
@@ -213,7 +198,7 @@ class Prediction:
         """Raise :class:`~nbtool.errors.PredictionFailed` if anything failed, else return self.
 
         Example:
-            >>> Prediction(["m"], {"m": [np.ones(1)]}, None, None, {}, [], 1, 1).raise_for_errors().ok
+            >>> Prediction(["m"], {"m": [np.ones(1)]}, n_rows=1, chunk_size=1).raise_for_errors().ok
             True
         """
         if self.errors:
@@ -234,11 +219,11 @@ class Prediction:
         The labels are kept, so the inline view adds accuracy and a confusion matrix.
 
         Example:
-            >>> res = Prediction(["m"], {"m": [np.eye(2)]}, None, None, {}, [], 2, 2)
+            >>> res = Prediction(["m"], {"m": [np.eye(2)]}, n_rows=2, chunk_size=2)
             >>> res.evaluate([0, 0])
             {'m': 0.5}
         """
-        from .report import accuracy
+        from .metrics import accuracy
 
         self._check_store()
         labels = np.asarray(labels).reshape(-1)
@@ -251,7 +236,7 @@ class Prediction:
         return accuracy(self, labels)
 
     def __repr__(self) -> str:
-        from .report import _fmt, summary_rows
+        from .report import fmt, summary_rows
 
         head = (f"<Prediction: {len(self.models)} model(s) x {self.n_rows} rows, "
                 f"combine={self.combine!r}, {len(self.errors)} error(s), "
@@ -263,7 +248,7 @@ class Prediction:
         if self.combined_note:
             lines.append(f"  ! {self.combined_note}")
         for r in summary_rows(self):
-            lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.items()
+            lines.append("  " + "  ".join(f"{k}={fmt(v)}" for k, v in r.items()
                                            if v != "" and k != "output") )
         lines += [f"  ! {e}" for e in self.errors[:3]]
         return "\n".join(lines)
@@ -289,3 +274,41 @@ class Prediction:
             arrays["combined"] = self.combined
         np.savez(path, **arrays)
         return path
+
+
+def open_prediction(path: str | os.PathLike):
+    """Open a result store as a :class:`~nbtool.results.Prediction`, lazily.
+
+    ``res[name]`` is then a zarr array: indexing it reads only those rows. Chunks that
+    never completed hold NaN; ``res.completed`` says which are stored.
+
+    Example:
+        A store of 10 rows in chunks of 4, of which a worker wrote chunk 1 (rows 4 to 7):
+
+        >>> import pathlib, tempfile
+        >>> from nbtool.store import ResultStore, StoreRef
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
+        >>> store = ResultStore(path)
+        >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
+        {'cnn': set()}
+        >>> StoreRef(store.path, 4, store.run_id).write("cnn", 1, [np.ones((4, 3), "float32")])
+        >>> store.release()
+        >>> res = open_prediction(path)
+        >>> res.completed, res["cnn"][3:5].tolist()
+        ({'cnn': {1}}, [[nan, nan, nan], [1.0, 1.0, 1.0]])
+    """
+    from .store import MANIFEST, ResultStore
+
+    store = ResultStore(path)
+    if store.manifest is None:
+        raise NbtoolError(f"{path}: not an nbtool result store (no {MANIFEST}). Fix: pass the "
+                          "path given as save= to predict.")
+    m = store.manifest
+    models = list(m["models"])
+    n_chunks = -(-m["n_rows"] // m["chunk_size"])
+    res = Prediction(models, {name: store.arrays(name) for name in models},
+                     n_rows=m["n_rows"], chunk_size=m["chunk_size"], store_path=store.path,
+                     store_runs=store.runs())
+    res.completed = {name: store.completed(name) for name in models}
+    res.n_chunks = n_chunks
+    return res

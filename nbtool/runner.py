@@ -4,35 +4,36 @@ One ``dask.delayed`` task per (model, chunk), restricted (by worker *name*, whic
 restarts) to the workers that hold that model. Results are collected as they complete, so a
 chunk that fails costs only itself; assembly puts every chunk back at its rows.
 
+The run knows nothing of the engine: whoever wants to hear that it finished (the engine,
+for its history and the replicas it loads afterwards) subscribes with
+:meth:`PredictionRun.add_done_callback`, as with a future.
+
 Example:
-    >>> run = PredictionRun(client, [(spec, ["cpu0"])], as_source(x), chunk_size=100)  # doctest: +SKIP
-    >>> run.submit(); res = run.collect()                                              # doctest: +SKIP
+    >>> run = PredictionRun(pool, [(spec, ["cpu0"])], as_source(x), chunk_size=100)  # doctest: +SKIP
+    >>> run.submit(); res = run.collect()                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import uuid
+import warnings
+from typing import Callable
 
 import dask
 import numpy as np
 from distributed import Future, as_completed
 
-from .errors import ChunkError, InputMismatch, NbtoolError
+from .errors import ChunkError, NbtoolError
 from .wire import ModelSpec
 from .results import CombineError, Prediction, combine_outputs
-from .sources import DaskSource, Source
+from .sources import Source
 from .store import StoreRef
 from .wire import ChunkOutput
 from .worker import predict_chunk, resource_name
 
-#: Default chunks per worker: enough to balance replicas and overlap, few enough that the
-#: per-task overhead (a few ms) stays small against the work.
-CHUNKS_PER_WORKER = 4
-MIN_DEFAULT_CHUNK = 256
 #: Seconds a cancelled run waits for the chunks already computing before it removes their
 #: input file (they would fail reading it, with a FileNotFoundError in the worker logs).
 CANCEL_GRACE = 5.0
@@ -46,144 +47,28 @@ def _tasks_of_run(suffix: str, dask_worker=None) -> int:
                if str(ts.key).endswith(suffix) and ts.state in running)
 
 
-def check_fits(spec: ModelSpec, source: Source) -> None:
-    """Raise :class:`InputMismatch` if the input's rows or dtype do not fit the model.
-
-    Nothing is scheduled before this passes. Unknown dimensions (``None``) match anything;
-    a model with ``preprocess`` is not checked (the preprocessing may reshape).
-
-    Example:
-        >>> from nbtool.sources import as_source
-        >>> spec = ModelSpec("mlp", "mlp.h5", "h5", 1, "x", input_shape=(None, 8),
-        ...                  input_dtype="float32")
-        >>> check_fits(spec, as_source(np.zeros((4, 3))))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        nbtool.errors.InputMismatch: model 'mlp' (mlp.h5) expects rows of shape (8,)...
-    """
-    pre = spec.preprocess
-    if pre is not None and getattr(pre, "input_dtype", None) is not None:
-        _check_preprocess_input(spec, pre, source)
-        return
-    if pre is not None or spec.input_shape is None:
-        return
-    want = spec.input_row_shape
-    got = tuple(source.row_shape)
-    fits = len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got))
-    if not fits:
-        shown = tuple("?" if w is None else w for w in want)
-        fix = _reshape_fix(tuple(want), got, source.n_rows)
-        raise InputMismatch(spec.name, spec.path,
-                            f"rows of shape {shown} (batch shape {spec.input_shape})",
-                            f"rows of shape {got} from {source.describe()}", fix)
-    want_dtype = np.dtype(spec.input_dtype or "float32")
-    if not np.can_cast(source.dtype, want_dtype, casting="same_kind"):
-        raise InputMismatch(spec.name, spec.path, f"{want_dtype} input",
-                            f"{source.dtype} from {source.describe()}",
-                            f"convert it first, e.g. x.astype('{want_dtype}')")
-
-
-def _reshape_fix(want: tuple, got: tuple, n_rows: int) -> str:
-    """The fix for rows of shape ``got`` where a model wants ``want``: a reshape only when
-    one really gives whole rows, never one that would fail or scramble the values."""
-    other = "pick a model made for this input"
-    if None in want:
-        return f"reshape the input to rows of that shape, or {other}"
-    shape = ", ".join(map(str, want))
-    row, per = math.prod(want), math.prod(got)
-    if got and per == row:   # same values per row, other layout (e.g. images flattened)
-        return f"reshape the input to rows of that shape, e.g. x.reshape(len(x), {shape})"
-    if not got:   # a 1-D array: its n_rows values are one row, or several, or neither
-        if n_rows == row:
-            one = "x.reshape(1, -1) (or x[None])" if len(want) == 1 else \
-                f"x.reshape(1, {shape})"
-            return f"for one row, use {one}"
-        if n_rows % row == 0:
-            return (f"for {n_rows // row} rows of {row} values, use x.reshape(-1, {shape}), "
-                    f"or {other}")
-        return (f"your 1-D array has {n_rows} values, not a whole number of rows of {row}: "
-                f"check how it was built, or {other}")
-    return (f"your rows hold {per} values each and the model's hold {row}, so no reshape "
-            f"fits: {other}, or check how the input was built")
-
-
-def _check_preprocess_input(spec: ModelSpec, pre, source: Source) -> None:
-    """Inputs for an in-graph preset: its dtype, and the model's rows (or any size if it
-    resizes, with the model's channels)."""
-    want = np.dtype(pre.input_dtype)
-    if not np.can_cast(source.dtype, want, casting="safe"):
-        raise InputMismatch(spec.name, spec.path, f"{want} input for its preprocessing "
-                            f"{getattr(pre, 'name', pre)!r}", f"{source.dtype} from "
-                            f"{source.describe()}", f"pass {want} pixels (0-255), or register "
-                            "it without preprocess=")
-    if spec.input_shape is None:
-        return
-    model_rows, got = tuple(spec.input_row_shape), tuple(source.row_shape)
-    if getattr(pre, "resize", None) is not None:
-        ok = len(got) == len(model_rows) and got[-1:] == model_rows[-1:]
-    else:
-        ok = len(got) == len(model_rows) and all(w is None or w == g
-                                                 for w, g in zip(model_rows, got))
-    if not ok:
-        raise InputMismatch(spec.name, spec.path, f"rows of shape {model_rows}",
-                            f"rows of shape {got} from {source.describe()}",
-                            "resize the input, or use a preset with resize=(height, width)")
-
-
-def default_chunk_size(n_rows: int, n_workers: int) -> int:
-    """Rows per chunk when the user gives none.
-
-    Example:
-        >>> default_chunk_size(100_000, 2), default_chunk_size(100, 2)
-        (12500, 100)
-    """
-    size = math.ceil(n_rows / (CHUNKS_PER_WORKER * max(n_workers, 1)))
-    return int(min(n_rows, max(size, MIN_DEFAULT_CHUNK)))
-
-
-def resolve_chunk_size(chunk_size, source: Source, n_workers: int,
-                       max_chunk_bytes: int | None = None) -> int:
-    """Validate a user's ``chunk_size`` (or pick one) for this source.
-
-    ``max_chunk_bytes`` is what one chunk's rows may take on a worker; a default chunk is
-    shrunk to fit it, a user's chunk that does not fit is refused with the size that does.
-    """
-    fits = max(1, max_chunk_bytes // max(source.row_nbytes, 1)) if max_chunk_bytes else None
-    if chunk_size is None:
-        if isinstance(source, DaskSource):
-            size = source.natural_chunk_size()
-        else:
-            size = default_chunk_size(source.n_rows, n_workers)
-        return min(size, fits) if fits else size
-    if fits and isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) \
-            and min(chunk_size, source.n_rows) > fits:
-        raise InputMismatch(None, None, f"chunks that fit a worker's memory (at most {fits:,} "
-                            f"rows of {source.row_nbytes:,} bytes)",
-                            f"chunk_size={chunk_size:,}, {chunk_size * source.row_nbytes:,} "
-                            "bytes a chunk", f"pass chunk_size={fits} or less")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
-        raise InputMismatch(None, None, "chunk_size to be a whole number of rows >= 1",
-                            f"chunk_size={chunk_size!r}",
-                            "pass e.g. chunk_size=1024, or leave it out to let nbtool pick")
-    return int(min(chunk_size, source.n_rows))
-
-
 class PredictionRun:
     """One prediction in flight: its tasks, their futures, and the bookkeeping to assemble.
 
+    ``pool`` is the engine's :class:`~nbtool.pool.WorkerPool`; ``placements`` pairs each
+    model's spec with the workers its chunks go to. ``store`` is an open
+    :class:`~nbtool.store.ResultStore` (its writer lock held for ``run_id``) and
+    ``stored`` the chunks it holds already, per model; ``save`` a ``.npz`` path the
+    outputs are written to once assembled.
+
     Example:
-        >>> run = PredictionRun(client, placements, source, 512, combine="mean")  # doctest: +SKIP
-        >>> run.submit()                                                          # doctest: +SKIP
-        >>> res = run.collect()                                                   # doctest: +SKIP
+        >>> run = PredictionRun(pool, placements, source, 512, combine="mean")  # doctest: +SKIP
+        >>> run.add_done_callback(lambda res: print(res.n_rows))                # doctest: +SKIP
+        >>> run.submit(); res = run.collect()                                   # doctest: +SKIP
+        2000
     """
 
-    def __init__(self, client, placements: list[tuple[ModelSpec, list[str]]], source: Source,
-                 chunk_size: int, combine: str | None = "mean",
-                 devices: dict[str, str] | None = None, on_done=None, store=None,
-                 done: dict[str, set[int]] | None = None, dask_names: dict | None = None,
+    def __init__(self, pool, placements: list[tuple[ModelSpec, list[str]]], source: Source,
+                 chunk_size: int, *, combine: str | None = "mean", store=None,
+                 stored: dict[str, set[int]] | None = None, save: str | None = None,
                  run_id: str | None = None, partial_combine: bool = False):
-        self.client = client
+        self.pool = pool
+        self.client = pool.client
         self.placements = placements
         self.source = source
         self.chunk_size = chunk_size
@@ -202,17 +87,31 @@ class PredictionRun:
         self._task_of = {}         # future key -> (model, chunk index)
         self.started = None
         self.finished = 0
-        self.devices = devices or {}   # worker name -> device label, for the report
-        self.on_done = on_done         # called with the Prediction once it is assembled
+        # worker name -> device label, for the report
+        self.devices = {name: w.device for name, w in pool.workers.items()}
+        self._callbacks: list[Callable[[Prediction], None]] = []
         self.result: Prediction | None = None
         self.store = store                     # a ResultStore, or None
-        self.dask_names = dask_names or {}     # nbtool's worker name -> Dask's
-        self.stored = done or {}               # model -> chunks already in the store
+        self.stored = stored or {}             # model -> chunks already in the store
+        self.save = save                       # a .npz path, written once at the end
+
+    def add_done_callback(self, fn: Callable[[Prediction], None]) -> None:
+        """Call ``fn(prediction)`` when the run is collected (at once if it is already).
+
+        Called in the thread that collects, once; a cancelled run never calls it.
+
+        Example:
+            >>> run.add_done_callback(history.append)   # doctest: +SKIP
+        """
+        if self.result is not None:
+            fn(self.result)
+        else:
+            self._callbacks.append(fn)
 
     def submit(self) -> list:
         """Build the delayed graph (model x chunk) and send it to the cluster."""
         names = list(dict.fromkeys(w for _, ws in self.placements for w in ws))
-        workers = [self.dask_names.get(w, w) for w in names]   # as Dask knows them
+        workers = self.pool.restriction(names)   # as Dask knows them
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
         tasks, keys = [], []
         for m, (spec, names) in enumerate(self.placements):
@@ -296,9 +195,22 @@ class PredictionRun:
             raise
         finally:
             self._release()
-        if self.on_done is not None:
-            self.on_done(self.result)
+        if self.save:
+            self._save_npz(self.result)
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self.result)
         return self.result
+
+    def _save_npz(self, res: Prediction) -> None:
+        """Write the outputs to ``save``; a failure is kept in the result, never loses it."""
+        try:
+            res.save(self.save)
+        except OSError as e:   # checked before the run; still, never lose the result
+            err = NbtoolError(f"save={self.save!r}: writing the results failed ({e}); they "
+                              "are kept in this Prediction. Fix: res.save('other.npz').")
+            res.errors.append(err)
+            warnings.warn(str(err), stacklevel=3)
 
     def cancel(self) -> None:
         """Stop the run and let go of everything it holds: its tasks are cancelled (one
@@ -426,8 +338,9 @@ class PredictionRun:
                 combined = self._combine(outputs)
             except CombineError as e:
                 errors.append(e)
-        return Prediction([s.name for s, _ in self.placements], outputs, combined,
-                          self.combine, timings, errors, n, self.chunk_size, wall,
+        return Prediction([s.name for s, _ in self.placements], outputs, combined=combined,
+                          combine=self.combine, timings=timings, errors=errors, n_rows=n,
+                          chunk_size=self.chunk_size, wall_seconds=wall,
                           source=self.source, combined_note=note,
                           store_path=self.store.path if self.store is not None else None,
                           store_runs=self.store.runs() if self.store is not None else None)

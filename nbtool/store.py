@@ -9,18 +9,13 @@ same prediction again resumes: stored chunks are not recomputed. A changed model
 invalidates that model's chunks, a changed input or chunking invalidates the store; they
 never mix silently.
 
-One run writes a store at a time: the client holds an OS lock (``flock``) on
-``.nbtool.lock`` inside it from submit to collect, and a second run that asks for the same
-path is refused at once (:class:`~nbtool.errors.StoreBusy`) rather than left waiting: a
-kernel blocked on a lock for the length of someone else's run looks hung, and two runs on
-one path are almost always a mistake. The lock goes with the process, so a crashed kernel
-leaves none behind. The manifest records which run last wrote each model; a Prediction
-backed by the store checks it when read and refuses rows another run has written since
-(:class:`~nbtool.errors.StoreRewritten`).
+One run writes a store at a time (:mod:`nbtool.store_lock`). The manifest records which
+run last wrote each model; a Prediction backed by the store checks it when read and refuses
+rows another run has written since (:class:`~nbtool.errors.StoreRewritten`).
 
 Example:
     >>> res = eng.predict(["cnn"], "big.npy", save="preds.zarr")   # doctest: +SKIP
-    >>> res = nbtool.open_prediction("preds.zarr")   # lazy: read on access  # doctest: +SKIP
+    >>> res = nbtool.open_prediction("preds.zarr")   # lazy  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NbtoolError, ResultStoreError, StoreBusy, StoreRewritten
+from .errors import NbtoolError, ResultStoreError, StoreRewritten
+from .store_lock import LOCK, StoreLock, owner
 
 MANIFEST = "nbtool.json"
 #: 2: model names are percent-encoded injectively (1 only replaced '/', so 'a/b' and
 #: 'a%2Fb' shared one array).
 FORMAT_VERSION = 2
-#: The writer lock (and the id of the run holding it), inside the store.
-LOCK = ".nbtool.lock"
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 _REWRITTEN_FIX = ("save each run to its own path, or read the store again with "
                   "nbtool.open_prediction")
@@ -69,15 +63,6 @@ def _key(model: str) -> str:
 def _key_v1(model: str) -> str:
     """How format-1 stores named their folders: read-only, for opening old stores."""
     return model.replace("/", "%2F")
-
-
-def _owner(path: str | os.PathLike) -> str | None:
-    """The run id written in a store's lock file (None if none holds it)."""
-    try:
-        text = (Path(path) / LOCK).read_text()
-        return json.loads(text).get("run") if text.strip() else None
-    except (OSError, ValueError):
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +100,9 @@ class StoreRef:
         this task was still running) writes nothing."""
         if self.run is None:
             return
-        owner = _owner(self.path)
-        if owner != self.run:
-            now = f"run {owner} holds it now" if owner else "no run holds it now"
+        holder = owner(self.path)
+        if holder != self.run:
+            now = f"run {holder} holds it now" if holder else "no run holds it now"
             raise ResultStoreError(self.path, f"chunk {chunk} of model {model!r} belongs to "
                                    f"run {self.run}, which has ended ({now}), so it was not "
                                    "written", "run the prediction again to fill the store")
@@ -141,16 +126,14 @@ class ResultStore:
         >>> store.completed("cnn")
         {1}
         >>> store.release()
-        >>> res = open_prediction(path)
-        >>> res.completed, res["cnn"][3:5].tolist()
-        ({'cnn': {1}}, [[nan, nan, nan], [1.0, 1.0, 1.0]])
+        >>> store.arrays("cnn")[0][3:5].tolist()
+        [[nan, nan, nan], [1.0, 1.0, 1.0]]
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(Path(path).resolve())
         self.manifest = self._read_manifest()
-        self.run_id: str | None = None   # the run holding the writer lock through this object
-        self._lock = None                # its open lock file, while held
+        self._writer = StoreLock(self.path)
 
     def _key(self, model: str) -> str:
         old = self.manifest is not None and self.manifest.get("format") == 1
@@ -201,49 +184,36 @@ class ResultStore:
             nbtool.errors.StoreBusy: result store .../preds.zarr: run run1 (process ...) is writing it now...
             >>> store.release(); ResultStore(path).acquire("run2")   # free again
         """
-        if self._lock is not None:
+        if self.locked:
             return
         self.check_target()
         try:
             Path(self.path).mkdir(parents=True, exist_ok=True)
-            f = os.fdopen(os.open(Path(self.path) / LOCK, os.O_RDWR | os.O_CREAT, 0o644),
-                          "r+")
+            self._writer.acquire(run_id)
         except OSError as e:
-            raise self._unwritable(e) from None
-        if not _try_lock(f):   # held: by another kernel, or by another run of this one
-            holder = _holder_text(f.read())
-            f.close()
-            raise StoreBusy(self.path, f"{holder} is writing it now; a second run would mix "
-                            "its rows into that one's", "wait for that run to finish "
-                            "(run.collect()) or stop it (run.cancel()), or save this run to "
-                            "another path") from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"run": run_id, "pid": os.getpid(),
-                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        f.flush()
-        self._lock, self.run_id = f, run_id
+            raise self.unwritable(e) from None
 
     def release(self) -> None:
-        """Give the writer lock back (a no-op if not held); late tasks of the run that held
-        it find no owner in the lock file and write nothing."""
-        f, self._lock = self._lock, None
-        if f is None:
-            return
-        try:
-            f.seek(0)
-            f.truncate()
-        except OSError:
-            pass
-        finally:
-            f.close()   # closing the descriptor drops the flock
+        """Give the writer lock back (a no-op if not held)."""
+        self._writer.release()
 
     @property
     def locked(self) -> bool:
         """True while this object holds the writer lock."""
-        return self._lock is not None
+        return self._writer.held
 
-    def _unwritable(self, e: OSError) -> ResultStoreError:
+    @property
+    def run_id(self) -> str | None:
+        """The run holding the writer lock through this object."""
+        return self._writer.run_id
+
+    def unwritable(self, e: OSError) -> ResultStoreError:
+        """The error for a store that cannot be written (``e`` says why).
+
+        Example:
+            >>> str(ResultStore("/p.zarr").unwritable(PermissionError(13, "Permission denied")))
+            'result store /p.zarr: cannot write there (PermissionError: Permission denied). Fix: save to a folder you can write, e.g. beside the notebook.'
+        """
         return ResultStoreError(self.path, f"cannot write there ({type(e).__name__}: "
                                 f"{e.strerror or e})", "save to a folder you can write, "
                                 "e.g. beside the notebook")
@@ -282,7 +252,7 @@ class ResultStore:
         """
         import zarr
 
-        if self._lock is None:
+        if not self.locked:
             import uuid
 
             self.acquire(uuid.uuid4().hex[:8])
@@ -356,29 +326,6 @@ class ResultStore:
         return [group[f"{self._key(model)}/out{k}"] for k in range(n)]
 
 
-def _try_lock(f) -> bool:
-    """Take an exclusive lock on open file ``f`` without waiting; False if another open
-    file holds it (another process, or another run of this one: flock locks belong to
-    open files, not processes). The OS drops it when the file is closed or the process
-    dies, so a crashed kernel leaves no stale lock."""
-    try:
-        import fcntl
-    except ImportError:   # Windows
-        import msvcrt
-
-        try:
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
 def _clear(root: Path) -> None:
     """Empty a store's folder, keeping its lock file (and the lock on it)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -389,23 +336,6 @@ def _clear(root: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-def _holder_text(text: str) -> str:
-    """Who holds a lock, from its lock file's text: "run 1a2b3c4d (process 123, since
-    ...)", or "another run" when it has not written its id yet.
-
-    Example:
-        >>> _holder_text('{"run": "1a2b3c4d", "pid": 123, "since": "2025-01-01 10:00:00"}')
-        'run 1a2b3c4d (process 123, since 2025-01-01 10:00:00)'
-    """
-    try:
-        info = json.loads(text) if text.strip() else {}
-    except ValueError:
-        info = {}
-    if not info.get("run"):
-        return "another run"
-    return f"run {info['run']} (process {info.get('pid')}, since {info.get('since')})"
 
 
 def check_npz_target(path: str | os.PathLike) -> None:
@@ -456,32 +386,3 @@ def check_runs(path: str, runs: dict[str, str | None], models: list[str]) -> Non
             "was deleted or rewritten by another run"
         raise StoreRewritten(path, f"it {what}; this Prediction's rows of model {name!r} are "
                              "gone", _REWRITTEN_FIX)
-
-
-def open_prediction(path: str | os.PathLike):
-    """Open a result store as a :class:`~nbtool.results.Prediction`, lazily.
-
-    ``res[name]`` is then a zarr array: indexing it reads only those rows. Chunks that
-    never completed hold NaN; ``res.completed`` says which are stored.
-
-    Example:
-        >>> res = nbtool.open_prediction("preds.zarr")   # doctest: +SKIP
-        >>> res["cnn"][:10]                              # doctest: +SKIP
-
-    (:class:`ResultStore`'s example makes a store and opens it for real.)
-    """
-    from .results import Prediction
-
-    store = ResultStore(path)
-    if store.manifest is None:
-        raise NbtoolError(f"{path}: not an nbtool result store (no {MANIFEST}). Fix: pass the "
-                          "path given as save= to predict.")
-    m = store.manifest
-    models = list(m["models"])
-    n_chunks = -(-m["n_rows"] // m["chunk_size"])
-    res = Prediction(models, {name: store.arrays(name) for name in models}, None, None,
-                     {}, [], m["n_rows"], m["chunk_size"], store_path=store.path,
-                     store_runs=store.runs())
-    res.completed = {name: store.completed(name) for name in models}
-    res.n_chunks = n_chunks
-    return res

@@ -1,5 +1,7 @@
-"""Small SVG charts, drawn as text: they embed in the HTML of a result, need no server and
-no plotting library, and stay a few kilobytes however big the prediction was.
+"""Small SVG charts (bars, heatmaps), drawn as text for a result's inline HTML.
+
+They need no server and no plotting library, and stay a few kilobytes however big the
+prediction was.
 
 Example:
     >>> svg = bar_chart({"cnn": [3, 1], "mlp": [2, 2]}, ["0", "1"], title="classes")

@@ -1,4 +1,5 @@
-"""A small table for ``eng.models()`` and ``eng.devices()``: rows of dicts with reprs.
+"""The tables ``eng.models()`` and ``eng.devices()`` show, and the model rows the dashboard
+shows too: built here once from the workers' statuses, rendered as text or HTML.
 
 Example:
     >>> t = Table([{"name": "cnn", "size": "1.2 MB"}], title="models")
@@ -12,8 +13,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from typing import Any
+
+from .wire import ModelSpec, ModelState, WorkerStatus
 
 
 class Table:
@@ -84,3 +88,101 @@ def human_bytes(n: int | float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+@dataclasses.dataclass
+class ModelRow:
+    """One registered model as the tables and the dashboard show it: what it is, where it
+    is placed, and its state on each of those workers.
+
+    Example:
+        >>> row = ModelRow("cnn", "keras", 2048, "/m/cnn.keras", ["cpu:0"],
+        ...                {"cpu0": ModelState("loaded", accounted=4096, load_seconds=0.5)})
+        >>> row.state_text(), human_bytes(row.footprint), row.load_seconds
+        ('cpu0: loaded', '4.1 kB', 0.5)
+    """
+
+    name: str
+    format: str
+    size_bytes: int
+    path: str
+    devices: list[str]
+    states: dict[str, ModelState]   # by worker, in placement order
+
+    @property
+    def loaded(self) -> list[ModelState]:
+        """Its states on the workers where it is resident now."""
+        return [s for s in self.states.values() if s.loaded]
+
+    @property
+    def footprint(self) -> int | None:
+        """The most memory it takes on one worker (charged, else measured), if resident."""
+        sizes = [s.accounted or s.footprint or 0 for s in self.loaded]
+        return max(sizes) if sizes else None
+
+    @property
+    def load_seconds(self) -> float | None:
+        """Its slowest load among the workers where it is resident."""
+        return max((s.load_seconds or 0.0 for s in self.loaded), default=None)
+
+    @property
+    def last_used(self) -> float | None:
+        """When a worker holding it last ran it (a time.time()), if resident."""
+        return max((s.last_used or 0.0 for s in self.loaded), default=None)
+
+    def state_text(self, describe=ModelState.describe) -> str:
+        """``"cpu0: loaded; cpu1: not loaded"``; ``describe`` words one state.
+
+        Example:
+            >>> ModelRow("m", "h5", 1, "m.h5", [], {"cpu0": ModelState()}).state_text()
+            'cpu0: not loaded'
+        """
+        return "; ".join(f"{w}: {describe(s)}" for w, s in self.states.items())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row of ``eng.models()``."""
+        return {"name": self.name, "format": self.format, "size": human_bytes(self.size_bytes),
+                "device": ", ".join(self.devices), "state": self.state_text(),
+                "footprint": human_bytes(self.footprint),
+                "load s": "-" if self.load_seconds is None else f"{self.load_seconds:.2f}",
+                "path": self.path}
+
+
+def model_rows(specs: list[ModelSpec], placement: dict[str, list[str]],
+               devices: dict[str, str], statuses: dict[str, WorkerStatus]) -> list[ModelRow]:
+    """One :class:`ModelRow` per spec, from the workers' statuses.
+
+    ``placement``: model -> worker names; ``devices``: worker name -> device label.
+
+    Example:
+        >>> spec = ModelSpec("cnn", "/m/cnn.keras", "keras", 2048, "1-1")
+        >>> status = WorkerStatus("cpu0", "cpu:0", 2**30, {"cnn": ModelState("loaded")})
+        >>> [r.state_text() for r in model_rows([spec], {"cnn": ["cpu0", "cpu1"]},
+        ...                                     {"cpu0": "cpu:0"}, {"cpu0": status})]
+        ['cpu0: loaded; cpu1: not loaded']
+    """
+    rows = []
+    for spec in specs:
+        workers = placement.get(spec.name, [])
+        states = {w: statuses[w].state_of(spec.name) if w in statuses else ModelState()
+                  for w in workers}
+        rows.append(ModelRow(spec.name, spec.format, spec.size_bytes, spec.path,
+                             [devices[w] for w in workers if w in devices], states))
+    return rows
+
+
+def device_rows(statuses: dict[str, WorkerStatus]) -> list[dict[str, Any]]:
+    """The rows of ``eng.devices()``: per worker its memory, budget and resident models.
+
+    Example:
+        >>> s = WorkerStatus("cpu0", "cpu:0", 2 * 10**9, resident_bytes=10**6,
+        ...                  lru_order=["cnn"], memory_in_use=8 * 10**8, pid=7)
+        >>> print(Table(device_rows({"cpu0": s})))
+        worker  device  memory    idle memory  budget  resident  models  pid
+        cpu0    cpu:0   800.0 MB  -            2.0 GB  1.0 MB    cnn     7
+    """
+    return [{"worker": name, "device": s.device, "memory": human_bytes(s.memory_in_use),
+             "idle memory": human_bytes(s.idle_memory), "budget": human_bytes(s.budget),
+             "resident": human_bytes(s.resident_bytes),
+             "models": ", ".join(s.lru_order) or "-", "pid": s.pid}
+            for name, s in sorted(statuses.items())]

@@ -66,11 +66,6 @@ class ModelSpec:
         """What a worker's cache is keyed by: a changed file is a different model."""
         return (self.name, self.fingerprint)
 
-    def with_input(self, shape: tuple | None, dtype: str | None, n_outputs: int | None):
-        """A copy that knows its input signature (learned on a worker for SavedModels)."""
-        return dataclasses.replace(self, input_shape=shape, input_dtype=dtype,
-                                   n_outputs=n_outputs)
-
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """Size and modification time of a model file (or of a directory's newest file).

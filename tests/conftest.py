@@ -139,6 +139,16 @@ def engine():
 
 
 @pytest.fixture
+def keep_default_engine():
+    """Starting another engine makes it the default; give the session's back afterwards."""
+    from nbtool.session import current_engine, set_default_engine
+
+    before = current_engine()
+    yield
+    set_default_engine(before)
+
+
+@pytest.fixture
 def unique():
     """A fresh model name prefix, so tests sharing the engine never collide."""
     return f"t{uuid.uuid4().hex[:6]}"

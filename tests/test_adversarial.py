@@ -184,13 +184,13 @@ def test_without_the_session_certificate_no_port_of_the_cluster_runs_code(engine
 def test_start_refuses_what_would_expose_the_cluster_or_silently_mean_the_default(
         kwargs, says):
     import nbtool
-    import nbtool.engine
+    from nbtool.session import current_engine
 
-    before = nbtool.engine._default_engine
+    before = current_engine()
     with pytest.raises(ValueError, match=says) as refused:
         nbtool.start(**{"gpus": "none", **kwargs})
     assert "Fix:" in str(refused.value)
-    assert nbtool.engine._default_engine is before   # nothing started, nothing replaced
+    assert current_engine() is before   # nothing started, nothing replaced
 
 
 

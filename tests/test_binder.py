@@ -81,27 +81,23 @@ def test_start_refuses_a_malformed_environment_setting(monkeypatch):
 
 
 @pytest.mark.slow
-def test_start_reads_workers_budget_and_cores_from_the_environment(monkeypatch):
+def test_start_reads_workers_budget_and_cores_from_the_environment(monkeypatch,
+                                                                   keep_default_engine):
     import nbtool
-    import nbtool.engine
 
-    before = nbtool.engine._default_engine
     monkeypatch.setenv("NBTOOL_N_WORKERS", "1")
     monkeypatch.setenv("NBTOOL_MEMORY_BUDGET", "300MB")
     monkeypatch.setenv("NBTOOL_CORES", "1")
-    try:
-        with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
-            assert list(eng.workers) == ["cpu0"]
-            assert eng.workers["cpu0"].budget == 300_000_000
-            assert eng._statuses()["cpu0"]["tf_intra_threads"] == 1
-        # With GPUs the worker count is theirs: Binder's NBTOOL_N_WORKERS=1 must not
-        # break a notebook that plans for two GPUs (multi_gpu.ipynb).
-        monkeypatch.setenv("NBTOOL_FAKE_GPUS", "2x4GB")
-        with nbtool.start(dashboard_address="127.0.0.1:0") as eng:
-            assert sorted(eng.workers) == ["gpu0", "gpu1"]
-            assert {w.budget for w in eng.workers.values()} == {300_000_000}
-    finally:
-        nbtool.engine._default_engine = before
+    with nbtool.start(gpus="none", dashboard_address="127.0.0.1:0") as eng:
+        assert list(eng.workers) == ["cpu0"]
+        assert eng.workers["cpu0"].budget == 300_000_000
+        assert eng.status()["cpu0"].threads == 1
+    # With GPUs the worker count is theirs: Binder's NBTOOL_N_WORKERS=1 must not
+    # break a notebook that plans for two GPUs (multi_gpu.ipynb).
+    monkeypatch.setenv("NBTOOL_FAKE_GPUS", "2x4GB")
+    with nbtool.start(dashboard_address="127.0.0.1:0") as eng:
+        assert sorted(eng.workers) == ["gpu0", "gpu1"]
+        assert {w.budget for w in eng.workers.values()} == {300_000_000}
 
 
 # Runs inside the Binder environment: nbclient (a dependency of jupyter_server, so present

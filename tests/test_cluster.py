@@ -12,17 +12,8 @@ import psutil
 import pytest
 
 import nbtool
-import nbtool.engine
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def keep_default_engine():
-    """Starting another engine makes it the default; give the session's back afterwards."""
-    before = nbtool.engine._default_engine
-    yield
-    nbtool.engine._default_engine = before
 
 
 def listening_ips(proc: psutil.Process) -> set[str]:
@@ -36,18 +27,18 @@ def test_fake_gpus_get_one_pinned_worker_each(monkeypatch, keep_default_engine, 
     monkeypatch.setenv("NBTOOL_FAKE_GPUS", "2x4GB")
     with nbtool.start(dashboard_address="127.0.0.1:0") as eng:
         assert sorted(eng.workers) == ["gpu0", "gpu1"]
-        st = eng._statuses()
+        st = eng.status()
         for i in (0, 1):
             s = st[f"gpu{i}"]
             # What the worker process really has: its own GPU only, memory growth on...
-            assert s["env"]["CUDA_VISIBLE_DEVICES"] == str(i)
-            assert s["env"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
-            assert s["device"] == f"gpu:{i}" and s["budget"] == int(4e9 * 0.8)
+            assert s.env["CUDA_VISIBLE_DEVICES"] == str(i)
+            assert s.env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+            assert s.device == f"gpu:{i}" and s.budget == int(4e9 * 0.8)
             # ... and TensorFlow's threads split the 2 cores between the two workers.
-            assert s["tf_intra_threads"] == max(1, psutil.cpu_count() // 2)
+            assert s.threads == max(1, psutil.cpu_count() // 2)
             # No real GPU here: TF lists none. On a GPU machine it lists exactly one.
-            assert len(s["tf_gpus"]) <= 1
-        assert len({st["gpu0"]["pid"], st["gpu1"]["pid"]}) == 2
+            assert len(s.gpus_seen) <= 1
+        assert len({st["gpu0"].pid, st["gpu1"].pid}) == 2
         eng.register("pinned", model_dir / "mlp.keras", device="gpu:1")
         res = eng.predict("pinned", reference["x8"], chunk_size=9)
         assert res.timings["pinned"]["workers"] == ["gpu1"]
@@ -73,7 +64,7 @@ def test_an_existing_dask_cluster_runs_the_same_worker_code(keep_default_engine,
             eng.register("remote", model_dir / "mlp.h5")
             res = eng.predict("remote", reference["x8"], chunk_size=25)
             assert np.abs(res["remote"] - reference["mlp"]).max() <= 1e-5
-            assert eng._statuses()[name]["models"]["remote"]["loads"] == 1
+            assert eng.status()[name].state_of("remote").loads == 1
         finally:
             eng.close()
         assert cluster.status.name == "running"     # closing the engine left theirs alone

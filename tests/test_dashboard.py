@@ -36,7 +36,7 @@ def dash(engine, model_dir, reference, unique):
 
 
 def state(dash):
-    return dash._model_rows[dash.model]["state"].value
+    return dash.model_lines[dash.model]["state"].value
 
 
 def test_shows_devices_models_and_inputs(dash, engine):
@@ -45,11 +45,11 @@ def test_shows_devices_models_and_inputs(dash, engine):
     assert dash.model in dash.run_models.options
     assert dash.run_input.options == ("path", "x8")           # arrays and .npy paths only
     assert "not loaded" in state(dash)
-    assert "keras" in dash._model_rows[dash.model]["info"].value
+    assert "keras" in dash.model_lines[dash.model]["info"].value
 
 
 def test_load_unload_and_hard_unload_buttons(dash, engine):
-    rows = dash._model_rows[dash.model]
+    rows = dash.model_lines[dash.model]
     rows["load"].click()
     assert "loading" in state(dash) or "loaded" in state(dash)
     wait_until(dash, lambda: state(dash).endswith(": loaded"))
@@ -61,12 +61,12 @@ def test_load_unload_and_hard_unload_buttons(dash, engine):
     rows["load"].click()
     wait_until(dash, lambda: state(dash).endswith(": loaded"))
     (home,) = engine.placement[dash.model]
-    pid = engine._statuses()[home]["pid"]
+    pid = engine.status()[home].pid
     rows["hard"].click()
-    wait_until(dash, lambda: not dash._pending, timeout=120)
+    wait_until(dash, lambda: not dash.pending, timeout=120)
     assert "done: hard unload" in dash.message.value
     assert state(dash) == f"{home}: not loaded"
-    assert engine._statuses()[home]["pid"] != pid
+    assert engine.status()[home].pid != pid
 
 
 def test_a_failing_load_shows_the_reason(engine, model_dir, tmp_path, unique):
@@ -79,11 +79,11 @@ def test_a_failing_load_shows_the_reason(engine, model_dir, tmp_path, unique):
     engine.register(name, bad)
     d = Dashboard(engine, namespace={}, autorefresh=False)
     try:
-        d._model_rows[name]["load"].click()
-        wait_until(d, lambda: "failed:" in d._model_rows[name]["state"].value
-                   and not d._pending)
+        d.model_lines[name]["load"].click()
+        wait_until(d, lambda: "failed:" in d.model_lines[name]["state"].value
+                   and not d.pending)
         assert f"load {name} failed" in d.message.value and "Fix:" in d.message.value
-        assert "failed: OSError: Unable to" in d._model_rows[name]["state"].value
+        assert "failed: OSError: Unable to" in d.model_lines[name]["state"].value
     finally:
         d.close()
 

@@ -9,10 +9,14 @@ import importlib
 
 import pytest
 
-PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.devices", "nbtool.registry", "nbtool.sources", "nbtool.store", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
-                "nbtool.results", "nbtool.tables", "nbtool.runner", "nbtool.overlap",
-                "nbtool.batching", "nbtool.litert", "nbtool.machine_cache",
-                "nbtool.planning"]
+PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.devices", "nbtool.registry", "nbtool.model_files", "nbtool.sources", "nbtool.inputs", "nbtool.store", "nbtool.store_lock", "nbtool.metrics", "nbtool.magic_args", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
+                "nbtool.results", "nbtool.tables",
+                "nbtool.worker", "nbtool.worker.reading", "nbtool.worker.batching",
+                "nbtool.worker.litert", "nbtool.worker.measure", "nbtool.worker.runtime",
+                "nbtool.worker.loading", "nbtool.worker.predictors", "nbtool.worker.cache",
+                "nbtool.worker.process", "nbtool.worker.convert", "nbtool.worker.tasks",
+                "nbtool.planning", "nbtool.settings", "nbtool.session", "nbtool.catalog",
+                "nbtool.loads", "nbtool.runs"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

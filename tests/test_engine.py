@@ -1,40 +1,12 @@
-"""The engine's lifecycle and arguments: 0 is refused everywhere, a closed engine says so."""
+"""The engine's facade: arguments refused before anything runs, a closed engine says so,
+a finished run is let go, and every table reads one status."""
 
 import asyncio
 
 import pytest
 
 import nbtool
-import nbtool.engine
 from nbtool.errors import EngineClosed, NbtoolError
-
-
-@pytest.fixture
-def keep_default_engine():
-    """Starting another engine makes it the default; give the session's back afterwards."""
-    before = nbtool.engine._default_engine
-    yield
-    nbtool.engine._default_engine = before
-
-
-@pytest.mark.parametrize("kwargs, named", [
-    ({"n_workers": 0}, "n_workers=0"),
-    ({"n_workers": -2}, "n_workers=-2"),
-    ({"n_workers": True}, "n_workers=True"),
-    ({"memory_budget": "0"}, "memory_budget='0'"),
-    ({"memory_budget": 0}, "memory_budget=0"),
-    ({"memory_budget": "-1GB"}, "memory_budget='-1GB'"),
-    ({"memory_budget": ""}, "memory_budget=''"),
-    ({"memory_budget": "lots"}, "memory_budget='lots'"),
-])
-def test_zero_or_negative_counts_and_sizes_are_refused_not_read_as_the_default(
-        kwargs, named, keep_default_engine):
-    # Refused before any cluster starts, like chunk_size=0: nothing to clean up.
-    with pytest.raises(ValueError) as refused:
-        nbtool.start(gpus="none", dashboard_address="127.0.0.1:0", **kwargs)
-    msg = str(refused.value)
-    assert msg.startswith(named + ":"), msg
-    assert "expected" in msg and ("'4GB'" in msg or "n_workers=2" in msg), msg
 
 
 def test_set_memory_budget_refuses_zero_and_keeps_the_budget(engine):
@@ -112,3 +84,27 @@ def test_a_collected_run_is_not_kept_alive_by_the_engine(engine, model_dir, uniq
     del res
     gc.collect()
     assert gone() is None and engine.running() == []
+
+
+def test_the_tables_and_status_tell_one_story_of_a_models_life(engine, model_dir, unique):
+    """eng.models(), eng.devices() and eng.status() read the same worker reports: a model
+    not loaded, loaded where it is placed, then soft-unloaded."""
+    name = f"{unique}_life"
+    engine.register(name, model_dir / "mlp.keras", device="cpu:1")
+    (home,) = engine.placement[name]
+
+    def row():
+        return next(r for r in engine.models() if r["name"] == name)
+
+    assert row()["state"] == f"{home}: not loaded" and row()["footprint"] == "-"
+    states = engine.load(name)[name]
+    assert list(states) == [home] and states[home].loaded and states[home].loads == 1
+    status = engine.status([home])[home]
+    assert status.state_of(name).describe() == "loaded" and name in status.lru_order
+    assert row()["state"] == f"{home}: loaded" and row()["footprint"] != "-"
+    assert row()["load s"] == f"{status.state_of(name).load_seconds:.2f}"
+    device = next(r for r in engine.devices() if r["worker"] == home)
+    assert name in device["models"] and device["pid"] == status.pid
+    assert engine.unload(name) == [name]
+    assert engine.status([home])[home].state_of(name).describe() == "unloaded"
+    assert row()["state"] == f"{home}: unloaded"

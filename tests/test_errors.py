@@ -90,8 +90,8 @@ def test_input_that_does_not_fit_is_refused_before_anything_runs(engine, model_d
     assert "64 values each and the model's hold 8, so no reshape fits" in msg
     with pytest.raises(InputMismatch, match=r"expects float32 input, got <U3"):
         engine.predict(name, np.full((4, 8), "abc"))
-    st = engine._statuses()
-    assert all(name not in s["models"] for s in st.values())    # nothing was scheduled
+    st = engine.status()
+    assert all(name not in s.models for s in st.values())       # nothing was scheduled
 
 
 def test_bad_inputs_and_options(engine, model_dir, unique, still_works):

@@ -26,7 +26,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_result_is_complete(engine, 
     x = np.random.default_rng(5).normal(size=(30_000, 256)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     engine.load(name)
-    victim = engine._statuses()["cpu1"]["pid"]
+    victim = engine.status()["cpu1"].pid
     run = engine.submit(name, str(tmp_path / "x.npy"), chunk_size=500)
     deadline = time.monotonic() + 60
     while run.progress()[name][0] < 5 and time.monotonic() < deadline:
@@ -38,10 +38,10 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_result_is_complete(engine, 
     assert res.ok, res.errors
     assert np.abs(res[name] - model.predict(x, verbose=0)).max() <= 1e-4
     # The Nanny restarted the worker; the model loaded again on demand where the rest ran.
-    engine._wait_for_workers(["cpu1"])
-    after = engine._statuses()
-    assert after["cpu1"]["pid"] != victim
-    assert sum(s["models"].get(name, {}).get("loads", 0) for s in after.values()) >= 1
+    engine.pool.wait_for(["cpu1"])
+    after = engine.status()
+    assert after["cpu1"].pid != victim
+    assert sum(s.state_of(name).loads for s in after.values()) >= 1
 
 
 def test_out_of_memory_halves_the_batch_and_remembers_it(engine, keras, model_dir, reference,
@@ -58,11 +58,11 @@ def test_out_of_memory_halves_the_batch_and_remembers_it(engine, keras, model_di
     expected = model.predict(reference["x8"], batch_size=8, verbose=0)   # what fits here too
     assert res.ok and np.abs(res[name] - expected).max() <= 1e-5
     (home,) = engine.placement[name]
-    info = engine._statuses()[home]["models"][name]
-    assert info["batch_size"] == 8 and info["oom_retries"] == 3      # 64 -> 32 -> 16 -> 8
+    info = engine.status()[home].models[name]
+    assert info.batch_size == 8 and info.oom_retries == 3           # 64 -> 32 -> 16 -> 8
     assert res.timings[name]["batch_size"] == 8
     engine.predict(name, reference["x8"])
-    assert engine._statuses()[home]["models"][name]["oom_retries"] == 3   # remembered
+    assert engine.status()[home].models[name].oom_retries == 3   # remembered
 
 
 def test_out_of_memory_even_at_batch_one_is_a_clear_chunk_failure(engine, keras, reference,
@@ -97,8 +97,8 @@ def test_a_model_that_fails_to_load_is_marked_failed_and_others_carry_on(engine,
     res = engine.predict([broken, fine], reference["x8"], chunk_size=20, combine=None)
     assert {e.model for e in res.errors} == {broken} and len(res.errors) == 3
     assert np.abs(res[fine] - reference["mlp"]).max() <= 1e-5
-    info = engine._statuses()["cpu0"]["models"][broken]
-    assert info["state"] == "failed" and "OSError" in info["reason"]
+    info = engine.status()["cpu0"].models[broken]
+    assert info.state == "failed" and "OSError" in info.reason
 
 
 CLIENT = textwrap.dedent("""
@@ -110,9 +110,9 @@ CLIENT = textwrap.dedent("""
         model, x_path, store, out = sys.argv[1:5]
         eng = nbtool.start(n_workers=1, gpus="none", dashboard_address="127.0.0.1:0")
         eng.register("m", model)
-        st = eng._statuses()
+        st = eng.status()
         with open(out + ".pids", "w") as f:
-            json.dump([s["pid"] for s in st.values()], f)
+            json.dump([s.pid for s in st.values()], f)
         res = eng.predict("m", x_path, chunk_size=400, save=store)
         np.save(out, res["m"])
         print(json.dumps({"computed": res.timings["m"]["chunks"],
@@ -212,16 +212,16 @@ def test_eight_models_under_a_quarter_budget_stay_bounded(engine, keras, unique)
     def cycle(budget):
         engine.unload(hard=True)            # a fresh worker process for each measurement
         engine.set_memory_budget(budget)
-        idle = engine._statuses()["cpu0"]["idle_memory"]
+        idle = engine.status()["cpu0"].idle_memory
         peak_rss, peak_resident = 0, 0
         for _ in range(2):
             for n, ref in zip(names, refs):
                 res = engine.predict(n, x)
                 assert np.abs(res[n] - ref).max() <= 1e-4
-                st = engine._statuses()["cpu0"]
-                peak_rss = max(peak_rss, st["rss"] - idle)
-                peak_resident = max(peak_resident, st["resident_bytes"])
-        return peak_rss, peak_resident, engine._statuses()["cpu0"]["evictions"]
+                st = engine.status()["cpu0"]
+                peak_rss = max(peak_rss, st.rss - idle)
+                peak_resident = max(peak_resident, st.resident_bytes)
+        return peak_rss, peak_resident, engine.status()["cpu0"].evictions
 
     try:
         quarter = 8 * size // 4

@@ -5,7 +5,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbtool
-import nbtool.engine
+from nbtool.session import current_engine, set_default_engine
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +52,13 @@ def test_register_load_models_devices_unload(ip, engine, models):
     assert {r["worker"] for r in devices} == {"cpu0", "cpu1"}
     assert any(a in r["models"] for r in ip.run_line_magic("nbtool", "devices"))
     ip.run_line_magic("nbtool", f"unload {a}")
-    st = engine._statuses()
-    assert all(a not in s["lru_order"] for s in st.values())
+    st = engine.status()
+    assert all(a not in s.lru_order for s in st.values())
     (home,) = engine.placement[a]
     ip.run_line_magic("nbtool", f"load {a}")
-    pid = engine._statuses()[home]["pid"]
+    pid = engine.status()[home].pid
     ip.run_line_magic("nbtool", f"unload {a} --hard")
-    assert engine._statuses()[home]["pid"] != pid
+    assert engine.status()[home].pid != pid
 
 
 def test_register_dir(ip, engine, tmp_path, model_dir):
@@ -159,7 +159,7 @@ def test_mistakes_give_clear_messages_and_leave_the_engine_usable(ip, engine, mo
 
 @pytest.mark.slow
 def test_start_and_stop_through_magics(ip, model_dir, reference):
-    session_engine = nbtool.engine._default_engine
+    session_engine = current_engine()
     ip.user_ns["x8"] = reference["x8"]
     try:
         eng = ip.run_line_magic("nbtool", "start --workers 1 --memory-budget 300MB --gpus none")
@@ -173,14 +173,14 @@ def test_start_and_stop_through_magics(ip, model_dir, reference):
         ip.run_line_magic("nbtool", "stop")
         assert again.client.status == "closed"
     finally:
-        nbtool.engine._default_engine = session_engine
+        set_default_engine(session_engine)
 
 
 @pytest.mark.slow
 def test_start_with_an_address_joins_an_existing_cluster(ip, model_dir, reference):
     from distributed import LocalCluster
 
-    session_engine = nbtool.engine._default_engine
+    session_engine = current_engine()
     ip.user_ns["x8"] = reference["x8"]
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address=None) as cluster:
@@ -193,7 +193,7 @@ def test_start_with_an_address_joins_an_existing_cluster(ip, model_dir, referenc
             assert np.abs(res["far"] - reference["mlp"]).max() <= 1e-5
             ip.run_line_magic("nbtool", "stop")
         finally:
-            nbtool.engine._default_engine = session_engine
+            set_default_engine(session_engine)
         assert cluster.status.name == "running"
 
 
@@ -226,7 +226,7 @@ def test_start_with_zero_workers_or_a_bad_budget_is_refused_and_the_engine_kept(
                       ("start --gpus x", r"--gpus: expected 'auto', 'none' or GPU indices")):
         with pytest.raises(UsageError, match=msg):
             ip.run_line_magic("nbtool", line)
-    assert nbtool.engine._default_engine is engine and engine.client.status == "running"
+    assert current_engine() is engine and engine.client.status == "running"
 
 
 def test_quotes_group_words_and_a_bad_quote_or_name_is_a_usage_error(ip, engine, models,
@@ -261,12 +261,3 @@ def test_infer_with_a_failed_model_combines_only_when_asked(ip, failing_pair):
     assert res.combined is None and "failed on 1 of 4 chunks" in res.combined_note
     part = ip.run_cell_magic("infer", f"{chk} {good} --chunk-size 10 --partial-combine", "xbad")
     assert part.combined is not None and part.combined_note.startswith("combined is partial")
-
-
-def test_a_comment_after_a_line_magic_is_a_comment_as_in_python(ip):
-    """Before: `%nbtool models  # note` failed with "unrecognized arguments: # note"."""
-    from nbtool.magics import split_line
-
-    assert split_line("register cnn m.keras  # the small one", "%nbtool") == [
-        "register", "cnn", "m.keras"]
-    assert split_line('register cnn "my #1 model.keras"', "%nbtool")[-1] == "my #1 model.keras"

@@ -139,6 +139,13 @@ def test_choose_says_why_when_no_variant_qualifies(engine, optimized, digits_mod
         engine.choose(f"{PREFIX}_plain")
 
 
+def test_every_variant_offered_is_one_the_workers_can_make():
+    from nbtool.optimize import NEEDS_CALIBRATION, VARIANTS
+    from nbtool.worker import CONVERSIONS
+
+    assert list(VARIANTS) == list(CONVERSIONS) and NEEDS_CALIBRATION <= set(CONVERSIONS)
+
+
 def test_bad_requests_fail_before_anything_runs(engine, digits_models, digits):
     name = f"{PREFIX}_bad"
     engine.register(name, str(digits_models["mlp"]))
@@ -174,7 +181,7 @@ def test_a_tflite_file_registers_directly_without_tensorflow(engine, digits_mode
     np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
     entry = engine.load(name)[name]
     (info,) = entry.values()
-    assert info["batch_size"] == 32 and info["traces"] == 1   # tensors allocated once
+    assert info.batch_size == 32 and info.traces == 1   # tensors allocated once
     # uint8 pixels in, rescaled by the preset before LiteRT runs (eagerly, on the worker)
     engine.register(f"{name}_u8", str(path), batch_size=32, preprocess="rescale")
     px = np.round(x * 255).astype("uint8")

@@ -51,7 +51,7 @@ def test_a_cold_ensemble_is_planned_from_what_this_machine_measured(engine, kera
     eng.register(fresh, dense_model(keras, 64, seed=30, n_in=64), replicas=2)
     first = eng.predict(fresh, x, chunk_size=250)
     assert first.timings[fresh]["workers"] == ["cpu0", "cpu1"]
-    cpu0 = eng._addresses(["cpu0"])["cpu0"]
+    cpu0 = eng.pool.addresses(["cpu0"])["cpu0"]
     measured = eng.client.run(model_costs, [eng.registry.get(fresh)], workers=[cpu0])[cpu0]
     assert measured[fresh]["load"] > 0 and measured[fresh]["row"] > 0
 
@@ -70,8 +70,8 @@ def test_a_cold_ensemble_is_planned_from_what_this_machine_measured(engine, kera
         assert np.abs(cold[name] - model.predict(x, verbose=0)).max() <= 1e-4
     loaded = eng.load(*names)                     # waits for the background replicas
     assert all(sorted(loaded[n]) == ["cpu0", "cpu1"] for n in names)
-    states = {w: s["models"] for w, s in eng._statuses().items()}
-    assert all(states[w][n]["loads"] == 1 for w in ("cpu0", "cpu1") for n in names)
+    states = eng.status()
+    assert all(states[w].state_of(n).loads == 1 for w in ("cpu0", "cpu1") for n in names)
     warm = eng.predict(names, x, chunk_size=250, combine=None)
     assert all(warm.timings[n]["workers"] == ["cpu0", "cpu1"] for n in names)
     assert all(warm.timings[n]["load_seconds"] == 0 for n in names)
@@ -184,6 +184,37 @@ def test_results_are_saved_when_asked(engine, model_dir, reference, unique, tmp_
     assert np.array_equal(saved["combined"], res.combined)
 
 
+def test_a_models_signature_is_learned_at_its_first_load_and_never_loaded_for_again(
+        engine, model_dir, reference, unique, tmp_path):
+    """Before: a run saved to a result store loaded its models just to learn their output
+    shapes, every time, and a SavedModel's run loaded it twice before anything was
+    scheduled (once for its input, once for its outputs)."""
+    from distributed import get_task_stream
+
+    name = f"{unique}_sm"
+    engine.register(name, model_dir / "mlp_savedmodel", trusted=True)
+    assert engine.registry.get(name).input_shape is None       # a SavedModel says when loaded
+
+    def loads_during(save):
+        with get_task_stream(client=engine.client) as stream:
+            res = engine.predict(name, reference["x8"], chunk_size=20, save=save)
+        return res, [t["key"] for t in stream.data if "nbtool-load-" in str(t["key"])]
+
+    first, loads = loads_during(str(tmp_path / "first.zarr"))
+    assert len(loads) == 1, loads                               # one load taught both
+    spec = engine.registry.get(name)
+    assert spec.input_shape == (None, 8) and spec.n_outputs == 1
+    assert [shape for shape, _ in spec.output_specs] == [(3,)]
+    second, loads = loads_during(str(tmp_path / "second.zarr"))
+    assert loads == []                                          # kept in the registry
+    third, loads = loads_during(None)
+    assert loads == []
+    for res in (first, second, third):
+        assert np.abs(np.asarray(res[name]) - reference["mlp"]).max() <= TOL
+    engine.register(name, model_dir / "mlp_savedmodel", trusted=True)   # the same again:
+    assert engine.registry.get(name) == spec                    # a no-op, nothing forgotten
+
+
 def test_prediction_renders_a_table(engine, model_dir, reference, unique):
     engine.register(f"{unique}_m", model_dir / "mlp.keras")
     res = engine.predict(f"{unique}_m", reference["x8"])
@@ -225,7 +256,7 @@ def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_
                for m in engine.client.run(resident_models).values())
 
     # One replica drops it (an eviction, a restart): the reload is the new file, no mix.
-    cpu0 = engine._addresses(["cpu0"])["cpu0"]
+    cpu0 = engine.pool.addresses(["cpu0"])["cpu0"]
     engine.client.run(unload_models, [name], workers=[cpu0])
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
@@ -240,7 +271,7 @@ def _shared_files(engine) -> set:
 
     from nbtool.sources import shared_folder
 
-    folders = set(engine._shared_dirs) | {shared_folder(engine.work_dir / "inputs", 1)}
+    folders = set(engine.runs.shared_dirs) | {shared_folder(engine.work_dir / "inputs", 1)}
     return {f"{d}/{n}" for d in folders if d.is_dir() for n in os.listdir(d)}
 
 

@@ -21,8 +21,8 @@ def test_a_preset_runs_in_the_graph_and_matches_numpy_preprocessing(engine, mode
     res = engine.predict(pre, pixels, chunk_size=16)          # uint8 travels, 1/4 the bytes
     assert np.abs(res[pre] - expected).max() <= 1e-5
     (home,) = engine.placement[pre]
-    info = engine._statuses()[home]["models"][pre]
-    assert info["input_dtype"] == "uint8"
+    info = engine.status()[home].models[pre]
+    assert info.input_dtype == "uint8"
 
 
 def test_a_resizing_preset_takes_any_image_size(engine, model_dir, unique):
@@ -65,6 +65,6 @@ def test_reduced_precision_is_opt_in_and_reports_its_agreement(engine, model_dir
     assert agree["rows"] == 60 and 0 < agree["max_abs_diff"] <= 0.05
     assert agree["top1_agreement"] >= 0.9
     (home,) = engine.placement[bf16]
-    assert engine._statuses()[home]["models"][bf16]["precision"] == "bfloat16"
+    assert engine.status()[home].models[bf16].precision == "bfloat16"
     with pytest.raises(ValueError, match="precision='int4'"):
         engine.register(f"{unique}_x", model_dir / "cnn.keras", precision="int4")

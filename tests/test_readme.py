@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nbtool.engine
 from nbtool.errors import ModelLoadError, NbtoolError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -130,15 +129,17 @@ def test_python_block_registers_each_format_and_predicts_what_its_own_runtime_do
     assert fresh.input_shape is None
 
 
-def test_magic_blocks_run_as_pasted(engine, byom, unique, monkeypatch):
+def test_magic_blocks_run_as_pasted(engine, byom, unique, monkeypatch, keep_default_engine):
     from IPython.core.interactiveshell import InteractiveShell
+
+    from nbtool.session import set_default_engine
 
     d, x, truth = byom
     register_cell, infer_cell = fenced_blocks(readme_section(SECTION), "")
     names = re.findall(r"^%nbtool register (\S+)", register_cell, re.M)
     assert names == ["mine"] and "%nbtool start" in register_cell
     # The session engine stands in for the one `%nbtool start` would start.
-    monkeypatch.setattr(nbtool.engine, "_default_engine", engine)
+    set_default_engine(engine)
     monkeypatch.chdir(d)
     ip = InteractiveShell.instance()
     ip.user_ns["x_test"] = x

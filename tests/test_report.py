@@ -3,38 +3,15 @@
 import numpy as np
 import pytest
 
-from nbtool.report import accuracy, agreement, confusion, disagreement_rows, render_html
-from nbtool.results import Prediction
-from nbtool.sources import as_source
-
-
-def make(outputs, combined=None, combine=None, source=None, n=None):
-    n = n or len(next(iter(outputs.values())))
-    timings = {m: {"seconds": 0.5, "rows_per_second": n / 0.5, "load_seconds": 0.1,
-                   "workers": ["cpu0"], "devices": ["cpu:0"]} for m in outputs}
-    return Prediction(list(outputs), {m: [o] for m, o in outputs.items()}, combined, combine,
-                      timings, [], n, 10, 0.6, source=source)
+from nbtool.inputs import as_source
+from nbtool.metrics import disagreement_rows
+from nbtool.report import render_html
+from predictions import digits_like_scores, make
 
 
 @pytest.fixture
 def digits_like():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, size=40)
-    good = np.eye(4)[labels] * 0.9 + 0.025
-    noisy = good.copy()
-    noisy[:10] = np.eye(4)[(labels[:10] + 1) % 4] * 0.9 + 0.025   # wrong on 10 rows
-    images = rng.random((40, 8, 8, 1)).astype("float32")
-    return labels, good, noisy, images
-
-
-def test_agreement_accuracy_and_confusion(digits_like):
-    labels, good, noisy, _ = digits_like
-    res = make({"good": good, "noisy": noisy})
-    names, mat = agreement(res)
-    assert names == ["good", "noisy"] and mat[0, 1] == pytest.approx(0.75)
-    assert accuracy(res, labels) == {"good": 1.0, "noisy": 0.75}
-    cm = confusion(np.argmax(noisy, 1), labels, 4)
-    assert cm.sum() == 40 and np.trace(cm) == 30
+    return digits_like_scores()
 
 
 def test_html_has_table_charts_accuracy_confusion_and_gallery(digits_like):

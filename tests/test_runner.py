@@ -1,33 +1,7 @@
-"""runner.py: the checks that run before anything is scheduled, on real model files."""
+"""runner.py: one prediction run on the cluster: cancelled between batches, and heard of
+when it ends by whoever subscribed."""
 
 import numpy as np
-import pytest
-
-from nbtool.errors import InputMismatch
-from nbtool.registry import inspect_model
-from nbtool.runner import check_fits
-from nbtool.sources import as_source
-
-
-def test_a_1d_input_gets_the_reshape_that_gives_whole_rows(model_dir, reference):
-    spec = inspect_model("mlp", model_dir / "mlp.keras")      # rows of shape (8,)
-    row = reference["x8"][0]
-    with pytest.raises(InputMismatch, match=r"Fix: for one row, use x\.reshape\(1, -1\) "
-                                            r"\(or x\[None\]\)") as e:
-        check_fits(spec, as_source(row))
-    assert "len(x)" not in str(e.value)      # x.reshape(8, 8) would fail on 8 values
-    check_fits(spec, as_source(row.reshape(1, -1)))     # the fix fits
-    flat = reference["x8"][:3].reshape(-1)
-    with pytest.raises(InputMismatch, match=r"for 3 rows of 8 values, use x\.reshape\(-1, 8\)"):
-        check_fits(spec, as_source(flat))
-    assert np.array_equal(flat.reshape(-1, 8), reference["x8"][:3])
-    with pytest.raises(InputMismatch, match=r"has 10 values, not a whole number of rows of 8"):
-        check_fits(spec, as_source(flat[:10]))
-    cnn = inspect_model("cnn", model_dir / "cnn.keras")       # rows of shape (8, 8, 1)
-    with pytest.raises(InputMismatch, match=r"for one row, use x\.reshape\(1, 8, 8, 1\)"):
-        check_fits(cnn, as_source(reference["img"][0].reshape(-1)))
-    with pytest.raises(InputMismatch, match=r"e\.g\. x\.reshape\(len\(x\), 8, 8, 1\)"):
-        check_fits(cnn, as_source(reference["img"].reshape(60, 64)))
 
 
 def test_a_cancelled_run_frees_its_worker_between_batches_not_after_its_chunk(
@@ -58,3 +32,29 @@ def test_a_cancelled_run_frees_its_worker_between_batches_not_after_its_chunk(
         1 for ts in dask_worker.state.tasks.values() if ts.state in ("executing", "cancelled")))
     assert not any(busy.values()) and freed < 5, (freed, busy)
     assert engine.predict(name, probe[:10])[name].shape == (10, 3)   # the worker is free
+
+
+def test_a_run_tells_its_subscribers_once_when_collected_and_never_when_cancelled(
+        engine, model_dir, reference, unique):
+    """The run knows nothing of the engine: whoever wants to hear of its end subscribes."""
+    from nbtool.inputs import as_source
+    from nbtool.runner import PredictionRun
+
+    name = f"{unique}_m"
+    spec = engine.register(name, model_dir / "mlp.keras")
+    placements = [(spec, engine.placement[name])]
+    heard = []
+    run = PredictionRun(engine.pool, placements, as_source(reference["x8"]), 20, combine=None)
+    run.add_done_callback(heard.append)
+    run.submit()
+    res = run.collect()
+    assert heard == [res] and run.collect() is res and heard == [res]     # once
+    assert np.abs(res[name] - reference["mlp"]).max() <= 1e-5 and res.timings[name]["chunks"] == 3
+    late = []
+    run.add_done_callback(late.append)
+    assert late == [res]                                  # subscribed after: told at once
+    stopped = PredictionRun(engine.pool, placements, as_source(reference["x8"]), 20)
+    stopped.add_done_callback(heard.append)
+    stopped.submit()
+    stopped.cancel()
+    assert heard == [res]                                 # a cancelled run has no result

@@ -1,9 +1,10 @@
-"""``.tflite`` models on the workers: LiteRT's interpreter behind the predictor interface.
+"""The LiteRT runtime: ``.tflite`` files opened in LiteRT's interpreter, run as a predictor.
 
 ``open_tflite`` opens the flatbuffer in ``ai-edge-litert`` (no TensorFlow needed);
-:class:`LiteRTPredictor` runs it the way :class:`nbtool.worker.CompiledPredictor` runs a
-Keras model: one fixed batch shape, the last batch padded, float32 outputs, with int8/uint8
-inputs quantized and outputs dequantized by the model's scale and zero point.
+:class:`LiteRTPredictor` runs it the way
+:class:`~nbtool.worker.predictors.CompiledPredictor` runs a Keras model: one fixed batch
+shape, the last batch padded, float32 outputs, with int8/uint8 inputs quantized and outputs
+dequantized by the model's scale and zero point.
 
 Example:
     >>> _dequantize(np.array([[-128, 127]], np.int8), {"quantization": (0.5, -128)}).tolist()
@@ -19,16 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ModelLoadError, first_line
+from ..wire import ModelSpec
 from .batching import run_in_batches
-from .errors import ModelLoadError, first_line
-from .wire import ModelSpec
-
-
-def worker_name() -> str:
-    """This worker's nbtool name, for error messages (imported late: worker imports us)."""
-    from .worker import _worker_name
-
-    return _worker_name()
+from .runtime import worker_name
 
 
 class LiteRTPredictor:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BatchAxisMismatch, ChunkCancelled
+from ..errors import BatchAxisMismatch, ChunkCancelled
 
 
 def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray], list],

@@ -1,4 +1,5 @@
-"""Read the next piece of a chunk while the current one computes.
+"""Reading a chunk's rows on a worker: from memory, a ``.npy`` file, zarr or image files,
+and a piece ahead of the compute when they come from a file.
 
 A chunk that lives in a file (``.npy`` on disk, zarr, a folder of images) costs a read
 (page-in, decompression, decoding) before it can compute. Reading it in pieces, one piece
@@ -7,10 +8,9 @@ reader's work (Pillow, zarr's codecs, page faults) and TensorFlow's kernels both
 without the GIL. Arrays already in memory are not split: they have nothing to hide.
 
 Example:
-    >>> import numpy as np
     >>> rows = np.arange(10)
     >>> compute = lambda part: [part * 2]
-    >>> overlapped(lambda a, b: rows[a:b], [(0, 4), (4, 8), (8, 10)], compute)[0]
+    >>> overlapped(lambda a, b: read_rows(rows, a, b), [(0, 4), (4, 8), (8, 10)], compute)[0]
     array([ 0,  2,  4,  6,  8, 10, 12, 14, 16, 18])
 """
 
@@ -19,10 +19,58 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import NbtoolError
+from ..wire import ImageFiles, NpyFile, ZarrRef
+
+
+def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
+    """Rows ``start:stop`` of ``data`` (an array or a file reference), on a worker.
+
+    Example:
+        >>> read_rows(np.arange(10), 2, 5)
+        array([2, 3, 4])
+    """
+    if isinstance(data, NpyFile):
+        return np.asarray(np.load(data.path, mmap_mode="r")[start:stop])
+    if isinstance(data, ZarrRef):
+        import zarr
+
+        return np.asarray(zarr.open_array(data.store, path=data.path or None, mode="r")[start:stop])
+    if isinstance(data, ImageFiles):
+        return decode_images(data, start, stop)
+    return data[start:stop]
+
+
+def decode_images(ref: ImageFiles, start: int, stop: int | None) -> np.ndarray:
+    """Image files ``start:stop`` of ``ref``, decoded, converted and resized as it says.
+
+    Example:
+        >>> decode_images(ImageFiles((), (8, 8), color="L"), 0, None).shape
+        (0, 8, 8, 1)
+    """
+    from PIL import Image
+
+    h, w = ref.size
+    files = ref.files[start:stop]
+    channels = 1 if ref.color == "L" else 3
+    out = np.empty((len(files), h, w, channels), np.float32)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert(ref.color).resize((w, h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32)
+        except OSError as e:
+            raise NbtoolError(f"image file {f}: cannot decode it ({e}). Fix: remove or "
+                              "replace the file, or move it out of the folder.") from None
+        out[i] = arr.reshape(h, w, channels) * ref.scale
+    return out
+
+
+# -- read-ahead ---------------------------------------------------------------------------
 #: Batches per piece: small enough that the first, unhidden read is short; big enough that
 #: handing a piece between threads costs nothing against it.
 PIECE_BATCHES = 4
@@ -31,11 +79,11 @@ _READER: ThreadPoolExecutor | None = None
 _READER_LOCK = threading.Lock()
 
 
-def enabled() -> bool:
+def read_ahead_enabled() -> bool:
     """Read-ahead is on unless ``NBTOOL_PREFETCH=0`` (for measuring it against off).
 
     Example:
-        >>> enabled() in (True, False)
+        >>> read_ahead_enabled() in (True, False)
         True
     """
     return os.environ.get("NBTOOL_PREFETCH", "1") != "0"

@@ -34,9 +34,9 @@ def test_tflite_with_batch_of_one_built_in_runs_row_by_row(engine, lite_dir, uni
         for g, t in zip(got, truth):
             assert np.abs(g - t).max() <= 1e-6
     (home,) = engine.placement[name]
-    info = engine._statuses()[home]["models"][name]
-    assert info["batch_size"] == 1 and "built in" in info["batch_note"]
-    assert info["traces"] == 1                  # the probe's allocations do not count
+    info = engine.status()[home].models[name]
+    assert info.batch_size == 1 and "built in" in info.batch_note
+    assert info.traces == 1                  # the probe's allocations do not count
 
 
 def test_a_tflite_whose_batch_resizes_cleanly_keeps_the_batch_asked_for(engine, lite_dir,
@@ -58,8 +58,8 @@ def test_a_tflite_whose_batch_resizes_cleanly_keeps_the_batch_asked_for(engine, 
     res = engine.predict(name, x)
     assert res.ok and np.abs(res[name] - np.tanh(x) * 3.0).max() <= 1e-5
     (home,) = engine.placement[name]
-    info = engine._statuses()[home]["models"][name]
-    assert info["batch_size"] == 16 and info["batch_note"] is None
+    info = engine.status()[home].models[name]
+    assert info.batch_size == 16 and info.batch_note is None
 
 
 def test_a_tflite_whose_output_merges_rows_is_refused_naming_it_until_run_row_by_row(
@@ -92,4 +92,4 @@ def test_a_tflite_with_batch_size_auto_is_swept_instead_of_failing_to_load(engin
     for g, t in zip(res[name], row_by_row(path, x)):
         assert np.abs(g - t).max() <= 1e-6
     (home,) = engine.placement[name]
-    assert engine._statuses()[home]["models"][name]["batch_size"] == 1
+    assert engine.status()[home].models[name].batch_size == 1

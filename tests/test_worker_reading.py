@@ -1,5 +1,5 @@
-"""Read-ahead: a chunk in a file is read a piece ahead of its compute, and gives the same
-answer as reading it whole."""
+"""Reading a chunk on a worker: only its rows of a file, and a piece ahead of its compute,
+with the same answer as reading it whole."""
 
 import threading
 import time
@@ -7,7 +7,23 @@ import time
 import numpy as np
 import pytest
 
-from nbtool.overlap import overlapped, pieces
+from nbtool.worker.reading import overlapped, pieces, read_rows
+
+
+def test_a_worker_reads_only_its_rows_of_an_array_npy_file_or_zarr_array(tmp_path):
+    import zarr
+
+    from nbtool.wire import NpyFile, ZarrRef
+
+    x = np.arange(40, dtype="float32").reshape(10, 4)
+    np.save(tmp_path / "x.npy", x)
+    z = zarr.create_array(store=str(tmp_path / "x.zarr"), shape=x.shape, chunks=(3, 4),
+                          dtype="float32")
+    z[:] = x
+    for data in (x, NpyFile(str(tmp_path / "x.npy")), ZarrRef(str(tmp_path / "x.zarr"))):
+        rows = read_rows(data, 3, 7)
+        assert isinstance(rows, np.ndarray) and np.array_equal(rows, x[3:7]), data
+        assert np.array_equal(read_rows(data, 8, None), x[8:])
 
 
 def test_the_next_piece_is_read_while_the_current_one_computes():
@@ -71,7 +87,7 @@ def test_files_read_ahead_or_whole_give_the_same_answer(engine, keras, unique, t
     from PIL import Image
 
     from conftest import dense_model
-    from nbtool.sources import images
+    from nbtool.inputs import images
 
     model = dense_model(keras, 64, seed=21, n_in=48)
     x = np.random.default_rng(4).normal(size=(1500, 48)).astype("float32")

@@ -1,0 +1,37 @@
+"""The worker side's one door: the tasks the kernel sends to Dask workers, and the plugin
+that prepares them. The kernel imports worker code only from here.
+
+Importing this package imports no TensorFlow and no LiteRT: the kernel imports it to
+reference the task functions (Dask pickles them by module path), and the workers import
+TensorFlow the first time a task needs it (:func:`nbtool.worker.runtime.tensorflow`).
+
+Inside, one module per concern:
+
+- ``tasks``: predict a chunk, load, unload, report (what the kernel sends);
+- ``process``: this worker process's cache, idle memory and counters; the plugin;
+- ``cache``: models resident under a budget, LRU eviction, OOM halving, their states;
+- ``loading``: open a model file, its precision, load errors;
+- ``predictors``: one fixed-batch predictor per runtime (``litert`` for ``.tflite``),
+  ``batching`` pads the last batch;
+- ``measure``: the batch-size sweep and the costs this machine measured;
+- ``reading``: a chunk's rows from memory or files, read a piece ahead;
+- ``runtime``: the TensorFlow handle, memory, this worker's name and device;
+- ``convert``: variants of a model (LiteRT, Keras int8), made on a worker.
+
+Example:
+    >>> from nbtool.worker import predict_chunk, resource_name
+    >>> resource_name("cpu0")
+    'nbtool-worker-cpu0'
+"""
+
+from .convert import CONVERSIONS, convert_variant
+from .loading import PRECISIONS
+from .measure import model_costs, record_cost
+from .process import NbtoolWorkerPlugin
+from .reading import read_rows
+from .runtime import resource_name
+from .tasks import load_model, predict_chunk, resident_models, unload_models, worker_status
+
+__all__ = ["CONVERSIONS", "PRECISIONS", "NbtoolWorkerPlugin", "convert_variant", "load_model",
+           "model_costs", "predict_chunk", "read_rows", "record_cost", "resident_models",
+           "resource_name", "unload_models", "worker_status"]

@@ -1,0 +1,315 @@
+"""The models resident in one worker: loaded on demand under a per-model lock, evicted LRU
+under a memory budget, rerun with smaller batches when memory runs out; each model's
+:class:`~nbtool.wire.ModelState` is what the worker reports.
+
+Example:
+    >>> cache = ModelCache(budget=2**30, device="cpu:0", worker="cpu0")
+    >>> cache.status().state_of("cnn").describe()
+    'not loaded'
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelFileChanged, NbtoolError
+from ..wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
+from .loading import load_error, open_model
+from .measure import best_batch_size, record_cost
+from .predictors import DEFAULT_BATCH_SIZE, CompiledPredictor, input_signature, make_predictor
+from .runtime import memory_in_use, on_gpu, release_memory, tensorflow
+
+logger = logging.getLogger("nbtool.worker")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model resident in one worker, with what it cost.
+
+    Example:
+        >>> m = LoadedModel(spec, predictor, model, 4096, 0, False, 0.5, 0.0, 0.0)  # doctest: +SKIP
+        >>> m.accounted                                                             # doctest: +SKIP
+        4096
+    """
+
+    spec: ModelSpec
+    predictor: CompiledPredictor
+    call: Any               # the model (or SavedModel layer) the predictor compiles
+    weight_bytes: int       # the bytes of its variables, counted exactly
+    footprint: int          # measured growth: GPU allocator bytes, or RSS on CPU
+    on_gpu: bool
+    load_seconds: float
+    loaded_at: float
+    last_used: float
+    uses: int = 0
+    row_cost_recorded: bool = False   # its seconds per row, measured once per load
+
+    @property
+    def accounted(self) -> int:
+        """Bytes charged against the budget.
+
+        On a GPU, the allocator's growth is exact, so the larger of it and the weights. On
+        CPU the RSS growth is not: the first load also pays transient copies (zip, h5,
+        numpy) that glibc keeps, later loads reuse freed memory and measure ~0; so the
+        weights, counted from the variables, are what a model holds.
+        """
+        weights = self.weight_bytes or self.spec.size_bytes
+        return max(weights, self.footprint) if self.on_gpu else weights
+
+
+class ModelCache:
+    """The models resident in one worker: loaded on demand, evicted LRU under a budget.
+
+    Loads happen under a per-model lock, so two tasks that need the same model load it
+    once. Before a load that would take the resident models over ``budget`` bytes, the
+    least recently used models are evicted; so the worker never holds more than the budget
+    plus the one model being loaded.
+
+    Example:
+        >>> cache = ModelCache(budget=2**30, device="cpu:0", worker="cpu0")
+        >>> cache.get(spec)[0].predictor(x)     # loads on first use  # doctest: +SKIP
+        >>> cache.state_of("cnn").state                               # doctest: +SKIP
+        'loaded'
+    """
+
+    def __init__(self, budget: int, device: str, worker: str):
+        self.budget = int(budget)
+        self.device = device
+        self.worker = worker
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._states: dict[str, ModelState] = {}   # per model: state, reason, loads...
+        self._lock = threading.RLock()
+        self._model_locks: dict[str, threading.Lock] = {}
+        self.evictions = 0
+        self.peak_accounted = 0
+
+    # -- memory ----------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        """Bytes charged to the budget by the models resident now."""
+        with self._lock:
+            return sum(m.accounted for m in self._models.values())
+
+    def evict_lru(self, needed: int) -> list[str]:
+        """Evict least-recently-used models until ``needed`` more bytes fit the budget."""
+        evicted = []
+        with self._lock:
+            while self._models and self.resident_bytes() + needed > self.budget:
+                name, _ = next(iter(self._models.items()))
+                self._drop(name, state="evicted")
+                evicted.append(name)
+                self.evictions += 1
+        if evicted:
+            release_memory()
+            logger.info("worker %s evicted %s to fit %d bytes", self.worker, evicted, needed)
+        return evicted
+
+    def set_budget(self, budget: int) -> None:
+        """A new budget: evict what no longer fits; the peak restarts under it.
+
+        Example:
+            >>> cache = ModelCache(budget=2**30, device="cpu:0", worker="cpu0")
+            >>> cache.set_budget(2**29); cache.budget
+            536870912
+        """
+        self.budget = int(budget)
+        self.evict_lru(0)
+        self.peak_accounted = self.resident_bytes()   # the peak under this budget
+
+    # -- loading -----------------------------------------------------------------------
+    def get(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
+        """The loaded model for ``spec`` (loading it now if needed) and the load seconds
+        this call spent (0 when it was already resident)."""
+        with self._lock:
+            lock = self._model_locks.setdefault(spec.name, threading.Lock())
+        with lock:
+            with self._lock:
+                loaded = self._models.get(spec.name)
+                if loaded is not None and loaded.spec.cache_key == spec.cache_key \
+                        and loaded.spec.batch_size == spec.batch_size:
+                    self._models.move_to_end(spec.name)
+                    loaded.last_used = time.time()
+                    loaded.uses += 1
+                    return loaded, 0.0
+                if loaded is not None:  # the file or the settings changed: reload
+                    self._drop(spec.name, state="replaced")
+            loaded = self._load(spec)
+            loaded.uses += 1
+            return loaded, loaded.load_seconds
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        self._check_file(spec)
+        # What it will be charged: its weights as counted at its last load here, if any.
+        info = self._state(spec.name)
+        same_file = info.fingerprint == spec.fingerprint
+        self.evict_lru((info.weight_bytes if same_file else None) or spec.size_bytes)
+        info.state, info.reason, info.path = "loading", None, spec.path
+        before = memory_in_use()
+        t0 = time.perf_counter()
+        try:
+            call, row_shape, dtype, n_outputs, weight_bytes = open_model(spec)
+            row_shape, dtype = input_signature(spec, row_shape, dtype)
+            # "auto": a sweep, opt-in: bigger batches gained 0-13% here, and their
+            # activations can take far more memory than the budget allows for.
+            batch = best_batch_size(spec, call, row_shape, dtype, self.device,
+                                    memory_in_use, self.budget // 4) \
+                if spec.batch_size == "auto" else (spec.batch_size or DEFAULT_BATCH_SIZE)
+            predictor = self._compile(spec, call, row_shape, dtype, batch)
+        except NbtoolError as e:
+            info.state, info.reason = "failed", str(e)
+            raise
+        except Exception as e:  # anything Keras/TF raises while loading
+            err = load_error(spec, self.worker, e)
+            info.state, info.reason = "failed", err.reason
+            raise err from None
+        seconds = time.perf_counter() - t0
+        footprint = max(0, memory_in_use() - before)
+        now = time.time()
+        loaded = LoadedModel(spec, predictor, call, weight_bytes, footprint, on_gpu(),
+                             seconds, now, now)
+        with self._lock:
+            self._models[spec.name] = loaded
+            self._states[spec.name] = dataclasses.replace(
+                info, state="loaded", size_bytes=spec.size_bytes, weight_bytes=weight_bytes,
+                footprint=footprint, load_seconds=seconds, loads=info.loads + 1,
+                input_shape=(None, *row_shape), input_dtype=str(np.dtype(dtype)),
+                # A SavedModel's graph says its outputs only when it runs: at warm-up.
+                n_outputs=len(predictor.output_specs) if n_outputs is None else n_outputs,
+                batch_size=predictor.batch_size,
+                fingerprint=spec.fingerprint, output_specs=predictor.output_specs,
+                precision=spec.precision, batch_note=getattr(predictor, "batch_note", None))
+            self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
+        logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
+                    seconds, footprint)
+        record_cost(spec, self.device, load=seconds)
+        return loaded
+
+    def _check_file(self, spec: ModelSpec) -> None:
+        """Refuse to load a file that changed since ``spec`` was registered.
+
+        Loading it anyway would serve the new weights under the old registration (and mix
+        them with chunks other workers computed from the old ones); the engine re-registers
+        instead. The fingerprint (size and mtime) is cheap enough to take at every load.
+        """
+        now = file_fingerprint(spec.path) if os.path.exists(spec.path) else "missing"
+        if now == spec.fingerprint:
+            return
+        err = ModelFileChanged(spec.name, spec.path, spec.fingerprint, now, self.worker)
+        info = self._state(spec.name)
+        info.state, info.reason, info.path = "failed", str(err), spec.path
+        raise err
+
+    # -- running, with smaller batches when memory runs out -------------------------------
+    def _compile(self, spec: ModelSpec, call, row_shape, dtype, batch: int):
+        """A warmed-up predictor; on an out-of-memory error, the batch is halved (to 1)."""
+        tf = tensorflow()
+        while True:
+            try:
+                predictor = make_predictor(spec, call, batch, row_shape, dtype)
+                predictor.warm_up()
+                return predictor
+            except tf.errors.ResourceExhaustedError:
+                if batch <= 1:
+                    raise
+                batch = self._note_oom(spec.name, batch)
+
+    def _note_oom(self, name: str, batch: int) -> int:
+        smaller = max(1, batch // 2)
+        info = self._state(name)
+        info.oom_retries += 1
+        info.batch_size = smaller
+        logger.warning("worker %s: %s ran out of memory with batch %d; retrying with %d",
+                       self.worker, name, batch, smaller)
+        gc.collect()
+        return smaller
+
+    def run(self, loaded: LoadedModel, rows: np.ndarray) -> list[np.ndarray]:
+        """Predict ``rows``; if memory runs out, retry with the batch halved, down to 1.
+
+        The smaller batch is kept for this model on this worker, so later chunks start
+        with what fits.
+        """
+        tf = tensorflow()
+        while True:
+            predictor = loaded.predictor
+            try:
+                return predictor(rows)
+            except tf.errors.ResourceExhaustedError:
+                if predictor.batch_size <= 1:
+                    raise
+                batch = self._note_oom(loaded.spec.name, predictor.batch_size)
+                loaded.predictor = self._compile(loaded.spec, loaded.call, predictor.row_shape,
+                                                 predictor.dtype, batch)
+
+    # -- unloading -----------------------------------------------------------------------
+    def unload(self, names: list[str] | None = None) -> list[str]:
+        """Drop models (all if ``names`` is None) and clear Keras' global state.
+
+        The memory becomes reusable inside this process; TensorFlow does not give it back
+        to the device or the OS while the process lives (that is what a hard unload is for).
+        """
+        with self._lock:
+            targets = [n for n in (list(self._models) if names is None else names)
+                       if n in self._models]
+            for name in targets:
+                self._drop(name, state="unloaded")
+        if targets:
+            release_memory()
+        return targets
+
+    def _drop(self, name: str, state: str) -> None:
+        self._models.pop(name, None)
+        if name in self._states:
+            self._states[name].state = state
+
+    def _state(self, name: str) -> ModelState:
+        """The model's entry, created on first sight."""
+        return self._states.setdefault(name, ModelState())
+
+    # -- reporting ---------------------------------------------------------------------
+    def state_of(self, name: str) -> ModelState:
+        """A copy of the model's entry, with its live fields filled while it is resident.
+
+        Example:
+            >>> ModelCache(2**30, "cpu:0", "cpu0").state_of("cnn").describe()
+            'not loaded'
+        """
+        with self._lock:
+            state = dataclasses.replace(self._states.get(name) or ModelState())
+            m = self._models.get(name)
+            if m is not None:
+                state.accounted, state.last_used = m.accounted, m.last_used
+                state.uses, state.traces = m.uses, m.predictor.traces
+            return state
+
+    def resident(self) -> dict[str, str]:
+        """The models resident now (least recently used first), with their fingerprints.
+
+        Example:
+            >>> ModelCache(2**30, "cpu:0", "cpu0").resident()
+            {}
+        """
+        with self._lock:
+            return {name: m.spec.fingerprint for name, m in self._models.items()}
+
+    def status(self) -> WorkerStatus:
+        """A snapshot for the client: models and their states, memory, budget.
+
+        Example:
+            >>> ModelCache(2**30, "cpu:0", "cpu0").status().free_budget
+            1073741824
+        """
+        with self._lock:
+            return WorkerStatus(
+                worker=self.worker, device=self.device, budget=self.budget,
+                models={name: self.state_of(name) for name in self._states},
+                lru_order=list(self._models), resident_bytes=self.resident_bytes(),
+                evictions=self.evictions, peak_accounted=self.peak_accounted)

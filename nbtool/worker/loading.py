@@ -1,0 +1,176 @@
+"""Opening a model file on a worker (Keras, h5, SavedModel, ``.tflite``), its precision,
+and the load errors that say what went wrong and the fix.
+
+Example:
+    >>> from nbtool.wire import ModelSpec
+    >>> out_of_memory(ModelSpec("cnn", "cnn.keras", "keras", 1, "1-1"), "gpu0").reason
+    'out of memory even with batch size 1'
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import ModelLoadError, first_line
+from ..wire import ModelSpec
+from .litert import open_tflite
+from .runtime import describe_exception, tensorflow, tensorflow_version, worker_name
+
+#: Mixed-precision policies by the ``precision`` a model is registered with.
+PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def open_model(spec: ModelSpec):
+    """Load the file; return a callable ``f(x, training=False)`` (for ``.tflite``, a
+    :class:`~nbtool.worker.litert.LiteRTModel`), the input row shape and dtype, the number
+    of outputs, and the bytes of its weights.
+
+    Example:
+        >>> call, row_shape, dtype, n_outputs, weight_bytes = open_model(spec)  # doctest: +SKIP
+    """
+    if spec.format == "tflite":
+        m = open_tflite(spec)
+        # Quantized inputs are quantized by the predictor: callers send float32 rows.
+        dtype = "float32" if np.dtype(m.input["dtype"]).kind in "iu" \
+            and m.input.get("quantization", (0.0, 0))[0] else np.dtype(m.input["dtype"]).name
+        # The flatbuffer holds the weights: its size is what the model holds.
+        return m, m.row_shape, dtype, len(m.outputs), os.path.getsize(spec.path)
+    tf = tensorflow()
+    import keras
+
+    if spec.format == "savedmodel":
+        obj = tf.saved_model.load(spec.path)
+        endpoint = "serve" if hasattr(obj, "serve") else "serving_default"
+        del obj
+        layer = keras.layers.TFSMLayer(spec.path, call_endpoint=endpoint)
+        fn = layer.call_endpoint_fn
+        signature = getattr(fn, "input_signature", None) or fn.structured_input_signature
+        inputs = [s for s in tf.nest.flatten(signature) if isinstance(s, tf.TensorSpec)]
+        if len(inputs) != 1:
+            raise ModelLoadError(spec.name, spec.path, worker_name(),
+                                 f"its endpoint {endpoint!r} takes {len(inputs)} inputs",
+                                 "nbtool runs single-input models; export one that takes "
+                                 "one tensor")
+        shape, dtype = tuple(inputs[0].shape)[1:], inputs[0].dtype.name
+
+        def call(x, training=False):
+            return layer(x)
+        return call, shape, dtype, None, weight_bytes(layer.weights)
+    model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
+    if spec.precision:
+        model = with_precision(model, spec.precision)
+    if len(model.inputs) != 1:
+        raise ModelLoadError(spec.name, spec.path, worker_name(),
+                             f"the model takes {len(model.inputs)} inputs",
+                             "nbtool runs single-input models; wrap it in a model that "
+                             "takes one tensor")
+    shape = tuple(model.inputs[0].shape)[1:]
+    return model, shape, model.inputs[0].dtype, len(model.outputs), weight_bytes(model.weights)
+
+
+def with_precision(model, precision: str):
+    """A copy of ``model`` that computes in ``precision`` (mixed: variables stay float32).
+
+    Every layer's dtype policy in the model's config becomes ``mixed_<precision>`` (inputs
+    stay as they are), the model is rebuilt from that config, and the weights are copied.
+
+    Example:
+        >>> fast = with_precision(model, "bfloat16")   # doctest: +SKIP
+    """
+    policy = PRECISIONS.get(precision)
+    if policy is None:
+        raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}.")
+
+    def patch(node, in_input_layer=False):
+        if isinstance(node, dict):
+            is_input = in_input_layer or node.get("class_name") == "InputLayer"
+            out = {}
+            for k, v in node.items():
+                if k == "dtype" and not is_input and isinstance(v, dict) \
+                        and v.get("class_name") == "DTypePolicy":
+                    v = {**v, "config": {**v.get("config", {}), "name": policy}}
+                out[k] = patch(v, is_input)
+            return out
+        if isinstance(node, list):
+            return [patch(v, in_input_layer) for v in node]
+        return node
+
+    rebuilt = model.__class__.from_config(patch(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def weight_bytes(weights) -> int:
+    """The bytes of a model's variables, counted exactly from their shapes and dtypes.
+
+    Example:
+        >>> weight_bytes([np.zeros((8, 3), "float32"), np.zeros(3, "float32")])
+        108
+    """
+    return int(sum(np.prod(w.shape, dtype=np.int64) * np.dtype(w.dtype).itemsize
+                   for w in weights))
+
+
+def out_of_memory(spec: ModelSpec, worker: str) -> ModelLoadError:
+    """The error of a model that ran out of memory with batches halved down to one.
+
+    Example:
+        >>> out_of_memory(ModelSpec("m", "m.keras", "keras", 1, "1-1"), "cpu0").worker
+        'cpu0'
+    """
+    return ModelLoadError(spec.name, spec.path, worker, "out of memory even with batch "
+                          "size 1", "free memory on this device (eng.unload(...)), lower "
+                          "the memory budget, or place the model on a bigger device")
+
+
+def load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
+    """What Keras, TensorFlow or LiteRT raised while loading, as a :class:`ModelLoadError`
+    that names the model and says the fix for its kind of failure.
+
+    Example:
+        >>> spec = ModelSpec("m", "m.keras", "keras", 1, "1-1")
+        >>> err = load_error(spec, "cpu0", ValueError("Could not locate class 'Foo'"))
+        >>> err.reason, err.fix.startswith("the model uses a custom class")
+        ("ValueError: Could not locate class 'Foo'", True)
+    """
+    if type(e).__name__ == "ResourceExhaustedError":   # halving the batch did not help
+        return out_of_memory(spec, worker)
+    msg = describe_exception(e)
+    low = f"{msg} {e}".lower()
+    if "safe_mode" in low or "lambda" in low and "deserializ" in low:
+        return ModelLoadError(spec.name, spec.path, worker,
+                              "it contains a Lambda layer (stored Python code), which Keras "
+                              "refuses to deserialize in safe mode",
+                              f"if you trust this file, register it with trusted=True: "
+                              f"eng.register({spec.name!r}, {spec.path!r}, trusted=True)")
+    if "could not locate" in low or "unknown layer" in low or "custom_objects" in low:
+        return ModelLoadError(spec.name, spec.path, worker, first_line(msg),
+                              "the model uses a custom class; make it importable on the "
+                              "workers (register it with @keras.saving."
+                              "register_keras_serializable in an installed module)")
+    return ModelLoadError(spec.name, spec.path, worker, first_line(msg), load_fix(spec))
+
+
+def load_fix(spec: ModelSpec) -> str:
+    """The fix for a file that failed to load, by format: a SavedModel or a ``.tflite`` is
+    often someone else's file, which its user cannot simply re-save with ``model.save``.
+
+    Example:
+        >>> load_fix(ModelSpec("m", "m.tflite", "tflite", 1, "1-1"))  # doctest: +ELLIPSIS
+        'it may use ops this LiteRT does not run (TensorFlow "Select" ops, custom ops)...'
+    """
+    if spec.format == "savedmodel":
+        version = tensorflow_version()
+        here = f" (this worker has TensorFlow {version})" if version else ""
+        return ("it was probably made with another TensorFlow version" + here + ": ask its "
+                "publisher for a .keras or .tflite export, or load it with the TensorFlow it "
+                "was made with and re-export it there (tf.saved_model.save, or convert it "
+                "with tf.lite.TFLiteConverter.from_saved_model)")
+    if spec.format == "tflite":
+        return ('it may use ops this LiteRT does not run (TensorFlow "Select" ops, custom '
+                "ops) or a newer format: ask its publisher for a .tflite with built-in ops "
+                "only (or a .keras export), or upgrade ai-edge-litert on the workers")
+    return ("check that the file is complete (re-save it with model.save('name.keras')) and "
+            "that the Keras version matches")

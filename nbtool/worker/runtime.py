@@ -1,0 +1,158 @@
+"""The worker process's runtime: the TensorFlow handle, its threads and memory, and this
+worker's name, device and Dask resource.
+
+TensorFlow is imported here, once, the first time :func:`tensorflow` is called on a worker;
+nothing in this module imports it at import time, so the kernel can import the package.
+
+Example:
+    >>> resource_name("gpu0")
+    'nbtool-worker-gpu0'
+    >>> describe_exception(ValueError("bad shape\\n  at line 3"))
+    'ValueError: bad shape'
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+
+from ..errors import first_line
+
+_TF = None
+
+
+def tensorflow():
+    """The ``tensorflow`` module, imported on first use with this worker's thread settings.
+
+    ``NBTOOL_TF_THREADS`` sets the intra-op threads (the plan gives each CPU worker its
+    share of the cores); it can only be set before TensorFlow's runtime starts.
+
+    Example:
+        >>> tf = tensorflow()   # doctest: +SKIP
+    """
+    global _TF
+    if _TF is None:
+        import tensorflow as tf
+
+        threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0)
+        if threads:
+            try:  # only possible before TensorFlow's runtime starts
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
+        # Each model gets its own tf.function over the same Python function, traced once;
+        # TF counts those as "retracing" and warns. They are not: drop just that warning.
+        tf.get_logger().addFilter(
+            lambda record: "triggered tf.function retracing" not in record.getMessage())
+        _TF = tf
+    return _TF
+
+
+def tensorflow_version() -> str | None:
+    """The version of the TensorFlow this process runs, or None if it has not started it.
+
+    Example:
+        >>> tensorflow_version() is None or isinstance(tensorflow_version(), str)
+        True
+    """
+    return getattr(_TF, "__version__", None)
+
+
+def on_gpu() -> bool:
+    """Whether TensorFlow in this worker runs on a GPU (it sees at most one).
+
+    Example:
+        >>> on_gpu()   # doctest: +SKIP
+        False
+    """
+    return bool(tensorflow().config.list_logical_devices("GPU"))
+
+
+def memory_in_use() -> int:
+    """Bytes this worker's process holds: GPU allocator bytes if it has a GPU, else RSS.
+
+    Example:
+        >>> memory_in_use() > 0   # doctest: +SKIP
+        True
+    """
+    if on_gpu():
+        return int(tensorflow().config.experimental.get_memory_info("GPU:0")["current"])
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def release_memory() -> None:
+    """Clear Keras' global state and collect garbage after models were dropped.
+
+    The freed memory is reusable in this process; TensorFlow does not give it back to the
+    device or the OS while the process lives (that is what a hard unload is for).
+
+    Example:
+        >>> release_memory()   # doctest: +SKIP
+    """
+    import keras
+
+    # Keras' global state (name scopes, graph) and the eager kernel cache; then Python's
+    # garbage.
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+
+
+def worker_name() -> str:
+    """This worker's nbtool name (``cpu0``, ``gpu1``...); ``pid<n>`` outside a Dask worker.
+
+    Example:
+        >>> worker_name().startswith("pid")   # not in a Dask worker here
+        True
+    """
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return f"pid{os.getpid()}"
+
+
+def worker_device() -> str:
+    """This worker's device label: from the plan (``NBTOOL_DEVICE``) or what TF sees.
+
+    Example:
+        >>> client.run(worker_device)   # doctest: +SKIP
+        {'tcp://127.0.0.1:40101': 'gpu:0', 'tcp://127.0.0.1:40102': 'gpu:1'}
+    """
+    device = os.environ.get("NBTOOL_DEVICE")
+    if device:
+        return device
+    if tensorflow().config.list_physical_devices("GPU"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        return f"gpu:{visible}"
+    return "cpu:0"
+
+
+def resource_name(worker) -> str:
+    """The Dask resource that only the worker of this name has.
+
+    Example:
+        >>> resource_name("gpu0")
+        'nbtool-worker-gpu0'
+    """
+    return f"nbtool-worker-{worker}"
+
+
+def describe_exception(e: BaseException) -> str:
+    """``Type: message`` on one line; TensorFlow's op errors without their graph noise.
+
+    Example:
+        >>> describe_exception(RuntimeError("Graph execution error:\\n  File x\\nOOM here"))
+        'RuntimeError: OOM here'
+    """
+    text = getattr(e, "message", None) or str(e)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[\[.*?\]\]|\s*\[Op:[^\]]*\]", "", text, flags=re.S)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        lines = lines[-1:]   # the op's own message comes last, after the Python stack
+    return f"{type(e).__name__}: {first_line(chr(10).join(lines))}"
