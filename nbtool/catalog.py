@@ -19,7 +19,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +28,7 @@ from .registry import (Registry, check_batch_size, check_name, check_replicas, f
                        inspect_model)
 from .wire import ModelSpec, ModelState, file_fingerprint
 from .worker import PRECISIONS, unload_models
+from .warn import warn_user
 
 #: The options a user gave at registration: a changed file is registered again with them.
 OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision")
@@ -167,7 +167,7 @@ class Catalog:
         if problems and not specs:
             raise problems[0]
         for e in problems:
-            warnings.warn(f"skipped: {e}", stacklevel=3)
+            warn_user(f"skipped: {e}")
         specs.sort(key=lambda s: -s.size_bytes)
         return [self.add(s) for s in specs]
 
@@ -247,9 +247,9 @@ class Catalog:
                 self.drop_old_copies(name)
                 raise
             self.add(changed)
-            warnings.warn(f"model {name!r} ({spec.path}) changed since it was registered; "
-                          "using the new file (re-registered with the same options; the old "
-                          "copies were unloaded from the workers).", stacklevel=4)
+            warn_user(f"model {name!r} ({spec.path}) changed since it was registered; "
+                      "using the new file (re-registered with the same options; the old "
+                      "copies were unloaded from the workers).")
 
     def assigned_bytes(self, exclude: str | None = None) -> dict[str, int]:
         """Bytes of registered models placed on each worker (for placing the next one).

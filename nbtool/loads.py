@@ -13,12 +13,12 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 from .errors import ModelLoadError, NbtoolError
 from .wire import ModelState
 from .worker import load_model, unload_models
+from .warn import warn_user
 
 
 class Loads:
@@ -126,8 +126,7 @@ class Loads:
                 self.catalog.refresh_changed([m])
             except NbtoolError as e:
                 keep = {w: [k for k in ms if k != m] for w, ms in keep.items()}
-                warnings.warn(f"hard unload: model {m!r} is not loaded again: {e}",
-                              stacklevel=5)
+                warn_user(f"hard unload: model {m!r} is not loaded again: {e}")
         # A finished load still held here is a task the scheduler would run again on the
         # restarted workers (a finished task is recomputed while someone wants it): let go.
         self.catalog.background.release_done()
@@ -138,9 +137,9 @@ class Loads:
         self.pool.client.gather(futures, errors="skip")
         for fut in futures:
             if fut.status == "error":   # the unload asked for has happened: say, not raise
-                warnings.warn(f"hard unload: a model the restarted workers held could not "
-                              f"be loaded again (it loads on its next use or says why): "
-                              f"{fut.exception()}", stacklevel=5)
+                warn_user(f"hard unload: a model the restarted workers held could not "
+                          f"be loaded again (it loads on its next use or says why): "
+                          f"{fut.exception()}")
         return sorted(holders)
 
 

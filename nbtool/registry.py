@@ -24,7 +24,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFo
                      UntrustedModel)
 from .model_files import FORMATS, detect_format, read_model_file
 from .wire import ModelSpec, file_fingerprint
+from .warn import warn_user
 
 #: The longest model name: names become file names and result-store array names.
 NAME_LIMIT = 100
@@ -255,7 +255,6 @@ def _keep_first(found: dict[str, Path], name: str, path: Path) -> None:
     if name not in found:
         found[name] = path
         return
-    warnings.warn(f"skipped {path}: {found[name]} already takes the name {name!r}. Fix: "
-                  f"register it under a name of its own: eng.register("
-                  f"{clean_name(name + '_' + path.suffix.lstrip('.')) !r}, {str(path)!r})",
-                  stacklevel=3)
+    warn_user(f"skipped {path}: {found[name]} already takes the name {name!r}. Fix: "
+              f"register it under a name of its own: eng.register("
+              f"{clean_name(name + '_' + path.suffix.lstrip('.')) !r}, {str(path)!r})")

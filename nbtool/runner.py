@@ -19,7 +19,6 @@ import functools
 import threading
 import time
 import uuid
-import warnings
 from typing import Callable
 
 import dask
@@ -33,6 +32,7 @@ from .sources import Source
 from .store import StoreRef
 from .wire import ChunkOutput
 from .worker import predict_chunk, resource_name
+from .warn import warn_user
 
 #: Seconds a cancelled run waits for the chunks already computing before it removes their
 #: input file (they would fail reading it, with a FileNotFoundError in the worker logs).
@@ -210,7 +210,7 @@ class PredictionRun:
             err = NbtoolError(f"save={self.save!r}: writing the results failed ({e}); they "
                               "are kept in this Prediction. Fix: res.save('other.npz').")
             res.errors.append(err)
-            warnings.warn(str(err), stacklevel=3)
+            warn_user(str(err))
 
     def cancel(self) -> None:
         """Stop the run and let go of everything it holds: its tasks are cancelled (one

@@ -26,13 +26,13 @@ import os
 import shutil
 import string
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import NbtoolError, ResultStoreError, StoreRewritten
 from .store_lock import LOCK, StoreLock, owner
+from .warn import warn_user
 
 MANIFEST = "nbtool.json"
 #: 2: model names are percent-encoded injectively (1 only replaced '/', so 'a/b' and
@@ -260,16 +260,15 @@ class ResultStore:
         # Read again under the lock: the run that held it before may have changed it.
         m = self.manifest = self._read_manifest()
         if m is not None and m.get("format") != FORMAT_VERSION:
-            warnings.warn(f"result store {self.path} was written by an older nbtool (format "
-                          f"{m.get('format')}); its results are discarded and everything is "
-                          "computed again.", stacklevel=3)
+            warn_user(f"result store {self.path} was written by an older nbtool (format "
+                      f"{m.get('format')}); its results are discarded and everything is "
+                      "computed again.")
             m = None
         elif m is not None and (m.get("input") != input_fingerprint or m.get("n_rows") !=
                                 n_rows or m.get("chunk_size") != chunk_size):
             what = "the input" if m.get("input") != input_fingerprint else "the chunking"
-            warnings.warn(f"result store {self.path}: {what} changed since it was written; "
-                          "its results are discarded and everything is computed again.",
-                          stacklevel=3)
+            warn_user(f"result store {self.path}: {what} changed since it was written; "
+                      "its results are discarded and everything is computed again.")
             m = None
         if m is None:
             _clear(root)    # all but the lock file this run holds
@@ -292,9 +291,8 @@ class ResultStore:
         known = self.manifest["models"].get(name)
         entry = {"fingerprint": fingerprint, "outputs": [[list(s), d] for s, d in specs]}
         if known is not None and {k: known.get(k) for k in entry} != entry:
-            warnings.warn(f"result store {self.path}: model {name!r} changed since its "
-                          "results were written; they are discarded and computed again.",
-                          stacklevel=4)
+            warn_user(f"result store {self.path}: model {name!r} changed since its "
+                      "results were written; they are discarded and computed again.")
             known = None
         if known is None:
             shutil.rmtree(root / _key(name), ignore_errors=True)

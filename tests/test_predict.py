@@ -246,8 +246,9 @@ def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_
     new = keras.saving.load_model(path).predict(x, verbose=0)
     assert np.abs(new - first[name]).max() > 1e-2                     # really other weights
     with pytest.warns(UserWarning, match=rf"model '{name}' \(.*retrained.keras\) changed since "
-                      "it was registered; using the new file"):
+                      "it was registered; using the new file") as notes:
         second = engine.predict(name, x, chunk_size=10, combine=None)
+    assert notes[0].filename == __file__    # the user's line, not the facade's insides
     assert second.ok and np.abs(second[name] - new).max() <= TOL
     fingerprint = file_fingerprint(path)
     assert engine.registry.get(name).fingerprint == fingerprint

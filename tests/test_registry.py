@@ -110,6 +110,7 @@ def test_a_replica_count_that_is_not_a_whole_number_of_workers_is_refused(bad):
 def test_find_models_warns_when_two_files_would_share_a_name(model_dir):
     """Before: mlp.keras beside mlp.h5 was dropped without a word."""
     with pytest.warns(UserWarning, match=r"skipped .*mlp.keras: .*mlp.h5 already takes the "
-                                         r"name 'mlp'.*eng.register\('mlp_keras'"):
+                                         r"name 'mlp'.*eng.register\('mlp_keras'") as notes:
         found = find_models(model_dir)
+    assert notes[0].filename == __file__
     assert found["mlp"].name == "mlp.h5"

@@ -71,9 +71,10 @@ def test_a_changed_input_or_chunking_starts_over(engine, two, reference, tmp_pat
     a, _ = two
     path = tmp_path / "p.zarr"
     engine.predict(a, reference["x8"], chunk_size=10, save=str(path))
-    with pytest.warns(UserWarning, match="the input changed"):
+    with pytest.warns(UserWarning, match="the input changed") as notes:
         res = engine.predict(a, reference["x8"] * 2, chunk_size=10, save=str(path))
     assert res.timings[a]["chunks"] == 6
+    assert notes[0].filename == __file__    # the user's line, not the store's
     with pytest.warns(UserWarning, match="the chunking changed"):
         res = engine.predict(a, reference["x8"] * 2, chunk_size=12, save=str(path))
     assert res.timings[a]["chunks"] == 5
