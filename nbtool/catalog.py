@@ -31,7 +31,8 @@ from .worker import PRECISIONS, unload_models
 from .warn import warn_user
 
 #: The options a user gave at registration: a changed file is registered again with them.
-OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision")
+OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision",
+           "runtime")
 
 
 class Catalog:
@@ -65,7 +66,7 @@ class Catalog:
     # -- registering ---------------------------------------------------------------------
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
                  batch_size=None, preprocess=None, trusted: bool = False,
-                 precision: str | None = None) -> ModelSpec:
+                 precision: str | None = None, runtime: str | None = None) -> ModelSpec:
         """Register a model file (or a Keras model object) under ``name`` and place it.
 
         ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
@@ -99,7 +100,11 @@ class Catalog:
         place is picked up at the next run or load (see ``eng.submit``).
         ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
         mixed precision, opt-in: check it with ``eng.agreement`` against the float32 model
-        first. Registering a name again replaces it (a no-op if nothing changed).
+        first. ``runtime`` is what runs it on CPU workers: ``None`` (``"tensorflow"``;
+        ``"litert"`` for a ``.tflite``) or ``"openvino"`` (a ``.keras``/``.h5``/SavedModel
+        converted once to OpenVINO's float32 IR, cached on disk, and checked against
+        TensorFlow at every load). Registering a name again replaces it (a no-op if
+        nothing changed).
 
         Example:
             >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
@@ -124,7 +129,8 @@ class Catalog:
         spec = inspect_model(name, path, device=device, replicas=replicas,
                              batch_size=batch_size, preprocess=preprocess,
                              trusted=bool(trusted),
-                             precision=None if precision == "float32" else precision)
+                             precision=None if precision == "float32" else precision,
+                             runtime=runtime)
         if spec.precision and spec.format in ("tflite", "savedmodel"):
             # Mixed precision rebuilds a Keras model; silently running float32 instead
             # would report a precision that was never used.
@@ -209,6 +215,12 @@ class Catalog:
         # Place first: if that fails, the old registration stays as it was.
         workers = place(spec.name, spec.size_bytes, spec.device, spec.replicas,
                         self.pool.workers.values(), self.assigned_bytes(exclude=spec.name))
+        gpus = [w for w in workers if self.pool.workers[w].kind == "gpu"]
+        if spec.runtime == "openvino" and gpus:   # nbtool runs OpenVINO on CPUs only
+            raise InvalidOption(spec.name, "runtime", spec.runtime, "a CPU worker for "
+                                f"'openvino' (device={spec.device!r} placed it on GPU "
+                                f"worker(s) {', '.join(gpus)})", "device='cpu' with "
+                                "runtime='openvino', or runtime='tensorflow' on a GPU")
         if old is not None:   # replaced: the old copies must not keep serving
             self.drop_old_copies(spec.name)
         self.placement[spec.name] = workers

@@ -161,10 +161,11 @@ class Engine:
     @_doc(Catalog.register)
     def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
                  batch_size: int | str | None = None, preprocess: Callable | None = None,
-                 trusted: bool = False, precision: str | None = None) -> ModelSpec:
+                 trusted: bool = False, precision: str | None = None,
+                 runtime: str | None = None) -> ModelSpec:
         return self.catalog.register(name, model, device=device, replicas=replicas,
                                      batch_size=batch_size, preprocess=preprocess,
-                                     trusted=trusted, precision=precision)
+                                     trusted=trusted, precision=precision, runtime=runtime)
 
     @_open
     @_doc(Catalog.register_dir)

@@ -144,12 +144,14 @@ class Nbtool(Magics):
     @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
               "for a quick sweep at first load")
     @trusted_option
+    @argument("--runtime", default=None, help="what runs it: tensorflow (default), openvino "
+              "(converted once, checked against TensorFlow at load) or litert (.tflite)")
     def _register(self, args):
         """Register a model file under a name."""
         eng = self._engine()
         batch = batch_size_flag(args.batch_size)
         eng.register(args.name, args.path, device=args.device, replicas=args.replicas,
-                     batch_size=batch, trusted=args.trusted)
+                     batch_size=batch, trusted=args.trusted, runtime=args.runtime)
         return eng.models()
 
     @magic_arguments(name="nbtool register-dir")

@@ -71,6 +71,9 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     if info.unsafe and not options.get("trusted"):
         raise UntrustedModel(name, str(p), *info.unsafe)
     shape, dtype = info.input
+    # A .tflite runs in LiteRT; every other format in TensorFlow unless asked otherwise.
+    options["runtime"] = check_runtime(name, options.get("runtime"), info.format,
+                                       options.get("precision"))
     return ModelSpec(name=name, path=str(p), format=info.format, size_bytes=info.size_bytes,
                      fingerprint=fingerprint, input_shape=shape, input_dtype=dtype,
                      n_inputs=max(len(info.inputs), 1), n_outputs=info.n_outputs, **options)
@@ -137,6 +140,48 @@ def check_batch_size(model: str | None, batch_size: Any) -> int | str | None:
                         "a whole number >= 1, 'auto' (a quick sweep at the first load) or "
                         "None (the default, 64)", "batch_size=64, batch_size='auto' or leave "
                         "it out")
+
+
+#: What may run a model on the workers (``runtime=``); ``litert`` only runs ``.tflite``.
+RUNTIMES = ("tensorflow", "openvino", "litert")
+
+
+def check_runtime(model: str | None, runtime: Any, format: str,
+                  precision: str | None = None) -> str:
+    """The runtime a model of ``format`` runs on: ``runtime`` if it can, else the
+    format's own (``None``): LiteRT for ``.tflite``, TensorFlow for the others.
+
+    OpenVINO converts a Keras model or SavedModel to its own float32 graph (checked
+    against TensorFlow at load); it cannot take a ``.tflite`` (LiteRT runs those already)
+    nor mixed precision (that rebuilds a Keras model in TensorFlow).
+
+    Example:
+        >>> check_runtime("cnn", None, "keras"), check_runtime("det", None, "tflite")
+        ('tensorflow', 'litert')
+        >>> check_runtime("det", "openvino", "tflite")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidOption: model 'det': runtime='openvino'; expected 'litert' for a .tflite...
+    """
+    own = "litert" if format == "tflite" else "tensorflow"
+    if runtime is None or runtime == own:
+        runtime = own
+    elif runtime not in RUNTIMES:
+        raise InvalidOption(model, "runtime", runtime, f"one of {RUNTIMES} (or None: "
+                            f"{own!r} for this {format} model)", "runtime='tensorflow', "
+                            "runtime='openvino' or leave it out")
+    elif format == "tflite" or runtime == "litert":
+        raise InvalidOption(model, "runtime", runtime, "'litert' for a .tflite (LiteRT runs "
+                            "it) and 'tensorflow' or 'openvino' for the other formats (LiteRT "
+                            f"runs only .tflite files; this is a {format} model)",
+                            f"runtime={own!r} or leave it out (to run a Keras model in "
+                            "LiteRT, make a .tflite variant with eng.optimize)")
+    if runtime == "openvino" and precision not in (None, "float32"):
+        raise InvalidOption(model, "precision", precision, "None with runtime='openvino' "
+                            "(OpenVINO runs the float32 graph; mixed precision rebuilds the "
+                            "model in TensorFlow)", "precision=None, or runtime='tensorflow' "
+                            "for mixed precision")
+    return runtime
 
 
 def check_replicas(model: str | None, replicas: Any) -> int:

@@ -108,6 +108,7 @@ class ModelRow:
     path: str
     devices: list[str]
     states: dict[str, ModelState]   # by worker, in placement order
+    runtime: str = "tensorflow"     # what it was registered to run on
 
     @property
     def loaded(self) -> list[ModelState]:
@@ -142,7 +143,8 @@ class ModelRow:
     def as_dict(self) -> dict[str, Any]:
         """The row of ``eng.models()``."""
         return {"name": self.name, "format": self.format, "size": human_bytes(self.size_bytes),
-                "device": ", ".join(self.devices), "state": self.state_text(),
+                "device": ", ".join(self.devices), "runtime": self.runtime,
+                "state": self.state_text(),
                 "footprint": human_bytes(self.footprint),
                 "load s": "-" if self.load_seconds is None else f"{self.load_seconds:.2f}",
                 "path": self.path}
@@ -167,7 +169,8 @@ def model_rows(specs: list[ModelSpec], placement: dict[str, list[str]],
         states = {w: statuses[w].state_of(spec.name) if w in statuses else ModelState()
                   for w in workers}
         rows.append(ModelRow(spec.name, spec.format, spec.size_bytes, spec.path,
-                             [devices[w] for w in workers if w in devices], states))
+                             [devices[w] for w in workers if w in devices], states,
+                             spec.runtime))
     return rows
 
 

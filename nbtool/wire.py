@@ -53,6 +53,8 @@ class ModelSpec:
     preprocess: Callable | None = None
     trusted: bool = False
     precision: str | None = None   # None (as saved) or "bfloat16" / "float16" (mixed)
+    #: What runs it on the worker: "tensorflow", "openvino", or "litert" (``.tflite``).
+    runtime: str = "tensorflow"
     #: Each output's row shape and dtype, learned at the model's first load and kept.
     output_specs: tuple | None = None
 
@@ -184,6 +186,8 @@ class ModelState:
     batch_note: str | None = None
     fingerprint: str | None = None
     precision: str | None = None
+    runtime: str | None = None          # what runs it: tensorflow, openvino, litert
+    runtime_note: str | None = None     # why, and how it was prepared (converted, reused)
     # While resident:
     accounted: int | None = None        # bytes charged against the budget
     last_used: float | None = None

@@ -15,6 +15,7 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices",
                 "nbtool.worker.litert", "nbtool.worker.measure", "nbtool.worker.runtime",
                 "nbtool.worker.loading", "nbtool.worker.predictors", "nbtool.worker.cache",
                 "nbtool.worker.process", "nbtool.worker.convert", "nbtool.worker.tasks",
+                "nbtool.worker.openvino",
                 "nbtool.planning", "nbtool.settings", "nbtool.session", "nbtool.catalog",
                 "nbtool.loads", "nbtool.runs"]
 

@@ -11,8 +11,8 @@ Inside, one module per concern:
 - ``process``: this worker process's cache, idle memory and counters; the plugin;
 - ``cache``: models resident under a budget, LRU eviction, OOM halving, their states;
 - ``loading``: open a model file, its precision, load errors;
-- ``predictors``: one fixed-batch predictor per runtime (``litert`` for ``.tflite``),
-  ``batching`` pads the last batch;
+- ``predictors``: one fixed-batch predictor per runtime (``litert`` for ``.tflite``,
+  ``openvino`` for ``runtime="openvino"``), ``batching`` pads the last batch;
 - ``measure``: the batch-size sweep and the costs this machine measured;
 - ``reading``: a chunk's rows from memory or files, read a piece ahead;
 - ``runtime``: the TensorFlow handle, memory, this worker's name and device;

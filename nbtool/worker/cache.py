@@ -25,7 +25,8 @@ from ..errors import ModelFileChanged, NbtoolError
 from ..wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
 from .loading import load_error, open_model
 from .measure import best_batch_size, record_cost
-from .predictors import DEFAULT_BATCH_SIZE, CompiledPredictor, input_signature, make_predictor
+from .predictors import (DEFAULT_BATCH_SIZE, CompiledPredictor, input_signature,
+                         make_predictor, to_openvino)
 from .runtime import memory_in_use, on_gpu, release_memory, tensorflow
 
 logger = logging.getLogger("nbtool.worker")
@@ -155,8 +156,11 @@ class ModelCache:
         before = memory_in_use()
         t0 = time.perf_counter()
         try:
-            call, row_shape, dtype, n_outputs, weight_bytes = open_model(spec)
-            row_shape, dtype = input_signature(spec, row_shape, dtype)
+            call, own_shape, own_dtype, n_outputs, weight_bytes = open_model(spec)
+            row_shape, dtype = input_signature(spec, own_shape, own_dtype)
+            note = None
+            if spec.runtime == "openvino":   # the TF model is dropped once it is checked
+                call, note = to_openvino(spec, call, own_shape, own_dtype, row_shape, dtype)
             # "auto": a sweep, opt-in: bigger batches gained 0-13% here, and their
             # activations can take far more memory than the budget allows for.
             batch = best_batch_size(spec, call, row_shape, dtype, self.device,
@@ -185,7 +189,9 @@ class ModelCache:
                 n_outputs=len(predictor.output_specs) if n_outputs is None else n_outputs,
                 batch_size=predictor.batch_size,
                 fingerprint=spec.fingerprint, output_specs=predictor.output_specs,
-                precision=spec.precision, batch_note=getattr(predictor, "batch_note", None))
+                precision=spec.precision, batch_note=getattr(predictor, "batch_note", None),
+                runtime="litert" if spec.format == "tflite" else spec.runtime,
+                runtime_note=note)
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
                     seconds, footprint)

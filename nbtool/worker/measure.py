@@ -26,7 +26,7 @@ import numpy as np
 
 from ..wire import ModelSpec
 from .predictors import DEFAULT_BATCH_SIZE, make_predictor
-from .runtime import tensorflow, worker_device
+from .runtime import cache_root, tensorflow, worker_device
 
 #: Batch sizes the sweep may pick, tried outwards from the default.
 SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)
@@ -102,7 +102,9 @@ def machine_key(spec: ModelSpec, device: str, *settings) -> str:
     kind = "cpu" if device.startswith("cpu") else device
     return "|".join(map(str, (spec.fingerprint, spec.path, kind,
                               os.environ.get("NBTOOL_TF_THREADS", ""),
-                              spec.preprocess is not None, *settings)))
+                              spec.preprocess is not None, *settings,
+                              # Another runtime is another measure (old keys stay valid).
+                              *([spec.runtime] if spec.runtime != "tensorflow" else []))))
 
 
 def cost_key(spec: ModelSpec, device: str) -> str:
@@ -206,9 +208,7 @@ def machine_cache(filename: str) -> MachineCache:
         >>> machine_cache("batch_sizes.json").path.endswith("batch_sizes.json")
         True
     """
-    root = os.environ.get("NBTOOL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbtool")
-    path = os.path.join(root, filename)
+    path = os.path.join(cache_root(), filename)
     if path not in _CACHES:
         _CACHES[path] = MachineCache(path)
     return _CACHES[path]

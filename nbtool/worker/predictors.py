@@ -4,8 +4,10 @@ A predictor takes rows and returns one float array per output, in row order; it 
 fixed batch shape (the last batch padded, :mod:`~nbtool.worker.batching`), so it compiles or
 allocates once, at :meth:`warm_up`, which also records each output's row shape and dtype.
 TensorFlow runs Keras files and SavedModels (:class:`CompiledPredictor`); LiteRT runs
-``.tflite`` files (:class:`~nbtool.worker.litert.LiteRTPredictor`). A new runtime adds its
-predictor and one branch of :func:`make_predictor`.
+``.tflite`` files (:class:`~nbtool.worker.litert.LiteRTPredictor`); OpenVINO runs what was
+registered with ``runtime="openvino"`` (:class:`~nbtool.worker.openvino.OpenVINOPredictor`,
+prepared by :func:`to_openvino`). A new runtime adds its predictor and one branch of
+:func:`make_predictor`.
 
 Example:
     >>> from nbtool.wire import ModelSpec
@@ -19,8 +21,9 @@ import numpy as np
 
 from ..wire import ModelSpec
 from .batching import run_in_batches
-from .litert import LiteRTPredictor
-from .runtime import tensorflow
+from .litert import LiteRTPredictor, probe_rows
+from .openvino import CHECK_ROWS, OpenVINOPredictor, check_agreement, open_openvino
+from .runtime import on_gpu, tensorflow, worker_name
 
 #: Batch size when the user gives none. Large enough to amortise the per-call overhead on
 #: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
@@ -87,11 +90,44 @@ def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype):
     Example:
         >>> make_predictor(spec, call, 64, (8,), "float32").warm_up()   # doctest: +SKIP
     """
+    if spec.runtime == "openvino":
+        return OpenVINOPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
+                                 name=spec.name, path=spec.path)
     if spec.format == "tflite":
         return LiteRTPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
                                name=spec.name, path=spec.path)
     return CompiledPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
                              name=spec.name, path=spec.path)
+
+
+def to_openvino(spec: ModelSpec, model, own_shape, own_dtype, row_shape, dtype):
+    """``model`` converted to OpenVINO (or its IR read from the cache), checked against
+    TensorFlow on up to ``CHECK_ROWS`` random rows (seeded) of what the predictor takes;
+    returns the :class:`~nbtool.worker.openvino.OpenVINOModel` and a phrase saying how it
+    was prepared. A conversion off by more than the tolerance fails the load.
+
+    Example:
+        >>> ov_model, note = to_openvino(spec, model, (8,), "float32", (8,), "float32")  # doctest: +SKIP
+        >>> note                                                                       # doctest: +SKIP
+        'converted to OpenVINO IR in 1.2 s; max abs diff 2.4e-07 from TensorFlow on 64 rows'
+    """
+    from ..errors import ModelLoadError
+
+    if on_gpu():   # refused at register too; a worker placed by hand could still get here
+        raise ModelLoadError(spec.name, spec.path, worker_name(), "runtime='openvino' runs "
+                             "on CPU workers only, and this worker has a GPU",
+                             "register it with device='cpu' (or runtime='tensorflow')")
+    ov_model = open_openvino(spec, model, own_shape, own_dtype)
+    rows = probe_rows(row_shape, dtype, CHECK_ROWS)
+    batch = 16
+    reference = CompiledPredictor(model, batch, row_shape, dtype, preprocess=spec.preprocess,
+                                  name=spec.name, path=spec.path)
+    predictor = OpenVINOPredictor(ov_model, batch, row_shape, dtype,
+                                  preprocess=spec.preprocess, name=spec.name, path=spec.path)
+    diff = check_agreement(spec, predictor, reference, rows)
+    how = "converted to" if ov_model.converted else "read cached"
+    return ov_model, (f"{how} OpenVINO IR in {ov_model.seconds:.1f} s; max abs diff "
+                      f"{diff:.2g} from TensorFlow on {len(rows)} rows")
 
 
 def input_signature(spec: ModelSpec, row_shape: tuple, dtype) -> tuple[tuple, str]:

@@ -101,6 +101,18 @@ def release_memory() -> None:
     gc.collect()
 
 
+def cache_root() -> str:
+    """This machine's nbtool cache folder, shared by its workers across sessions:
+    ``NBTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/nbtool`` or ``~/.cache/nbtool``.
+
+    Example:
+        >>> os.path.basename(cache_root()) == "nbtool" or "NBTOOL_CACHE_DIR" in os.environ
+        True
+    """
+    return os.environ.get("NBTOOL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbtool")
+
+
 def worker_name() -> str:
     """This worker's nbtool name (``cpu0``, ``gpu1``...); ``pid<n>`` outside a Dask worker.
 
