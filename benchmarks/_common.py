@@ -66,3 +66,29 @@ def mlp(shape, units=256):
     return keras.Sequential([
         keras.Input(shape), keras.layers.Flatten(),
         keras.layers.Dense(units, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+
+
+def calibrated(model, shape, seed=0):
+    """``model`` with its BatchNorm statistics set from one batch of random rows.
+
+    A freshly built MobileNet or EfficientNet (``weights=None``) keeps BatchNorm's initial
+    statistics, so activations shrink layer after layer to ~1e-11 and every row's softmax is
+    0.1 everywhere: runtimes "agree" on a constant, which proves nothing. One training-mode
+    pass with momentum 0 sets each BatchNorm's statistics to what reaches it, and the
+    outputs then differ from row to row (top-1 spread over the classes).
+    """
+    import keras
+    import numpy as np
+
+    norms = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return model
+    x = np.random.default_rng(seed).random((64, *shape), dtype=np.float32)
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(x, training=True)
+    for layer, m in zip(norms, momenta):
+        layer.momentum = m
+    return model
