@@ -10,7 +10,7 @@ Example:
     >>> catalog.register("cnn", "models/cnn.keras").format    # doctest: +SKIP
     'keras'
     >>> catalog.placement["cnn"]                              # doctest: +SKIP
-    ['cpu0']
+    ['cpu0', 'cpu1']
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .devices import place
+from .placement import is_auto, place_all, placed_with
 from .errors import InvalidOption, NbtoolError
 from .registry import (Registry, check_batch_size, check_name, check_replicas, find_models,
                        inspect_model)
-from .wire import ModelSpec, ModelState, file_fingerprint
+from .tables import ModelRow, model_rows
+from .wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
 from .worker import PRECISIONS, unload_models
 from .warn import warn_user
 
@@ -52,7 +53,8 @@ class Catalog:
         self.work_dir = Path(work_dir)
         self.background = background
         self.registry = Registry()
-        self.placement: dict[str, list[str]] = {}    # model -> worker names
+        # model -> the workers it may run on (an auto model's main one first)
+        self.placement: dict[str, list[str]] = {}
 
     def specs(self, names: Iterable[str]) -> list[ModelSpec]:
         """The registered specs of ``names`` (an unknown name raises ModelNotFound).
@@ -64,19 +66,28 @@ class Catalog:
         return [self.registry.get(n) for n in names]
 
     # -- registering ---------------------------------------------------------------------
-    def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
+    def register(self, name: str, model: Any, device: str = "auto",
+                 replicas: int | None = None,
                  batch_size=None, preprocess=None, trusted: bool = False,
                  precision: str | None = None, runtime: str | None = None) -> ModelSpec:
         """Register a model file (or a Keras model object) under ``name`` and place it.
 
         ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
-        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter) or a
+        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter), an
+        OpenVINO IR ``.xml`` with its ``.bin`` beside it (yours or a third party's, from
+        ``openvino.save_model``; run by OpenVINO on CPU workers, in float32 unless its
+        rt_info asks for bf16, with no TensorFlow) or a
         SavedModel directory (``model.export(dir)``, ``tf.saved_model.save``), or a Keras
         model you just built: that one is saved once as ``.keras`` in the engine's work
         folder. The file's input shape, dtype and outputs are read here without
-        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``,
-        ``"cpu"``, ``"gpu"`` or e.g. ``"gpu:1"``; ``replicas`` places it on that many
-        workers so its chunks run in parallel. Nothing loads now: the model loads on a
+        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``
+        (the GPU workers if there are any, else the CPU workers), ``"cpu"``, ``"gpu"`` or
+        one device such as ``"gpu:1"``. ``replicas=None`` (the default) lets the model run
+        on every worker of that kind whose memory budget has room for it beside the other
+        models (:mod:`nbtool.placement`), so an ensemble keeps every worker busy: each
+        run splits its chunks over them, as measured costs say pays (:mod:`nbtool.planning`);
+        ``eng.models()`` shows ``auto: cpu0, cpu1``. An int pins it to that many workers,
+        and so does one device. Nothing loads now: the model loads on a
         worker the first time it is used (or on ``eng.load``), so a file that reads here
         but cannot load (damaged weights, a custom layer class the workers cannot
         import, a ``.tflite`` needing TensorFlow "Select" ops) fails then, with
@@ -100,11 +111,13 @@ class Catalog:
         place is picked up at the next run or load (see ``eng.submit``).
         ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
         mixed precision, opt-in: check it with ``eng.agreement`` against the float32 model
-        first. ``runtime`` is what runs it on CPU workers: ``None`` (``"tensorflow"``;
-        ``"litert"`` for a ``.tflite``) or ``"openvino"`` (a ``.keras``/``.h5``/SavedModel
-        converted once to OpenVINO's float32 IR, cached on disk, and checked against
-        TensorFlow at every load). Registering a name again replaces it (a no-op if
-        nothing changed).
+        first. ``runtime`` is what runs a ``.keras``/``.h5``/SavedModel on CPU workers:
+        ``None`` (``"auto"``: at its first load on this machine, the fastest of TensorFlow,
+        OpenVINO float32 and LiteRT float32 that agrees with TensorFlow on your rows,
+        remembered; TensorFlow on a GPU), or one forced: ``"tensorflow"``, ``"openvino"``
+        or ``"litert"`` (converted once, cached on disk, checked against TensorFlow at
+        every load). A ``.tflite`` runs in LiteRT, an ``.xml`` IR in OpenVINO. Registering
+        a name again replaces it (a no-op if nothing changed).
 
         Example:
             >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
@@ -115,7 +128,7 @@ class Catalog:
         """
         # Everything is checked before a model object is saved under the name.
         check_name(name, model if isinstance(model, (str, os.PathLike)) else None)
-        replicas = check_replicas(name, replicas)
+        replicas = None if replicas is None else check_replicas(name, replicas)
         batch_size = check_batch_size(name, batch_size)
         path = self.model_path(name, model)
         if isinstance(preprocess, str):
@@ -140,7 +153,7 @@ class Catalog:
                                 "precision=None, or register the .keras/.h5 original")
         return self.add(spec)
 
-    def register_dir(self, folder, device: str = "auto", replicas: int = 1,
+    def register_dir(self, folder, device: str = "auto", replicas: int | None = None,
                      batch_size=None, trusted: bool = False) -> list[ModelSpec]:
         """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
         ``folder``.
@@ -156,7 +169,7 @@ class Catalog:
             >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
             ['cnn', 'mlp', 'exported']
         """
-        replicas = check_replicas(None, replicas)
+        replicas = None if replicas is None else check_replicas(None, replicas)
         batch_size = check_batch_size(None, batch_size)
         found = find_models(folder)
         if not found:
@@ -213,19 +226,55 @@ class Catalog:
         if old is not None and old == with_learned(spec, old):
             return old
         # Place first: if that fails, the old registration stays as it was.
-        workers = place(spec.name, spec.size_bytes, spec.device, spec.replicas,
-                        self.pool.workers.values(), self.assigned_bytes(exclude=spec.name))
-        gpus = [w for w in workers if self.pool.workers[w].kind == "gpu"]
-        if spec.runtime == "openvino" and gpus:   # nbtool runs OpenVINO on CPUs only
+        placement = placed_with(spec, {s.name: s for s in self.registry}, self.placement,
+                                self.pool.workers.values())
+        gpus = [w for w in placement[spec.name] if self.pool.workers[w].kind == "gpu"]
+        # nbtool runs OpenVINO and converted LiteRT models on CPUs only.
+        if spec.runtime in ("openvino", "litert") and spec.format != "tflite" and gpus:
             raise InvalidOption(spec.name, "runtime", spec.runtime, "a CPU worker for "
-                                f"'openvino' (device={spec.device!r} placed it on GPU "
+                                f"{spec.runtime!r} (device={spec.device!r} placed it on GPU "
                                 f"worker(s) {', '.join(gpus)})", "device='cpu' with "
-                                "runtime='openvino', or runtime='tensorflow' on a GPU")
+                                f"runtime={spec.runtime!r}, or runtime='auto' on a GPU")
         if old is not None:   # replaced: the old copies must not keep serving
             self.drop_old_copies(spec.name)
-        self.placement[spec.name] = workers
         self.registry.add(spec)
+        self.set_placement(placement)
         return spec
+
+    def replan(self) -> dict[str, list[str]]:
+        """Place the auto models again (the workers or their budgets changed); returns
+        the placement.
+
+        Example:
+            >>> eng.set_memory_budget("2GB"); catalog.replan()   # doctest: +SKIP
+            {'cnn': ['cpu0'], 'mlp': ['cpu1']}
+        """
+        specs = {s.name: s for s in self.registry}
+        known = set(self.pool.workers)
+        kept = {n: ws for n, ws in self.placement.items() if n in specs and set(ws) <= known}
+        self.set_placement(place_all(specs, kept, self.pool.workers.values()))
+        return self.placement
+
+    def set_placement(self, placement: dict[str, list[str]]) -> None:
+        """Make ``placement`` the placement, in the same dict (others hold it)."""
+        self.placement.clear()
+        self.placement.update(placement)
+
+    def model_rows(self, statuses: dict[str, WorkerStatus]) -> list[ModelRow]:
+        """The rows of ``eng.models()`` (and the dashboard's) from the workers' statuses:
+        an auto model's device says where it may run, ``auto: cpu0, cpu1``.
+
+        Example:
+            >>> catalog.model_rows(eng.status())[0].devices   # doctest: +SKIP
+            ['auto: cpu0, cpu1']
+        """
+        devices = {n: w.device for n, w in self.pool.workers.items()}
+        rows = model_rows(list(self.registry), self.placement, devices, statuses)
+        for row in rows:
+            spec = self.registry.get(row.name)
+            if is_auto(spec.replicas, spec.device):
+                row.devices = ["auto: " + ", ".join(self.placement.get(row.name, []))]
+        return rows
 
     def drop_old_copies(self, name: str) -> None:
         """Soft-unload ``name`` on every worker (not only where it is placed now: an older
@@ -262,21 +311,6 @@ class Catalog:
             warn_user(f"model {name!r} ({spec.path}) changed since it was registered; "
                       "using the new file (re-registered with the same options; the old "
                       "copies were unloaded from the workers).")
-
-    def assigned_bytes(self, exclude: str | None = None) -> dict[str, int]:
-        """Bytes of registered models placed on each worker (for placing the next one).
-
-        Example:
-            >>> catalog.assigned_bytes()   # doctest: +SKIP
-            {'cpu0': 1048576}
-        """
-        assigned: dict[str, int] = {}
-        for name, workers in self.placement.items():
-            if name == exclude:
-                continue
-            for w in workers:
-                assigned[w] = assigned.get(w, 0) + self.registry.get(name).size_bytes
-        return assigned
 
     # -- what loads teach ----------------------------------------------------------------
     def learn(self, name: str, state: ModelState) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .dashboard_devices import DeviceSection
 from .dashboard_runs import RunningSection
-from .tables import human_bytes, model_rows
+from .tables import human_bytes
 from .wire import ModelState
 
 #: Seconds between refreshes.
@@ -192,8 +192,7 @@ class Dashboard:
                 or [w.HTML("<i>no models registered</i>")]
         pending = {what.split(" ", 1)[1] for what, f in self.pending
                    if what.startswith("load ")}
-        devices = {n: x.device for n, x in eng.workers.items()}
-        for row in model_rows(list(eng.registry), eng.placement, devices, statuses):
+        for row in eng.catalog.model_rows(statuses):   # "auto: cpu0, cpu1" where auto
             line = self.model_lines[row.name]
             queued = row.name in pending
             line["info"].value = (f"<b>{html.escape(row.name)}</b> {row.format}, "

@@ -280,14 +280,39 @@ class WorkerInfo:
         return self.device.split(":", 1)[0]
 
 
+def candidates(model: str, device: str, workers: Iterable[WorkerInfo]) -> list[WorkerInfo]:
+    """The workers ``device`` allows for ``model``, in the order given.
+
+    ``"auto"`` means the GPU workers if there are any, else the CPU workers; ``"gpu"`` and
+    ``"cpu"`` every worker of that kind; ``"gpu:1"`` that one device.
+
+    Example:
+        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("gpu0", "gpu:0", 100)]
+        >>> [w.name for w in candidates("cnn", "auto", ws)], candidates("cnn", "cpu:3", ws)
+        (['gpu0'], [])
+    """
+    workers = list(workers)
+    device = device.strip().lower()
+    if device == "auto":
+        return [w for w in workers if w.kind == "gpu"] or workers
+    if device in ("cpu", "gpu"):
+        return [w for w in workers if w.kind == device]
+    if ":" in device:
+        return [w for w in workers if w.device == device]
+    raise PlacementError(model, device, sorted({w.device for w in workers}),
+                         "use device='auto', 'cpu', 'gpu' or one device like 'gpu:0'")
+
+
 def place(model: str, size: int, device: str, replicas: int, workers: Iterable[WorkerInfo],
           assigned: dict[str, int]) -> list[str]:
     """Choose the workers that will hold a model; returns their names.
 
     ``device`` is ``"auto"`` (GPU workers if there are any, else CPU workers), ``"gpu"``,
-    ``"cpu"``, or one device such as ``"gpu:1"``. Among the candidates, the ``replicas``
-    with the most free budget win (``assigned`` holds the bytes already placed on each
-    worker); call it largest model first for a good packing.
+    ``"cpu"``, or one device such as ``"gpu:1"`` (see :func:`candidates`). Among the
+    candidates, the ``replicas`` with the most free budget win (``assigned`` holds the
+    bytes already placed on each worker); call it largest model first for a good packing.
+    This is the placement of a model pinned by ``replicas=`` or ``device="gpu:1"``; the
+    others are placed together by :func:`nbtool.placement.place_auto`.
 
     Example:
         >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
@@ -300,24 +325,15 @@ def place(model: str, size: int, device: str, replicas: int, workers: Iterable[W
     if replicas < 1:
         raise ValueError(f"model {model!r}: replicas={replicas}; expected 1 or more.")
     device = device.strip().lower()
-    if device == "auto":
-        gpu_workers = [w for w in workers if w.kind == "gpu"]
-        candidates = gpu_workers or workers
-    elif device in ("cpu", "gpu"):
-        candidates = [w for w in workers if w.kind == device]
-    elif ":" in device:
-        candidates = [w for w in workers if w.device == device]
-    else:
-        raise PlacementError(model, device, sorted({w.device for w in workers}),
-                             "use device='auto', 'cpu', 'gpu' or one device like 'gpu:0'")
-    if len(candidates) < replicas:
+    found = candidates(model, device, workers)
+    if len(found) < replicas:
         available = sorted({w.device for w in workers})
-        if not candidates:
+        if not found:
             fix = ("start the engine with GPUs (nbtool.start(gpus='auto')) or use "
                    "device='auto'" if device.startswith("gpu") else "use device='auto'")
         else:
-            fix = f"lower replicas to {len(candidates)} or start more workers"
+            fix = f"lower replicas to {len(found)} or start more workers"
         raise PlacementError(model, device, available, fix, replicas)
-    free = {w.name: w.budget - assigned.get(w.name, 0) for w in candidates}
-    order = sorted(candidates, key=lambda w: (-free[w.name], w.name))
+    free = {w.name: w.budget - assigned.get(w.name, 0) for w in found}
+    order = sorted(found, key=lambda w: (-free[w.name], w.name))
     return [w.name for w in order[:replicas]]

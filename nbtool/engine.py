@@ -36,7 +36,7 @@ from .results import Prediction
 from .runner import PredictionRun
 from .runs import Runs, remove_folders
 from .settings import check_size
-from .tables import Table, device_rows, model_rows
+from .tables import Table, device_rows
 from .wire import ModelSpec, ModelState, WorkerStatus
 from .worker import NbtoolWorkerPlugin
 
@@ -128,8 +128,10 @@ class Engine:
 
     # -- workers ---------------------------------------------------------------------------
     def refresh_workers(self) -> dict[str, WorkerInfo]:
-        """Ask every worker for its device and budget; returns them by worker name."""
-        return self.pool.refresh()
+        """Ask every worker for its device and budget; returns them by worker name (the
+        models placed automatically are placed again on what they say)."""
+        workers, _ = self.pool.refresh(), self.catalog.replan()
+        return workers
 
     @_open
     def status(self, workers: list[str] | None = None) -> dict[str, WorkerStatus]:
@@ -154,12 +156,12 @@ class Engine:
         budget = check_size(memory_budget, "memory_budget", allow_none=False)
         # Re-registering the plugin runs its setup on every worker now and on restarts.
         self.client.register_plugin(NbtoolWorkerPlugin(budget))
-        self.pool.refresh()
+        self.refresh_workers()   # auto placement follows the new budgets
 
     # -- registering ---------------------------------------------------------------------
     @_open
     @_doc(Catalog.register)
-    def register(self, name: str, model: Any, device: str = "auto", replicas: int = 1,
+    def register(self, name: str, model: Any, device: str = "auto", replicas: int | None = None,
                  batch_size: int | str | None = None, preprocess: Callable | None = None,
                  trusted: bool = False, precision: str | None = None,
                  runtime: str | None = None) -> ModelSpec:
@@ -169,7 +171,8 @@ class Engine:
 
     @_open
     @_doc(Catalog.register_dir)
-    def register_dir(self, folder: str | os.PathLike, device: str = "auto", replicas: int = 1,
+    def register_dir(self, folder: str | os.PathLike, device: str = "auto",
+                     replicas: int | None = None,
                      batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:
         return self.catalog.register_dir(folder, device=device, replicas=replicas,
                                          batch_size=batch_size, trusted=trusted)
@@ -184,14 +187,17 @@ class Engine:
     def models(self) -> Table:
         """A table of the registered models: format, size, placement, state per worker.
 
+        ``device`` is where it may run: ``auto: cpu0, cpu1`` for a model placed
+        automatically (every worker with room for it), the devices of a pinned one.
+
         Example:
             >>> eng.models()     # doctest: +SKIP
-            name  format  size    device  state
-            cnn   keras   1.2 MB  cpu:0   cpu0: loaded
+            name  format  size    device            state
+            cnn   keras   1.2 MB  auto: cpu0, cpu1  cpu0: loaded; cpu1: loaded
+            mlp   h5      9.3 kB  cpu:1             cpu1: loaded
         """
-        devices = {n: w.device for n, w in self.workers.items()}
-        rows = model_rows(list(self.registry), self.placement, devices, self.status())
-        return Table([r.as_dict() for r in rows], title="models")
+        return Table([r.as_dict() for r in self.catalog.model_rows(self.status())],
+                     title="models")
 
     @_open
     def devices(self) -> Table:
@@ -290,10 +296,10 @@ class Engine:
         """Make cheaper variants of model ``name``, register them, and compare them.
 
         ``variants`` are names from :data:`nbtool.optimize.VARIANTS`: ``"float16"``,
-        ``"dynamic-int8"`` and ``"int8"`` (LiteRT, through TensorFlow's converter; full
-        int8 is calibrated on the first ``calibration_rows`` rows of ``calibration``),
-        ``"keras-int8"`` (Keras' ``model.quantize("int8")``) and ``"float32"`` (LiteRT
-        alone). The conversion runs on a worker. Each variant is registered as
+        ``"dynamic-int8"``, ``"int8"`` and ``"float32"`` (LiteRT; int8s are calibrated on
+        the first ``calibration_rows`` rows of ``calibration``), ``"keras-int8"``, and
+        ``"openvino-bf16"``, ``"openvino-int8"`` (OpenVINO IR; NNCF). The conversion runs
+        on a worker. Each variant is registered as
         ``"name@variant"`` on the original's device and runs like any model. They are all
         measured on ``x`` (default: the calibration rows): size on disk, load time,
         throughput on the workers, agreement with the original and, with ``labels``,

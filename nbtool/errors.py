@@ -124,7 +124,7 @@ class UnsupportedFormat(NbtoolError, ValueError):
 
     Example:
         >>> str(UnsupportedFormat("m", "m.onnx"))  # doctest: +ELLIPSIS
-        "model 'm' (m.onnx): ... expected a .keras, .h5 or .tflite file..."
+        "model 'm' (m.onnx): ... expected a .keras, .h5, .tflite or OpenVINO .xml file..."
     """
 
     def __init__(self, model: str | None, path: str, found: str | None = None):
@@ -133,8 +133,9 @@ class UnsupportedFormat(NbtoolError, ValueError):
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else "(no suffix)"
         what = found or f"a file ending in {suffix!r}"
         super().__init__(
-            f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras, .h5 "
-            "or .tflite file, or a TensorFlow SavedModel directory (one with saved_model.pb). "
+            f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras, .h5, "
+            ".tflite or OpenVINO .xml file, or a TensorFlow SavedModel directory (one with "
+            "saved_model.pb). "
             "Fix: save the model with model.save('name.keras'), or model.export('dir') for "
             "a SavedModel.")
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from .errors import ModelLoadError, NbtoolError
@@ -45,10 +46,13 @@ class Loads:
         return self.pool.submit_to(worker, load_model, self.catalog.registry.get(name),
                                    what=f"{what}-{name}")
 
-    def start_load(self, names: list[str]) -> dict[tuple[str, str], Any]:
+    def start_load(self, names: list[str],
+                   main_only: bool = False) -> dict[tuple[str, str], Any]:
         """Start loading models on their workers and return at once.
 
-        Returns the futures by (model, worker); :meth:`load` is this plus waiting. A model
+        Returns the futures by (model, worker); :meth:`load` is this plus waiting.
+        ``main_only``: on each model's first worker only (enough to learn its signature;
+        a run's plan decides where else it loads). A model
         whose file changed since it was registered is re-registered first (with a warning),
         so the new file is what loads.
 
@@ -58,10 +62,12 @@ class Loads:
             'loaded'
         """
         self.catalog.refresh_changed(names)
+        placement = self.catalog.placement
         return {(spec.name, w): self.load_on(spec.name, w)
-                for spec in self.catalog.specs(names) for w in self.catalog.placement[spec.name]}
+                for spec in self.catalog.specs(names)
+                for w in placement[spec.name][:1 if main_only else None]}
 
-    def load(self, names: list[str]) -> dict[str, dict[str, ModelState]]:
+    def load(self, names: list[str], main_only: bool = False) -> dict[str, dict[str, ModelState]]:
         """Load models now on every worker they are placed on (else they load on first use).
 
         Returns, per model and worker, the cache entry (:class:`~nbtool.wire.ModelState`:
@@ -75,7 +81,7 @@ class Loads:
         """
         out: dict[str, dict[str, ModelState]] = {n: {} for n in names}
         failures = []
-        for (name, w), fut in self.start_load(names).items():
+        for (name, w), fut in self.start_load(names, main_only).items():
             try:
                 out[name][w] = state = fut.result()
             except ModelLoadError as e:
@@ -105,8 +111,9 @@ class Loads:
         self.catalog.background.cancel(names)   # a queued replica must not come back
         if hard:
             return self._hard_unload(names)
-        workers = sorted({w for n in names for w in self.catalog.placement.get(n, [])})
-        dropped = self.pool.run_on(unload_models, names, names=workers)
+        # Every worker: an auto model placed again (another model took its room) may
+        # still be held where it ran before.
+        dropped = self.pool.run_on(unload_models, names)
         return sorted({m for ms in dropped.values() for m in ms})
 
     def _hard_unload(self, names: list[str]) -> list[str]:
@@ -147,7 +154,9 @@ class BackgroundLoads:
     """Replica loads left out of a run, started after it, by (model, worker).
 
     Keeping a load's future keeps its task (Dask forgets unreferenced ones); a replaced or
-    unloaded model's queued loads are cancelled, so it does not come back.
+    unloaded model's queued loads are cancelled, so it does not come back. A finished load
+    is let go at once: a finished task still wanted is one the scheduler runs again on a
+    worker that restarts (a copy would come back into a process restarted to be empty).
 
     Example:
         >>> from concurrent.futures import Future
@@ -156,6 +165,9 @@ class BackgroundLoads:
         >>> sorted(loads.futures)
         [('cnn', 'cpu1')]
         >>> loads.cancel(["cnn"]); loads.futures
+        {}
+        >>> done = Future(); done.set_result("loaded")
+        >>> loads.start({"mlp": ["cpu0"]}, lambda model, worker: done); loads.futures
         {}
     """
 
@@ -169,7 +181,14 @@ class BackgroundLoads:
         for name, workers in later.items():
             for w in workers:
                 if (name, w) not in self.futures:
-                    self.futures[(name, w)] = load_on(name, w)
+                    future = self.futures[(name, w)] = load_on(name, w)
+                    future.add_done_callback(functools.partial(self.forget, (name, w)))
+
+    def forget(self, key: tuple[str, str], future) -> None:
+        """Let go of a finished load (its done callback); errors show at the next use."""
+        if self.futures.get(key) is future:
+            self.futures.pop(key, None)
+            getattr(future, "release", lambda: None)()
 
     def cancel(self, names) -> None:
         """Cancel the queued loads of these models."""

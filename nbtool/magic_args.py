@@ -67,8 +67,19 @@ trusted_option = argument("--trusted", action="store_true", help="allow files th
                           "SavedModel directories")
 
 
+def replicas_flag(text: str) -> int | None:
+    """argparse type for ``--replicas``: a whole number pins that many workers; ``auto``
+    (the default) is None: every worker with room (:mod:`nbtool.placement`).
+
+    Example:
+        >>> replicas_flag("2"), replicas_flag("auto")
+        (2, None)
+    """
+    return None if text.strip().lower() == "auto" else whole_number(text)
+
+
 def replicas_option(help: str):
-    """``--replicas N`` (a whole number, default 1), with its help text.
+    """``--replicas N`` (a whole number, or ``auto``: the default), with its help text.
 
     Example:
         >>> from IPython.core.magic_arguments import magic_arguments
@@ -78,8 +89,10 @@ def replicas_option(help: str):
         ...     "Load a model."
         >>> load.parser.parse_args(["--replicas", "2"]).replicas
         2
+        >>> load.parser.parse_args([]).replicas is None
+        True
     """
-    return argument("--replicas", type=whole_number, default=1, help=help)
+    return argument("--replicas", type=replicas_flag, default=None, help=help)
 
 
 def split_line(line: str, magic: str) -> list[str]:

@@ -140,12 +140,13 @@ class Nbtool(Magics):
     @argument("path", help="a .keras, .h5 (Keras 2 or 3) or .tflite file, or a SavedModel "
               "directory (that one needs --trusted)")
     @device_option
-    @replicas_option("workers that hold it (default 1)")
+    @replicas_option("workers that hold it (default: auto, every worker with room)")
     @argument("--batch-size", default=None, help="batch size for inference, or 'auto' "
               "for a quick sweep at first load")
     @trusted_option
-    @argument("--runtime", default=None, help="what runs it: tensorflow (default), openvino "
-              "(converted once, checked against TensorFlow at load) or litert (.tflite)")
+    @argument("--runtime", default=None, help="what runs it: auto (default: the fastest that "
+              "agrees with TensorFlow, measured once per machine), tensorflow, openvino or "
+              "litert (converted once, checked against TensorFlow at every load)")
     def _register(self, args):
         """Register a model file under a name."""
         eng = self._engine()
@@ -158,7 +159,7 @@ class Nbtool(Magics):
     @argument("path", help="a folder of .keras/.h5/.tflite files and SavedModel "
               "directories")
     @device_option
-    @replicas_option("workers that hold each model")
+    @replicas_option("workers that hold each model (default: auto)")
     @trusted_option
     def _register_dir(self, args):
         """Register every model inside a folder, named after its file."""

@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 #: How many rows the gallery of disagreements shows at most.
@@ -166,10 +168,13 @@ def disagreement_rows(res, k: int = MAX_GALLERY) -> np.ndarray:
         return np.array([], dtype=np.int64)
     classes = np.stack([to_classes(s) for s in scores.values()])
     distinct = np.array([len(set(col[col >= 0])) for col in classes.T])
-    mean = np.nanmean(np.stack(list(scores.values())), axis=0) if all(
-        s.shape == next(iter(scores.values())).shape for s in scores.values()) else None
-    confidence = np.nanmax(mean, axis=1) if mean is not None and mean.shape[1] > 1 else \
-        np.zeros(len(distinct))
+    # A row every model failed on (or got NaN in) is NaN here: no warning, it sorts last.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(np.stack(list(scores.values())), axis=0) if all(
+            s.shape == next(iter(scores.values())).shape for s in scores.values()) else None
+        confidence = np.nanmax(mean, axis=1) if mean is not None and mean.shape[1] > 1 \
+            else np.zeros(len(distinct))
     order = np.lexsort((np.nan_to_num(confidence, nan=1.0), -distinct))
     return order[:k][distinct[order[:k]] > 1]
 

@@ -4,9 +4,10 @@ The notebook kernel must not import TensorFlow (it would grab GPU memory), so ev
 client needs to know about a model (format, size, input shape and dtype, outputs) is read
 from the file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config``
 attribute of an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read
-with LiteRT's schema). SavedModel directories only tell their size here; their signature is
-learned on a worker at the first load. What would run code at load (a Python lambda, any
-SavedModel graph) is said here too, so the registry can refuse it unless trusted.
+with LiteRT's schema), the graph of an OpenVINO IR ``.xml`` (:mod:`nbtool.ir_files`).
+SavedModel directories only tell their size here; their signature is learned on a worker
+at the first load. What would run code at load (a Python lambda, any SavedModel graph) is
+said here too, so the registry can refuse it unless trusted.
 
 Example:
     A ``.keras`` file is a zip; the ``config.json`` inside (trimmed here to what is read)
@@ -34,9 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError, UnsupportedFormat
+from .ir_files import inspect_ir, ir_size
 
-#: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel".
-FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
+#: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel";
+#: an ``.xml`` is an OpenVINO IR (its weights in the ``.bin`` beside it).
+FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite",
+           ".xml": "openvino"}
 
 #: Why a Python lambda in a Keras config needs trust (the worker says the same at load).
 _LAMBDA_WHY = ("Keras refuses to deserialize in safe mode (loading it runs the Python code "
@@ -87,14 +91,14 @@ def read_model_file(path: str | os.PathLike, model: str | None = None) -> ModelF
     fmt = detect_format(path, model)
     p = Path(path).resolve()
     reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
-              "tflite": _read_tflite}[fmt]
+              "tflite": _read_tflite, "openvino": inspect_ir}[fmt]
     size, inputs, n_outputs, unsafe = reader(model, p)
     return ModelFile(fmt, size, inputs, n_outputs, unsafe)
 
 
 def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
-    """Say which format a model path is in: ``"keras"``, ``"h5"``, ``"savedmodel"`` or
-    ``"tflite"``.
+    """Say which format a model path is in: ``"keras"``, ``"h5"``, ``"savedmodel"``,
+    ``"tflite"`` or ``"openvino"`` (an IR ``.xml``).
 
     Raises :class:`ModelFileError` if the path does not exist and
     :class:`UnsupportedFormat` if nbtool cannot run it.
@@ -197,7 +201,8 @@ def _read_savedmodel(name: str | None, p: Path):
 
 
 def disk_size(path: str | Path) -> int:
-    """Bytes on disk of a model file, or of every file in a model directory (SavedModel).
+    """Bytes on disk of a model file, or of every file in a model directory (SavedModel);
+    an OpenVINO IR ``.xml`` counts its ``.bin`` too.
 
     Example:
         >>> import tempfile, pathlib
@@ -209,7 +214,7 @@ def disk_size(path: str | Path) -> int:
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
+    return ir_size(p) if p.suffix.lower() == ".xml" else p.stat().st_size
 
 
 def _read_tflite(name: str | None, p: Path):

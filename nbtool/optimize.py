@@ -19,6 +19,15 @@ The variants (:data:`VARIANTS`):
   float input and dequantizes the output, so callers see float32 as with any model.
 - ``keras-int8``: Keras' own ``model.quantize("int8")`` (Dense/EinsumDense/Embedding
   kernels in int8), saved as ``.keras`` and run by TensorFlow like the original.
+- ``openvino-bf16``: the model's float32 OpenVINO IR, asking OpenVINO to compute in
+  bfloat16 (``INFERENCE_PRECISION_HINT``, kept in the IR): fast on CPUs with avx512_bf16 or
+  AMX, not exact. Where the CPU has no bf16, OpenVINO computes float32 and the comparison's
+  note says so ("runs as float32 on this CPU").
+- ``openvino-int8``: the IR quantized by NNCF (OpenVINO's post-training quantization),
+  calibrated on ``calibration`` like ``int8``.
+
+The OpenVINO variants are IR files (``.xml`` with its ``.bin``), registered like any
+model file and run by OpenVINO on CPU workers without TensorFlow.
 
 Pruning and distillation are not offered: Keras 3 has no pruning toolkit, and zeroed
 weights in dense kernels cost the same multiply-adds, so magnitude pruning saves nothing at
@@ -26,8 +35,8 @@ inference here (the optimization notebook measures it); distillation is training
 belongs to the user's training code, not to an inference engine.
 
 Example:
-    >>> cmp = eng.optimize("cnn", ["float16", "int8"], calibration=x_train[:200],
-    ...                    x=x_test, labels=y_test)                    # doctest: +SKIP
+    >>> cmp = eng.optimize("cnn", ["float16", "int8", "openvino-int8"],
+    ...                    calibration=x_train[:200], x=x_test, labels=y_test)  # doctest: +SKIP
     >>> cmp                                                            # doctest: +SKIP
     >>> eng.predict(cmp.choose(min_agreement=0.99), x_test)            # doctest: +SKIP
 """
@@ -56,10 +65,12 @@ VARIANTS = {
     "dynamic-int8": "LiteRT, int8 weights, activations quantized on the fly",
     "int8": "LiteRT, full int8 (weights, activations, input, output), calibrated",
     "keras-int8": "Keras model.quantize('int8'), run by TensorFlow",
+    "openvino-bf16": "OpenVINO IR computing in bfloat16 (float32 where the CPU has no bf16)",
+    "openvino-int8": "OpenVINO IR quantized to int8 by NNCF, calibrated",
 }
 
 #: Variants that need a representative dataset.
-NEEDS_CALIBRATION = {"int8"}
+NEEDS_CALIBRATION = {"int8", "openvino-int8"}
 
 
 def _unknown_variant(variant) -> str:
@@ -104,9 +115,10 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     if calibration is not None:
         calib = np.asarray(calibration)[:max(1, int(calibration_rows))]
         check_fits(spec, as_source(calib))   # a wrong shape fails here, not on a worker
-    if NEEDS_CALIBRATION & set(variants) and calib is None:
-        raise ValueError(f"model {name!r}: the 'int8' variant needs calibration rows (a "
-                         "representative sample of real inputs, ~100-500 rows). Fix: "
+    calibrated = [v for v in variants if v in NEEDS_CALIBRATION]
+    if calibrated and calib is None:
+        raise ValueError(f"model {name!r}: the {calibrated[0]!r} variant needs calibration "
+                         "rows (a representative sample of real inputs, ~100-500 rows). Fix: "
                          "eng.optimize(..., calibration=x_train[:200]).")
     if x is None:
         if calib is None:
@@ -131,11 +143,16 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     names = []
     for v, fut in futures.items():
         out = fut.result()
-        path = folder / f"{variant_name(name, v)}{out['suffix']}"
-        tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_bytes(out["data"])
-        os.replace(tmp, path)   # a reader never sees half a file
-        engine.register(variant_name(name, v), str(path), device=spec.device,
+        # One file, or an OpenVINO IR's two: the .xml (registered) written last.
+        files = out.get("files") or {out["suffix"]: out["data"]}
+        for suffix in sorted(files, key=lambda s: s == ".xml"):
+            path = folder / f"{variant_name(name, v)}{suffix}"
+            tmp = path.with_suffix(path.suffix + ".part")
+            tmp.write_bytes(files[suffix])
+            os.replace(tmp, path)   # a reader never sees half a file
+        # nbtool runs OpenVINO on CPU workers only (its GPU plugin is for Intel GPUs).
+        device = "cpu" if v.startswith("openvino-") else spec.device
+        engine.register(variant_name(name, v), str(path), device=device,
                         replicas=spec.replicas, batch_size=spec.batch_size,
                         preprocess=spec.preprocess, trusted=spec.trusted)
         names.append(variant_name(name, v))
@@ -176,9 +193,12 @@ def compare(engine, original: str, others: list[str], x, labels=None,
         outputs[m] = np.asarray(out[0] if isinstance(out, list) else out,
                                 dtype=np.float64)[:len(x)]
         variant = "original" if m == original else m.split("@", 1)[1] if "@" in m else m
+        state = next(iter(entries.values()))
         rows.append({"model": m, "variant": variant,
                      "format": spec.format, "size_bytes": disk_size(spec.path),
-                     "load_seconds": load_s, "rows_per_second": best})
+                     "load_seconds": load_s, "rows_per_second": best,
+                     # what ran it, and (an IR asking for bf16) in what precision, here
+                     "runtime": state.runtime, "note": state.runtime_note})
     ref = outputs[original]
     y = None if labels is None else np.asarray(labels).reshape(-1)
     for row in rows:
@@ -206,8 +226,10 @@ class Comparison:
     ``cmp.rows`` (and ``cmp.to_dict()``, keyed by model name) hold the raw numbers:
     ``size_bytes``, ``size_ratio``, ``load_seconds``, ``rows_per_second``, ``speedup``,
     ``top1_agreement``, ``max_abs_diff`` and, with labels, ``accuracy`` and
-    ``accuracy_drop`` (versus the original). ``cmp.table()`` is the formatted
-    :class:`~nbtool.tables.Table`.
+    ``accuracy_drop`` (versus the original); ``runtime`` (what ran it) and ``note`` (how
+    the worker prepared it: an ``openvino-bf16`` variant's says whether this CPU computes
+    bf16 or runs it as float32). ``cmp.table()`` is the formatted
+    :class:`~nbtool.tables.Table`; the notes show under it.
 
     Example:
         >>> cmp = Comparison("m", [
@@ -300,7 +322,7 @@ class Comparison:
         out = []
         for r in self.rows:
             row = {"model": r["model"], "variant": r.get("variant", ""),
-                   "format": r.get("format", ""),
+                   "format": r.get("format", ""), "runtime": r.get("runtime") or "",
                    "size": human_bytes(r.get("size_bytes")),
                    "size x": fmt(r.get("size_ratio"), "{:.2f}"),
                    "load s": fmt(r.get("load_seconds"), "{:.2f}"),
@@ -313,6 +335,16 @@ class Comparison:
             out.append(row)
         return Table(out, title=f"variants of {self.original}")
 
+    def notes(self) -> list[str]:
+        """One line per model the worker said something of (``note``), e.g. that a bf16
+        variant runs as float32 on this CPU.
+
+        Example:
+            >>> Comparison("m", [{"model": "m@openvino-bf16", "note": "bf16"}]).notes()
+            ['m@openvino-bf16: bf16']
+        """
+        return [f"{r['model']}: {r['note']}" for r in self.rows if r.get("note")]
+
     def _note(self) -> str:
         parts = []
         if self.n_rows:
@@ -324,11 +356,14 @@ class Comparison:
 
     def __repr__(self) -> str:
         note = self._note()
-        return repr(self.table()) + (f"\n({note})" if note else "")
+        return repr(self.table()) + "".join(f"\n{line}" for line in self.notes()) \
+            + (f"\n({note})" if note else "")
 
     def _repr_html_(self) -> str:
         note = self._note()
+        notes = "".join(f"<li>{html.escape(line)}</li>" for line in self.notes())
         return ("<div class='nbtool-comparison'>" + self.table()._repr_html_()
+                + (f"<ul style='font-size:smaller'>{notes}</ul>" if notes else "")
                 + (f"<p style='font-size:smaller'>{html.escape(note)}. "
                    "cmp.choose(min_agreement=0.99) picks the fastest variant within a "
                    "tolerance.</p>" if note else "") + "</div>")

@@ -1,21 +1,33 @@
-"""Plan where a run goes: which replicas of each not-yet-loaded model load it and run it
+"""Plan where a run goes: which of the workers each model may run on compute its chunks
 now, and which load it afterwards (:class:`nbtool.loads.BackgroundLoads`).
 
-A replicated model that no worker holds yet would, by default, be loaded by every replica
-at once, each paying the same load and trace before its first chunk. When loading costs as
-much as computing (an ensemble on a few thousand rows), it is faster to let different
-workers load different models, and split only the models whose compute is worth a second
-load. With what this machine measured before (:func:`nbtool.worker.model_costs`: load
-seconds, seconds per row), the plan is the schedule that finishes first, found by trying
-how many replicas each model uses. The replicas left out load in the background after the
-run.
+A model placed on several workers (every worker with room, by default:
+:mod:`nbtool.placement`; or ``replicas=N``) could run on all of them, but not every split
+pays: a worker that does not hold the model yet pays its load and trace before its first
+chunk, and a worker already busy with other models' chunks finishes later. With what this
+machine measured before (:func:`nbtool.worker.model_costs`: load seconds, seconds per row)
+and what each worker holds now (:func:`nbtool.worker.resident_models`), the plan is the
+schedule that finishes first, found by trying how many of its workers each model uses
+(:func:`plan_model_routes`): a warm ensemble splits every model's chunks over every worker;
+a cold one lets different workers load different models, and splits only the models whose
+compute is worth a second load. The workers left out load the model in the background
+after the run, so the next run finds it everywhere. Never measured here (a model's first
+run on this machine): it loads and runs on every worker it may run on (measured: see
+:func:`first_routes`).
 
 Example:
     >>> both = ["cpu0", "cpu1"]
-    >>> plan_cold_routes({"effnet": both, "mobilenet": both, "cnn": both, "mlp": both},
-    ...                  {"effnet": (2.4, 3.5), "mobilenet": (1.6, 0.7),  # (load s, run s)
-    ...                   "cnn": (0.3, 1.5), "mlp": (0.3, 0.3)})
+    >>> plan_model_routes({"effnet": both, "mobilenet": both, "cnn": both, "mlp": both},
+    ...                   {"effnet": (2.4, 3.5), "mobilenet": (1.6, 0.7),  # (load s, run s)
+    ...                    "cnn": (0.3, 1.5), "mlp": (0.3, 0.3)})
     {'effnet': ['cpu0'], 'mobilenet': ['cpu1'], 'cnn': ['cpu1'], 'mlp': ['cpu1']}
+    >>> # the same models warm on both workers: every model split over both
+    >>> plan_model_routes({"effnet": both, "mobilenet": both, "cnn": both, "mlp": both},
+    ...                   {"effnet": (2.4, 3.5), "mobilenet": (1.6, 0.7),
+    ...                    "cnn": (0.3, 1.5), "mlp": (0.3, 0.3)},
+    ...                   resident={m: both for m in ("effnet", "mobilenet", "cnn", "mlp")})
+    {'effnet': ['cpu0', 'cpu1'], 'mobilenet': ['cpu0', 'cpu1'],
+     'cnn': ['cpu0', 'cpu1'], 'mlp': ['cpu0', 'cpu1']}
 """
 
 from __future__ import annotations
@@ -28,127 +40,196 @@ from .wire import ModelSpec
 from .worker import model_costs, resident_models
 
 #: Above this many combinations the search goes model by model instead of trying them all.
-MAX_COMBINATIONS = 4096
+MAX_COMBINATIONS = 1024
 
 
-def plan_cold_routes(replicas: dict[str, list[str]], costs: dict[str, tuple[float, float]],
-                     busy: dict[str, float] | None = None) -> dict[str, list[str]]:
-    """For each cold model, the replicas that should load and run it in this run.
+def plan_model_routes(eligible: dict[str, list[str]], costs: dict[str, tuple[float, float]],
+                      busy: dict[str, float] | None = None,
+                      resident: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """For each model, the workers among ``eligible`` that should run it in this run.
 
-    ``replicas``: model -> the workers it is placed on. ``costs``: model -> (load seconds,
+    ``eligible``: model -> the workers it may run on. ``costs``: model -> (load seconds,
     seconds to compute all of this run's rows on one worker). ``busy``: worker -> seconds
-    of work it already has in this run (warm models' chunks). Models are placed largest
-    first, each on its ``k`` least busy replicas, which all pay its load and share its
-    compute; every choice of ``k`` per model is tried (model by model beyond
-    ``MAX_COMBINATIONS``), and the plan that finishes first wins, with fewer loads breaking
-    ties.
+    of work it already has in this run (the chunks of models that have one worker).
+    ``resident``: model -> the workers that hold it now (they pay no load). Models are
+    placed largest first, each on the ``k`` of its workers that would be free first
+    (counting its load where it is due), which share its rows equally; every choice of
+    ``k`` per model is tried (model by model beyond ``MAX_COMBINATIONS``), and the plan
+    that finishes first wins, with fewer loads, then more workers, breaking ties.
 
     Example:
         >>> both = ["cpu0", "cpu1"]
         >>> # loading dominates: each worker loads one model
-        >>> plan_cold_routes({"a": both, "b": both}, {"a": (3.0, 0.2), "b": (3.0, 0.2)})
+        >>> plan_model_routes({"a": both, "b": both}, {"a": (3.0, 0.2), "b": (3.0, 0.2)})
         {'a': ['cpu0'], 'b': ['cpu1']}
         >>> # compute dominates: both workers load it and share its rows
-        >>> plan_cold_routes({"a": both}, {"a": (0.5, 8.0)})
+        >>> plan_model_routes({"a": both}, {"a": (0.5, 8.0)})
         {'a': ['cpu0', 'cpu1']}
-        >>> # cpu0 is busy with warm models' chunks: the cold one goes to cpu1 alone
-        >>> plan_cold_routes({"a": both}, {"a": (1.0, 0.5)}, busy={"cpu0": 4.0})
+        >>> # cpu0 is busy with other models' chunks: the cold one goes to cpu1 alone
+        >>> plan_model_routes({"a": both}, {"a": (1.0, 0.5)}, busy={"cpu0": 4.0})
         {'a': ['cpu1']}
+        >>> # held by cpu1 only: a short run stays there, a long one pays a load on cpu0
+        >>> plan_model_routes({"a": both}, {"a": (2.0, 1.0)}, resident={"a": ["cpu1"]})
+        {'a': ['cpu1']}
+        >>> plan_model_routes({"a": both}, {"a": (2.0, 9.0)}, resident={"a": ["cpu1"]})
+        {'a': ['cpu0', 'cpu1']}
     """
-    busy = busy or {}
-    workers = sorted({w for ws in replicas.values() for w in ws} | set(busy))
+    busy, resident = busy or {}, resident or {}
+    workers = sorted({w for ws in eligible.values() for w in ws} | set(busy))
     start = {w: float(busy.get(w, 0.0)) for w in workers}
-    order = sorted(replicas, key=lambda m: (-(costs[m][0] + costs[m][1]), m))
+    order = sorted(eligible, key=lambda m: (-(costs[m][0] + costs[m][1]), m))
+    prepared = [(eligible[m], set(resident.get(m, ())), *costs[m]) for m in order]
 
     def place(ks):
-        """The routes and finish times when model i goes to its ks[i] least busy replicas."""
-        finish, routes = dict(start), {}
-        for model, k in zip(order, ks):
-            load, work = costs[model]
-            routes[model] = sorted(replicas[model], key=lambda w: (finish[w], w))[:k]
-            for w in routes[model]:
-                finish[w] += load + work / k
-        return (max(finish.values(), default=0.0), sum(ks)), routes
+        """The score (finish, loads, -workers) and the routes when model i goes to its
+        ks[i] workers free first."""
+        finish, routes, loads = dict(start), [], 0
+        for (ws, held, load, work), k in zip(prepared, ks):
+            chosen = sorted(ws, key=lambda w: (finish[w] + (0.0 if w in held else load), w))[:k]
+            for w in chosen:
+                finish[w] += work / k + (0.0 if w in held else load)
+                loads += w not in held
+            routes.append(chosen)
+        # Rounded: a plan that only moves float noise around is no better. At equal
+        # finish and loads, the wider split wins: it is balanced whatever the estimates.
+        return (round(max(finish.values(), default=0.0), 9), loads, -sum(ks)), routes
 
-    choices = [range(1, len(replicas[m]) + 1) for m in order]
+    choices = [range(1, len(eligible[m]) + 1) for m in order]
     if math.prod(len(c) for c in choices) <= MAX_COMBINATIONS:
-        _, routes = min((place(ks) for ks in itertools.product(*choices)),
-                        key=lambda plan: plan[0])
+        ks = min(itertools.product(*choices), key=lambda ks: place(ks)[0])
     else:   # model by model: each takes the k that finishes earliest so far
-        ks: list[int] = []
+        ks = []
         for c in choices:
             ks.append(min(c, key=lambda k: place(ks + [k])[0]))
-        _, routes = place(ks)
-    return {m: routes[m] for m in replicas}
+    routes = dict(zip(order, place(ks)[1]))
+    return {m: sorted(routes[m]) for m in eligible}
 
 
 def plan_routes(pool, specs: list[ModelSpec], placement: dict[str, list[str]],
                 n_rows: int, measured_here: bool = True) -> tuple[dict, dict]:
-    """Where each model's chunks go in this run, and the replicas to load afterwards.
+    """Where each model's chunks go in this run, and the workers to load it on afterwards.
 
-    Every replica, unless some replicated models are loaded nowhere yet and this
-    machine has measured them before: then :func:`plan_cold_routes` decides which
-    replicas load and run each of them now. ``measured_here``: the costs recorded on the
-    workers are this machine's (a local cluster); ``NBTOOL_PLAN_COLD=0`` turns it off.
-    ``pool`` is the engine's :class:`~nbtool.pool.WorkerPool`: one round trip asks which
-    models the workers hold, and, only if some are cold, one more their recorded costs.
+    A model placed on one worker runs there. For the others, one round trip asks which
+    models the workers hold; if every model is held by every worker it may run on, and
+    all may run on the same workers, every model's chunks are split over all of them.
+    Else one more round trip asks the costs this machine recorded, and
+    :func:`route_run` plans. ``measured_here``: the costs recorded on the workers are
+    this machine's (a local cluster); elsewhere, or with ``NBTOOL_PLAN_COLD=0``, every
+    model runs on every worker it is placed on. ``pool`` is the engine's
+    :class:`~nbtool.pool.WorkerPool`.
 
     Example:
         >>> plan_routes(pool, [spec], {"cnn": ["cpu0", "cpu1"]}, 2000)   # doctest: +SKIP
         ({'cnn': ['cpu0']}, {'cnn': ['cpu1']})
     """
     routes = {s.name: list(placement[s.name]) for s in specs}
-    replicated = [s for s in specs if len(routes[s.name]) > 1]
-    if not replicated or not measured_here or os.environ.get("NBTOOL_PLAN_COLD", "1") == "0":
+    if all(len(ws) < 2 for ws in routes.values()) or not measured_here \
+            or os.environ.get("NBTOOL_PLAN_COLD", "1") == "0":
         return routes, {}
-    used = sorted({w for s in specs for w in routes[s.name]})
+    used = sorted({w for ws in routes.values() for w in ws})
     held = pool.run_on(resident_models, names=used)   # worker -> {model: fingerprint}
-    cold = [s for s in replicated
-            if not any(m.get(s.name) == s.fingerprint for m in held.values())]
-    if not cold:
+    if not needs_costs(specs, routes, held):
         return routes, {}
     measured: dict[str, list[dict]] = {}
     for per_worker in pool.run_on(model_costs, specs, names=used).values():
         for name, c in per_worker.items():
             measured.setdefault(name, []).append(c)
-    return route_cold_run(specs, routes, held, measured, n_rows)
+    return route_run(specs, routes, held, measured, n_rows)
 
 
-def route_cold_run(specs: list[ModelSpec], routes: dict[str, list[str]],
-                   held: dict[str, dict[str, str]], measured: dict[str, list[dict]],
-                   n_rows: int) -> tuple[dict, dict]:
-    """The arithmetic of :func:`plan_routes`: the routes of the cold replicated models
-    from their measured costs (``measured``: model -> each worker's ``{"load": s, "row":
-    s}``), the other models' work counted as each worker's busy time first. Returns
-    (routes, replicas to load afterwards); every replica if some cold model was never
-    measured here.
+def holders(spec: ModelSpec, workers: list[str], held: dict[str, dict[str, str]]) -> list[str]:
+    """Those of ``workers`` that hold ``spec``'s file now (``held``: worker -> {model:
+    fingerprint}, as :func:`nbtool.worker.resident_models` says).
+
+    Example:
+        >>> spec = ModelSpec("a", "a", "keras", 1, "fp")
+        >>> holders(spec, ["cpu0", "cpu1"], {"cpu0": {"a": "fp"}, "cpu1": {"a": "old"}})
+        ['cpu0']
+    """
+    return [w for w in workers if held.get(w, {}).get(spec.name) == spec.fingerprint]
+
+
+def needs_costs(specs: list[ModelSpec], routes: dict[str, list[str]],
+                held: dict[str, dict[str, str]]) -> bool:
+    """Whether planning this run needs the measured costs: not when every model is held
+    by every worker it may run on, and all may run on the same workers (then splitting
+    every model over all of them is as balanced as it gets).
+
+    Example:
+        >>> a, b = ModelSpec("a", "a", "keras", 1, "fp"), ModelSpec("b", "b", "keras", 1, "fp")
+        >>> both = {"cpu0": {"a": "fp", "b": "fp"}, "cpu1": {"a": "fp", "b": "fp"}}
+        >>> needs_costs([a, b], {"a": ["cpu0", "cpu1"], "b": ["cpu1", "cpu0"]}, both)
+        False
+        >>> needs_costs([a, b], {"a": ["cpu0", "cpu1"], "b": ["cpu0"]}, both)
+        True
+    """
+    sets = {frozenset(routes[s.name]) for s in specs}
+    return len(sets) > 1 or any(len(holders(s, routes[s.name], held)) < len(routes[s.name])
+                                for s in specs)
+
+
+def route_run(specs: list[ModelSpec], routes: dict[str, list[str]],
+              held: dict[str, dict[str, str]], measured: dict[str, list[dict]],
+              n_rows: int) -> tuple[dict, dict]:
+    """The arithmetic of :func:`plan_routes`: from the workers each model may run on
+    (``routes``), what they hold (``held``) and the costs measured here (``measured``:
+    model -> each worker's ``{"load": s, "row": s}``), the routes of this run and the
+    workers to load each model on afterwards. With every model that has several workers
+    measured (or held by all of them), :func:`plan_model_routes` plans, the one-worker
+    models' work counted first; else :func:`first_routes` does.
 
     Example:
         >>> spec = lambda n: ModelSpec(n, n, "keras", 1, "fp")
         >>> both = ["cpu0", "cpu1"]
-        >>> route_cold_run([spec("a"), spec("b")], {"a": both, "b": both}, {"cpu0": {}},
-        ...                {"a": [{"load": 3.0, "row": 1e-4}], "b": [{"load": 3.0, "row": 1e-4}]},
-        ...                2000)
+        >>> route_run([spec("a"), spec("b")], {"a": both, "b": both}, {"cpu0": {}},
+        ...           {"a": [{"load": 3.0, "row": 1e-4}], "b": [{"load": 3.0, "row": 1e-4}]},
+        ...           2000)
         ({'a': ['cpu0'], 'b': ['cpu1']}, {'a': ['cpu1'], 'b': ['cpu0']})
     """
     routes = dict(routes)
-    cold = [s for s in specs if len(routes[s.name]) > 1
-            and not any(m.get(s.name) == s.fingerprint for m in held.values())]
-    if any(s.name not in measured for s in cold):
-        return routes, {}   # first time here: every replica, and this run measures them
+    resident = {s.name: holders(s, routes[s.name], held) for s in specs}
+    multi = [s for s in specs if len(routes[s.name]) > 1]
     cost = {n: (sum(c["load"] for c in cs) / len(cs), sum(c["row"] for c in cs) / len(cs))
-            for n, cs in measured.items()}
-    busy = dict.fromkeys(sorted({w for s in specs for w in routes[s.name]}), 0.0)
-    for s in specs:
-        if s not in cold and s.name in cost:   # the others' rows, and loads still due
-            load, row = cost[s.name]
-            for w in routes[s.name]:
-                due = held.get(w, {}).get(s.name) != s.fingerprint
-                busy[w] += (load if due else 0.0) + row * n_rows / len(routes[s.name])
-    plan = plan_cold_routes({s.name: routes[s.name] for s in cold},
-                            {s.name: (cost[s.name][0], cost[s.name][1] * n_rows)
-                             for s in cold}, busy)
-    later = {n: [w for w in routes[n] if w not in ws] for n, ws in plan.items()}
+            for n, cs in measured.items() if cs}
+    if any(s.name not in cost and len(resident[s.name]) < len(routes[s.name])
+           for s in multi):
+        plan = first_routes(specs, routes, resident)
+    else:
+        busy = dict.fromkeys(sorted({w for s in specs for w in routes[s.name]}), 0.0)
+        for s in specs:
+            if len(routes[s.name]) == 1 and s.name in cost:   # their rows, loads still due
+                load, row = cost[s.name]
+                w = routes[s.name][0]
+                busy[w] += (0.0 if resident[s.name] else load) + row * n_rows
+        planned = [s for s in multi if s.name in cost]
+        plan = plan_model_routes({s.name: routes[s.name] for s in planned},
+                                 {s.name: (cost[s.name][0], cost[s.name][1] * n_rows)
+                                  for s in planned}, busy,
+                                 {s.name: resident[s.name] for s in planned})
+    later = {n: [w for w in routes[n] if w not in ws and w not in resident[n]]
+             for n, ws in plan.items()}
     routes.update(plan)
     return routes, {n: ws for n, ws in later.items() if ws}
 
+
+def first_routes(specs: list[ModelSpec], routes: dict[str, list[str]],
+                 resident: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Routes with nothing measured yet (a model's first run on this machine): a model
+    held somewhere runs where it is held (it loads on the others afterwards); one held
+    nowhere loads and runs on every worker it may run on.
+
+    Every worker, measured against the alternative (each model loaded on one worker, the
+    least busy, the others loading after the run): a 3-model ensemble (MobileNetV3Small, a
+    residual CNN, an MLP at 96x96) on 2,000 rows and two CPU workers took 7.7 s this way
+    against 9.5 s (``benchmarks/balance.py``, medians of 3): without costs nothing says
+    the compute is small, and a split compute is what a big one needs.
+
+    Example:
+        >>> spec = lambda n: ModelSpec(n, n, "keras", 1, "fp", replicas=None)
+        >>> both = ["cpu0", "cpu1"]
+        >>> first_routes([spec("a"), spec("b"), spec("c")], {"a": both, "b": both, "c": ["cpu0"]},
+        ...              {"b": ["cpu1"]})
+        {'a': ['cpu0', 'cpu1'], 'b': ['cpu1']}
+    """
+    return {s.name: list(resident.get(s.name) or routes[s.name])
+            for s in specs if len(routes[s.name]) > 1}

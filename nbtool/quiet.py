@@ -43,6 +43,8 @@ ALWAYS_NOISE = (
     # The second line of the message above.
     re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow"),
     re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
+    # LiteRT's line when an interpreter first allocates: XNNPACK is simply its CPU kernels.
+    re.compile(rb"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU"),
 )
 #: Lines that say "no GPU": the expected state of a CPU-only worker or machine, and a real
 #: problem where a GPU is expected (they are kept there).

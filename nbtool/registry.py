@@ -142,45 +142,54 @@ def check_batch_size(model: str | None, batch_size: Any) -> int | str | None:
                         "it out")
 
 
-#: What may run a model on the workers (``runtime=``); ``litert`` only runs ``.tflite``.
-RUNTIMES = ("tensorflow", "openvino", "litert")
+#: What may run a model on the workers (``runtime=``): ``auto`` measures and keeps the
+#: fastest that agrees with TensorFlow; the others force one.
+RUNTIMES = ("auto", "tensorflow", "openvino", "litert")
 
 
 def check_runtime(model: str | None, runtime: Any, format: str,
                   precision: str | None = None) -> str:
     """The runtime a model of ``format`` runs on: ``runtime`` if it can, else the
-    format's own (``None``): LiteRT for ``.tflite``, TensorFlow for the others.
+    format's own (``None``): LiteRT for ``.tflite``, ``"auto"`` for the others.
 
-    OpenVINO converts a Keras model or SavedModel to its own float32 graph (checked
-    against TensorFlow at load); it cannot take a ``.tflite`` (LiteRT runs those already)
-    nor mixed precision (that rebuilds a Keras model in TensorFlow).
+    ``auto`` chooses on each CPU worker, at the model's first load there, the fastest of
+    TensorFlow, OpenVINO float32 and LiteRT float32 that agrees with TensorFlow, and
+    remembers it (on a GPU worker, or with mixed precision, it is TensorFlow). OpenVINO
+    and LiteRT can be forced: the model is converted to their float32 graph, checked
+    against TensorFlow at every load; neither takes mixed precision (that rebuilds a Keras
+    model in TensorFlow), and a ``.tflite`` runs in LiteRT only.
 
     Example:
         >>> check_runtime("cnn", None, "keras"), check_runtime("det", None, "tflite")
-        ('tensorflow', 'litert')
+        ('auto', 'litert')
+        >>> check_runtime("cnn", "litert", "keras"), check_runtime("cnn", None, "h5", "bfloat16")
+        ('litert', 'auto')
         >>> check_runtime("det", "openvino", "tflite")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         nbtool.errors.InvalidOption: model 'det': runtime='openvino'; expected 'litert' for a .tflite...
     """
-    own = "litert" if format == "tflite" else "tensorflow"
-    if runtime is None or runtime == own:
-        runtime = own
-    elif runtime not in RUNTIMES:
+    own = {"tflite": "litert", "openvino": "openvino"}.get(format, "auto")   # a file's own
+    if runtime is None or runtime == own or own != "auto" and runtime == "auto":
+        return own
+    if runtime not in RUNTIMES:
         raise InvalidOption(model, "runtime", runtime, f"one of {RUNTIMES} (or None: "
-                            f"{own!r} for this {format} model)", "runtime='tensorflow', "
-                            "runtime='openvino' or leave it out")
-    elif format == "tflite" or runtime == "litert":
+                            f"{own!r} for this {format} model)", "leave it out (auto: the "
+                            "fastest that agrees with TensorFlow), or force one with "
+                            "runtime='tensorflow', runtime='openvino' or runtime='litert'")
+    if format == "openvino":   # an IR file (.xml): only OpenVINO reads it
+        raise InvalidOption(model, "runtime", runtime, "'openvino' for an OpenVINO IR",
+                            "leave runtime= out")
+    if format == "tflite":
         raise InvalidOption(model, "runtime", runtime, "'litert' for a .tflite (LiteRT runs "
-                            "it) and 'tensorflow' or 'openvino' for the other formats (LiteRT "
-                            f"runs only .tflite files; this is a {format} model)",
-                            f"runtime={own!r} or leave it out (to run a Keras model in "
-                            "LiteRT, make a .tflite variant with eng.optimize)")
-    if runtime == "openvino" and precision not in (None, "float32"):
-        raise InvalidOption(model, "precision", precision, "None with runtime='openvino' "
-                            "(OpenVINO runs the float32 graph; mixed precision rebuilds the "
+                            "it; OpenVINO and TensorFlow run the Keras model it came from)",
+                            "runtime='litert' or leave it out (or register the Keras "
+                            "original with the runtime you want)")
+    if runtime in ("openvino", "litert") and precision not in (None, "float32"):
+        raise InvalidOption(model, "precision", precision, f"None with runtime={runtime!r} "
+                            f"({runtime} runs the float32 graph; mixed precision rebuilds the "
                             "model in TensorFlow)", "precision=None, or runtime='tensorflow' "
-                            "for mixed precision")
+                            "(or 'auto') for mixed precision")
     return runtime
 
 

@@ -126,7 +126,10 @@ class PredictionRun:
                 key = f"nbtool-{spec.name}-{i}-{self.run_id}"
                 ref = StoreRef(self.store.path, self.bounds[i][0], self.run_id) \
                     if self.store else None
-                with dask.annotate(resources={resource_name(worker): 1}):
+                # Chunk i of every model before chunk i+1 of any (Dask runs higher
+                # priorities first): an ensemble's models progress together, so an
+                # interrupted run has stored some of each, not all of one.
+                with dask.annotate(resources={resource_name(worker): 1}, priority=-i):
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
                         spec, data, start, stop, i, ref, dask_key_name=key))
                 keys.append((spec.name, i))

@@ -77,7 +77,7 @@ class Runs:
         The input is checked against every model before anything is scheduled (a
         SavedModel's input is learned at its first load, once). ``res[name]`` is the
         model's output, a list of arrays for a model with several outputs (a ``.tflite``
-        gives them in LiteRT's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
+        gives them in its signature's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
         chunk that fails does not discard the others: see ``res.errors`` and
         ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
         says which model failed where), unless ``partial_combine=True``: the rows a model
@@ -166,7 +166,8 @@ class Runs:
 
     def signed(self, names: list[str], outputs: bool = False) -> list[ModelSpec]:
         """The specs of ``names``, each knowing its input (with ``outputs``, its outputs
-        too): a model no load has taught it yet loads first, all in one round trip.
+        too): a model no load has taught it yet loads first, all in one round trip, each
+        on one of its workers (the run's plan decides where else it loads).
 
         Example:
             >>> runs.signed(["exported"])[0].input_shape   # doctest: +SKIP
@@ -176,7 +177,7 @@ class Runs:
         unknown = [s.name for s in specs if (s.input_shape is None and s.preprocess is None)
                    or (outputs and s.output_specs is None)]
         if unknown:
-            self.loads.load(unknown)
+            self.loads.load(unknown, main_only=True)
             specs = self.catalog.specs(names)
         return specs
 

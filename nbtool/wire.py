@@ -48,7 +48,7 @@ class ModelSpec:
     n_inputs: int = 1
     n_outputs: int | None = None
     device: str = "auto"
-    replicas: int = 1
+    replicas: int | None = 1   # None: placed on every worker with room (nbtool.placement)
     batch_size: int | str | None = None
     preprocess: Callable | None = None
     trusted: bool = False

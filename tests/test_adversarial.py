@@ -46,7 +46,7 @@ def test_a_chunk_sent_with_a_stale_registration_is_refused_not_served_new_weight
     path.write_bytes((model_dir / "mlp.keras").read_bytes())
     engine.register(name, path)
     old = engine.registry.get(name)
-    (home,) = engine.placement[name]
+    home = engine.placement[name][0]
     path.write_bytes((model_dir / "mlp2.keras").read_bytes())     # re-saved, never loaded
     stale = engine.client.submit(predict_chunk, old, reference["x8"], 0, 10, 0,
                                  resources={resource_name(home): 1}, pure=False)

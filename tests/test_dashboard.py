@@ -27,7 +27,7 @@ def wait_until(dash, predicate, timeout=60):
 @pytest.fixture
 def dash(engine, model_dir, reference, unique):
     name = f"{unique}_d"
-    engine.register(name, model_dir / "mlp.keras")
+    engine.register(name, model_dir / "mlp.keras", replicas=1)   # one worker's states
     ns = {"x8": reference["x8"], "path": "some.npy", "_hidden": reference["x8"], "n": 3}
     d = Dashboard(engine, namespace=ns, autorefresh=False)
     d.model = name

@@ -15,8 +15,11 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices",
                 "nbtool.worker.litert", "nbtool.worker.measure", "nbtool.worker.runtime",
                 "nbtool.worker.loading", "nbtool.worker.predictors", "nbtool.worker.cache",
                 "nbtool.worker.process", "nbtool.worker.convert", "nbtool.worker.tasks",
-                "nbtool.worker.openvino",
-                "nbtool.planning", "nbtool.settings", "nbtool.session", "nbtool.catalog",
+                "nbtool.worker.openvino", "nbtool.worker.fixed_batch", "nbtool.worker.agreement",
+                "nbtool.worker.to_litert", "nbtool.worker.records", "nbtool.worker.candidates",
+                "nbtool.worker.choice", "nbtool.worker.opening",
+                "nbtool.worker.ov_files", "nbtool.worker.ov_variants", "nbtool.ir_files",
+                "nbtool.planning", "nbtool.placement", "nbtool.settings", "nbtool.session", "nbtool.catalog",
                 "nbtool.loads", "nbtool.runs"]
 
 

@@ -36,7 +36,7 @@ def test_missing_and_unsupported_files(engine, tmp_path, unique, still_works):
     with pytest.raises(ModelFileError, match=r"model '\w+' \(.*missing.keras\): the path does not"):
         engine.register(f"{unique}_m", tmp_path / "missing.keras")
     (tmp_path / "m.pt").write_bytes(b"torch")
-    with pytest.raises(UnsupportedFormat, match=r"\.pt.*expected a \.keras, \.h5 or \.tflite"):
+    with pytest.raises(UnsupportedFormat, match=r"\.pt.*expected a \.keras, \.h5, \.tflite or OpenVINO \.xml"):
         engine.register(f"{unique}_m", tmp_path / "m.pt")
     assert f"{unique}_m" not in engine.registry
 

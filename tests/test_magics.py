@@ -54,7 +54,11 @@ def test_register_load_models_devices_unload(ip, engine, models):
     ip.run_line_magic("nbtool", f"unload {a}")
     st = engine.status()
     assert all(a not in s.lru_order for s in st.values())
-    (home,) = engine.placement[a]
+    # registered with the defaults: it may run on both workers, and the table says so
+    assert sorted(engine.placement[a]) == ["cpu0", "cpu1"]
+    shown = next(r for r in ip.run_line_magic("nbtool", "models") if r["name"] == a)
+    assert shown["device"] == "auto: " + ", ".join(engine.placement[a])
+    home = engine.placement[a][0]
     ip.run_line_magic("nbtool", f"load {a}")
     pid = engine.status()[home].pid
     ip.run_line_magic("nbtool", f"unload {a} --hard")

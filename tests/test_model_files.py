@@ -95,3 +95,53 @@ def test_a_lambda_anywhere_in_the_config_is_refused_at_register_unless_trusted(k
     # Only what safe mode refuses: a lambda loss in the compile config is never loaded.
     assert needs_trust({"class_name": "Functional", "config": {"layers": []},
                         "compile_config": {"loss": {"class_name": "__lambda__"}}}) is None
+
+
+def _save_ir(path, n_inputs: int = 1):
+    """A tiny OpenVINO IR (``.xml`` + ``.bin``), made with OpenVINO itself, as users save
+    theirs (``ov.save_model``)."""
+    import numpy as np
+
+    from nbtool.worker.openvino import openvino
+
+    ov = openvino()
+    params = [ov.opset13.parameter([-1, 6, 6, 2], np.float32, name=f"x{i}")
+              for i in range(n_inputs)]
+    w = ov.opset13.constant(np.ones((2, 3), np.float32))
+    outs = [ov.opset13.matmul(p, w, False, False) for p in params]
+    ov.save_model(ov.Model(outs + [ov.opset13.relu(params[0])], params), str(path))
+    return path
+
+
+def test_an_openvino_ir_is_read_without_tensorflow_or_openvino(tmp_path):
+    xml = _save_ir(tmp_path / "det.xml")
+    code = ("import sys, nbtool.registry as r\n"
+            f"s = r.inspect_model('det', {str(xml)!r})\n"
+            "print(s.format, s.runtime, s.input_shape, s.input_dtype, s.n_outputs, "
+            "s.size_bytes, 'tensorflow' in sys.modules, 'openvino' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    size = (tmp_path / "det.xml").stat().st_size + (tmp_path / "det.bin").stat().st_size
+    assert out == ["openvino", "openvino", "(None,", "6,", "6,", "2)", "float32", "2",
+                   str(size), "False", "False"]   # an IR runs no code: no trust needed
+    two = inspect_model("two", _save_ir(tmp_path / "two.xml", n_inputs=2))
+    assert two.n_inputs == 2 and two.n_outputs == 3
+
+
+def test_a_broken_or_foreign_ir_is_named_with_a_fix(tmp_path):
+    from nbtool.errors import InvalidOption
+
+    xml = _save_ir(tmp_path / "det.xml")
+    with pytest.raises(InvalidOption, match="'openvino' for an OpenVINO IR"):
+        inspect_model("det", xml, runtime="tensorflow")
+    (tmp_path / "det.bin").unlink()
+    with pytest.raises(ModelFileError, match="det.bin is not beside it") as err:
+        inspect_model("det", xml)
+    assert "openvino.save_model" in str(err.value)
+    other = tmp_path / "config.xml"
+    other.write_text("<config><a/></config>")
+    with pytest.raises(ModelFileError, match=r"root element is <config>, expected <net>"):
+        inspect_model("cfg", other)
+    other.write_text("<net><layers>")
+    with pytest.raises(ModelFileError, match="not a readable OpenVINO IR .xml"):
+        inspect_model("cut", other)

@@ -3,6 +3,7 @@ the session's real cluster through ``predict``, compared, and chosen by measurem
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -175,7 +176,7 @@ def test_a_tflite_file_registers_directly_without_tensorflow(engine, digits_mode
                          check=True).stdout.strip().splitlines()[-1]
     assert out == "tflite (None, 8, 8, 1) float32 1 False"
     name = f"{PREFIX}_lite"
-    engine.register(name, str(path), batch_size=32)
+    engine.register(name, str(path), batch_size=32, replicas=1)
     x = digits["x_test"][:101]     # 4 batches, the last one padded
     got = engine.predict(name, x, chunk_size=60, combine=None)[name]
     np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
@@ -234,6 +235,129 @@ def test_optimize_magic_renders_and_binds_the_comparison(engine, digits_models, 
     with pytest.raises(UsageError, match="needs calibration rows"):
         ip.run_line_magic("nbtool", f"optimize {name} --variants int8 --data xt")
     assert "optimize" in ip.find_line_magic("nbtool").__doc__
+
+
+OV_VARIANTS = ["openvino-bf16", "openvino-int8"]
+
+
+@pytest.fixture(scope="module")
+def ov_optimized(engine, digits_models, digits):
+    """The digits CNN optimized into the OpenVINO variants, with labels."""
+    name = f"{PREFIX}_ov"
+    engine.register(name, str(digits_models["cnn"]), device="cpu")
+    return engine.optimize(name, OV_VARIANTS, calibration=inputs(digits, "cnn", "train")[:200],
+                           x=inputs(digits, "cnn", "test"), labels=digits["y_test"],
+                           throughput_rows=1024)
+
+
+def test_openvino_variants_are_ir_files_that_register_and_predict(engine, ov_optimized,
+                                                                  digits):
+    from nbtool.worker.ov_files import bf16_supported
+
+    name = f"{PREFIX}_ov"
+    x = inputs(digits, "cnn", "test")
+    res = engine.predict([name] + [f"{name}@{v}" for v in OV_VARIANTS], x, chunk_size=150,
+                         combine=None)
+    res.raise_for_errors()
+    ref = res[name]
+    for v in OV_VARIANTS:
+        spec = engine.registry.get(f"{name}@{v}")
+        xml = Path(spec.path)
+        assert spec.format == spec.runtime == "openvino" and xml.suffix == ".xml", v
+        assert xml.with_suffix(".bin").is_file() and spec.input_shape == (None, 8, 8, 1)
+        out = res[f"{name}@{v}"]
+        assert out.shape == ref.shape and out.dtype == np.float32, v
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95, v
+        assert np.allclose(out.sum(1), 1.0, atol=0.05), v   # probabilities, not codes
+    bf16 = np.abs(res[f"{name}@openvino-bf16"] - ref).max()
+    if bf16_supported():   # the hint in the IR took effect: not float32's answer
+        assert 1e-5 < bf16 <= 0.05, bf16
+    else:                  # OpenVINO computed float32 instead
+        assert bf16 <= 1e-4, bf16
+    # int8 weights: the int8 IR's .bin is well under half the float32 one's
+    sizes = {v: Path(engine.registry.get(f"{name}@{v}").path).with_suffix(".bin").stat()
+             .st_size for v in OV_VARIANTS}
+    assert sizes["openvino-int8"] < 0.5 * sizes["openvino-bf16"], sizes
+
+
+def test_openvino_variants_are_compared_honestly_and_chosen(engine, ov_optimized):
+    from nbtool.worker.ov_files import bf16_supported
+
+    name = f"{PREFIX}_ov"
+    rows = ov_optimized.to_dict()
+    assert list(rows) == [name] + [f"{name}@{v}" for v in OV_VARIANTS]
+    for v in OV_VARIANTS:
+        row = rows[f"{name}@{v}"]
+        assert row["runtime"] == "openvino" and row["format"] == "openvino"
+        assert row["rows_per_second"] > 0 and row["size_bytes"] > 0
+        assert row["top1_agreement"] >= 0.95 and row["accuracy_drop"] <= 0.03, row
+    note = rows[f"{name}@openvino-bf16"]["note"]
+    if bf16_supported():
+        assert "bf16 (its rt_info asks for it; this CPU computes it)" in note, note
+    else:
+        assert "runs as float32 on this CPU" in note, note
+    assert rows[f"{name}@openvino-int8"]["note"].startswith(
+        "OpenVINO IR file, int8 where quantized, float32 elsewhere")
+    text, html = repr(ov_optimized), ov_optimized._repr_html_()
+    assert f"{name}@openvino-bf16: " in text and "openvino" in html and "<li>" in html
+    chosen = ov_optimized.choose(min_agreement=0.95)
+    assert chosen == max((f"{name}@{v}" for v in OV_VARIANTS),
+                         key=lambda m: rows[m]["rows_per_second"])
+    assert engine.choose(name, min_agreement=0.95) == chosen
+
+
+TELEMETRY_PROBE = """
+import os, sys
+import numpy as np
+if sys.argv[1] == "openvino-first":   # a user's own code imported OpenVINO first
+    import openvino
+if sys.argv[1] != "nncf":
+    from nbtool.worker.ov_variants import nncf_module
+    nncf = nncf_module()
+else:
+    import nncf
+import openvino as ov
+p = ov.opset13.parameter([-1, 4], np.float32)
+m = ov.Model([ov.opset13.matmul(p, ov.opset13.constant(np.ones((4, 3), np.float32)),
+                                False, False)], [p])
+rows = np.ones((3, 4), np.float32)
+if sys.argv[1] != "nncf":
+    from nbtool.wire import ModelSpec
+    from nbtool.worker.ov_variants import quantize_int8
+    quantize_int8(ModelSpec("m", "m.xml", "openvino", 1, "1-1"), m, rows)
+else:
+    nncf.quantize(m, nncf.Dataset([r[None] for r in rows]), subset_size=3)
+print(type(nncf.telemetry.telemetry).__name__, os.path.exists(os.environ["TORCH_PROBE"]),
+      "tensorflow" in sys.modules, sorted(os.listdir(os.environ["HOME"])))
+"""
+
+
+def test_quantizing_for_the_user_sends_no_telemetry_and_leaves_nothing_in_home(tmp_path):
+    """NNCF reports usage through openvino_telemetry, which writes ~/intel (NNCF turns it
+    off under pytest and in CI, hence a plain subprocess without CI). It also imports torch
+    (seconds, where PyTorch is installed) for its tensor backends and to learn what kind of
+    model it was given; a ``torch`` on the path notes each try and is not found."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "torch.py").write_text("import os\nopen(os.environ['TORCH_PROBE'], 'w').close()\n"
+                                    "raise ImportError('not installed here')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NNCF_CI")}
+    path = os.pathsep.join(filter(None, [str(probe), env.get("PYTHONPATH")]))
+    seen = {}
+    for how in ("nncf", "nbtool", "openvino-first"):
+        home = tmp_path / how
+        home.mkdir()
+        out = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, how], capture_output=True,
+                             text=True, timeout=120,
+                             env={**env, "HOME": str(home), "PYTHONPATH": path,
+                                  "TORCH_PROBE": str(tmp_path / f"{how}-tried-torch")})
+        assert out.returncode == 0, out.stderr
+        seen[how] = out.stdout.strip().splitlines()[-1]
+    assert seen["nncf"] == "NNCFTelemetry True False ['intel']"   # the premise holds
+    assert seen["nbtool"] == "MagicMock False False []"   # its no-op stub; no torch, no TF
+    # OpenVINO imported by the user's own code wrote ~/intel then (not nbtool's doing);
+    # NNCF's telemetry stays off all the same.
+    assert seen["openvino-first"] == "MagicMock False False ['intel']"
 
 
 @pytest.mark.slow

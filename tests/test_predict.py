@@ -77,6 +77,33 @@ def test_a_cold_ensemble_is_planned_from_what_this_machine_measured(engine, kera
     assert all(warm.timings[n]["load_seconds"] == 0 for n in names)
 
 
+@pytest.mark.slow
+def test_a_default_ensemble_runs_every_model_on_both_workers_once_warm(engine, keras, unique):
+    """Before: with the default replicas=1 three models on two workers left one worker
+    carrying two while the other idled (1.62x the floor). Now each may run on both, and
+    runs split every model's chunks over both workers: the first (nothing measured yet),
+    and warm ones, planned from what that run measured."""
+    from conftest import dense_model
+
+    models = {f"{unique}_{i}": dense_model(keras, 64 * (i + 1), seed=40 + i, n_in=64)
+              for i in range(3)}
+    for name, model in models.items():
+        assert engine.register(name, model).replicas is None   # the default: auto
+    names = list(models)
+    assert all(sorted(engine.placement[n]) == ["cpu0", "cpu1"] for n in names)
+    shown = {r["name"]: r["device"] for r in engine.models()}
+    assert all(shown[n] in ("auto: cpu0, cpu1", "auto: cpu1, cpu0") for n in names), shown
+    x = np.random.default_rng(8).normal(size=(3000, 64)).astype("float32")
+    cold = engine.predict(names, x, chunk_size=250, combine=None)
+    assert all(cold.timings[n]["workers"] == ["cpu0", "cpu1"] for n in names)
+    warm = engine.predict(names, x, chunk_size=250, combine=None)
+    for name, model in models.items():
+        assert warm.timings[name]["workers"] == ["cpu0", "cpu1"], warm.timings[name]
+        assert warm.timings[name]["load_seconds"] == 0
+        assert np.abs(warm[name] - model.predict(x, verbose=0)).max() <= 1e-4
+        assert np.abs(cold[name] - model.predict(x, verbose=0)).max() <= 1e-4
+
+
 def test_every_format_gives_the_same_answer(engine, model_dir, reference, unique):
     eng = engine
     eng.register(f"{unique}_k", model_dir / "mlp.keras")
@@ -315,11 +342,12 @@ def test_an_ensemble_with_a_failed_model_has_no_combined_unless_asked(engine, re
                                          f"'{chk}' failed on 1 of 6 chunks")
     ok = np.r_[0:20, 30:60]
     assert np.abs(part.combined[ok] - (part[chk][ok] + part[good][ok]) / 2).max() <= TOL
-    assert np.abs(part.combined[20:30] - part[good][20:30]).max() <= TOL   # the other only
+    # the other model only (row 25 NaN in: NaN or junk out, the same junk in both)
+    np.testing.assert_allclose(part.combined[20:30], part[good][20:30], atol=TOL, equal_nan=True)
     finite = np.r_[0:25, 26:60]                                # row 25 is NaN in, junk out
     assert np.abs(part[good][finite] - reference["mlp"][finite]).max() <= TOL
     whole = engine.predict([chk, good], reference["x8"], chunk_size=10)    # nothing failed
     assert whole.combined_note is None and whole.combined is not None
     late = asyncio.run(engine.predict_async([chk, good], x, chunk_size=10,
                                             partial_combine=True))
-    assert np.array_equal(late.combined, part.combined)
+    assert np.array_equal(late.combined, part.combined, equal_nan=True)   # row 25: NaN in both

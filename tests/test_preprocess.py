@@ -20,7 +20,7 @@ def test_a_preset_runs_in_the_graph_and_matches_numpy_preprocessing(engine, mode
     expected = engine.predict(plain, pixels.astype("float32") / 127.5 - 1)[plain]
     res = engine.predict(pre, pixels, chunk_size=16)          # uint8 travels, 1/4 the bytes
     assert np.abs(res[pre] - expected).max() <= 1e-5
-    (home,) = engine.placement[pre]
+    home = engine.placement[pre][0]   # its main worker: where its first run went
     info = engine.status()[home].models[pre]
     assert info.input_dtype == "uint8"
 
@@ -59,7 +59,7 @@ def test_reduced_precision_is_opt_in_and_reports_its_agreement(engine, model_dir
                                                                unique):
     f32, bf16 = f"{unique}_f32", f"{unique}_bf16"
     engine.register(f32, model_dir / "cnn.keras")
-    engine.register(bf16, model_dir / "cnn.keras", precision="bfloat16")
+    engine.register(bf16, model_dir / "cnn.keras", precision="bfloat16", replicas=1)
     agree = engine.agreement(f32, bf16, reference["img"])
     print("bfloat16 vs float32:", agree)
     assert agree["rows"] == 60 and 0 < agree["max_abs_diff"] <= 0.05

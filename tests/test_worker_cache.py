@@ -41,7 +41,7 @@ def test_a_cache_reports_each_model_as_a_typed_state_through_load_evict_and_unlo
 
 def test_a_model_loads_once_on_its_worker_and_nowhere_else(engine, model_dir, reference, unique):
     name = f"{unique}_once"
-    engine.register(name, model_dir / "mlp.keras")
+    engine.register(name, model_dir / "mlp.keras", replicas=1)
     (home,) = engine.placement[name]
     for chunk in (7, 13, None):
         res = engine.predict(name, reference["x8"], chunk_size=chunk)
@@ -70,7 +70,7 @@ def test_load_warms_every_replica_and_reports_footprint(engine, model_dir, uniqu
 def test_soft_unload_drops_the_model_and_it_reloads_on_demand(engine, model_dir, reference,
                                                               unique):
     name = f"{unique}_soft"
-    engine.register(name, model_dir / "mlp.keras")
+    engine.register(name, model_dir / "mlp.keras", replicas=1)
     engine.predict(name, reference["x8"])
     (home,) = engine.placement[name]
     assert engine.unload(name) == [name]
@@ -192,7 +192,7 @@ def test_a_model_file_re_saved_in_place_is_refused_under_its_old_registration(
     name = f"{unique}_resaved"
     path = tmp_path / "m.keras"
     path.write_bytes((model_dir / "mlp.keras").read_bytes())
-    engine.register(name, path)
+    engine.register(name, path, replicas=1)
     old = engine.registry.get(name)
     (home,) = engine.placement[name]
     engine.load(name)

@@ -23,7 +23,7 @@ def rows(n: int, seed: int = 0) -> np.ndarray:
 def test_tflite_with_batch_of_one_built_in_runs_row_by_row(engine, lite_dir, unique):
     name = f"{unique}_b1"
     path = lite_dir["batch_one"]
-    engine.register(name, path)                 # asks for the default batch (64)
+    engine.register(name, path, replicas=1)     # asks for the default batch (64)
     for n, chunk in ((20, None), (70, 30)):     # 70: chunks of 30, 30 and 10 rows
         x = rows(n, seed=n)
         res = engine.predict(name, x, chunk_size=chunk, combine=None)
@@ -53,7 +53,7 @@ def test_a_tflite_whose_batch_resizes_cleanly_keeps_the_batch_asked_for(engine, 
     path = tmp_path / "rowwise.tflite"
     path.write_bytes(conv.convert())
     name = f"{unique}_rw"
-    engine.register(name, path, batch_size=16)
+    engine.register(name, path, batch_size=16, replicas=1)
     x = rows(40)
     res = engine.predict(name, x)
     assert res.ok and np.abs(res[name] - np.tanh(x) * 3.0).max() <= 1e-5
@@ -85,7 +85,7 @@ def test_a_tflite_with_batch_size_auto_is_swept_instead_of_failing_to_load(engin
     # tensor: Dimension mismatch"), so batch_size="auto" failed every .tflite.
     name = f"{unique}_auto"
     path = lite_dir["batch_one"]
-    engine.register(name, path, batch_size="auto")
+    engine.register(name, path, batch_size="auto", replicas=1)
     x = rows(20, seed=5)
     res = engine.predict(name, x, combine=None)
     assert res.ok

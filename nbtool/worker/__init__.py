@@ -3,7 +3,8 @@ that prepares them. The kernel imports worker code only from here.
 
 Importing this package imports no TensorFlow and no LiteRT: the kernel imports it to
 reference the task functions (Dask pickles them by module path), and the workers import
-TensorFlow the first time a task needs it (:func:`nbtool.worker.runtime.tensorflow`).
+TensorFlow the first time a task needs it (:func:`nbtool.worker.runtime.tensorflow`); a
+CPU worker whose models run from remembered OpenVINO or LiteRT conversions never does.
 
 Inside, one module per concern:
 
@@ -11,8 +12,11 @@ Inside, one module per concern:
 - ``process``: this worker process's cache, idle memory and counters; the plugin;
 - ``cache``: models resident under a budget, LRU eviction, OOM halving, their states;
 - ``loading``: open a model file, its precision, load errors;
-- ``predictors``: one fixed-batch predictor per runtime (``litert`` for ``.tflite``,
-  ``openvino`` for ``runtime="openvino"``), ``batching`` pads the last batch;
+- ``opening``: a model opened for its runtime (its format's own, forced, or ``auto``:
+  remembered in ``records``, else measured in ``choice`` among the ``candidates``,
+  checked by ``agreement``; ``to_litert`` and ``openvino`` convert);
+- ``predictors``: one fixed-batch predictor per runtime (``fixed_batch`` is what they
+  share; ``litert``, ``openvino``), ``batching`` pads the last batch;
 - ``measure``: the batch-size sweep and the costs this machine measured;
 - ``reading``: a chunk's rows from memory or files, read a piece ahead;
 - ``runtime``: the TensorFlow handle, memory, this worker's name and device;

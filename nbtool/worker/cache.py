@@ -23,11 +23,12 @@ import numpy as np
 
 from ..errors import ModelFileChanged, NbtoolError
 from ..wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
-from .loading import load_error, open_model
+from .fixed_batch import FixedBatchPredictor
+from .loading import load_error
 from .measure import best_batch_size, record_cost
-from .predictors import (DEFAULT_BATCH_SIZE, CompiledPredictor, input_signature,
-                         make_predictor, to_openvino)
-from .runtime import memory_in_use, on_gpu, release_memory, tensorflow
+from .opening import open_for_runtime
+from .predictors import DEFAULT_BATCH_SIZE, make_predictor
+from .runtime import memory_in_use, on_gpu, out_of_memory_error, release_memory
 
 logger = logging.getLogger("nbtool.worker")
 
@@ -43,8 +44,8 @@ class LoadedModel:
     """
 
     spec: ModelSpec
-    predictor: CompiledPredictor
-    call: Any               # the model (or SavedModel layer) the predictor compiles
+    predictor: FixedBatchPredictor
+    call: Any               # what the predictor runs: the model, or its conversion
     weight_bytes: int       # the bytes of its variables, counted exactly
     footprint: int          # measured growth: GPU allocator bytes, or RSS on CPU
     on_gpu: bool
@@ -126,9 +127,13 @@ class ModelCache:
         self.peak_accounted = self.resident_bytes()   # the peak under this budget
 
     # -- loading -----------------------------------------------------------------------
-    def get(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
+    def get(self, spec: ModelSpec, sample=None) -> tuple[LoadedModel, float]:
         """The loaded model for ``spec`` (loading it now if needed) and the load seconds
-        this call spent (0 when it was already resident)."""
+        this call spent (0 when it was already resident).
+
+        ``sample``: a function giving the user's rows (the first of the chunk being
+        predicted), asked only if this load checks a conversion against TensorFlow.
+        """
         with self._lock:
             lock = self._model_locks.setdefault(spec.name, threading.Lock())
         with lock:
@@ -142,11 +147,11 @@ class ModelCache:
                     return loaded, 0.0
                 if loaded is not None:  # the file or the settings changed: reload
                     self._drop(spec.name, state="replaced")
-            loaded = self._load(spec)
+            loaded = self._load(spec, sample)
             loaded.uses += 1
             return loaded, loaded.load_seconds
 
-    def _load(self, spec: ModelSpec) -> LoadedModel:
+    def _load(self, spec: ModelSpec, sample=None) -> LoadedModel:
         self._check_file(spec)
         # What it will be charged: its weights as counted at its last load here, if any.
         info = self._state(spec.name)
@@ -156,17 +161,27 @@ class ModelCache:
         before = memory_in_use()
         t0 = time.perf_counter()
         try:
-            call, own_shape, own_dtype, n_outputs, weight_bytes = open_model(spec)
-            row_shape, dtype = input_signature(spec, own_shape, own_dtype)
-            note = None
-            if spec.runtime == "openvino":   # the TF model is dropped once it is checked
-                call, note = to_openvino(spec, call, own_shape, own_dtype, row_shape, dtype)
-            # "auto": a sweep, opt-in: bigger batches gained 0-13% here, and their
-            # activations can take far more memory than the budget allows for.
-            batch = best_batch_size(spec, call, row_shape, dtype, self.device,
-                                    memory_in_use, self.budget // 4) \
-                if spec.batch_size == "auto" else (spec.batch_size or DEFAULT_BATCH_SIZE)
-            predictor = self._compile(spec, call, row_shape, dtype, batch)
+            sweep = spec.batch_size == "auto"
+            batch = DEFAULT_BATCH_SIZE if sweep else (spec.batch_size or DEFAULT_BATCH_SIZE)
+            # Its runtime: the format's own, the one forced, or auto's (remembered/chosen).
+            while True:   # a batch too big for memory already fails while choosing
+                try:
+                    opened = open_for_runtime(spec, batch, sample)
+                    break
+                except Exception as e:
+                    if not out_of_memory_error(e) or batch <= 1:
+                        raise
+                    batch = self._note_oom(spec.name, batch)
+            call, row_shape, dtype = opened.call, opened.row_shape, opened.dtype
+            n_outputs, weight_bytes = opened.n_outputs, opened.weight_bytes
+            if sweep:   # opt-in: bigger batches gained 0-13% here, and their activations
+                # can take far more memory than the budget allows for.
+                batch = best_batch_size(dataclasses.replace(spec, runtime=opened.runtime),
+                                        call, row_shape, dtype, self.device, memory_in_use,
+                                        self.budget // 4)
+            predictor = opened.predictor if opened.predictor is not None \
+                and opened.predictor.batch_size == batch \
+                else self._compile(spec, call, row_shape, dtype, batch)
         except NbtoolError as e:
             info.state, info.reason = "failed", str(e)
             raise
@@ -190,8 +205,7 @@ class ModelCache:
                 batch_size=predictor.batch_size,
                 fingerprint=spec.fingerprint, output_specs=predictor.output_specs,
                 precision=spec.precision, batch_note=getattr(predictor, "batch_note", None),
-                runtime="litert" if spec.format == "tflite" else spec.runtime,
-                runtime_note=note)
+                runtime=opened.runtime, runtime_note=opened.note)
             self.peak_accounted = max(self.peak_accounted, self.resident_bytes())
         logger.info("worker %s loaded %s in %.2fs (%d bytes)", self.worker, spec.name,
                     seconds, footprint)
@@ -216,14 +230,13 @@ class ModelCache:
     # -- running, with smaller batches when memory runs out -------------------------------
     def _compile(self, spec: ModelSpec, call, row_shape, dtype, batch: int):
         """A warmed-up predictor; on an out-of-memory error, the batch is halved (to 1)."""
-        tf = tensorflow()
         while True:
             try:
                 predictor = make_predictor(spec, call, batch, row_shape, dtype)
                 predictor.warm_up()
                 return predictor
-            except tf.errors.ResourceExhaustedError:
-                if batch <= 1:
+            except Exception as e:
+                if not out_of_memory_error(e) or batch <= 1:
                     raise
                 batch = self._note_oom(spec.name, batch)
 
@@ -243,13 +256,12 @@ class ModelCache:
         The smaller batch is kept for this model on this worker, so later chunks start
         with what fits.
         """
-        tf = tensorflow()
         while True:
             predictor = loaded.predictor
             try:
                 return predictor(rows)
-            except tf.errors.ResourceExhaustedError:
-                if predictor.batch_size <= 1:
+            except Exception as e:
+                if not out_of_memory_error(e) or predictor.batch_size <= 1:
                     raise
                 batch = self._note_oom(loaded.spec.name, predictor.batch_size)
                 loaded.predictor = self._compile(loaded.spec, loaded.call, predictor.row_shape,

@@ -1,5 +1,6 @@
 """Converting a registered Keras model into a cheaper variant, on a worker: LiteRT
-flatbuffers (float32, float16, dynamic-int8, int8) and Keras' own int8 quantization.
+flatbuffers (float32, float16, dynamic-int8, int8), Keras' own int8 quantization, and
+OpenVINO IR (bf16, NNCF int8: :mod:`~nbtool.worker.ov_variants`).
 
 Conversion needs TensorFlow, which the notebook kernel never imports (it would take GPU
 memory and seconds to start); the workers already run it and can read the model file. So
@@ -7,8 +8,9 @@ the kernel (:mod:`nbtool.optimize`, which says what each variant is) sends this 
 worker and gets the bytes back.
 
 Example:
-    >>> sorted(CONVERSIONS)
-    ['dynamic-int8', 'float16', 'float32', 'int8', 'keras-int8']
+    >>> sorted(CONVERSIONS)   # doctest: +NORMALIZE_WHITESPACE
+    ['dynamic-int8', 'float16', 'float32', 'int8', 'keras-int8', 'openvino-bf16',
+     'openvino-int8']
 """
 
 from __future__ import annotations
@@ -26,19 +28,22 @@ import numpy as np
 
 from ..errors import NbtoolError
 from ..wire import ModelSpec
+from .ov_variants import OPENVINO_VARIANTS, make_openvino_variant
 from .runtime import describe_exception, tensorflow
 
 #: The variants a worker can make (:data:`nbtool.optimize.VARIANTS` says what each is, for
-#: the user; a test keeps the two in step). "int8" needs calibration rows.
-CONVERSIONS = ("float32", "float16", "dynamic-int8", "int8", "keras-int8")
+#: the user; a test keeps the two in step). "int8" and "openvino-int8" need calibration rows.
+CONVERSIONS = ("float32", "float16", "dynamic-int8", "int8", "keras-int8",
+               *OPENVINO_VARIANTS)
 
 
 def convert_variant(spec: ModelSpec, variant: str,
                     calibration: np.ndarray | None = None) -> dict[str, Any]:
     """Convert a registered Keras model into one variant; runs on a Dask worker.
 
-    Returns ``{"data": bytes, "suffix": ".tflite" or ".keras", "seconds": float}``: the
-    client writes the bytes next to the models it saves, like a Keras object given to
+    Returns ``{"data": bytes, "suffix": ".tflite" or ".keras", "seconds": float}``, or
+    for an OpenVINO variant ``{"files": {".xml": bytes, ".bin": bytes}, "seconds": float}``:
+    the client writes the bytes next to the models it saves, like a Keras object given to
     ``register``.
 
     Example:
@@ -48,8 +53,9 @@ def convert_variant(spec: ModelSpec, variant: str,
     """
     if variant not in CONVERSIONS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(CONVERSIONS)}.")
-    if spec.format == "tflite":
-        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is already a LiteRT model; "
+    if spec.format in ("tflite", "openvino"):
+        what = "a LiteRT model" if spec.format == "tflite" else "an OpenVINO IR"
+        raise NbtoolError(f"model {spec.name!r} ({spec.path}) is already {what}; "
                           "nbtool converts Keras models (.keras, .h5, SavedModel). Fix: "
                           "optimize the Keras original it came from.")
     tf = tensorflow()
@@ -67,6 +73,11 @@ def convert_variant(spec: ModelSpec, variant: str,
         if variant == "keras-int8":
             data = keras_int8(spec, model)
             return {"data": data, "suffix": ".keras", "seconds": time.perf_counter() - t0}
+        if variant in OPENVINO_VARIANTS:
+            rows = calibration_rows(spec, calibration, variant) \
+                if variant == "openvino-int8" else None
+            out = make_openvino_variant(spec, variant, model, rows)
+            return {**out, "seconds": time.perf_counter() - t0}
         converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) if model is None \
             else tf.lite.TFLiteConverter.from_keras_model(model)
         if variant != "float32":
@@ -74,7 +85,7 @@ def convert_variant(spec: ModelSpec, variant: str,
         if variant == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if variant == "int8":
-            rows = calibration_rows(spec, calibration)
+            rows = calibration_rows(spec, calibration, variant)
             converter.representative_dataset = lambda: ([r[None]] for r in rows)
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
@@ -90,8 +101,8 @@ def convert_variant(spec: ModelSpec, variant: str,
     return {"data": bytes(data), "suffix": ".tflite", "seconds": time.perf_counter() - t0}
 
 
-def calibration_rows(spec: ModelSpec, calibration) -> np.ndarray:
-    """The rows the int8 converter calibrates on: preprocessed, as float32.
+def calibration_rows(spec: ModelSpec, calibration, variant: str = "int8") -> np.ndarray:
+    """The rows an int8 variant (``variant``) calibrates on: preprocessed, as float32.
 
     Example:
         >>> spec = ModelSpec("m", "m.keras", "keras", 1, "1-1")
@@ -99,8 +110,8 @@ def calibration_rows(spec: ModelSpec, calibration) -> np.ndarray:
         dtype('float32')
     """
     if calibration is None or len(calibration) == 0:
-        raise ValueError(f"model {spec.name!r}: the 'int8' variant needs calibration rows "
-                         "(a representative sample of real inputs, ~100-500 rows). Fix: "
+        raise ValueError(f"model {spec.name!r}: the {variant!r} variant needs calibration "
+                         "rows (a representative sample of real inputs, ~100-500 rows). Fix: "
                          "pass calibration=x_train[:200].")
     rows = np.asarray(calibration)
     if spec.preprocess is not None:   # the converted graph starts after preprocessing

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
+import re
 from typing import Any
 
 import numpy as np
 
 from ..errors import ModelLoadError, first_line
+from ..quiet import expects_gpu, native_logs_filtered
 from ..wire import ModelSpec
 from .batching import run_in_batches
+from .fixed_batch import FixedBatchPredictor, eager_preprocess
 from .runtime import worker_name
 
 
-class LiteRTPredictor:
-    """The :class:`CompiledPredictor` of a ``.tflite`` model: LiteRT's interpreter, one
-    fixed batch shape.
+class LiteRTPredictor(FixedBatchPredictor):
+    """The fixed-batch predictor of a LiteRT model: its interpreter, one batch shape.
 
     The input tensor is resized to the batch size once (at warm-up) and the last, short
     batch is padded, as in the compiled path, so tensors are allocated once. A model with a
@@ -36,55 +37,39 @@ class LiteRTPredictor:
     only if that gives what its own batch gives; else it runs at its own batch, and
     ``batch_note`` says so. Every output's first axis is checked against the rows sent. Quantized
     (int8/uint8) inputs are quantized here with the model's scale and zero point, and
-    quantized outputs come back dequantized as float32, like every other model's.
+    quantized outputs come back dequantized as float32, like every other model's. A
+    ``preprocess`` runs as eager TensorFlow ops on each batch before LiteRT.
 
     Example:
-        >>> p = LiteRTPredictor(open_tflite("cnn@int8.tflite"), 64, (8, 8, 1), "float32")  # doctest: +SKIP
-        >>> p(np.ones((70, 8, 8, 1), "float32"))[0].dtype                                   # doctest: +SKIP
+        >>> p = LiteRTPredictor(open_tflite(spec), 64, (8, 8, 1), "float32")  # doctest: +SKIP
+        >>> p(np.ones((70, 8, 8, 1), "float32"))[0].dtype                       # doctest: +SKIP
         dtype('float32')
     """
 
     def __init__(self, model: "LiteRTModel", batch_size: int, row_shape: tuple, dtype: str,
                  preprocess=None, name: str | None = None, path: str | None = None):
+        super().__init__(batch_size, row_shape, dtype, preprocess, name, path)
         self.model = model
-        self.name, self.path = name, path          # for errors: which model this is
-        self.batch_note: str | None = None         # why the batch is not what was asked
-        self.batch_size = int(batch_size)
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
-        self.preprocess = preprocess
-        self.output_specs: list[tuple[tuple, str]] = []
-        self._allocations = 0
-        # One interpreter holds one set of tensors: calls must not overlap.
-        self._lock = threading.Lock()
 
-    @property
-    def traces(self) -> int:
-        """How many times tensors were allocated; stays at 1 after warm-up."""
-        return self._allocations
-
-    def _allocate(self) -> None:
+    def prepare(self) -> None:
+        """Resize the input tensor to the batch size and allocate the tensors."""
         it, inp = self.model.interpreter, self.model.input
         it.resize_tensor_input(inp["index"], [self.batch_size, *self.model.row_shape],
                                strict=False)
-        it.allocate_tensors()
-        self._allocations += 1
+        with native_logs_filtered(expect_gpu=expects_gpu()):   # its XNNPACK "INFO" line
+            it.allocate_tensors()
+        self.prepared += 1
 
     def warm_up(self) -> None:
-        """Allocate the tensors for the batch size and run once on zeros; records each
-        output's row shape and dtype in ``output_specs``. A model whose own batch is fixed
-        keeps it unless resizing gives the same outputs (:meth:`_resizes_cleanly`)."""
+        """As every predictor's, but a model whose own batch is fixed keeps it unless
+        resizing gives the same outputs (:meth:`_resizes_cleanly`)."""
         own = self.model.fixed_batch
         if own is not None and own != self.batch_size and not self._resizes_cleanly(own):
             self.batch_note = (f"runs {own} row(s) per call: its batch of {own} is built in "
                                f"and a batch of {self.batch_size} changed its outputs")
             self.batch_size = own
-        self._allocations = 0    # the probe's allocations were part of warming up
-        with self._lock:
-            self._allocate()
-        shape = tuple(1 if d is None else d for d in self.row_shape)
-        outs = self(np.zeros((1, *shape), self.dtype))
-        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
+        self.prepared = 0    # the probe's allocations were part of warming up
+        super().warm_up()
 
     def _resizes_cleanly(self, own: int) -> bool:
         """Whether a few distinct random rows give the same outputs (shapes, and values
@@ -95,37 +80,32 @@ class LiteRTPredictor:
         """
         rows = probe_rows(self.row_shape, self.dtype, min(3, self.batch_size))
         asked = self.batch_size
-        try:
+
+        def run():
             with self._lock:
-                self._allocate()
-            resized = self(rows)
+                self.prepare()
+                return run_in_batches(rows, self.batch_size, self.dtype, self.run_batch,
+                                      self.name, self.path)
+        try:
+            resized = run()
         except Exception:   # the resized graph cannot even run: its own batch it is
             return False
         self.batch_size = own
         try:
-            with self._lock:
-                self._allocate()
-            reference = self(rows)
+            reference = run()
         finally:
             self.batch_size = asked
         return same_outputs(resized, reference)
 
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
-        if not self._allocations:   # e.g. the batch sweep's predictors: never warmed up
-            self.warm_up()
+    def run_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Quantize, invoke, dequantize one batch."""
         m = self.model
         it, inp = m.interpreter, m.input
-
-        def run_batch(batch):
-            if self.preprocess is not None:   # in-graph elsewhere; eager TF ops here
-                batch = np.asarray(self.preprocess(batch))
-            it.set_tensor(inp["index"], _quantize(batch, inp))
-            it.invoke()
-            return [_dequantize(it.get_tensor(o["index"]), o) for o in m.outputs]
-
-        with self._lock:
-            return run_in_batches(rows, self.batch_size, self.dtype, run_batch,
-                                  self.name, self.path)
+        if self.preprocess is not None:   # in-graph elsewhere; eager TF ops here
+            batch = eager_preprocess(self.preprocess, batch)
+        it.set_tensor(inp["index"], _quantize(batch, inp))
+        it.invoke()
+        return [_dequantize(it.get_tensor(o["index"]), o) for o in m.outputs]
 
 
 def probe_rows(row_shape: tuple, dtype, n: int) -> np.ndarray:
@@ -159,20 +139,31 @@ def same_outputs(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-5) ->
 
 @dataclasses.dataclass
 class LiteRTModel:
-    """A ``.tflite`` model opened in LiteRT's interpreter, with its one input's details."""
+    """A ``.tflite`` model opened in LiteRT's interpreter, with its one input's details.
+
+    ``path`` is the flatbuffer it was read from; ``converted`` says whether this load made
+    it from a Keras model (:mod:`~nbtool.worker.to_litert`), and ``seconds`` what that (or
+    reading it back) took.
+    """
 
     interpreter: Any
     input: dict
     outputs: list[dict]
     row_shape: tuple      # the model's own input row shape (what the tensor is resized to)
     fixed_batch: int | None = None   # the batch built into the file, if not resizable (-1)
+    path: str | None = None
+    converted: bool = False
+    seconds: float = 0.0
 
 
-def open_tflite(spec: ModelSpec) -> LiteRTModel:
-    """Open a ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``); no TensorFlow.
+def open_tflite(spec: ModelSpec, path: str | None = None) -> LiteRTModel:
+    """Open ``spec``'s ``.tflite`` file (or the flatbuffer at ``path``, a conversion of
+    ``spec``'s model) in LiteRT's interpreter (``ai-edge-litert``); no TensorFlow.
 
     It uses as many threads as TensorFlow does in this worker (``NBTOOL_TF_THREADS``), so
-    comparisons with the Keras original are fair.
+    comparisons with the Keras original are fair. Outputs come in the order the model's
+    signature numbers them (``output_0, output_1, ...``, Keras' order) when it has one:
+    the interpreter's own tensor order is not the model's.
 
     Example:
         >>> open_tflite(spec).input["dtype"]   # doctest: +SKIP
@@ -180,19 +171,20 @@ def open_tflite(spec: ModelSpec) -> LiteRTModel:
     """
     from ai_edge_litert.interpreter import Interpreter
 
+    path = path or spec.path
     threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
     try:
-        it = Interpreter(model_path=spec.path, num_threads=threads)
+        it = Interpreter(model_path=path, num_threads=threads)
     except ValueError as e:
-        raise ModelLoadError(spec.name, spec.path, worker_name(),
+        raise ModelLoadError(spec.name, path, worker_name(),
                              f"LiteRT cannot open it ({first_line(str(e))})",
                              "check that the file is a complete .tflite flatbuffer (download "
                              "or copy it again); if it is someone else's, ask its publisher "
                              "for one this LiteRT reads, and if it is yours, convert it again "
                              "with tf.lite.TFLiteConverter or eng.optimize") from None
-    inputs, outputs = it.get_input_details(), it.get_output_details()
+    inputs, outputs = it.get_input_details(), signature_order(it, it.get_output_details())
     if len(inputs) != 1:
-        raise ModelLoadError(spec.name, spec.path, worker_name(),
+        raise ModelLoadError(spec.name, path, worker_name(),
                              f"the model takes {len(inputs)} inputs",
                              "nbtool runs single-input models; convert one that takes one "
                              "tensor")
@@ -200,7 +192,35 @@ def open_tflite(spec: ModelSpec) -> LiteRTModel:
     shape = inputs[0]["shape"] if sig is None or not len(sig) else sig
     row_shape = tuple(None if int(d) < 0 else int(d) for d in shape[1:])
     fixed_batch = int(shape[0]) if len(shape) and int(shape[0]) > 0 else None
-    return LiteRTModel(it, inputs[0], outputs, row_shape, fixed_batch)
+    return LiteRTModel(it, inputs[0], outputs, row_shape, fixed_batch, path)
+
+
+def signature_order(interpreter, outputs: list[dict]) -> list[dict]:
+    """``outputs`` (the interpreter's details) in the order of the model's one signature,
+    when it numbers them ``output_0, output_1, ...`` (a Keras or SavedModel conversion);
+    else as they are.
+
+    Example:
+        >>> class It:
+        ...     def _get_full_signature_list(self):
+        ...         return {"serve": {"outputs": {"output_1": 7, "output_0": 9}}}
+        >>> [o["index"] for o in signature_order(It(), [{"index": 7}, {"index": 9}])]
+        [9, 7]
+    """
+    try:
+        signatures = interpreter._get_full_signature_list()
+    except Exception:   # an older interpreter, or a file without signatures
+        return outputs
+    if len(signatures) != 1:
+        return outputs
+    named = next(iter(signatures.values())).get("outputs") or {}
+    numbers = {name: re.fullmatch(r"output_(\d+)", name) for name in named}
+    by_index = {o["index"]: o for o in outputs}
+    if len(named) != len(outputs) or not all(numbers.values()) \
+            or set(named.values()) != set(by_index):
+        return outputs
+    order = sorted(named, key=lambda name: int(numbers[name].group(1)))
+    return [by_index[named[name]] for name in order]
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import ModelLoadError, first_line
 from ..wire import ModelSpec
 from .litert import open_tflite
+from .ov_files import ir_weight_bytes, open_ir_file
 from .runtime import describe_exception, tensorflow, tensorflow_version, worker_name
 
 #: Mixed-precision policies by the ``precision`` a model is registered with.
@@ -37,6 +38,9 @@ def open_model(spec: ModelSpec):
             and m.input.get("quantization", (0.0, 0))[0] else np.dtype(m.input["dtype"]).name
         # The flatbuffer holds the weights: its size is what the model holds.
         return m, m.row_shape, dtype, len(m.outputs), os.path.getsize(spec.path)
+    if spec.format == "openvino":   # an IR file: OpenVINO reads it as it is, no TensorFlow
+        ir = open_ir_file(spec)
+        return ir, ir.row_shape, ir.dtype, len(ir.model.outputs), ir_weight_bytes(ir)
     tf = tensorflow()
     import keras
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..wire import ModelSpec
 from .predictors import DEFAULT_BATCH_SIZE, make_predictor
-from .runtime import cache_root, tensorflow, worker_device
+from .runtime import cache_root, out_of_memory_error, worker_device
 
 #: Batch sizes the sweep may pick, tried outwards from the default.
 SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)
@@ -65,7 +65,7 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
         p(rows)
         return 2 * batch / (time.perf_counter() - t0)
 
-    tf = tensorflow()
+    best = DEFAULT_BATCH_SIZE   # if even the default runs out of memory
     try:
         before = memory_in_use() if memory_in_use else 0
         best, best_rate = DEFAULT_BATCH_SIZE, rate(DEFAULT_BATCH_SIZE)
@@ -82,8 +82,10 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
                 if r <= best_rate:
                     break
                 best, best_rate = batch, r
-    except tf.errors.ResourceExhaustedError:
-        pass   # keep what fitted; the OOM path halves further if needed
+    except Exception as e:
+        if not out_of_memory_error(e):
+            raise
+        # keep what fitted; the OOM path halves further if needed
     cache.put(key, best)
     return best
 
@@ -120,7 +122,7 @@ def cost_key(spec: ModelSpec, device: str) -> str:
 
 def record_cost(spec: ModelSpec, device: str, **measured: float) -> None:
     """Remember what ``spec`` cost here (``load`` seconds, seconds per ``row``), for the
-    planning of later cold runs (:func:`nbtool.planning.plan_cold_routes`).
+    planning of later runs (:func:`nbtool.planning.plan_model_routes`).
 
     Example:
         >>> record_cost(spec, "cpu:0", load=1.2)   # doctest: +SKIP

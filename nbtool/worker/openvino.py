@@ -8,7 +8,7 @@ the same file with the same OpenVINO reads it back and skips the conversion.
 :class:`~nbtool.worker.predictors.CompiledPredictor` runs a Keras model: one fixed batch, the
 last batch padded, float32 outputs. It is compiled with ``INFERENCE_PRECISION_HINT=f32``:
 on CPUs with avx512_bf16 OpenVINO's default is bf16, which is not exact.
-:func:`check_agreement` compares it with TensorFlow before the load is accepted.
+:mod:`~nbtool.worker.agreement` compares it with TensorFlow before it is used.
 
 Example:
     >>> _output_order(["output_10", "output_2", "output_0"])
@@ -23,21 +23,14 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError
 from ..wire import ModelSpec
-from .batching import run_in_batches
-from .runtime import cache_root, worker_name
-
-#: The largest difference from TensorFlow (per output, absolute) a conversion may show.
-TOLERANCE = 1e-4
-#: Rows of the agreement check at load (random, seeded, of the model's input).
-CHECK_ROWS = 64
+from .fixed_batch import FixedBatchPredictor, eager_preprocess, as_float32
+from .runtime import cache_root
 
 
 @dataclasses.dataclass
@@ -53,6 +46,7 @@ class OpenVINOModel:
     dtype: str            # its input dtype
     converted: bool
     seconds: float        # what converting (or reading) took
+    precision_hint: str = "f32"   # what it compiles with: "bf16" where an IR file asks for it
 
 
 def openvino_version() -> str:
@@ -139,14 +133,36 @@ def open_openvino(spec: ModelSpec, model, row_shape: tuple, dtype) -> OpenVINOMo
                 pass
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    ir = ov.Core().read_model(xml)
+    return read_ir(xml, row_shape, dtype, converted, t0)
+
+
+def read_ir(xml: str, row_shape: tuple, dtype, converted: bool = False,
+            started: float | None = None) -> OpenVINOModel:
+    """The IR at ``xml`` (its weights beside it), read: no TensorFlow, no conversion.
+
+    Example:
+        >>> read_ir(ir_dir(spec) + "/model.xml", (8,), "float32").converted   # doctest: +SKIP
+        False
+    """
+    t0 = time.perf_counter() if started is None else started
+    ir = openvino().Core().read_model(xml)
     return OpenVINOModel(ir, xml, tuple(row_shape), np.dtype(dtype).name, converted,
                          time.perf_counter() - t0)
 
 
-class OpenVINOPredictor:
-    """The :class:`CompiledPredictor` of an OpenVINO IR: compiled once for one fixed batch
-    shape on the CPU, in float32.
+def ir_files(xml: str) -> list[str]:
+    """The files an IR is made of: its graph (``.xml``) and its weights (``.bin``).
+
+    Example:
+        >>> ir_files("/c/openvino/x/model.xml")
+        ['/c/openvino/x/model.xml', '/c/openvino/x/model.bin']
+    """
+    return [xml, os.path.splitext(xml)[0] + ".bin"]
+
+
+class OpenVINOPredictor(FixedBatchPredictor):
+    """The fixed-batch predictor of an OpenVINO IR: compiled once for one fixed batch shape
+    on the CPU, in float32.
 
     It uses as many threads as TensorFlow does in this worker (``NBTOOL_TF_THREADS``).
     A ``preprocess`` runs as eager TensorFlow ops on each batch before OpenVINO (as for
@@ -160,99 +176,33 @@ class OpenVINOPredictor:
 
     def __init__(self, model: OpenVINOModel, batch_size: int, row_shape: tuple, dtype: str,
                  preprocess=None, name: str | None = None, path: str | None = None):
+        super().__init__(batch_size, row_shape, dtype, preprocess, name, path)
         self.model = model
-        self.name, self.path = name, path          # for errors: which model this is
-        self.batch_size = int(batch_size)
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
-        self.preprocess = preprocess
-        self.output_specs: list[tuple[tuple, str]] = []
         self._compiled = None
         self._order: list[int] = []
-        self._compilations = 0
-        # One infer request holds one set of tensors: calls must not overlap.
-        self._lock = threading.Lock()
 
-    @property
-    def traces(self) -> int:
-        """How many times it was compiled; stays at 1 after warm-up."""
-        return self._compilations
-
-    def _compile(self) -> None:
+    def prepare(self) -> None:
+        """Compile the IR for the batch size, in float32, and make its infer request."""
         ov = openvino()
 
         m = self.model.model.clone()
         shape = [self.batch_size, *(-1 if d is None else d for d in self.model.row_shape)]
         m.reshape({m.inputs[0]: ov.PartialShape(shape)})
-        config = {"INFERENCE_PRECISION_HINT": "f32"}   # bf16 by default on avx512_bf16
+        config = {"INFERENCE_PRECISION_HINT": self.model.precision_hint}   # not bf16 by default
         threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0)
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self._compiled = ov.Core().compile_model(m, "CPU", config)
         self._request = self._compiled.create_infer_request()
         self._order = _output_order([o.get_any_name() for o in self._compiled.outputs])
-        self._compilations += 1
+        self.prepared += 1
 
-    def warm_up(self) -> None:
-        """Compile for the batch size and run once on zeros; records each output's row
-        shape and dtype in ``output_specs``."""
-        with self._lock:
-            self._compile()
-        shape = tuple(1 if d is None else d for d in self.row_shape)
-        outs = self(np.zeros((1, *shape), self.dtype))
-        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
-
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
-        if self._compiled is None:   # e.g. the batch sweep's predictors: never warmed up
-            with self._lock:
-                self._compile()
-        model_dtype = np.dtype(self.model.dtype)
-
-        def run_batch(batch):
-            if self.preprocess is not None:   # eager TF ops, as for LiteRT
-                batch = np.asarray(self.preprocess(batch))
-            result = self._request.infer([np.ascontiguousarray(batch, model_dtype)])
-            outs = [np.asarray(result[self._compiled.outputs[i]]) for i in self._order]
-            return [y.astype(np.float32) if y.dtype.kind == "f" and y.dtype != np.float32
-                    else y for y in outs]
-
-        with self._lock:
-            return run_in_batches(rows, self.batch_size, self.dtype, run_batch,
-                                  self.name, self.path)
-
-
-def check_agreement(spec: ModelSpec, predictor, reference, rows: np.ndarray,
-                    tolerance: float = TOLERANCE) -> float:
-    """The largest difference between ``predictor`` and TensorFlow's ``reference`` on
-    ``rows``; a :class:`~nbtool.errors.ModelLoadError` if it is over ``tolerance`` for any
-    output (or the outputs differ in number or shape), so the load fails.
-
-    Example:
-        >>> spec = ModelSpec("cnn", "/m/cnn.keras", "keras", 10, "10-1")
-        >>> x = np.zeros((4, 2), "float32")
-        >>> check_agreement(spec, lambda r: [r + 1e-6], lambda r: [r], x) <= 1e-6
-        True
-        >>> check_agreement(spec, lambda r: [r + 0.5], lambda r: [r], x)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        nbtool.errors.ModelLoadError: ...max abs diff 0.5 from TensorFlow on 4 rows (tolerance 0.0001)...
-    """
-    got, want = predictor(rows), reference(rows)
-    shapes = [y.shape for y in got], [y.shape for y in want]
-    if shapes[0] != shapes[1]:
-        diff, what = float("inf"), f"outputs of shapes {shapes[0]} where TensorFlow gives " \
-                                   f"{shapes[1]}"
-    else:
-        diff = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)),
-                                 initial=0.0)) for a, b in zip(got, want)), default=0.0)
-        what = f"max abs diff {diff:.3g} from TensorFlow on {len(rows)} rows"
-    if not diff <= tolerance:   # NaN too
-        raise ModelLoadError(spec.name, spec.path, worker_name(),
-                             f"its OpenVINO conversion gives {what} (tolerance "
-                             f"{tolerance:g})", "register it with runtime='tensorflow' "
-                             f"(eng.register({spec.name!r}, {spec.path!r}, "
-                             "runtime='tensorflow'))")
-    return diff
+    def run_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One batch through the compiled model, outputs in Keras' order, as float32."""
+        if self.preprocess is not None:   # eager TF ops, as for LiteRT
+            batch = eager_preprocess(self.preprocess, batch)
+        result = self._request.infer([np.ascontiguousarray(batch, self.model.dtype)])
+        return as_float32(result[self._compiled.outputs[i]] for i in self._order)
 
 
 def _output_order(names: list[str]) -> list[int]:

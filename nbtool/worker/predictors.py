@@ -1,13 +1,13 @@
-"""One fixed-batch predictor per runtime, and the choice of one for a model's format.
+"""One fixed-batch predictor per runtime, and the choice of one for a model's artifact.
 
 A predictor takes rows and returns one float array per output, in row order; it runs a
-fixed batch shape (the last batch padded, :mod:`~nbtool.worker.batching`), so it compiles or
-allocates once, at :meth:`warm_up`, which also records each output's row shape and dtype.
+fixed batch shape (the last batch padded, :mod:`~nbtool.worker.fixed_batch`), so it compiles
+or allocates once, at warm-up, which also records each output's row shape and dtype.
 TensorFlow runs Keras files and SavedModels (:class:`CompiledPredictor`); LiteRT runs
-``.tflite`` files (:class:`~nbtool.worker.litert.LiteRTPredictor`); OpenVINO runs what was
-registered with ``runtime="openvino"`` (:class:`~nbtool.worker.openvino.OpenVINOPredictor`,
-prepared by :func:`to_openvino`). A new runtime adds its predictor and one branch of
-:func:`make_predictor`.
+``.tflite`` files and Keras models converted to LiteRT
+(:class:`~nbtool.worker.litert.LiteRTPredictor`); OpenVINO runs their OpenVINO IR
+(:class:`~nbtool.worker.openvino.OpenVINOPredictor`). :func:`make_predictor` picks by what
+was opened; a new runtime adds its predictor and one branch there.
 
 Example:
     >>> from nbtool.wire import ModelSpec
@@ -20,23 +20,28 @@ from __future__ import annotations
 import numpy as np
 
 from ..wire import ModelSpec
-from .batching import run_in_batches
-from .litert import LiteRTPredictor, probe_rows
-from .openvino import CHECK_ROWS, OpenVINOPredictor, check_agreement, open_openvino
-from .runtime import on_gpu, tensorflow, worker_name
+from .fixed_batch import FixedBatchPredictor
+from .litert import LiteRTModel, LiteRTPredictor
+from .openvino import OpenVINOModel, OpenVINOPredictor
+from .runtime import tensorflow
 
 #: Batch size when the user gives none. Large enough to amortise the per-call overhead on
 #: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
 DEFAULT_BATCH_SIZE = 64
 
+#: Ops that raise when a value is wrong: OpenVINO and LiteRT drop them when converting, so
+#: a model that would stop with an error in TensorFlow would give NaN without one there.
+CHECK_OPS = frozenset({"CheckNumerics", "CheckNumericsV2", "Assert"})
 
-class CompiledPredictor:
+
+class CompiledPredictor(FixedBatchPredictor):
     """A ``tf.function`` over ``model(x, training=False)`` with one fixed batch shape.
 
     ``model.predict`` builds a tf.data pipeline and callbacks on every call; this traces
     once (at warm-up) and then only runs the graph. The last, short batch of a chunk is
     padded up to the batch size, so nothing ever retraces. XLA stays off unless asked
-    for: on CPU it made convnets ten times slower here.
+    for: on CPU it made convnets ten times slower here. A ``preprocess`` runs inside the
+    graph. Calls may overlap (a graph holds no tensors between calls).
 
     Example:
         >>> p = CompiledPredictor(model, batch_size=32, row_shape=(8,), dtype="float32")  # doctest: +SKIP
@@ -44,15 +49,14 @@ class CompiledPredictor:
         (70, 3)
     """
 
+    serial = False
+    propagates_nan = True   # TensorFlow's own answer for a NaN row stays as it is
+
     def __init__(self, call, batch_size: int, row_shape: tuple, dtype: str,
                  preprocess=None, jit_compile: bool = False, name: str | None = None,
                  path: str | None = None):
+        super().__init__(batch_size, row_shape, dtype, preprocess, name, path)
         tf = tensorflow()
-        self.name, self.path = name, path   # for errors: which model this is
-        self.batch_size = int(batch_size)
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
-        self.output_specs: list[tuple[tuple, str]] = []
         signature = [tf.TensorSpec((self.batch_size, *self.row_shape), self.dtype)]
 
         def infer(x):
@@ -70,64 +74,44 @@ class CompiledPredictor:
         """How many times the graph was traced; stays at 1 after warm-up."""
         return self._fn.experimental_get_tracing_count()
 
-    def warm_up(self) -> None:
-        """Trace and run once on zeros, so the first real chunk pays no tracing; records
-        each output's row shape and dtype in ``output_specs``."""
-        shape = tuple(1 if d is None else d for d in self.row_shape)
-        outs = self(np.zeros((1, *shape), self.dtype))
-        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
+    def prepare(self) -> None:
+        """Nothing ahead: the graph is traced by the warm-up's first call."""
 
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
-        return run_in_batches(rows, self.batch_size, self.dtype,
-                              lambda batch: [y.numpy() for y in self._fn(batch)],
-                              self.name, self.path)
+    def run_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One batch through the graph."""
+        return [y.numpy() for y in self._fn(batch)]
+
+    def checks(self) -> list[str]:
+        """The in-graph checks its graph runs (``tf.debugging.check_numerics``,
+        ``tf.debugging.assert_*``), nested functions included: ops that raise on bad
+        values, and that a conversion to another runtime silently drops.
+
+        Example:
+            >>> CompiledPredictor(model, 32, (8,), "float32").checks()   # doctest: +SKIP
+            ['CheckNumerics']
+        """
+        graph = self._fn.get_concrete_function().graph.as_graph_def()
+        ops = {n.op for n in graph.node}
+        for function in graph.library.function:
+            ops |= {n.op for n in function.node_def}
+        return sorted(ops & CHECK_OPS)
 
 
-def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype):
-    """The predictor for ``spec``'s format: LiteRT for ``.tflite``, else a compiled
-    ``tf.function``; both take rows and return float outputs in row order.
+def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype) -> FixedBatchPredictor:
+    """The predictor of what was opened for ``spec``: LiteRT for a LiteRT model (a
+    ``.tflite``, or a conversion), OpenVINO for an IR, else a compiled ``tf.function``;
+    all take rows and return float outputs in row order.
 
     Example:
         >>> make_predictor(spec, call, 64, (8,), "float32").warm_up()   # doctest: +SKIP
     """
-    if spec.runtime == "openvino":
-        return OpenVINOPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
-                                 name=spec.name, path=spec.path)
-    if spec.format == "tflite":
-        return LiteRTPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
-                               name=spec.name, path=spec.path)
-    return CompiledPredictor(call, batch, row_shape, dtype, preprocess=spec.preprocess,
-                             name=spec.name, path=spec.path)
-
-
-def to_openvino(spec: ModelSpec, model, own_shape, own_dtype, row_shape, dtype):
-    """``model`` converted to OpenVINO (or its IR read from the cache), checked against
-    TensorFlow on up to ``CHECK_ROWS`` random rows (seeded) of what the predictor takes;
-    returns the :class:`~nbtool.worker.openvino.OpenVINOModel` and a phrase saying how it
-    was prepared. A conversion off by more than the tolerance fails the load.
-
-    Example:
-        >>> ov_model, note = to_openvino(spec, model, (8,), "float32", (8,), "float32")  # doctest: +SKIP
-        >>> note                                                                       # doctest: +SKIP
-        'converted to OpenVINO IR in 1.2 s; max abs diff 2.4e-07 from TensorFlow on 64 rows'
-    """
-    from ..errors import ModelLoadError
-
-    if on_gpu():   # refused at register too; a worker placed by hand could still get here
-        raise ModelLoadError(spec.name, spec.path, worker_name(), "runtime='openvino' runs "
-                             "on CPU workers only, and this worker has a GPU",
-                             "register it with device='cpu' (or runtime='tensorflow')")
-    ov_model = open_openvino(spec, model, own_shape, own_dtype)
-    rows = probe_rows(row_shape, dtype, CHECK_ROWS)
-    batch = 16
-    reference = CompiledPredictor(model, batch, row_shape, dtype, preprocess=spec.preprocess,
-                                  name=spec.name, path=spec.path)
-    predictor = OpenVINOPredictor(ov_model, batch, row_shape, dtype,
-                                  preprocess=spec.preprocess, name=spec.name, path=spec.path)
-    diff = check_agreement(spec, predictor, reference, rows)
-    how = "converted to" if ov_model.converted else "read cached"
-    return ov_model, (f"{how} OpenVINO IR in {ov_model.seconds:.1f} s; max abs diff "
-                      f"{diff:.2g} from TensorFlow on {len(rows)} rows")
+    kind = CompiledPredictor
+    if isinstance(call, OpenVINOModel):
+        kind = OpenVINOPredictor
+    elif isinstance(call, LiteRTModel):
+        kind = LiteRTPredictor
+    return kind(call, batch, row_shape, dtype, preprocess=spec.preprocess, name=spec.name,
+                path=spec.path)
 
 
 def input_signature(spec: ModelSpec, row_shape: tuple, dtype) -> tuple[tuple, str]:

@@ -20,7 +20,7 @@ import threading
 from ..quiet import expects_gpu, native_logs_filtered
 from .cache import ModelCache
 from .predictors import CompiledPredictor
-from .runtime import (memory_in_use, release_memory, resource_name, tensorflow,
+from .runtime import (cpu_worker, memory_in_use, release_memory, resource_name, tensorflow,
                       worker_device, worker_name)
 
 _CACHE: ModelCache | None = None
@@ -58,11 +58,15 @@ def get_cache(budget: int | None = None, worker: str | None = None) -> ModelCach
 
 
 def prepare_worker(budget: int | None = None, worker: str | None = None) -> ModelCache:
-    """Start TensorFlow, create the cache and record the idle memory of this worker.
+    """Create the cache, start TensorFlow on a GPU worker, and record the idle memory of
+    this worker.
 
     Run by :class:`NbtoolWorkerPlugin` when a worker starts, and by the first task if that
-    comes first; so the first prediction pays no import, and the idle baseline excludes
-    everything a model adds. Calling it again only updates the budget.
+    comes first; so the idle baseline excludes everything a model adds. A GPU worker runs
+    TensorFlow whatever its models, so it pays the import here, not in its first load. A
+    CPU worker does not import TensorFlow until a model needs it: models whose remembered
+    runtime is OpenVINO or LiteRT never do, and TensorFlow's import (seconds) is the bulk
+    of a cold start. Calling it again only updates the budget.
 
     Example:
         >>> prepare_worker().budget > 0   # doctest: +SKIP
@@ -74,10 +78,11 @@ def prepare_worker(budget: int | None = None, worker: str | None = None) -> Mode
         if budget and budget != cache.budget:
             cache.set_budget(budget)
         if _IDLE_MEMORY is None:
-            # TensorFlow starts here: its known-harmless start-up lines stay out of the
-            # notebook (they would land in red under whatever cell runs).
-            with native_logs_filtered(expect_gpu=expects_gpu()):
-                warm_runtime()
+            if not cpu_worker():
+                # TensorFlow starts here: its known-harmless start-up lines stay out of the
+                # notebook (they would land in red under whatever cell runs).
+                with native_logs_filtered(expect_gpu=expects_gpu()):
+                    warm_runtime()
             gc.collect()
             _IDLE_MEMORY = memory_in_use()
         return cache

@@ -16,10 +16,14 @@ from __future__ import annotations
 import gc
 import os
 import re
+import sys
+import threading
 
 from ..errors import first_line
+from ..quiet import expects_gpu, native_logs_filtered
 
 _TF = None
+_TF_LOCK = threading.Lock()
 
 
 def tensorflow():
@@ -33,20 +37,42 @@ def tensorflow():
     """
     global _TF
     if _TF is None:
-        import tensorflow as tf
+        with _TF_LOCK, native_logs_filtered(expect_gpu=expects_gpu()):
+            if _TF is None:
+                _TF = _start_tensorflow()
+    return _TF
 
-        threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0)
-        if threads:
-            try:  # only possible before TensorFlow's runtime starts
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                pass
-        # Each model gets its own tf.function over the same Python function, traced once;
-        # TF counts those as "retracing" and warns. They are not: drop just that warning.
-        tf.get_logger().addFilter(
-            lambda record: "triggered tf.function retracing" not in record.getMessage())
-        _TF = tf
+
+def _start_tensorflow():
+    """Import TensorFlow and start its runtime with this worker's threads. On a CPU worker
+    this happens at the first model that needs it, inside a task: its known-harmless
+    start-up lines are filtered here as :func:`nbtool.worker.process.prepare_worker` does
+    on a GPU worker (they would land in red under whatever cell runs)."""
+    import tensorflow as tf
+
+    threads = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0)
+    if threads:
+        try:  # only possible before TensorFlow's runtime starts
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass
+    # Each model gets its own tf.function over the same Python function, traced once;
+    # TF counts those as "retracing" and warns. They are not: drop just that warning.
+    tf.get_logger().addFilter(
+        lambda record: "triggered tf.function retracing" not in record.getMessage())
+    tf.config.list_logical_devices()   # the runtime starts now, inside the filter
+    return tf
+
+
+def started_tensorflow():
+    """The ``tensorflow`` module if this process has started it (:func:`tensorflow`), else
+    None: for questions that must not start it.
+
+    Example:
+        >>> started_tensorflow() is None or started_tensorflow().__name__ == "tensorflow"
+        True
+    """
     return _TF
 
 
@@ -60,13 +86,27 @@ def tensorflow_version() -> str | None:
     return getattr(_TF, "__version__", None)
 
 
+def cpu_worker() -> bool:
+    """Whether the plan made this a CPU worker (``NBTOOL_DEVICE`` is ``cpu:<n>``): then it
+    has no GPU to ask TensorFlow about, and needs TensorFlow only for what runs in it.
+
+    Example:
+        >>> os.environ.get("NBTOOL_DEVICE", "").startswith("cpu") == cpu_worker()
+        True
+    """
+    return os.environ.get("NBTOOL_DEVICE", "").startswith("cpu")
+
+
 def on_gpu() -> bool:
-    """Whether TensorFlow in this worker runs on a GPU (it sees at most one).
+    """Whether TensorFlow in this worker runs on a GPU (it sees at most one). A CPU worker
+    answers without importing TensorFlow; elsewhere TensorFlow is asked.
 
     Example:
         >>> on_gpu()   # doctest: +SKIP
         False
     """
+    if cpu_worker():
+        return False
     return bool(tensorflow().config.list_logical_devices("GPU"))
 
 
@@ -85,20 +125,33 @@ def memory_in_use() -> int:
 
 
 def release_memory() -> None:
-    """Clear Keras' global state and collect garbage after models were dropped.
+    """Clear Keras' global state (if Keras runs here) and collect garbage after models
+    were dropped.
 
     The freed memory is reusable in this process; TensorFlow does not give it back to the
-    device or the OS while the process lives (that is what a hard unload is for).
+    device or the OS while the process lives (that is what a hard unload is for). A worker
+    whose models all run without TensorFlow never imports Keras for this.
 
     Example:
-        >>> release_memory()   # doctest: +SKIP
+        >>> release_memory()
     """
-    import keras
-
-    # Keras' global state (name scopes, graph) and the eager kernel cache; then Python's
-    # garbage.
-    keras.backend.clear_session(free_memory=True)
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        # Keras' global state (name scopes, graph) and the eager kernel cache.
+        keras.backend.clear_session(free_memory=True)
     gc.collect()
+
+
+def out_of_memory_error(e: BaseException) -> bool:
+    """Whether ``e`` is TensorFlow's out-of-memory error, asked by its type's name: a
+    worker that runs no TensorFlow must not import it to ask.
+
+    Example:
+        >>> out_of_memory_error(ValueError("x")), out_of_memory_error(
+        ...     type("ResourceExhaustedError", (Exception,), {})())
+        (False, True)
+    """
+    return type(e).__name__ == "ResourceExhaustedError"
 
 
 def cache_root() -> str:

@@ -21,12 +21,14 @@ import numpy as np
 
 from ..errors import ChunkCancelled, ChunkError, NbtoolError, first_line
 from ..wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
+from .agreement import CHECK_ROWS
 from .cache import LoadedModel, ModelCache
 from .loading import out_of_memory
 from .measure import record_cost
 from .process import count_rows, idle_memory, prepare_worker, throughput
 from .reading import PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_rows
-from .runtime import describe_exception, memory_in_use, tensorflow, worker_name
+from .runtime import (cpu_worker, describe_exception, memory_in_use, out_of_memory_error,
+                      started_tensorflow, tensorflow, worker_name)
 
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
 #: ``eng.client.get_worker_logs()`` shows them, one line each.
@@ -49,7 +51,9 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
     worker = worker_name()
     try:
         cache = prepare_worker()
-        loaded, load_seconds = cache.get(spec)
+        # The chunk's first rows: what a conversion is checked on if this call loads it.
+        loaded, load_seconds = cache.get(spec, sample=lambda: read_rows(
+            data, start, start + CHECK_ROWS if stop is None else min(stop, start + CHECK_ROWS)))
         t0 = time.perf_counter()
         n_rows, outputs = read_and_run(cache, loaded, data, start, stop)
         seconds = time.perf_counter() - t0
@@ -65,7 +69,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
     except (ChunkError, ChunkCancelled):   # a cancelled chunk is no failure: nothing to log
         raise
     except Exception as e:
-        if type(e).__name__ == "ResourceExhaustedError":
+        if out_of_memory_error(e):
             e = out_of_memory(spec, worker)
         end = stop if stop is not None else start + len(data)
         reason = str(e) if isinstance(e, NbtoolError) else describe_exception(e)
@@ -138,13 +142,18 @@ REPORTED_ENV = ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_NUM_INT
 def worker_status() -> WorkerStatus:
     """The cache status plus process facts (pid, RSS, idle RSS, GPUs TF sees, env).
 
+    A worker that has not started TensorFlow (a CPU worker whose models run without it)
+    is not made to start it to answer: it sees no GPU, and its threads are the plan's.
+
     Example:
         >>> client.run(worker_status)   # doctest: +SKIP
     """
     import psutil
 
     cache = prepare_worker()
-    tf = tensorflow()
+    tf = started_tensorflow() if cpu_worker() else tensorflow()
+    threads = tf.config.threading.get_intra_op_parallelism_threads() if tf is not None \
+        else int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
     return dataclasses.replace(
         cache.status(),
         pid=os.getpid(),
@@ -152,8 +161,8 @@ def worker_status() -> WorkerStatus:
         rss=psutil.Process().memory_info().rss,
         idle_memory=idle_memory(),
         memory_in_use=memory_in_use(),
-        gpus_seen=[d.name for d in tf.config.list_physical_devices("GPU")],
-        threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        gpus_seen=[d.name for d in tf.config.list_physical_devices("GPU")] if tf else [],
+        threads=threads,
         env={k: os.environ.get(k) for k in REPORTED_ENV},
     )
 

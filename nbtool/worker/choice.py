@@ -1,0 +1,163 @@
+"""``runtime="auto"``: the fastest runtime that computes what TensorFlow computes, chosen by
+measurement at a model's first load on this machine, and why.
+
+On a CPU worker the candidates are TensorFlow (``tf.function``, also the reference),
+OpenVINO float32 and LiteRT float32. Each conversion is checked against TensorFlow on the
+same rows (:mod:`~nbtool.worker.agreement`: max abs diff, same top-1); a conversion that
+fails or disagrees is skipped with one line of why, never an error. Those that agree are
+timed at the model's batch, taking turns, and the fastest is kept; the others are dropped.
+The choice is remembered (:mod:`~nbtool.worker.records`). On a GPU worker, or for mixed
+precision, ``auto`` is TensorFlow without a choice (:func:`fixed_tensorflow_note`).
+
+Example:
+    >>> fixed_tensorflow_note(None, gpu=False) is None     # a CPU worker chooses
+    True
+    >>> fixed_tensorflow_note("bfloat16", gpu=False)
+    "tensorflow: precision='bfloat16' is TensorFlow's mixed precision"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ..wire import ModelSpec
+from .agreement import compare, time_alternating, timing_batch
+from .candidates import (CONVERTERS, Opened, artifact_files, discard, open_tensorflow,
+                         reference_outputs)
+from .predictors import make_predictor
+from .records import (RuntimeRecord, files_sha256, machine_facts, runtime_versions,
+                      write_record)
+from .runtime import describe_exception, release_memory
+
+logger = logging.getLogger("nbtool.worker")
+
+
+def fixed_tensorflow_note(precision: str | None, gpu: bool) -> str | None:
+    """Why ``auto`` is TensorFlow here without measuring anything, or None when the
+    choice runs (a CPU worker, the model as saved).
+
+    OpenVINO's GPU plugin targets Intel GPUs and nbtool runs LiteRT on the CPU, so a GPU
+    worker keeps TensorFlow; mixed precision is TensorFlow's own.
+
+    Example:
+        >>> fixed_tensorflow_note(None, gpu=True)  # doctest: +ELLIPSIS
+        "tensorflow: this worker has a GPU, and TensorFlow runs on it (OpenVINO's GPU plugin targets Intel GPUs; nbtool runs LiteRT on CPU)..."
+    """
+    if gpu:
+        return ("tensorflow: this worker has a GPU, and TensorFlow runs on it (OpenVINO's "
+                "GPU plugin targets Intel GPUs; nbtool runs LiteRT on CPU); no choice made")
+    if precision not in (None, "float32"):
+        return f"tensorflow: precision={precision!r} is TensorFlow's mixed precision"
+    return None
+
+
+def choose(spec: ModelSpec, batch: int, sample, again: str | None = None) -> Opened:
+    """Open ``spec`` in TensorFlow, convert it to each other runtime, keep the fastest that
+    agrees with TensorFlow on ``sample`` (the user's rows, or None: random rows), remember
+    it, and return it opened, with a warmed-up predictor at ``batch``. ``again`` says why
+    an earlier choice no longer held.
+
+    Example:
+        >>> opened = choose(spec, 64, x[:64])   # doctest: +SKIP
+        >>> opened.runtime, opened.note         # doctest: +SKIP
+        ('openvino', 'openvino: 2.1x TensorFlow (litert 1.6x), max abs diff 3e-06 on 64 of your rows; chosen at first load, remembered')
+    """
+    t0 = time.perf_counter()
+    tf_model = open_tensorflow(spec)
+    reference = make_predictor(spec, tf_model.call, batch, tf_model.row_shape, tf_model.dtype)
+    reference.warm_up()
+    prepared = {"tensorflow": round(time.perf_counter() - t0, 3)}
+    rows, what, want = reference_outputs(reference, tf_model.row_shape, tf_model.dtype, sample)
+    agreeing = {"tensorflow": (tf_model.call, reference, 0.0)}
+    checks = reference.checks() if hasattr(reference, "checks") else []
+    # A conversion would run the model without its checks: an error would become NaN.
+    skipped = {name: f"not tried: the model checks its values in-graph "
+                     f"({', '.join(checks)}) and a conversion drops the check"
+               for name in CONVERTERS} if checks else {}
+    for name, convert in CONVERTERS.items():
+        if name in skipped:
+            continue
+        artifact, started = None, time.perf_counter()
+        try:
+            artifact = convert(spec, tf_model)
+            predictor = make_predictor(spec, artifact, batch, tf_model.row_shape,
+                                       tf_model.dtype)
+            predictor.warm_up()
+            agreement = compare(want, predictor(rows))
+        except Exception as e:   # a conversion that cannot be made or run: TF remains
+            skipped[name] = f"failed ({describe_exception(e)[:160]})"
+            continue
+        finally:   # what the first load paid for each candidate: convert, compile, check
+            prepared[name] = round(time.perf_counter() - started, 3)
+        if agreement.agrees:
+            agreeing[name] = (artifact, predictor, agreement.diff)
+        else:
+            skipped[name] = f"disagrees with TensorFlow: {agreement.why}"
+            discard(artifact)
+    one_batch = timing_batch(rows, batch)
+    seconds = time_alternating({name: (lambda p=p: p(one_batch))
+                                for name, (_, p, _) in agreeing.items()}) \
+        if len(agreeing) > 1 else {}
+    best = min(seconds, key=seconds.get) if seconds else "tensorflow"
+    artifact, predictor, _ = agreeing[best]
+    record = RuntimeRecord(
+        best, batch, machine_facts(), runtime_versions(), artifact_files(artifact),
+        diffs={n: d for n, (_, _, d) in agreeing.items() if n != "tensorflow"},
+        seconds=seconds, skipped=skipped, rows=what, prepare_seconds=prepared,
+        threads=os.environ.get("NBTOOL_TF_THREADS", ""),
+        own_shape=list(tf_model.own_shape), own_dtype=tf_model.own_dtype,
+        n_outputs=len(reference.output_specs), weight_bytes=tf_model.weight_bytes)
+    record.sha256 = files_sha256(record.artifact) if record.artifact else None
+    prepared["total"] = round(time.perf_counter() - t0, 3)   # timing included
+    record.summary = choice_summary(record)
+    remembered = write_record(spec, record)
+    # The others go: their graphs, interpreters and compiled models hold memory, and
+    # their files would only be read by a later choice (after an upgrade: made again).
+    for name, (other, _, _) in agreeing.items():
+        if name != best:
+            discard(other)
+    agreeing.clear()
+    if best != "tensorflow":
+        tf_model.call, reference = None, None
+    release_memory()
+    logger.info("%s: auto chose %s in %.1f s (%s)", spec.name, best,
+                time.perf_counter() - t0, record.summary)
+    tail = "chosen at first load, remembered" if remembered else \
+        "chosen at this load (the cache folder is not writable: not remembered)"
+    if again:
+        tail = f"chosen again ({again}), remembered" if remembered else tail
+    return Opened(artifact, tf_model.row_shape, tf_model.dtype, record.n_outputs,
+                  tf_model.weight_bytes, best, f"{record.summary}; {tail}", predictor,
+                  tf_model.own_shape, tf_model.own_dtype)
+
+
+def choice_summary(record: RuntimeRecord) -> str:
+    """The choice in one line: the runtime, its speed against TensorFlow (and the other
+    agreeing candidates'), its difference from TensorFlow and on what, and why any
+    candidate was skipped.
+
+    Example:
+        >>> r = RuntimeRecord("openvino", 64, {}, {}, seconds={"tensorflow": 2.0,
+        ...     "openvino": 1.0, "litert": 1.25}, diffs={"openvino": 3e-6, "litert": 1e-6},
+        ...     rows="64 of your rows")
+        >>> choice_summary(r)
+        'openvino: 2.0x TensorFlow (litert 1.6x), max abs diff 3e-06 on 64 of your rows'
+        >>> choice_summary(RuntimeRecord("tensorflow", 64, {}, {}, rows="64 random rows",
+        ...     skipped={"openvino": "failed (ValueError: no)"}))
+        'tensorflow: the only runtime that converted and agreed (on 64 random rows); openvino skipped: failed (ValueError: no)'
+    """
+    s, best = record.seconds, record.runtime
+    others = ", ".join(f"{n} {s['tensorflow'] / t:.1f}x" for n, t in s.items()
+                       if n not in (best, "tensorflow"))
+    if best != "tensorflow":
+        text = f"{best}: {s['tensorflow'] / s[best]:.1f}x TensorFlow" \
+            + (f" ({others})" if others else "") \
+            + f", max abs diff {record.diffs[best]:.1g} on {record.rows}"
+    elif s:
+        text = f"tensorflow: the fastest ({others}; on {record.rows})"
+    else:
+        text = f"tensorflow: the only runtime that converted and agreed (on {record.rows})"
+    skipped = "; ".join(f"{n} skipped: {why}" for n, why in record.skipped.items())
+    return f"{text}; {skipped}" if skipped else text

@@ -1,0 +1,132 @@
+"""Opening a model for the runtime it runs on: a ``.tflite`` in LiteRT; a forced runtime
+(``"tensorflow"``, or a conversion checked against TensorFlow at every load); or ``"auto"``:
+this machine's remembered choice (a converted model then loads with no TensorFlow and no
+Keras at all), else a choice made now (:mod:`~nbtool.worker.choice`).
+
+Example:
+    >>> opened = open_for_runtime(spec, 64, sample=lambda: x[:64])   # doctest: +SKIP
+    >>> opened.runtime, opened.note.startswith("remembered choice")  # doctest: +SKIP
+    ('openvino', True)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ModelLoadError
+from ..wire import ModelSpec
+from .agreement import check_agreement
+from .candidates import CONVERTERS, LABELS, Opened, discard, open_tensorflow, reference_outputs
+from .choice import choose, fixed_tensorflow_note
+from .litert import open_tflite
+from .openvino import read_ir
+from .predictors import input_signature, make_predictor
+from .records import RuntimeRecord, choice_lock, read_record
+from .runtime import on_gpu, release_memory, worker_name
+
+#: The batch a forced conversion is checked at (its predictor is made again at the
+#: model's batch).
+CHECK_BATCH = 16
+
+
+def open_for_runtime(spec: ModelSpec, batch: int,
+                     sample: Callable[[], np.ndarray] | None = None) -> Opened:
+    """``spec``'s model opened for the runtime it runs on here. ``batch`` is the batch it
+    will run at (what a choice times); ``sample`` gives the user's rows when the load
+    happens inside a prediction (called only if a conversion needs checking).
+
+    Example:
+        >>> open_for_runtime(spec, 64).runtime   # doctest: +SKIP
+        'tensorflow'
+    """
+    if spec.format in ("tflite", "openvino") or spec.runtime == "tensorflow":
+        return open_tensorflow(spec)   # a .tflite or an IR file: the format's own runtime
+    if spec.runtime in CONVERTERS:
+        return open_forced(spec, user_rows(sample))
+    fixed = fixed_tensorflow_note(spec.precision, on_gpu())
+    if fixed is not None:
+        return open_tensorflow(spec, fixed)
+    with choice_lock(spec):   # a second worker waits here, then reads the first's record
+        record, why = read_record(spec)
+        if record is not None:
+            return open_remembered(spec, record)
+        return choose(spec, batch, user_rows(sample), why)
+
+
+def user_rows(sample: Callable[[], np.ndarray] | None) -> np.ndarray | None:
+    """The user's rows, if there are any and they can be read (else None: random rows).
+
+    Example:
+        >>> user_rows(lambda: np.ones((2, 3))).shape, user_rows(None)
+        ((2, 3), None)
+    """
+    if sample is None:
+        return None
+    try:
+        rows = np.asarray(sample())
+    except Exception:   # the chunk's own read will say what is wrong
+        return None
+    return rows if rows.ndim >= 1 and len(rows) else None
+
+
+def open_remembered(spec: ModelSpec, record: RuntimeRecord) -> Opened:
+    """``spec`` opened as its ``record`` says: for a conversion, its artifact read straight
+    from the cache (no TensorFlow, no Keras: the check was made when it was chosen, on this
+    machine, with these versions, and its sha256 still matches).
+
+    Example:
+        >>> open_remembered(spec, record).note   # doctest: +SKIP
+        'remembered choice (openvino: 2.1x TensorFlow, ...)'
+    """
+    note = f"remembered choice ({record.summary})"
+    if record.runtime == "tensorflow":
+        return open_tensorflow(spec, note)
+    own_shape = tuple(record.own_shape or ())
+    if record.runtime == "openvino":
+        artifact = read_ir(record.artifact[0], own_shape, record.own_dtype)
+    else:
+        artifact = open_tflite(spec, record.artifact[0])
+    row_shape, dtype = input_signature(spec, own_shape, record.own_dtype)
+    return Opened(artifact, tuple(row_shape), dtype, record.n_outputs,
+                  record.weight_bytes or spec.size_bytes, record.runtime, note,
+                  own_shape=own_shape, own_dtype=record.own_dtype)
+
+
+def open_forced(spec: ModelSpec, sample: np.ndarray | None) -> Opened:
+    """``spec`` converted to the runtime it was registered with (or read from the cache),
+    checked against TensorFlow on ``sample`` (else random rows) at every load; a
+    conversion that disagrees fails the load (and is not kept).
+
+    Example:
+        >>> open_forced(spec, None).note   # doctest: +SKIP
+        'converted to OpenVINO IR in 1.2 s; max abs diff 2.4e-07 from TensorFlow on 64 random rows'
+    """
+    runtime = spec.runtime
+    if on_gpu():   # refused at register too; a worker placed by hand could still get here
+        raise ModelLoadError(spec.name, spec.path, worker_name(), f"runtime={runtime!r} "
+                             "converts the model to run on the CPU, and this worker has a GPU",
+                             "register it with device='cpu' (or runtime='auto' or "
+                             "'tensorflow')")
+    tf_model = open_tensorflow(spec)
+    artifact = CONVERTERS[runtime](spec, tf_model)
+    row_shape, dtype = tf_model.row_shape, tf_model.dtype
+    reference = make_predictor(spec, tf_model.call, CHECK_BATCH, row_shape, dtype)
+    predictor = make_predictor(spec, artifact, CHECK_BATCH, row_shape, dtype)
+    rows, what, want = reference_outputs(reference, row_shape, dtype, sample)
+    checks = reference.checks() if hasattr(reference, "checks") else []
+    try:
+        diff = check_agreement(spec, runtime, predictor, lambda _: want, rows)
+    except ModelLoadError:
+        discard(artifact)
+        raise
+    tf_model.call = reference = predictor = None   # TensorFlow's copy is no longer needed
+    release_memory()
+    how = "converted to" if artifact.converted else "read cached"
+    note = (f"{how} {LABELS[runtime]} in {artifact.seconds:.1f} s; max abs diff {diff:.2g} "
+            f"from TensorFlow on {what}")
+    if checks:   # forced by the user: runs, but says what it loses
+        note += f"; its in-graph checks ({', '.join(checks)}) do not run there"
+    return Opened(artifact, row_shape, dtype, tf_model.n_outputs, tf_model.weight_bytes,
+                  runtime, note, own_shape=tf_model.own_shape, own_dtype=tf_model.own_dtype)
