@@ -45,6 +45,9 @@ ALWAYS_NOISE = (
     re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
     # LiteRT's line when an interpreter first allocates: XNNPACK is simply its CPU kernels.
     re.compile(rb"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU"),
+    # The LiteRT converter, on options a Keras conversion never sets.
+    re.compile(rb"tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored (output_format|"
+               rb"drop_control_dependency)\."),
 )
 #: Lines that say "no GPU": the expected state of a CPU-only worker or machine, and a real
 #: problem where a GPU is expected (they are kept there).

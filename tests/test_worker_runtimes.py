@@ -132,3 +132,42 @@ def test_litert_outputs_come_in_keras_order_not_the_interpreters(fixtures, runti
     ordered = [tuple(o["shape"][1:]) for o in opened.outputs]
     assert ordered == [w.shape[1:] for w in want]
     assert raw != ordered   # the premise: without the signature the order is wrong
+
+
+def test_a_model_that_checks_its_values_in_graph_stays_in_tensorflow(runtime_cache,
+                                                                      tmp_path, keras):
+    """A conversion drops tf.debugging checks: a row that stops the model with an error in
+    TensorFlow would come out as NaN, or a number, with no error. auto keeps it in TF."""
+    m = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Lambda(lambda t: __import__("tensorflow").debugging.check_numerics(
+            t, "row is not finite")),
+        keras.layers.Dense(3)])
+    m.save(tmp_path / "checks.keras")
+    x = np.random.default_rng(3).normal(size=(20, 6)).astype("float32")
+    spec = ModelSpec("checks", str(tmp_path / "checks.keras"), "keras",
+                     (tmp_path / "checks.keras").stat().st_size,
+                     file_fingerprint(tmp_path / "checks.keras"), runtime="auto", trusted=True)
+    got, state = run(spec, x)
+    assert state.runtime == "tensorflow"
+    assert "checks its values in-graph (CheckNumerics)" in state.runtime_note
+    assert_close(got, [m.predict(x, verbose=0)], "checks")
+    x[4] = np.nan
+    cache = ModelCache(budget=10**9, device="cpu:0", worker="here")
+    loaded, _ = cache.get(spec)
+    with pytest.raises(Exception, match="row is not finite"):
+        cache.run(loaded, x)
+
+
+def test_a_nan_row_comes_out_nan_in_a_converted_runtime_not_as_a_plausible_number(
+        fixtures, runtime_cache):
+    """XNNPACK's (and OpenVINO's) max(NaN, 0) is 0: a NaN pixel can give a confident,
+    finite class. Rows with a NaN or inf input come out NaN; the others are untouched."""
+    path, x, want, _ = fixtures["conv"]
+    bad = x.copy()
+    bad[3, 0, 0, 0], bad[7, 5, 5, 2] = np.nan, np.inf
+    for runtime in ("openvino", "litert"):
+        got, _ = run(spec_for(path, runtime, name=f"nan_{runtime}"), bad)
+        assert np.isnan(got[0][[3, 7]]).all(), runtime
+        keep = np.setdiff1d(np.arange(len(x)), [3, 7])
+        assert np.abs(got[0][keep] - want[0][keep]).max() <= TOL, runtime

@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 
+from ..quiet import expects_gpu, native_logs_filtered
 from ..wire import ModelSpec
 from .litert import LiteRTModel, open_tflite
 from .runtime import cache_root, tensorflow
@@ -98,7 +99,8 @@ def convert_float32(spec: ModelSpec, model) -> bytes:
     """
     tf = tensorflow()
     # The converter prints "Saved artifact at ..." and warns per layer: not the user's news.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+            native_logs_filtered(expect_gpu=expects_gpu()):   # its "Ignored ..." lines
         warnings.simplefilter("ignore")
         converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) \
             if spec.format == "savedmodel" else tf.lite.TFLiteConverter.from_keras_model(model)
