@@ -133,8 +133,9 @@ def test_memory_on_demand_budget_eviction_soft_and_hard_unload():
     pids = {k: int(line_with(text, f"{k}:").split("pid ")[1].split(",")[0])
             for k in ("loaded", "soft unload", "hard unload")}
     assert pids["loaded"] == pids["soft unload"] != pids["hard unload"]   # a new process
-    mb = {k: float(line_with(text, f"{k}:").split("memory ")[1].split()[0])
-          for k in ("loaded", "soft unload", "hard unload")}
+    scale = {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3, "TB": 1e6}   # human_bytes' units
+    mb = {k: float(value) * scale[unit] for k in ("loaded", "soft unload", "hard unload")
+          for value, unit in [line_with(text, f"{k}:").split("memory ")[1].split()[:2]]}
     assert mb["hard unload"] < mb["soft unload"] - 20     # the models' memory came back
 
 
