@@ -70,7 +70,8 @@ class ModelSpec:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """Size and modification time of a model file (or of a directory's newest file).
+    """Size and modification time of a model file (or of a directory's newest file; of an
+    OpenVINO ``.xml`` with its ``.bin``).
 
     Cheap enough to ask before every load and every run: a model re-saved in place gets a
     new fingerprint, so a stale copy is never served without a word.
@@ -83,6 +84,8 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    if p.suffix == ".xml" and p.with_suffix(".bin").is_file():   # an IR's weights are beside it
+        files.append(p.with_suffix(".bin"))
     stats = [f.stat() for f in files]
     return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
 

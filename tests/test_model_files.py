@@ -145,3 +145,15 @@ def test_a_broken_or_foreign_ir_is_named_with_a_fix(tmp_path):
     other.write_text("<net><layers>")
     with pytest.raises(ModelFileError, match="not a readable OpenVINO IR .xml"):
         inspect_model("cut", other)
+
+
+def test_an_ir_whose_weights_are_saved_again_gets_a_new_fingerprint(tmp_path):
+    """The .xml is only the graph: weights re-saved in the .bin beside it must not be
+    served from a copy loaded before."""
+    from nbtool.wire import file_fingerprint
+
+    (tmp_path / "m.xml").write_text("<net/>")
+    (tmp_path / "m.bin").write_bytes(b"\0" * 16)
+    before = file_fingerprint(tmp_path / "m.xml")
+    (tmp_path / "m.bin").write_bytes(b"\0" * 32)
+    assert file_fingerprint(tmp_path / "m.xml") != before
