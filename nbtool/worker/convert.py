@@ -15,12 +15,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import numpy as np
 
 from ..errors import NbtoolError
 from ..wire import ModelSpec
+from .to_litert import litert_converter, quiet_converter
 from .ov_variants import OPENVINO_VARIANTS, make_openvino_variant
 from .runtime import describe_exception, tensorflow
 
@@ -62,9 +60,7 @@ def convert_variant(spec: ModelSpec, variant: str,
     import keras
 
     t0 = time.perf_counter()
-    # The converters print "Saved artifact at ..." and warn per layer: not the user's news.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_converter():
         if spec.format == "savedmodel":
             model = None
         else:
@@ -78,8 +74,7 @@ def convert_variant(spec: ModelSpec, variant: str,
                 if variant == "openvino-int8" else None
             out = make_openvino_variant(spec, variant, model, rows)
             return {**out, "seconds": time.perf_counter() - t0}
-        converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) if model is None \
-            else tf.lite.TFLiteConverter.from_keras_model(model)
+        converter = litert_converter(spec, model)
         if variant != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if variant == "float16":

@@ -97,12 +97,36 @@ def convert_float32(spec: ModelSpec, model) -> bytes:
         >>> len(convert_float32(spec, keras_model)) > 0   # doctest: +SKIP
         True
     """
+    with quiet_converter():
+        return bytes(litert_converter(spec, model).convert())
+
+
+def litert_converter(spec: ModelSpec, model):
+    """TF's LiteRT converter for ``model`` (None, or a SavedModel ``spec``: its directory),
+    built-in ops only; the variants of :mod:`~nbtool.worker.convert` add their options.
+
+    Example:
+        >>> litert_converter(spec, keras_model).optimizations   # doctest: +SKIP
+        set()
+    """
     tf = tensorflow()
-    # The converter prints "Saved artifact at ..." and warns per layer: not the user's news.
+    converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) \
+        if model is None or spec.format == "savedmodel" \
+        else tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter
+
+
+@contextlib.contextmanager
+def quiet_converter():
+    """What converters print is not the user's news: "Saved artifact at ..." on stdout, a
+    warning per layer, and the LiteRT converter's native "Ignored ..." lines.
+
+    Example:
+        >>> with quiet_converter():
+        ...     print("Saved artifact at /tmp/x")
+    """
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
-            native_logs_filtered(expect_gpu=expects_gpu()):   # its "Ignored ..." lines
+            native_logs_filtered(expect_gpu=expects_gpu()):
         warnings.simplefilter("ignore")
-        converter = tf.lite.TFLiteConverter.from_saved_model(spec.path) \
-            if spec.format == "savedmodel" else tf.lite.TFLiteConverter.from_keras_model(model)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        return bytes(converter.convert())
+        yield
