@@ -66,10 +66,16 @@ def test_background_infer_in_a_real_kernel_binds_while_the_kernel_stays_free(tmp
     nb.cells = [nbformat.v4.new_code_cell(c) for c in (
         "import numpy as np\n%load_ext nbtool\n%nbtool start --workers 1 --gpus none",
         f"%nbtool register bg {model_dir / 'mlp.keras'}",
-        # Long enough (hundreds of chunks) that the next cell runs while it does.
-        "x = np.random.default_rng(0).normal(size=(100000, 8)).astype('float32')",
-        "%%infer bg --background --out later --chunk-size 100\nx",
-        "handle = _\nran_meanwhile = 'later' not in globals() and sum(range(1000))",
+        # The input waits for a flag that only the next cell sets, so that cell runs
+        # while the prediction is still going (a timing race failed on a slower machine).
+        "import os, time, dask, dask.array as da\nflag = os.path.abspath('go')\n"
+        "def rows_once_flagged(n):\n    while not os.path.exists(flag):\n"
+        "        time.sleep(0.02)\n"
+        "    return np.random.default_rng(0).normal(size=(n, 8)).astype('float32')\n"
+        "x = da.from_delayed(dask.delayed(rows_once_flagged)(100000), (100000, 8), 'float32')",
+        "%%infer bg --background --out later --chunk-size 1000\nx",
+        "handle = _\nran_meanwhile = ('later' not in globals() and not handle.done\n"
+        "                 and sum(range(1000)))\nopen(flag, 'w').close()",
         "import asyncio\nwhile not handle.done:\n    await asyncio.sleep(0.05)\n"
         "print('bound:', later is handle.result(), 'task:', handle.task is not None, "
         "'rows:', later['bg'].shape[0], 'meanwhile:', ran_meanwhile)",
