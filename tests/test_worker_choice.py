@@ -91,7 +91,13 @@ def test_auto_chooses_once_and_a_fresh_worker_reads_the_choice(machine_cache, ch
     assert state.runtime_note.endswith("chosen at first load, remembered")
     assert "40 of your rows" in state.runtime_note
     record = json.loads(open(record_path(spec)).read())
-    assert record["runtime"] == state.runtime and record["batch"] == 64
+    assert record["runtime"] == state.runtime
+    # The runtime and its batch were chosen together: the fastest of those timed.
+    timed = record["batch_seconds"]
+    assert {k.split("@")[1] for k in timed} == {"32", "64", "128"}
+    assert min(timed, key=timed.get) == f"{state.runtime}@{record['batch']}"
+    assert state.batch_size == record["batch"]
+    assert f"at batch {record['batch']}" in state.runtime_note
     assert set(record["seconds"]) >= {"tensorflow", state.runtime}
     assert record["machine"]["cores"] == os.cpu_count() and record["versions"]["openvino"]
     # The candidates not chosen are gone, from memory and from disk.
@@ -101,12 +107,24 @@ def test_auto_chooses_once_and_a_fresh_worker_reads_the_choice(machine_cache, ch
     mtime = os.stat(kept).st_mtime_ns if kept else None
 
     predict, again = load(spec)   # no rows: a remembered choice needs none
-    assert again.runtime == state.runtime
+    assert again.runtime == state.runtime and again.batch_size == state.batch_size
     assert again.runtime_note == f"remembered choice ({record['summary']})"
     assert np.abs(predict(x)[0] - want).max() <= TOL
     # Nothing was converted again: the other candidates' folders were not made again.
     assert not any(os.path.exists(p) for p in others.values())
     assert (os.stat(kept).st_mtime_ns if kept else None) == mtime
+
+
+def test_a_batch_the_user_set_is_the_only_one_timed(machine_cache, choice_models):
+    path, x, want = choice_models["mlp"]
+    predict, state = load(spec_of(path, batch_size=16), x)
+    assert state.batch_size == 16
+    assert np.abs(predict(x)[0] - want).max() <= TOL
+    record = json.loads(open(record_path(spec_of(path, batch_size=16))).read())
+    assert record["batch"] == 16 and record["batch_seconds"] == {}
+    assert "at batch" not in state.runtime_note
+    _, again = load(spec_of(path))   # the user's batch is not remembered as a choice
+    assert again.batch_size == 64 and again.runtime == state.runtime
 
 
 @pytest.mark.parametrize("change, why", [

@@ -146,6 +146,31 @@ def check_rows(row_shape: tuple, dtype, sample: np.ndarray | None) -> tuple[np.n
     return np.concatenate([rows, extra]), f"{len(rows)} of your rows and {missing} random rows"
 
 
+#: The batches ``auto`` times a model at when the user gave none, and the most input one
+#: batch may hold: activations grow with the batch, and a 224x224 image batch of 128 is
+#: already 77 MB of input alone.
+CHOICE_BATCHES = (32, 64, 128)
+BATCH_INPUT_LIMIT = 32 * 2**20
+
+
+def candidate_batches(row_shape: tuple, dtype, default: int) -> tuple[int, ...]:
+    """The batches worth timing for a model taking rows of ``row_shape`` and ``dtype``:
+    those of :data:`CHOICE_BATCHES` whose input fits :data:`BATCH_INPUT_LIMIT`, and always
+    ``default`` (only ``default`` when a dimension is not fixed).
+
+    Example:
+        >>> candidate_batches((64, 64, 3), "float32", 64)
+        (32, 64, 128)
+        >>> candidate_batches((224, 224, 3), "float32", 64), candidate_batches((None, 8), "float32", 64)
+        ((32, 64), (64,))
+    """
+    if any(d is None for d in row_shape):
+        return (default,)
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    return tuple(sorted({default, *(b for b in CHOICE_BATCHES
+                                    if b * row_bytes <= BATCH_INPUT_LIMIT)}))
+
+
 def timing_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
     """``rows`` repeated (or cut) to exactly one batch: what a predictor runs per call.
 

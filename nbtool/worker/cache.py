@@ -162,16 +162,18 @@ class ModelCache:
         t0 = time.perf_counter()
         try:
             sweep = spec.batch_size == "auto"
-            batch = DEFAULT_BATCH_SIZE if sweep else (spec.batch_size or DEFAULT_BATCH_SIZE)
+            # The user's batch, else None: auto's choice also finds the best batch here.
+            fixed = spec.batch_size if isinstance(spec.batch_size, int) else None
             # Its runtime: the format's own, the one forced, or auto's (remembered/chosen).
             while True:   # a batch too big for memory already fails while choosing
                 try:
-                    opened = open_for_runtime(spec, batch, sample)
+                    opened = open_for_runtime(spec, fixed, sample)
                     break
                 except Exception as e:
-                    if not out_of_memory_error(e) or batch <= 1:
+                    if not out_of_memory_error(e) or (fixed or DEFAULT_BATCH_SIZE) <= 1:
                         raise
-                    batch = self._note_oom(spec.name, batch)
+                    fixed = self._note_oom(spec.name, fixed or DEFAULT_BATCH_SIZE)
+            batch = fixed or opened.batch or DEFAULT_BATCH_SIZE
             call, row_shape, dtype = opened.call, opened.row_shape, opened.dtype
             n_outputs, weight_bytes = opened.n_outputs, opened.weight_bytes
             if sweep:   # opt-in: bigger batches gained 0-13% here, and their activations

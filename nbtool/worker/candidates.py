@@ -36,7 +36,8 @@ class Opened:
     :class:`~nbtool.worker.openvino.OpenVINOModel` or a
     :class:`~nbtool.worker.litert.LiteRTModel`; ``row_shape``/``dtype``: what the predictor
     takes (preprocess included); ``note``: why this runtime, and how it was prepared;
-    ``predictor``: one already warmed up at the batch the choice timed, if any.
+    ``predictor``: one already warmed up at the batch the choice timed, if any;
+    ``batch``: the batch ``auto`` found fastest here (None: the user's, or the default).
     """
 
     call: Any
@@ -49,6 +50,7 @@ class Opened:
     predictor: Any = None
     own_shape: tuple = ()
     own_dtype: str = "float32"
+    batch: int | None = None
 
 
 def open_tensorflow(spec: ModelSpec, note: str | None = None) -> Opened:

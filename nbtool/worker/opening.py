@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -31,14 +32,15 @@ from .runtime import on_gpu, release_memory, worker_name
 CHECK_BATCH = 16
 
 
-def open_for_runtime(spec: ModelSpec, batch: int,
+def open_for_runtime(spec: ModelSpec, batch: int | None,
                      sample: Callable[[], np.ndarray] | None = None) -> Opened:
-    """``spec``'s model opened for the runtime it runs on here. ``batch`` is the batch it
-    will run at (what a choice times); ``sample`` gives the user's rows when the load
+    """``spec``'s model opened for the runtime it runs on here. ``batch`` is the batch the
+    user set (None: a choice also finds the best batch, and ``Opened.batch`` says it, as
+    does a remembered choice); ``sample`` gives the user's rows when the load
     happens inside a prediction (called only if a conversion needs checking).
 
     Example:
-        >>> open_for_runtime(spec, 64).runtime   # doctest: +SKIP
+        >>> open_for_runtime(spec, None).runtime   # doctest: +SKIP
         'tensorflow'
     """
     if spec.format in ("tflite", "openvino") or spec.runtime == "tensorflow":
@@ -81,8 +83,10 @@ def open_remembered(spec: ModelSpec, record: RuntimeRecord) -> Opened:
         'remembered choice (openvino: 2.1x TensorFlow, ...)'
     """
     note = f"remembered choice ({record.summary})"
+    # Its batch, if the choice found it (a choice made at a batch the user set found none).
+    batch = record.batch if record.batch_seconds else None
     if record.runtime == "tensorflow":
-        return open_tensorflow(spec, note)
+        return dataclasses.replace(open_tensorflow(spec, note), batch=batch)
     own_shape = tuple(record.own_shape or ())
     if record.runtime == "openvino":
         artifact = read_ir(record.artifact[0], own_shape, record.own_dtype)
@@ -91,7 +95,7 @@ def open_remembered(spec: ModelSpec, record: RuntimeRecord) -> Opened:
     row_shape, dtype = input_signature(spec, own_shape, record.own_dtype)
     return Opened(artifact, tuple(row_shape), dtype, record.n_outputs,
                   record.weight_bytes or spec.size_bytes, record.runtime, note,
-                  own_shape=own_shape, own_dtype=record.own_dtype)
+                  own_shape=own_shape, own_dtype=record.own_dtype, batch=batch)
 
 
 def open_forced(spec: ModelSpec, sample: np.ndarray | None) -> Opened:

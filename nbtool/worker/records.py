@@ -46,10 +46,11 @@ class RuntimeRecord:
 
     ``artifact``: the files the chosen runtime loads (none for TensorFlow, which loads the
     model file itself); ``sha256``: their digest when chosen. ``diffs`` and ``seconds``
-    (per batch, medians) are per candidate that agreed; ``skipped`` says why the others
-    were not candidates. ``own_shape``/``own_dtype`` are the model's input, ``n_outputs``
-    and ``weight_bytes`` what a TensorFlow load learned: a remembered load needs no
-    TensorFlow to know them.
+    (medians over one timing block of rows, each at its best batch) are per candidate
+    that agreed; ``batch_seconds`` the same per ``runtime@batch`` tried for the fastest
+    ones; ``batch`` the batch chosen; ``skipped`` says why the others were not candidates.
+    ``own_shape``/``own_dtype`` are the model's input, ``n_outputs`` and ``weight_bytes``
+    what a TensorFlow load learned: a remembered load needs no TensorFlow to know them.
     """
 
     runtime: str
@@ -69,6 +70,7 @@ class RuntimeRecord:
     n_outputs: int | None = None
     weight_bytes: int | None = None
     summary: str = ""                    # the note of the load that chose
+    batch_seconds: dict = dataclasses.field(default_factory=dict)   # "runtime@batch": s
 
 
 def cpu_model() -> str:
