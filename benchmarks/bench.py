@@ -247,6 +247,8 @@ def main():
             size = eng.registry.get("b0").size_bytes
             eng.set_memory_budget(int(2.5 * size))     # two of them fit
             xb = np.random.default_rng(3).random((2000, 64), dtype=np.float32)
+            for n in budget_models:   # each model's first load chooses its runtime: not timed
+                eng.predict(n, xb)
             by_count = {}
             for k in (1, 2, 4, 8):
                 by_count[k] = statistics.median(timed(
