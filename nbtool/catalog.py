@@ -24,8 +24,8 @@ from typing import Any, Iterable
 
 from .placement import is_auto, place_all, placed_with
 from .errors import InvalidOption, NbtoolError
-from .registry import (Registry, check_batch_size, check_name, check_replicas, find_models,
-                       inspect_model)
+from .registry import (Registry, check_backend_support, check_batch_size, check_name,
+                       check_replicas, find_models, inspect_model)
 from .tables import ModelRow, model_rows
 from .wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
 from .worker import PRECISIONS, unload_models
@@ -179,8 +179,10 @@ class Catalog:
         specs, problems = [], []
         for n, p in found.items():
             try:
-                specs.append(inspect_model(n, p, device=device, replicas=replicas,
-                                           batch_size=batch_size, trusted=bool(trusted)))
+                spec = inspect_model(n, p, device=device, replicas=replicas,
+                                     batch_size=batch_size, trusted=bool(trusted))
+                check_backend_support(spec, {w.backend for w in self.pool.workers.values()})
+                specs.append(spec)
             except NbtoolError as e:   # one bad file must not cost the user the others
                 problems.append(e)
         if problems and not specs:
@@ -228,6 +230,7 @@ class Catalog:
         # Place first: if that fails, the old registration stays as it was.
         placement = placed_with(spec, {s.name: s for s in self.registry}, self.placement,
                                 self.pool.workers.values())
+        check_backend_support(spec, {self.pool.workers[w].backend for w in placement[spec.name]})
         gpus = [w for w in placement[spec.name] if self.pool.workers[w].kind == "gpu"]
         # nbtool runs OpenVINO and converted LiteRT models on CPUs only.
         if spec.runtime in ("openvino", "litert") and spec.format != "tflite" and gpus:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 from dask.utils import parse_bytes
 
 from .errors import PlacementError
+from .keras_backend import backend_env
 from .settings import as_bytes
 
 FAKE_GPUS_ENV = "NBTOOL_FAKE_GPUS"
@@ -74,6 +75,7 @@ class WorkerSlot:
     tf_threads: int
     budget: int
     env: dict = dataclasses.field(default_factory=dict)
+    backend: str = "tensorflow"
 
 
 def discover_gpus() -> list[GPU]:
@@ -203,16 +205,20 @@ def default_cpu_workers(cores: int, total_memory: int) -> int:
 
 def plan_workers(gpus: list[GPU], *, n_workers: int | None = None,
                  memory_budget: int | str | None = None, cores: int | None = None,
-                 total_memory: int | None = None) -> list[WorkerSlot]:
+                 total_memory: int | None = None,
+                 backend: str = "tensorflow") -> list[WorkerSlot]:
     """Plan the worker processes: one per GPU, or CPU workers when there is no GPU.
 
     Each GPU worker sees exactly its GPU (``CUDA_VISIBLE_DEVICES=<index>``) with memory
-    growth on; CPU workers see none. TensorFlow's thread counts split the cores so the
-    workers together use them all without oversubscribing.
+    growth on; CPU workers see none. The backend's thread counts split the cores so the
+    workers together use them all without oversubscribing. ``backend`` is the Keras
+    backend every worker runs (:func:`~nbtool.keras_backend.backend_env` says what that sets).
 
     Example:
         >>> [(s.name, s.tf_threads) for s in plan_workers([], cores=4, total_memory=2**35)]
         [('cpu0', 1), ('cpu1', 1), ('cpu2', 1), ('cpu3', 1)]
+        >>> plan_workers([], n_workers=1, cores=2, backend="jax")[0].env["KERAS_BACKEND"]
+        'jax'
     """
     import psutil
 
@@ -229,7 +235,8 @@ def plan_workers(gpus: list[GPU], *, n_workers: int | None = None,
             name=f"gpu{g.index}", device=g.label, tf_threads=threads,
             budget=budget or int(g.memory_total * GPU_BUDGET_SHARE),
             env=_worker_env(str(g.index), threads, g.label, budget or
-                            int(g.memory_total * GPU_BUDGET_SHARE)))
+                            int(g.memory_total * GPU_BUDGET_SHARE), backend),
+            backend=backend)
             for g in gpus]
     n = n_workers or default_cpu_workers(cores, total_memory)
     if n < 1:
@@ -239,14 +246,19 @@ def plan_workers(gpus: list[GPU], *, n_workers: int | None = None,
                                int((total_memory / n - WORKER_BASE_MEMORY) * 0.5))
     return [WorkerSlot(name=f"cpu{i}", device=f"cpu:{i}", tf_threads=threads,
                        budget=cpu_budget,
-                       env=_worker_env("-1", threads, f"cpu:{i}", cpu_budget))
+                       env=_worker_env("-1", threads, f"cpu:{i}", cpu_budget, backend),
+                       backend=backend)
             for i in range(n)]
 
 
-def _worker_env(visible: str, threads: int, device: str, budget: int) -> dict[str, str]:
+def _worker_env(visible: str, threads: int, device: str, budget: int,
+                backend: str) -> dict[str, str]:
     return {
         # One GPU per worker, by index: a rotated list would still let TF take them all.
         "CUDA_VISIBLE_DEVICES": visible,
+        # NVML numbers GPUs by PCI bus, CUDA fastest first: on a machine with mixed GPUs
+        # the index NVML planned with would name another GPU in CUDA without this.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         # Without it TensorFlow maps nearly all of the GPU's memory at start.
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
         "TF_NUM_INTRAOP_THREADS": str(threads),
@@ -258,6 +270,7 @@ def _worker_env(visible: str, threads: int, device: str, budget: int) -> dict[st
         "NBTOOL_DEVICE": device,
         "NBTOOL_TF_THREADS": str(threads),
         "NBTOOL_MEMORY_BUDGET": str(budget),
+        **backend_env(backend, device),
     }
 
 
@@ -273,6 +286,7 @@ class WorkerInfo:
     name: str
     device: str
     budget: int
+    backend: str = "tensorflow"   # the Keras backend it runs
 
     @property
     def kind(self) -> str:

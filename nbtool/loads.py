@@ -17,7 +17,7 @@ import functools
 from typing import Any, Callable
 
 from .errors import ModelLoadError, NbtoolError
-from .wire import ModelState
+from .wire import ModelState, UnloadResult
 from .worker import load_model, unload_models
 from .warn import warn_user
 
@@ -92,20 +92,26 @@ class Loads:
             raise failures[0]
         return out
 
-    def unload(self, names: list[str], hard: bool = False) -> list[str]:
+    def unload(self, names: list[str], hard: bool = False) -> UnloadResult:
         """Unload models (all if ``None``) from the workers.
 
         Soft (default): the workers drop them and clear Keras' state; the memory becomes
-        reusable inside those workers. ``hard=True``: the worker processes that held them
-        restart (TensorFlow never returns memory otherwise) and the models they held that
-        were not asked to go are loaded again; this includes workers that soft-unloaded or
-        evicted the models earlier, since they still hold the memory. Returns the workers
-        restarted (hard) or the models dropped (soft).
+        reusable inside those workers, and goes back to the device only where the backend
+        gives it back (PyTorch's caching allocator does; TensorFlow's and JAX's keep it).
+        ``hard=True``: the worker processes that held them restart (TensorFlow never
+        returns memory otherwise) and the models they held that were not asked to go are
+        loaded again; this includes workers that soft-unloaded or evicted the models
+        earlier, since they still hold the memory. Returns the workers restarted (hard) or
+        the models dropped (soft), as a list (an :class:`~nbtool.wire.UnloadResult`) that
+        also says, per worker, the bytes it ``freed`` (measured on the worker: what the
+        driver says on a GPU, RSS on CPU; for a hard unload, before the restart minus
+        after it, before anything is loaded again) and whether that ``returns_memory``.
 
         Example:
             >>> eng.unload("cnn")                  # doctest: +SKIP
+            ['cnn'] (freed: cpu0 12.1 MB; returns memory: cpu0 yes (12.1 MB of 12.6 MB))
             >>> eng.unload(hard=True)              # doctest: +SKIP
-            ['cpu0', 'cpu1']
+            ['cpu0', 'cpu1'] (freed: cpu0 812.0 MB, cpu1 790.2 MB; returns memory: ...)
         """
         self.catalog.specs(names)   # unknown names fail before anything happens
         self.catalog.background.cancel(names)   # a queued replica must not come back
@@ -113,17 +119,16 @@ class Loads:
             return self._hard_unload(names)
         # Every worker: an auto model placed again (another model took its room) may
         # still be held where it ran before.
-        dropped = self.pool.run_on(unload_models, names)
-        return sorted({m for ms in dropped.values() for m in ms})
+        return UnloadResult.merged(self.pool.run_on(unload_models, names))
 
-    def _hard_unload(self, names: list[str]) -> list[str]:
+    def _hard_unload(self, names: list[str]) -> UnloadResult:
         registry = self.catalog.registry
         # Every process that ever loaded one of them still holds its memory, even after a
         # soft unload or an eviction: TensorFlow keeps what it allocated.
         holders = {w: s for w, s in self.pool.status().items()
                    if any(n in s.models for n in names)}
         if not holders:
-            return []
+            return UnloadResult([])
         keep = {w: [m for m in s.lru_order if m not in names and m in registry]
                 for w, s in holders.items()}
         # What comes back is what the files hold now, never a copy of a file since re-saved;
@@ -138,6 +143,7 @@ class Loads:
         # restarted workers (a finished task is recomputed while someone wants it): let go.
         self.catalog.background.release_done()
         self.pool.restart(sorted(holders))
+        after = self.pool.status(sorted(holders))   # the restarted processes, still empty
         futures = [self.load_on(m, w, "rewarm") for w, ms in keep.items() for m in ms]
         # Gathered without raising: a raised error's traceback would keep these futures in
         # a reference cycle, and the next restart would run the loads again.
@@ -147,7 +153,23 @@ class Loads:
                 warn_user(f"hard unload: a model the restarted workers held could not "
                           f"be loaded again (it loads on its next use or says why): "
                           f"{fut.exception()}")
-        return sorted(holders)
+        return hard_unload_result(holders, after)
+
+
+def hard_unload_result(before: dict, after: dict) -> UnloadResult:
+    """The workers a hard unload restarted, with what each process held before the restart
+    minus what the new one holds (``WorkerStatus.held_memory``: what the driver says on a
+    GPU, RSS on CPU); a new process gives everything back.
+
+    Example:
+        >>> from nbtool.wire import WorkerStatus
+        >>> hard_unload_result({"cpu0": WorkerStatus("cpu0", "cpu:0", 1, held_memory=900)},
+        ...                    {"cpu0": WorkerStatus("cpu0", "cpu:0", 1, held_memory=300)})
+        ['cpu0'] (freed: cpu0 600 B; returns memory: cpu0 yes (a new process))
+    """
+    freed = {w: max(0, (s.held_memory or 0) - (after[w].held_memory or 0))
+             for w, s in before.items() if w in after}
+    return UnloadResult(sorted(before), freed, {w: "yes (a new process)" for w in freed})
 
 
 class BackgroundLoads:

@@ -36,6 +36,22 @@ def gpus_arg(text: str) -> str:
                                      f"{text!r}. Fix: e.g. --gpus 0,1")
 
 
+def backend_arg(text: str) -> str:
+    """argparse type for ``--backend``: the Keras backend the workers run (whether it is
+    installed is checked by ``nbtool.start``).
+
+    Example:
+        >>> backend_arg("jax"), backend_arg("PyTorch")
+        ('jax', 'torch')
+    """
+    name = text.strip().lower()
+    name = "torch" if name == "pytorch" else name
+    if name in ("tensorflow", "jax", "torch"):
+        return name
+    raise argparse.ArgumentTypeError(f"expected 'tensorflow', 'jax' or 'torch', got {text!r}. "
+                                     "Fix: e.g. --backend jax")
+
+
 def whole_number(text: str) -> int:
     """argparse type: a count of rows, workers or replicas; 0 and negatives are refused.
 

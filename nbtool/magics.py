@@ -25,9 +25,9 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .errors import ModelNotFound, NbtoolError
-from .magic_args import (batch_size_flag, check_choice, check_size, check_variable_name,
-                         device_option, gpus_arg, replicas_option, split_line, trusted_option,
-                         whole_number)
+from .magic_args import (backend_arg, batch_size_flag, check_choice, check_size,
+                         check_variable_name, device_option, gpus_arg, replicas_option,
+                         split_line, trusted_option, whole_number)
 
 SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
                "dashboard", "stop", "optimize")
@@ -116,6 +116,8 @@ class Nbtool(Magics):
               help="CPU workers (default: one per core)")
     @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
     @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
+    @argument("--backend", type=backend_arg, default=None, help="the Keras backend the "
+              "workers run: tensorflow (default), jax or torch")
     def _start(self, args):
         """Start the engine: a local cluster (one worker per GPU) or an existing one."""
         import nbtool
@@ -124,14 +126,16 @@ class Nbtool(Magics):
         check_size(args.memory_budget, "--memory-budget")
         if args.address is None:
             from .devices import discover_gpus, select_gpus
+            from .keras_backend import check_backend
 
             select_gpus(args.gpus, discover_gpus())   # ValueError: a UsageError in nbtool()
+            check_backend(args.backend)   # not installed: refused before the old one goes
         if self._started is not None:   # re-running the cell restarts cleanly
             self._started.close()
             self._started = None
         eng = self._started = nbtool.start(
             address=args.address, gpus=args.gpus, n_workers=args.workers,
-            memory_budget=args.memory_budget or self.memory_budget)
+            memory_budget=args.memory_budget or self.memory_budget, backend=args.backend)
         self.shell.user_ns.setdefault("eng", eng)
         return eng
 

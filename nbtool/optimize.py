@@ -111,6 +111,12 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     if "@" in name:
         raise ValueError(f"model {name!r} is itself a variant; optimize the original "
                          f"{name.split('@')[0]!r} instead.")
+    others = sorted({w.backend for w in engine.pool.workers.values()} - {"tensorflow"})
+    if others:   # every variant is made with TensorFlow's converters, on a worker
+        raise ValueError(f"model {name!r}: eng.optimize converts with TensorFlow (LiteRT's "
+                         f"converter, model.export for OpenVINO), and these workers run Keras "
+                         f"on {', '.join(others)}. Fix: optimize in an engine started with "
+                         f"backend='tensorflow', then register the variant's file here.")
     calib = None
     if calibration is not None:
         calib = np.asarray(calibration)[:max(1, int(calibration_rows))]

@@ -58,7 +58,7 @@ class WorkerPool:
             # listed yet; give them a moment before calling the cluster empty.
             time.sleep(0.2)
             statuses = self.status()
-        self.workers = {name: WorkerInfo(name, s.device, s.budget)
+        self.workers = {name: WorkerInfo(name, s.device, s.budget, s.backend)
                         for name, s in sorted(statuses.items())}
         if not self.workers:
             raise NbtoolError("the cluster has no workers. Fix: start workers for the "

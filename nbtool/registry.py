@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
-                     UntrustedModel)
+                     NbtoolError, UntrustedModel)
 from .model_files import FORMATS, detect_format, read_model_file
 from .wire import ModelSpec, file_fingerprint
 from .warn import warn_user
@@ -210,6 +210,59 @@ def check_replicas(model: str | None, replicas: Any) -> int:
         return int(replicas)
     raise InvalidOption(model, "replicas", replicas, "a whole number >= 1 (how many workers "
                         "hold the model)", "replicas=1, or up to the number of workers")
+
+
+class BackendUnsupported(InvalidOption):
+    """A model, or an option of it, that the workers' Keras backend cannot run.
+
+    Example:
+        >>> str(BackendUnsupported("cnn", "cnn/", "jax", "a SavedModel runs in TensorFlow",
+        ...                        "backend='tensorflow'"))
+        "model 'cnn' (cnn/): a SavedModel runs in TensorFlow, and the workers run Keras on jax. Fix: backend='tensorflow'."
+    """
+
+    def __init__(self, model: str, path: str, backend: str, what: str, fix: str):
+        NbtoolError.__init__(self, f"model {model!r} ({path}): {what}, and the workers run "
+                             f"Keras on {backend}. Fix: {fix}.")
+
+
+def check_backend_support(spec: ModelSpec, backends: set[str]) -> None:
+    """Refuse, at register, what the workers' Keras backends (``backends``: those of the
+    workers ``spec`` is placed on) cannot run. ``.keras`` and ``.h5`` files run on every
+    backend, ``.tflite`` (LiteRT) and OpenVINO ``.xml`` files need none; a SavedModel,
+    ``preprocess=`` (TensorFlow ops, for every format) and a forced runtime (the OpenVINO
+    and LiteRT conversions are made and checked with TensorFlow) need TensorFlow.
+
+    Example:
+        >>> spec = ModelSpec("m", "/m/exported", "savedmodel", 1, "1-1", runtime="auto")
+        >>> check_backend_support(spec, {"tensorflow"})
+        >>> check_backend_support(spec, {"jax"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.registry.BackendUnsupported: model 'm' (/m/exported): a SavedModel runs only in TensorFlow, and the workers run Keras on jax. Fix: register a .keras file of it ...
+    """
+    others = sorted(set(backends) - {"tensorflow"})
+    if not others:
+        return
+    backend = others[0]
+    if spec.preprocess is not None:   # TensorFlow ops, whatever runs the model itself
+        what = "preprocess= runs TensorFlow ops"
+        fix = ("preprocess the rows before predict (or make it Keras layers of the model), "
+               "or start the engine with backend='tensorflow'")
+    elif spec.format in ("tflite", "openvino"):   # LiteRT and OpenVINO need no TensorFlow
+        return
+    elif spec.format == "savedmodel":
+        what = "a SavedModel runs only in TensorFlow"
+        fix = ("register a .keras file of it (model.save('name.keras') where it was made), "
+               "or start the engine with backend='tensorflow'")
+    elif spec.runtime not in (None, "auto"):
+        what = (f"runtime={spec.runtime!r} needs TensorFlow (the OpenVINO and LiteRT "
+                "conversions are made and checked with it)")
+        fix = (f"leave runtime= out (the workers' Keras runs it on {backend}), or start the "
+               f"engine with backend='tensorflow'")
+    else:
+        return
+    raise BackendUnsupported(spec.name, spec.path, backend, what, fix)
 
 
 def _whole(value: Any) -> bool:

@@ -3,7 +3,8 @@
 ``nbtool.start()`` builds a cluster (or connects to one), waits for its workers and
 returns an :class:`~nbtool.engine.Engine`, which becomes the default engine of the module
 shortcuts (``nbtool.predict`` ...), like Dask's default client. Settings left out are read
-from the environment (``NBTOOL_N_WORKERS``, ``NBTOOL_MEMORY_BUDGET``, ``NBTOOL_CORES``).
+from the environment (``NBTOOL_N_WORKERS``, ``NBTOOL_MEMORY_BUDGET``, ``NBTOOL_CORES``,
+``NBTOOL_BACKEND``).
 
 Example:
     >>> eng = nbtool.start(n_workers=2)                 # doctest: +SKIP
@@ -23,6 +24,7 @@ from distributed import Client
 from .devices import discover_gpus, plan_workers, select_gpus
 from .engine import Engine
 from .errors import NbtoolError
+from .keras_backend import check_backend
 from .settings import as_bytes, check_count, check_size, env_setting
 from .worker import NbtoolWorkerPlugin
 
@@ -79,7 +81,8 @@ def set_default_engine(engine: Engine | None) -> Engine | None:
 def start(address: str | None = None, *, gpus: str | int | list[int] | None = "auto",
           memory_budget: str | int | None = None, n_workers: int | None = None,
           dashboard_address: str | None = "127.0.0.1:8787", work_dir: str | None = None,
-          security: Any = None, allow_remote_dashboard: bool = False) -> Engine:
+          security: Any = None, allow_remote_dashboard: bool = False,
+          backend: str | None = None) -> Engine:
     """Start an engine: a local GPU-pinned cluster, or a client of an existing one.
 
     Without ``address``, it starts a local cluster on 127.0.0.1 with one worker per GPU
@@ -115,6 +118,7 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     Example:
         >>> eng = nbtool.start()                                  # doctest: +SKIP
         >>> eng = nbtool.start(gpus=[0, 1], memory_budget="6GB")  # doctest: +SKIP
+        >>> eng = nbtool.start(backend="torch", gpus="none")      # doctest: +SKIP
         >>> eng = nbtool.start(address="tls://10.0.0.5:8786",
         ...                    security=Security(tls_ca_file="ca.pem", tls_client_cert="me.pem",
         ...                                      tls_client_key="me.key",
@@ -131,10 +135,11 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     if address is None:
         from .cluster import check_dashboard_address, clean_stale_shared_folders
 
+        backend = check_backend(backend)
         check_dashboard_address(dashboard_address, allow_remote_dashboard)
         clean_stale_shared_folders()
         cluster = local_cluster(gpus, n_workers, budget, dashboard_address, security,
-                                allow_remote_dashboard)
+                                allow_remote_dashboard, backend)
         n_expected = len(cluster.slots)
         plugin = NbtoolWorkerPlugin()    # budgets travel in each worker's environment
     else:
@@ -147,6 +152,8 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         wait_for_start(client, cluster, n_expected, address)
         client.register_plugin(plugin)
         eng = Engine(client, cluster, work_dir)
+        if cluster is None and backend is not None:
+            check_cluster_backend(eng, address, backend)
     except BaseException:
         if client is not None:
             client.close()
@@ -158,8 +165,9 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
 
 
 def local_cluster(gpus, n_workers, budget, dashboard_address, security,
-                  allow_remote_dashboard):
-    """The PinnedCluster for :func:`start`: one worker per GPU, else CPU workers.
+                  allow_remote_dashboard, backend: str = "tensorflow"):
+    """The PinnedCluster for :func:`start`: one worker per GPU, else CPU workers, all
+    running Keras on ``backend``.
 
     Example:
         >>> local_cluster("none", 2, None, "127.0.0.1:0", None, False)   # doctest: +SKIP
@@ -172,11 +180,34 @@ def local_cluster(gpus, n_workers, budget, dashboard_address, security,
     if n_workers is None and not selected:   # GPUs always get one worker each
         n_workers = env_workers
     slots = plan_workers(selected, n_workers=n_workers, memory_budget=budget,
-                         cores=env_setting("NBTOOL_CORES", int))
+                         cores=env_setting("NBTOOL_CORES", int), backend=backend)
     cluster = PinnedCluster(slots, dashboard_address=free_dashboard_address(dashboard_address),
                             security=security, allow_remote_dashboard=allow_remote_dashboard)
-    cluster.gpu_note = gpu_note(gpus, selected)
+    # Said once in the engine's repr: the devices, and a backend other than the default.
+    cluster.gpu_note = ", ".join(n for n in (gpu_note(gpus, selected), "" if backend ==
+                                             "tensorflow" else f"Keras on {backend}") if n)
     return cluster
+
+
+def check_cluster_backend(eng: Engine, address: str, backend: str) -> None:
+    """Refuse an external cluster whose workers run another Keras backend than
+    ``backend``: nbtool cannot change what a running worker imported.
+
+    Example:
+        >>> check_cluster_backend(eng, "tcp://10.0.0.5:8786", "jax")   # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.NbtoolError: backend='jax': the workers at tcp://10.0.0.5:8786 run Keras on 'tensorflow' ...
+    """
+    wanted = str(backend).strip().lower()
+    wanted = "torch" if wanted == "pytorch" else wanted
+    found = sorted({w.backend for w in eng.pool.workers.values()})
+    if found != [wanted]:
+        raise NbtoolError(
+            f"backend={backend!r}: the workers at {address} run Keras on "
+            f"{', '.join(repr(f) for f in found)} (their KERAS_BACKEND, read when they "
+            "started); nbtool cannot change it. Fix: leave backend= out to use theirs, or "
+            f"start the cluster's workers with KERAS_BACKEND={wanted} in their environment.")
 
 
 def gpu_note(gpus, selected: list) -> str:

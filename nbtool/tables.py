@@ -17,7 +17,7 @@ import dataclasses
 import html
 from typing import Any
 
-from .wire import ModelSpec, ModelState, WorkerStatus
+from .wire import SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, WorkerStatus
 
 
 class Table:
@@ -222,17 +222,39 @@ def model_rows(specs: list[ModelSpec], placement: dict[str, list[str]],
 
 
 def device_rows(statuses: dict[str, WorkerStatus]) -> list[dict[str, Any]]:
-    """The rows of ``eng.devices()``: per worker its memory, budget and resident models.
+    """The rows of ``eng.devices()``: per worker its memory, budget and resident models,
+    its Keras backend, and what a soft unload does there (:func:`soft_unload_cell`).
 
     Example:
         >>> s = WorkerStatus("cpu0", "cpu:0", 2 * 10**9, resident_bytes=10**6,
         ...                  lru_order=["cnn"], memory_in_use=8 * 10**8, pid=7)
         >>> print(Table(device_rows({"cpu0": s})))
-        worker  device  memory    idle memory  budget  resident  models  pid
-        cpu0    cpu:0   800.0 MB  -            2.0 GB  1.0 MB    cnn     7
+        worker  device  backend     memory    idle memory  budget  resident  models  soft unload  pid
+        cpu0    cpu:0   tensorflow  800.0 MB  -            2.0 GB  1.0 MB    cnn     -            7
     """
-    return [{"worker": name, "device": s.device, "memory": human_bytes(s.memory_in_use),
+    return [{"worker": name, "device": s.device, "backend": s.backend,
+             "memory": human_bytes(s.memory_in_use),
              "idle memory": human_bytes(s.idle_memory), "budget": human_bytes(s.budget),
              "resident": human_bytes(s.resident_bytes),
-             "models": ", ".join(s.lru_order) or "-", "pid": s.pid}
+             "models": ", ".join(s.lru_order) or "-", "soft unload": soft_unload_cell(s),
+             "pid": s.pid}
             for name, s in sorted(statuses.items())]
+
+
+def soft_unload_cell(s: WorkerStatus) -> str:
+    """What a soft unload does on this worker: what its last one measured, else on a GPU
+    what its backend does (PyTorch returns memory; TensorFlow and JAX keep it), else
+    ``-`` (on CPU it depends on the allocator: the first soft unload measures it).
+
+    Example:
+        >>> soft_unload_cell(WorkerStatus("gpu0", "gpu:0", 1, backend="torch"))
+        'returns memory'
+        >>> soft_unload_cell(WorkerStatus("gpu0", "gpu:0", 1, last_soft_unload={
+        ...     "models": ["cnn"], "freed": 0, "returns_memory": "no (0 B of 12.6 MB)"}))
+        'last: no (0 B of 12.6 MB)'
+    """
+    if s.last_soft_unload:
+        return f"last: {s.last_soft_unload['returns_memory']}"
+    if s.device.startswith("gpu"):
+        return SOFT_UNLOAD_ON_GPU.get(s.backend, "-")
+    return "-"

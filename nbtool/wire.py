@@ -237,10 +237,14 @@ class WorkerStatus:
     rss: int | None = None
     idle_memory: int | None = None        # RSS after start-up, before any model
     memory_in_use: int | None = None      # GPU allocator bytes on a GPU, else RSS
+    held_memory: int | None = None        # what the driver says it holds on a GPU, else RSS
     throughput: dict[str, float] = dataclasses.field(default_factory=dict)
     gpus_seen: list[str] = dataclasses.field(default_factory=list)   # by the backend
     threads: int | None = None            # the backend's intra-op threads
     env: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    backend: str = "tensorflow"           # the Keras backend it runs: tensorflow, jax, torch
+    #: What its last soft unload measured: {"models", "freed" (bytes), "returns_memory"}.
+    last_soft_unload: dict | None = None
 
     @property
     def free_budget(self) -> int:
@@ -255,3 +259,72 @@ class WorkerStatus:
             'not loaded'
         """
         return self.models.get(model) or ModelState()
+
+
+# -- what an unload did ------------------------------------------------------------------
+#: Whether a soft unload gives a GPU's memory back to the device, by Keras backend:
+#: PyTorch's caching allocator does after ``empty_cache()``; TensorFlow's and JAX's (XLA's
+#: BFC) allocators keep it for reuse until the process ends, which a hard unload does.
+SOFT_UNLOAD_ON_GPU = {"torch": "returns memory",
+                      "tensorflow": "keeps memory (hard unload returns it)",
+                      "jax": "keeps memory (hard unload returns it)"}
+
+
+class UnloadResult(list):
+    """What ``eng.unload`` did: the list of the models dropped (soft) or of the workers
+    restarted (hard), as before, carrying per worker ``freed`` (bytes: the memory it held
+    before minus after, measured on the worker: what the driver says on a GPU, RSS on CPU)
+    and ``returns_memory`` ("yes", "no", or what was measured).
+
+    Example:
+        >>> r = UnloadResult(["cnn"], freed={"cpu0": 12_000_000, "cpu1": 0},
+        ...                  returns_memory={"cpu0": "yes", "cpu1": "no"})
+        >>> r == ["cnn"], r.freed["cpu0"]
+        (True, 12000000)
+        >>> r
+        ['cnn'] (freed: cpu0 12.0 MB, cpu1 0 B; returns memory: cpu0 yes, cpu1 no)
+    """
+
+    def __init__(self, items=(), freed: dict | None = None,
+                 returns_memory: dict | None = None):
+        super().__init__(items)
+        self.freed: dict[str, int] = dict(freed or {})
+        self.returns_memory: dict[str, str] = dict(returns_memory or {})
+
+    def __repr__(self) -> str:
+        if not self.freed:
+            return list.__repr__(self)
+        freed = ", ".join(f"{w} {short_bytes(n)}" for w, n in sorted(self.freed.items()))
+        returns = ", ".join(f"{w} {r}" for w, r in sorted(self.returns_memory.items()))
+        return f"{list.__repr__(self)} (freed: {freed}" + \
+            (f"; returns memory: {returns})" if returns else ")")
+
+    @classmethod
+    def merged(cls, parts: dict[str, list]) -> "UnloadResult":
+        """One result from each worker's (by name): the names sorted, the measurements
+        kept per worker.
+
+        Example:
+            >>> UnloadResult.merged({"cpu0": UnloadResult(["b"], {"cpu0": 1}), "cpu1": ["a"]})
+            ['a', 'b'] (freed: cpu0 1 B)
+        """
+        out = cls(sorted({n for part in parts.values() for n in part}))
+        for part in parts.values():
+            out.freed.update(getattr(part, "freed", {}))
+            out.returns_memory.update(getattr(part, "returns_memory", {}))
+        return out
+
+
+def short_bytes(n: int) -> str:
+    """Bytes in one short word, as the tables write them.
+
+    Example:
+        >>> short_bytes(12_000_000), short_bytes(3)
+        ('12.0 MB', '3 B')
+    """
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

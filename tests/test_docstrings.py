@@ -17,7 +17,7 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices",
                 "nbtool.worker.process", "nbtool.worker.convert", "nbtool.worker.tasks",
                 "nbtool.worker.openvino", "nbtool.worker.fixed_batch", "nbtool.worker.agreement",
                 "nbtool.worker.to_litert", "nbtool.worker.records", "nbtool.worker.candidates",
-                "nbtool.worker.choice", "nbtool.worker.opening",
+                "nbtool.worker.choice", "nbtool.worker.opening", "nbtool.worker.backends", "nbtool.worker.backend_predictors", "nbtool.keras_backend",
                 "nbtool.worker.ov_files", "nbtool.worker.ov_variants", "nbtool.ir_files",
                 "nbtool.planning", "nbtool.placement", "nbtool.settings", "nbtool.session", "nbtool.catalog",
                 "nbtool.loads", "nbtool.runs"]

@@ -1,5 +1,7 @@
 """%nbtool and %%infer in a real in-process IPython shell, on the session's real cluster."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 from IPython.core.error import UsageError
@@ -147,6 +149,8 @@ def test_mistakes_give_clear_messages_and_leave_the_engine_usable(ip, engine, mo
         ip.run_cell_magic("infer", f"{a} --chunks 5", "x8")
     with pytest.raises(UsageError, match="Did you mean 'register'"):
         ip.run_line_magic("nbtool", "regster x y")
+    with pytest.raises(UsageError, match="expected 'tensorflow', 'jax' or 'torch'.*--backend jax"):
+        ip.run_line_magic("nbtool", "start --backend theano")   # the running engine stays
     with pytest.raises(UsageError, match=f"did you mean '{a}'.*%nbtool register"):
         ip.run_cell_magic("infer", a + "x", "x8")
     with pytest.raises(UsageError, match=r"InputMismatch: .*rows of shape \(8,\).*\(8, 8, 1\)"):
@@ -169,8 +173,11 @@ def test_start_and_stop_through_magics(ip, model_dir, reference):
         eng = ip.run_line_magic("nbtool", "start --workers 1 --memory-budget 300MB --gpus none")
         assert nbtool.default_engine() is eng and list(eng.workers) == ["cpu0"]
         assert eng.workers["cpu0"].budget == 300_000_000
-        again = ip.run_line_magic("nbtool", "start --workers 1 --gpus none")   # re-run: replaces
+        # Re-run: replaces it; here on another Keras backend where one is installed.
+        backend = "torch" if importlib.util.find_spec("torch") else "tensorflow"
+        again = ip.run_line_magic("nbtool", f"start --workers 1 --gpus none --backend {backend}")
         assert again is not eng and eng.client.status == "closed"
+        assert again.workers["cpu0"].backend == backend
         ip.run_line_magic("nbtool", f"register solo {model_dir / 'mlp.keras'}")
         res = ip.run_cell_magic("infer", "solo", "x8")
         assert np.abs(res["solo"] - reference["mlp"]).max() <= 1e-5

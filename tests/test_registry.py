@@ -94,7 +94,8 @@ def test_a_batch_size_nbtool_cannot_use_is_refused_with_the_allowed_values(bad):
         check_batch_size("cnn", bad)
     msg = str(e.value)
     assert f"model 'cnn': batch_size={bad!r}" in msg and "a whole number >= 1" in msg
-    assert "'auto'" in msg and "None (the default, 64)" in msg and "Fix:" in msg
+    assert "'auto'" in msg and "None (the default: 64, or what runtime='auto' measured " \
+        "fastest)" in msg and "Fix:" in msg
     assert [check_batch_size("cnn", v) for v in (1, np.int64(8), "auto", None)] == \
         [1, 8, "auto", None]
 

@@ -20,6 +20,8 @@ Inside, one module per concern:
 - ``measure``: the batch-size sweep and the costs this machine measured;
 - ``reading``: a chunk's rows from memory or files, read a piece ahead;
 - ``runtime``: the TensorFlow handle, memory, this worker's name and device;
+  ``backends``: which Keras backend this worker runs (TensorFlow, JAX, PyTorch) and its
+  device and memory questions; ``backend_predictors``: JAX's and PyTorch's predictors;
 - ``convert``: variants of a model (LiteRT, Keras int8), made on a worker.
 
 Example:

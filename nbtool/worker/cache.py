@@ -22,15 +22,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFileChanged, NbtoolError
-from ..wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
+from ..wire import (SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, UnloadResult, WorkerStatus,
+                    file_fingerprint, short_bytes)
+from .backends import backend_name
 from .fixed_batch import FixedBatchPredictor
 from .loading import load_error
 from .measure import best_batch_size, record_cost
 from .opening import open_for_runtime
 from .predictors import DEFAULT_BATCH_SIZE, make_predictor
-from .runtime import memory_in_use, on_gpu, out_of_memory_error, release_memory
+from .runtime import held_memory, memory_in_use, on_gpu, out_of_memory_error, release_memory
 
 logger = logging.getLogger("nbtool.worker")
+
+#: Below this many bytes of dropped models, what RSS or the driver says is mostly noise
+#: (pages, allocator slack): a soft unload's verdict then says it could not tell.
+MEASURABLE_BYTES = 4 * 2**20
 
 
 @dataclasses.dataclass
@@ -93,6 +99,7 @@ class ModelCache:
         self._model_locks: dict[str, threading.Lock] = {}
         self.evictions = 0
         self.peak_accounted = 0
+        self.last_soft_unload: dict | None = None   # what the last unload measured
 
     # -- memory ----------------------------------------------------------------------
     def resident_bytes(self) -> int:
@@ -270,20 +277,37 @@ class ModelCache:
                                                  predictor.dtype, batch)
 
     # -- unloading -----------------------------------------------------------------------
-    def unload(self, names: list[str] | None = None) -> list[str]:
-        """Drop models (all if ``names`` is None) and clear Keras' global state.
+    def unload(self, names: list[str] | None = None) -> UnloadResult:
+        """Drop models (all if ``names`` is None), clear Keras' global state, and say what
+        this gave back: an :class:`~nbtool.wire.UnloadResult` of the names dropped, with
+        the bytes this process held before minus after (the driver's count on a GPU, RSS
+        on CPU) and a verdict (:func:`soft_unload_verdict`), kept for the status too.
 
-        The memory becomes reusable inside this process; TensorFlow does not give it back
-        to the device or the OS while the process lives (that is what a hard unload is for).
+        The memory becomes reusable inside this process; TensorFlow (and JAX) do not give
+        GPU memory back while the process lives (that is what a hard unload is for);
+        PyTorch's caching allocator does, after ``empty_cache()``.
+
+        Example:
+            >>> ModelCache(2**30, "cpu:0", "cpu0").unload(["cnn"])
+            []
         """
         with self._lock:
             targets = [n for n in (list(self._models) if names is None else names)
                        if n in self._models]
+            if not targets:
+                return UnloadResult([])
+            dropped = sum(self._models[n].accounted for n in targets)
+            gpu = any(self._models[n].on_gpu for n in targets)
+            before = held_memory()
             for name in targets:
                 self._drop(name, state="unloaded")
-        if targets:
-            release_memory()
-        return targets
+        release_memory()
+        freed = max(0, before - held_memory())
+        verdict = soft_unload_verdict(freed, dropped, gpu, backend_name())
+        self.last_soft_unload = {"models": targets, "freed": freed, "returns_memory": verdict}
+        logger.info("worker %s unloaded %s: %d bytes freed (%s)", self.worker, targets, freed,
+                    verdict)
+        return UnloadResult(targets, {self.worker: freed}, {self.worker: verdict})
 
     def _drop(self, name: str, state: str) -> None:
         self._models.pop(name, None)
@@ -332,4 +356,27 @@ class ModelCache:
                 worker=self.worker, device=self.device, budget=self.budget,
                 models={name: self.state_of(name) for name in self._states},
                 lru_order=list(self._models), resident_bytes=self.resident_bytes(),
-                evictions=self.evictions, peak_accounted=self.peak_accounted)
+                evictions=self.evictions, peak_accounted=self.peak_accounted,
+                backend=backend_name(), last_soft_unload=self.last_soft_unload)
+
+
+def soft_unload_verdict(freed: int, dropped: int, gpu: bool, backend: str) -> str:
+    """Whether a soft unload gave the memory back, from what it measured: ``freed`` bytes
+    against the ``dropped`` models' accounted bytes. Too small to measure, a GPU worker
+    says what its backend does (:data:`~nbtool.wire.SOFT_UNLOAD_ON_GPU`).
+
+    Example:
+        >>> soft_unload_verdict(11 * 2**20, 12 * 2**20, False, "torch")
+        'yes (11.5 MB of 12.6 MB)'
+        >>> soft_unload_verdict(0, 12 * 2**20, True, "tensorflow")
+        'no (0 B of 12.6 MB)'
+        >>> soft_unload_verdict(0, 1000, True, "torch")
+        'too small to tell (1.0 kB); expected: returns memory'
+    """
+    if dropped < MEASURABLE_BYTES:
+        expected = SOFT_UNLOAD_ON_GPU.get(backend) if gpu else None
+        return f"too small to tell ({short_bytes(dropped)})" + \
+            (f"; expected: {expected}" if expected else "")
+    share = freed / dropped
+    word = "yes" if share >= 0.5 else "no" if share < 0.1 else "partly"
+    return f"{word} ({short_bytes(freed)} of {short_bytes(dropped)})"

@@ -15,9 +15,11 @@ import numpy as np
 
 from ..errors import ModelLoadError, first_line
 from ..wire import ModelSpec
+from .backends import backend_name, start_backend
 from .litert import open_tflite
 from .ov_files import ir_weight_bytes, open_ir_file
-from .runtime import describe_exception, tensorflow, tensorflow_version, worker_name
+from .runtime import (describe_exception, out_of_memory_error, tensorflow, tensorflow_version,
+                      worker_name)
 
 #: Mixed-precision policies by the ``precision`` a model is registered with.
 PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -41,6 +43,17 @@ def open_model(spec: ModelSpec):
     if spec.format == "openvino":   # an IR file: OpenVINO reads it as it is, no TensorFlow
         ir = open_ir_file(spec)
         return ir, ir.row_shape, ir.dtype, len(ir.model.outputs), ir_weight_bytes(ir)
+    backend = backend_name()
+    if backend != "tensorflow":   # Keras on JAX or PyTorch: TensorFlow is never imported
+        if spec.format == "savedmodel" or spec.preprocess is not None:
+            what = "a SavedModel" if spec.format == "savedmodel" else "preprocess="
+            raise ModelLoadError(spec.name, spec.path, worker_name(),
+                                 f"{what} needs TensorFlow, and this worker runs Keras on "
+                                 f"{backend}",
+                                 "register the model's .keras file without preprocess=, or "
+                                 "start the engine with backend='tensorflow'")
+        start_backend()
+        return open_keras(spec)
     tf = tensorflow()
     import keras
 
@@ -62,6 +75,18 @@ def open_model(spec: ModelSpec):
         def call(x, training=False):
             return layer(x)
         return call, shape, dtype, None, weight_bytes(layer.weights)
+    return open_keras(spec)
+
+
+def open_keras(spec: ModelSpec):
+    """A ``.keras`` or ``.h5`` file loaded by Keras on this worker's backend (started
+    already), at its precision; returned as :func:`open_model` does.
+
+    Example:
+        >>> model, row_shape, dtype, n_outputs, weight_bytes = open_keras(spec)  # doctest: +SKIP
+    """
+    import keras
+
     model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
     if spec.precision:
         model = with_precision(model, spec.precision)
@@ -139,7 +164,7 @@ def load_error(spec: ModelSpec, worker: str, e: Exception) -> ModelLoadError:
         >>> err.reason, err.fix.startswith("the model uses a custom class")
         ("ValueError: Could not locate class 'Foo'", True)
     """
-    if type(e).__name__ == "ResourceExhaustedError":   # halving the batch did not help
+    if out_of_memory_error(e):   # halving the batch did not help
         return out_of_memory(spec, worker)
     msg = describe_exception(e)
     low = f"{msg} {e}".lower()

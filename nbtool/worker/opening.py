@@ -1,7 +1,9 @@
 """Opening a model for the runtime it runs on: a ``.tflite`` in LiteRT; a forced runtime
 (``"tensorflow"``, or a conversion checked against TensorFlow at every load); or ``"auto"``:
 this machine's remembered choice (a converted model then loads with no TensorFlow and no
-Keras at all), else a choice made now (:mod:`~nbtool.worker.choice`).
+Keras at all), else a choice made now (:mod:`~nbtool.worker.choice`). On a worker whose
+Keras runs on JAX or PyTorch, ``"auto"`` is that backend, with no choice (the conversions
+are made with TensorFlow).
 
 Example:
     >>> opened = open_for_runtime(spec, 64, sample=lambda: x[:64])   # doctest: +SKIP
@@ -24,6 +26,7 @@ from .choice import choose, fixed_tensorflow_note
 from .litert import open_tflite
 from .openvino import read_ir
 from .predictors import input_signature, make_predictor
+from .backends import backend_name
 from .records import RuntimeRecord, choice_lock, read_record
 from .runtime import on_gpu, release_memory, worker_name
 
@@ -43,8 +46,13 @@ def open_for_runtime(spec: ModelSpec, batch: int | None,
         >>> open_for_runtime(spec, None).runtime   # doctest: +SKIP
         'tensorflow'
     """
-    if spec.format in ("tflite", "openvino") or spec.runtime == "tensorflow":
+    if spec.format in ("tflite", "openvino"):
         return open_tensorflow(spec)   # a .tflite or an IR file: the format's own runtime
+    backend = backend_name()
+    if backend != "tensorflow":
+        return open_on_backend(spec, backend)
+    if spec.runtime == "tensorflow":
+        return open_tensorflow(spec)
     if spec.runtime in CONVERTERS:
         return open_forced(spec, user_rows(sample))
     fixed = fixed_tensorflow_note(spec.precision, on_gpu())
@@ -55,6 +63,28 @@ def open_for_runtime(spec: ModelSpec, batch: int | None,
         if record is not None:
             return open_remembered(spec, record)
         return choose(spec, batch, user_rows(sample), why)
+
+
+def open_on_backend(spec: ModelSpec, backend: str) -> Opened:
+    """``spec``'s Keras file opened by Keras on ``backend`` (``"jax"`` or ``"torch"``):
+    ``auto`` is that backend, with no choice; a forced runtime is refused (refused at
+    register too: a worker placed by hand could still get here).
+
+    Example:
+        >>> open_on_backend(spec, "jax").note   # doctest: +SKIP
+        "jax: the workers run Keras on JAX (start(backend='jax')); OpenVINO/LiteRT conversions need TensorFlow"
+    """
+    if spec.runtime not in (None, "auto"):
+        raise ModelLoadError(spec.name, spec.path, worker_name(), f"runtime={spec.runtime!r} "
+                             f"needs TensorFlow, and this worker runs Keras on {backend}",
+                             "leave runtime= out (the backend runs it), or start the engine "
+                             "with backend='tensorflow'")
+    opened = open_tensorflow(spec)
+    label = {"jax": "JAX", "torch": "PyTorch"}.get(backend, backend)
+    return dataclasses.replace(
+        opened, runtime=backend,
+        note=f"{backend}: the workers run Keras on {label} (start(backend={backend!r})); "
+             "OpenVINO/LiteRT conversions need TensorFlow")
 
 
 def user_rows(sample: Callable[[], np.ndarray] | None) -> np.ndarray | None:

@@ -6,8 +6,10 @@ or allocates once, at warm-up, which also records each output's row shape and dt
 TensorFlow runs Keras files and SavedModels (:class:`CompiledPredictor`); LiteRT runs
 ``.tflite`` files and Keras models converted to LiteRT
 (:class:`~nbtool.worker.litert.LiteRTPredictor`); OpenVINO runs their OpenVINO IR
-(:class:`~nbtool.worker.openvino.OpenVINOPredictor`). :func:`make_predictor` picks by what
-was opened; a new runtime adds its predictor and one branch there.
+(:class:`~nbtool.worker.openvino.OpenVINOPredictor`); on a worker whose Keras runs on JAX
+or PyTorch, a Keras model runs in that backend's compiled predictor
+(:mod:`~nbtool.worker.backend_predictors`). :func:`make_predictor` picks by what was opened
+and the worker's backend; a new runtime adds its predictor and one branch there.
 
 Example:
     >>> from nbtool.wire import ModelSpec
@@ -20,10 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..wire import ModelSpec
+from .backend_predictors import JaxPredictor, TorchPredictor
+from .backends import backend_name
 from .fixed_batch import FixedBatchPredictor
 from .litert import LiteRTModel, LiteRTPredictor
 from .openvino import OpenVINOModel, OpenVINOPredictor
 from .runtime import tensorflow
+
+#: The compiled predictor of a Keras model, by the worker's Keras backend.
+KERAS_PREDICTORS = {"jax": JaxPredictor, "torch": TorchPredictor}
 
 #: Batch size when the user gives none. Large enough to amortise the per-call overhead on
 #: CPU, small enough that activations of a mid-size convnet stay in a few hundred MB.
@@ -99,13 +106,14 @@ class CompiledPredictor(FixedBatchPredictor):
 
 def make_predictor(spec: ModelSpec, call, batch: int, row_shape, dtype) -> FixedBatchPredictor:
     """The predictor of what was opened for ``spec``: LiteRT for a LiteRT model (a
-    ``.tflite``, or a conversion), OpenVINO for an IR, else a compiled ``tf.function``;
+    ``.tflite``, or a conversion), OpenVINO for an IR, else the Keras model compiled by
+    the worker's backend (``tf.function``, ``jax.jit``, PyTorch under inference mode);
     all take rows and return float outputs in row order.
 
     Example:
         >>> make_predictor(spec, call, 64, (8,), "float32").warm_up()   # doctest: +SKIP
     """
-    kind = CompiledPredictor
+    kind = KERAS_PREDICTORS.get(backend_name(), CompiledPredictor)
     if isinstance(call, OpenVINOModel):
         kind = OpenVINOPredictor
     elif isinstance(call, LiteRTModel):

@@ -18,8 +18,9 @@ import os
 import threading
 
 from ..quiet import expects_gpu, native_logs_filtered
+from .backends import backend_name, start_backend
 from .cache import ModelCache
-from .predictors import CompiledPredictor
+from .predictors import KERAS_PREDICTORS, CompiledPredictor
 from .runtime import (cpu_worker, memory_in_use, release_memory, resource_name, tensorflow,
                       worker_device, worker_name)
 
@@ -58,8 +59,8 @@ def get_cache(budget: int | None = None, worker: str | None = None) -> ModelCach
 
 
 def prepare_worker(budget: int | None = None, worker: str | None = None) -> ModelCache:
-    """Create the cache, start TensorFlow on a GPU worker, and record the idle memory of
-    this worker.
+    """Create the cache, start the Keras backend on a GPU worker, and record the idle
+    memory of this worker.
 
     Run by :class:`NbtoolWorkerPlugin` when a worker starts, and by the first task if that
     comes first; so the idle baseline excludes everything a model adds. A GPU worker runs
@@ -99,18 +100,23 @@ def idle_memory() -> int | None:
 
 
 def warm_runtime() -> None:
-    """Pay TensorFlow's and Keras' one-time costs (runtime start, lazy imports, the first
-    trace) with a throwaway model, so they count in the idle baseline and not in the first
-    real model's load time and footprint.
+    """Pay the Keras backend's and Keras' one-time costs (runtime start, lazy imports, the
+    first trace) with a throwaway model, so they count in the idle baseline and not in the
+    first real model's load time and footprint. A JAX or PyTorch worker starts that
+    backend (never TensorFlow).
 
     Example:
         >>> warm_runtime()   # doctest: +SKIP
     """
-    tensorflow()
+    backend = backend_name()
+    if backend == "tensorflow":
+        tensorflow()
+    else:
+        start_backend()
     import keras
 
     tiny = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    CompiledPredictor(tiny, 2, (4,), "float32").warm_up()
+    KERAS_PREDICTORS.get(backend, CompiledPredictor)(tiny, 2, (4,), "float32").warm_up()
     del tiny
     release_memory()
 

@@ -1,8 +1,10 @@
-"""The worker process's runtime: the TensorFlow handle, its threads and memory, and this
-worker's name, device and Dask resource.
+"""The worker process's runtime: the TensorFlow handle, the device and memory questions
+asked of whichever Keras backend runs here, and this worker's name, device and Dask resource.
 
 TensorFlow is imported here, once, the first time :func:`tensorflow` is called on a worker;
 nothing in this module imports it at import time, so the kernel can import the package.
+A worker whose Keras runs on JAX or PyTorch (:mod:`~nbtool.worker.backends`) asks that
+backend instead, and never imports TensorFlow.
 
 Example:
     >>> resource_name("gpu0")
@@ -21,6 +23,7 @@ import threading
 
 from ..errors import first_line
 from ..quiet import expects_gpu, native_logs_filtered
+from . import backends
 
 _TF = None
 _TF_LOCK = threading.Lock()
@@ -98,8 +101,9 @@ def cpu_worker() -> bool:
 
 
 def on_gpu() -> bool:
-    """Whether TensorFlow in this worker runs on a GPU (it sees at most one). A CPU worker
-    answers without importing TensorFlow; elsewhere TensorFlow is asked.
+    """Whether this worker's Keras backend runs on a GPU (it sees at most one). A CPU
+    worker answers without importing anything; elsewhere the backend is asked (TensorFlow:
+    its logical GPUs; JAX: its first device's platform; PyTorch: ``cuda.is_available``).
 
     Example:
         >>> on_gpu()   # doctest: +SKIP
@@ -107,30 +111,65 @@ def on_gpu() -> bool:
     """
     if cpu_worker():
         return False
+    name = backends.backend_name()
+    if name != "tensorflow":
+        return backends.on_gpu(name)
     return bool(tensorflow().config.list_logical_devices("GPU"))
 
 
 def memory_in_use() -> int:
-    """Bytes this worker's process holds: GPU allocator bytes if it has a GPU, else RSS.
+    """Bytes this worker's process holds: the backend's GPU allocator bytes if it has a
+    GPU (TensorFlow's ``current``, JAX's ``bytes_in_use``, PyTorch's
+    ``memory_allocated``), else RSS.
 
     Example:
         >>> memory_in_use() > 0   # doctest: +SKIP
         True
     """
     if on_gpu():
+        name = backends.backend_name()
+        if name != "tensorflow":
+            return backends.allocator_bytes(name)
         return int(tensorflow().config.experimental.get_memory_info("GPU:0")["current"])
     import psutil
 
     return psutil.Process().memory_info().rss
 
 
-def release_memory() -> None:
-    """Clear Keras' global state (if Keras runs here) and collect garbage after models
-    were dropped.
+def held_memory() -> int:
+    """Bytes this process holds from its device, whether in use or kept for reuse: on a
+    GPU what the driver (NVML) says this process holds, else the backend's reserved bytes;
+    on CPU its RSS. What a soft unload gives back shows here, not in
+    :func:`memory_in_use` (an allocator's bytes in use drop even when it keeps the memory).
 
-    The freed memory is reusable in this process; TensorFlow does not give it back to the
-    device or the OS while the process lives (that is what a hard unload is for). A worker
-    whose models all run without TensorFlow never imports Keras for this.
+    Example:
+        >>> held_memory() > 0   # doctest: +SKIP
+        True
+    """
+    if on_gpu():
+        seen = backends.process_gpu_bytes()
+        if seen is not None:
+            return seen
+        name = backends.backend_name()
+        if name != "tensorflow":
+            return backends.reserved_bytes(name)
+        # TensorFlow does not say its pool's size; its allocator never shrinks, so its
+        # peak is the closest it says to what it holds.
+        info = tensorflow().config.experimental.get_memory_info("GPU:0")
+        return int(info.get("peak", info["current"]))
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def release_memory() -> None:
+    """Clear Keras' global state (if Keras runs here), collect garbage after models were
+    dropped, and give the backend's cached GPU memory back where it can (PyTorch's
+    ``empty_cache``).
+
+    The freed memory is reusable in this process; TensorFlow (and JAX's allocator) do not
+    give it back to the device or the OS while the process lives (that is what a hard
+    unload is for). A worker whose models all run without Keras never imports it for this.
 
     Example:
         >>> release_memory()
@@ -140,18 +179,24 @@ def release_memory() -> None:
         # Keras' global state (name scopes, graph) and the eager kernel cache.
         keras.backend.clear_session(free_memory=True)
     gc.collect()
+    backends.empty_cache(backends.backend_name())
 
 
 def out_of_memory_error(e: BaseException) -> bool:
-    """Whether ``e`` is TensorFlow's out-of-memory error, asked by its type's name: a
-    worker that runs no TensorFlow must not import it to ask.
+    """Whether ``e`` is the backend's out-of-memory error, asked by its type's name (and,
+    for JAX, its message): TensorFlow's ``ResourceExhaustedError``, PyTorch's
+    ``OutOfMemoryError``, JAX's ``XlaRuntimeError``/``JaxRuntimeError`` saying
+    ``RESOURCE_EXHAUSTED``. A worker must not import a framework to ask.
 
     Example:
         >>> out_of_memory_error(ValueError("x")), out_of_memory_error(
         ...     type("ResourceExhaustedError", (Exception,), {})())
         (False, True)
+        >>> out_of_memory_error(type("XlaRuntimeError", (Exception,), {})(
+        ...     "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"))
+        True
     """
-    return type(e).__name__ == "ResourceExhaustedError"
+    return type(e).__name__ == "ResourceExhaustedError" or backends.oom_by_name(e)
 
 
 def cache_root() -> str:
@@ -182,7 +227,8 @@ def worker_name() -> str:
 
 
 def worker_device() -> str:
-    """This worker's device label: from the plan (``NBTOOL_DEVICE``) or what TF sees.
+    """This worker's device label: from the plan (``NBTOOL_DEVICE``) or what its backend
+    sees (a worker of a cluster nbtool did not start).
 
     Example:
         >>> client.run(worker_device)   # doctest: +SKIP
@@ -191,7 +237,10 @@ def worker_device() -> str:
     device = os.environ.get("NBTOOL_DEVICE")
     if device:
         return device
-    if tensorflow().config.list_physical_devices("GPU"):
+    name = backends.backend_name()
+    gpu = backends.on_gpu(name) if name != "tensorflow" \
+        else tensorflow().config.list_physical_devices("GPU")
+    if gpu:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
         return f"gpu:{visible}"
     return "cpu:0"

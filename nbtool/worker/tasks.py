@@ -25,10 +25,11 @@ from .agreement import CHECK_ROWS
 from .cache import LoadedModel, ModelCache
 from .loading import out_of_memory
 from .measure import record_cost
+from . import backends
 from .process import count_rows, idle_memory, prepare_worker, throughput
 from .reading import PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_rows
-from .runtime import (cpu_worker, describe_exception, memory_in_use, out_of_memory_error,
-                      started_tensorflow, tensorflow, worker_name)
+from .runtime import (cpu_worker, describe_exception, held_memory, memory_in_use,
+                      out_of_memory_error, started_tensorflow, tensorflow, worker_name)
 
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
 #: ``eng.client.get_worker_logs()`` shows them, one line each.
@@ -136,14 +137,17 @@ def resident_models() -> dict[str, str]:
 
 #: The environment variables a worker reports: what decides its device, threads and budget.
 REPORTED_ENV = ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_NUM_INTRAOP_THREADS",
-                "OMP_NUM_THREADS", "NBTOOL_DEVICE", "NBTOOL_MEMORY_BUDGET")
+                "OMP_NUM_THREADS", "NBTOOL_DEVICE", "NBTOOL_MEMORY_BUDGET", "KERAS_BACKEND",
+                "NBTOOL_BACKEND", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")
 
 
 def worker_status() -> WorkerStatus:
-    """The cache status plus process facts (pid, RSS, idle RSS, GPUs TF sees, env).
+    """The cache status plus process facts (pid, RSS, idle RSS, GPUs its backend sees,
+    threads, env, its Keras backend).
 
-    A worker that has not started TensorFlow (a CPU worker whose models run without it)
-    is not made to start it to answer: it sees no GPU, and its threads are the plan's.
+    A worker that has not started its backend (a CPU worker whose models run without it)
+    is not made to start it to answer: it sees no GPU, and its threads are the plan's. A
+    worker whose Keras runs on JAX or PyTorch asks that backend, never TensorFlow.
 
     Example:
         >>> client.run(worker_status)   # doctest: +SKIP
@@ -151,9 +155,16 @@ def worker_status() -> WorkerStatus:
     import psutil
 
     cache = prepare_worker()
-    tf = started_tensorflow() if cpu_worker() else tensorflow()
-    threads = tf.config.threading.get_intra_op_parallelism_threads() if tf is not None \
-        else int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
+    backend = backends.backend_name()
+    planned = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
+    if backend != "tensorflow":
+        gpus = [] if cpu_worker() else backends.gpus_seen(backend)
+        threads = backends.threads(backend)
+    else:
+        tf = started_tensorflow() if cpu_worker() else tensorflow()
+        threads = tf.config.threading.get_intra_op_parallelism_threads() if tf is not None \
+            else planned
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
     return dataclasses.replace(
         cache.status(),
         pid=os.getpid(),
@@ -161,7 +172,8 @@ def worker_status() -> WorkerStatus:
         rss=psutil.Process().memory_info().rss,
         idle_memory=idle_memory(),
         memory_in_use=memory_in_use(),
-        gpus_seen=[d.name for d in tf.config.list_physical_devices("GPU")] if tf else [],
+        held_memory=held_memory(),
+        gpus_seen=gpus,
         threads=threads,
         env={k: os.environ.get(k) for k in REPORTED_ENV},
     )
