@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine", "Prediction", "start", "default_engine", "register", "register_dir",
     "models", "devices", "load", "unload", "predict", "predict_async", "close", "dashboard",
-    "errors", "open_prediction", "images",
+    "errors", "open_prediction", "images", "cache_info", "clear_cache",
 ]
 
 _LAZY = {
@@ -33,6 +33,8 @@ _LAZY = {
     "Prediction": ("nbtool.results", "Prediction"),
     "open_prediction": ("nbtool.results", "open_prediction"),
     "images": ("nbtool.inputs", "images"),
+    "cache_info": ("nbtool.output_cache", "cache_info"),
+    "clear_cache": ("nbtool.output_cache", "clear_cache"),
     "errors": ("nbtool.errors", None),
 }
 

@@ -232,15 +232,15 @@ class Engine:
     @_doc(Runs.submit)
     def predict(self, models: str | list[str], x: Any, chunk_size: int | None = None,
                 combine: str | None = "mean", save: str | None = None, *,
-                partial_combine: bool = False) -> Prediction:
+                partial_combine: bool = False, cache: bool = False) -> Prediction:
         return self.submit(models, x, chunk_size, combine, save,
-                           partial_combine=partial_combine).collect()
+                           partial_combine=partial_combine, cache=cache).collect()
 
     @_open
     async def predict_async(self, models: str | list[str], x: Any,
                             chunk_size: int | None = None, combine: str | None = "mean",
                             save: str | None = None, *,
-                            partial_combine: bool = False) -> Prediction:
+                            partial_combine: bool = False, cache: bool = False) -> Prediction:
         """The awaitable twin of :meth:`predict`: the event loop stays free while it runs.
         Cancelling the awaiting task cancels the run.
 
@@ -248,7 +248,7 @@ class Engine:
             >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
         """
         run = self.submit(models, x, chunk_size, combine, save,
-                          partial_combine=partial_combine)
+                          partial_combine=partial_combine, cache=cache)
         try:
             return await asyncio.to_thread(run.collect)
         except asyncio.CancelledError:
@@ -259,9 +259,9 @@ class Engine:
     @_doc(Runs.submit)
     def submit(self, models: str | list[str], x: Any, chunk_size: int | None = None,
                combine: str | None = "mean", save: str | None = None, *,
-               partial_combine: bool = False) -> PredictionRun:
+               partial_combine: bool = False, cache: bool = False) -> PredictionRun:
         return self.runs.submit(model_names([models]), x, chunk_size, combine, save,
-                                partial_combine=partial_combine)
+                                partial_combine=partial_combine, cache=cache)
 
     def running(self) -> list[PredictionRun]:
         """The predictions submitted and not yet finished or cancelled, oldest first.

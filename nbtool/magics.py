@@ -48,6 +48,8 @@ class Nbtool(Magics):
     combine = Unicode("mean", help="How %%infer combines models without --combine: "
                       "'mean', 'vote' or 'none'.").tag(config=True)
     progress = Bool(True, help="Show live progress bars while %%infer runs.").tag(config=True)
+    cache = Bool(False, help="Memoise %%infer outputs on disk without --cache (see "
+                 "nbtool.cache_info()).").tag(config=True)
     memory_budget = Unicode(None, allow_none=True, help="Default per-worker model budget "
                             "for %nbtool start, e.g. '4GB'.").tag(config=True)
 
@@ -263,6 +265,8 @@ class Nbtool(Magics):
               "at the end")
     @argument("--partial-combine", action="store_true", help="combine the models that "
               "succeeded even if another failed (by default combined is then None)")
+    @argument("--cache", action="store_true", help="memoise the outputs on disk: a rerun "
+              "reads them back (default: %%config Nbtool.cache)")
     @argument("--background", action="store_true", help="return at once; the result is "
               "bound to --out when it is done")
     @cell_magic
@@ -292,7 +296,8 @@ class Nbtool(Magics):
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
             size = self.chunk_size if args.chunk_size is None else args.chunk_size
             run = self._engine().submit(args.names, x, size, combine, args.save,
-                                        partial_combine=args.partial_combine)
+                                        partial_combine=args.partial_combine,
+                                        cache=args.cache or self.cache)
         except NbtoolError as e:
             raise UsageError(f"{type(e).__name__}: {e}") from None
         except ValueError as e:

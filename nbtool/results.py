@@ -206,12 +206,13 @@ class Prediction:
         return self
 
     def _kept_chunks(self) -> int | None:
-        """How many (model, chunk) results succeeded (computed or resumed), if the timings
+        """How many (model, chunk) results succeeded (computed, resumed or cached), if the timings
         say; None when they do not."""
         counts = [t.get("chunks") for t in self.timings.values()]
         if not counts or None in counts:
             return None
-        return sum(counts) + sum(t.get("resumed_chunks", 0) for t in self.timings.values())
+        return sum(counts) + sum(t.get("resumed_chunks", 0) + t.get("cached_chunks", 0)
+                                 for t in self.timings.values())
 
     def evaluate(self, labels) -> dict[str, float]:
         """Compare with true labels: returns accuracy per model (and ``"ensemble"``).

@@ -66,7 +66,7 @@ class PredictionRun:
     def __init__(self, pool, placements: list[tuple[ModelSpec, list[str]]], source: Source,
                  chunk_size: int, *, combine: str | None = "mean", store=None,
                  stored: dict[str, set[int]] | None = None, save: str | None = None,
-                 run_id: str | None = None, partial_combine: bool = False):
+                 run_id: str | None = None, partial_combine: bool = False, cache=None):
         self.pool = pool
         self.client = pool.client
         self.placements = placements
@@ -94,6 +94,9 @@ class PredictionRun:
         self.store = store                     # a ResultStore, or None
         self.stored = stored or {}             # model -> chunks already in the store
         self.save = save                       # a .npz path, written once at the end
+        self.cache = cache                     # a RunCache (cache=True), or None
+        # model -> {chunk: outputs} read from the output cache: skipped as stored ones are
+        self.cached = cache.found if cache is not None else {}
 
     def add_done_callback(self, fn: Callable[[Prediction], None]) -> None:
         """Call ``fn(prediction)`` when the run is collected (at once if it is already).
@@ -115,9 +118,9 @@ class PredictionRun:
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
         tasks, keys = [], []
         for m, (spec, names) in enumerate(self.placements):
-            done = self.stored.get(spec.name, set())
+            done = self.stored.get(spec.name, set()) | set(self.cached.get(spec.name, ()))
             for i, (data, start, stop) in enumerate(args):
-                if i in done:      # already in the result store: not recomputed
+                if i in done:      # in the result store or the output cache: not recomputed
                     continue
                 # Each chunk goes to one of the model's workers, in turn (offset per model
                 # so an ensemble's first chunks start on every worker at once). The worker
@@ -168,7 +171,8 @@ class PredictionRun:
         """Per model: (chunks finished, chunks in all), read from the futures' states."""
         if self.finished:
             return {spec.name: (len(self.bounds), len(self.bounds)) for spec, _ in self.placements}
-        done = {spec.name: len(self.stored.get(spec.name, ())) for spec, _ in self.placements}
+        done = {spec.name: len(self.stored.get(spec.name, ())) +
+                len(self.cached.get(spec.name, ())) for spec, _ in self.placements}
         for f in self.futures:
             if f.status in ("finished", "error", "cancelled"):
                 done[self._task_of[f.key][0]] += 1
@@ -275,12 +279,16 @@ class PredictionRun:
                 value = value[1]
             if isinstance(value, ChunkOutput):
                 results[(model, chunk)] = value
+                if self.cache is not None:   # kept as it arrives: an interrupted run keeps it
+                    self.cache.store(model, chunk, value.outputs)
             else:   # the task raised, or Dask gave up on it (e.g. a worker died)
                 errors.append(value if isinstance(value, ChunkError) else ChunkError(
                     model, chunk, self.bounds[chunk], None,
                     f"{type(value).__name__}: {value}"))
         wall = time.perf_counter() - self.started
         self.finished = len(self.futures)
+        if self.cache is not None:
+            self.cache.finish()
         errors.sort(key=lambda e: (getattr(e, "model", ""), getattr(e, "chunk", 0)))
         # Assembled before the lock goes: a store's completed chunks are read under it.
         return self._assemble(results, errors, finished_at, wall)
@@ -309,25 +317,28 @@ class PredictionRun:
             timings[spec.name] = _timings(mine, finished_at.get(spec.name, self.started)
                                           - self.started, n)
             timings[spec.name]["resumed_chunks"] = len(self.stored.get(spec.name, ()))
+            cached = self.cached.get(spec.name, {})
+            timings[spec.name]["cached_chunks"] = len(cached)
             timings[spec.name]["devices"] = sorted({self.devices.get(w, w) for w in
                                                     timings[spec.name]["workers"]})
             if self.store is not None:   # the chunks stay on disk, read where indexed
                 stored = self.store.completed(spec.name)
                 outputs[spec.name] = self.store.arrays(spec.name) if stored else None
                 continue
-            if not mine:
+            chunks = {**{i: r.outputs for i, r in mine}, **cached}
+            if not chunks:
                 outputs[spec.name] = None
                 continue
-            complete = len(mine) == len(self.bounds)
-            template = mine[0][1].outputs
+            complete = len(chunks) == len(self.bounds)
+            template = next(iter(chunks.values()))
             arrays = []
             for k, t in enumerate(template):
                 dtype = t.dtype if complete or t.dtype.kind in "fc" else np.float64
                 out = np.empty((n, *t.shape[1:]), dtype) if complete else \
                     np.full((n, *t.shape[1:]), np.nan, dtype)
-                for i, r in mine:
+                for i, outs in chunks.items():
                     a, b = self.bounds[i]
-                    out[a:b] = r.outputs[k]
+                    out[a:b] = outs[k]
                 arrays.append(out)
             outputs[spec.name] = arrays
         combined, note = None, self._combine_note(errors, outputs)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import as_source, check_fits, resolve_chunk_size
+from .output_cache import RunCache
 from .planning import plan_routes
 from .metrics import output_agreement
 from .results import Prediction, check_combine
@@ -58,7 +59,7 @@ class Runs:
 
     def submit(self, names: list[str], x: Any, chunk_size: int | None,
                combine: str | None, save: str | None,
-               partial_combine: bool = False) -> PredictionRun:
+               partial_combine: bool = False, cache: bool = False) -> PredictionRun:
         """Run models on ``x`` in chunks on the workers: ``eng.submit`` checks the input,
         schedules the prediction and returns at once with the run; ``eng.predict`` is
         ``submit(...).collect()`` and returns the :class:`~nbtool.results.Prediction`.
@@ -90,6 +91,13 @@ class Runs:
         ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
         writes the outputs once, at the end.
 
+        ``cache=True`` memoises each chunk's outputs on disk (:mod:`nbtool.output_cache`),
+        keyed by the model (file fingerprint, precision, preprocessing, runtime) and the
+        chunk's rows: running it again, after a restart too, reads them back instead of
+        computing (``res.timings[name]["cached_chunks"]`` says how many); a changed model
+        or chunk is computed again. ``nbtool.cache_info()``, ``nbtool.clear_cache()``.
+        It does not combine with ``save="*.zarr"`` (which resumes by itself).
+
         A submitted run: ``run.progress()`` says how far each model is; ``run.collect()``
         waits and returns the Prediction (and lets go of the run's tasks, store lock and
         input file); ``run.cancel()`` stops it.
@@ -113,6 +121,10 @@ class Runs:
         # last (see handoff), so a refused input costs no RAM.
         source = as_source(x)
         store = save_target(save)   # a path that cannot be written fails before any load
+        if cache and store is not None:
+            raise ValueError(f"cache=True with save={save!r}: a result store already "
+                             "resumes (its chunks are not computed again), so the two do "
+                             "not combine. Fix: drop cache=True, or save to a .npz file.")
         specs = self.signed(names, outputs=store is not None)
         for spec in specs:
             check_fits(spec, source)
@@ -125,13 +137,15 @@ class Runs:
         run_id = uuid.uuid4().hex[:8]   # names its tasks, and its writes to a result store
         stored = open_store(store, specs, source, size, run_id)
         try:
+            cached = self.cached(specs, source, size) if cache else None
             routes, later = plan_routes(self.pool, specs, self.catalog.placement,
                                         source.n_rows, measured_here=self.local)
             source = self.handoff(source)
             run = PredictionRun(self.pool, [(s, routes[s.name]) for s in specs], source, size,
                                 combine=combine, store=store, stored=stored,
                                 save=save if save and store is None else None,
-                                run_id=run_id, partial_combine=partial_combine)
+                                run_id=run_id, partial_combine=partial_combine,
+                                cache=cached)
         except BaseException:
             if store is not None:
                 store.release()
@@ -163,6 +177,19 @@ class Runs:
         except ValueError as e:
             raise ValueError(f"models {a!r} and {b!r} give {e}") from None
         return {**out, "rows": res.n_rows}
+
+    def cached(self, specs: list[ModelSpec], source, chunk_size: int) -> RunCache:
+        """Look every (model, chunk) of a run up in the output cache (keyed with the
+        Keras backend of each model's workers: it changes the last digits).
+
+        Example:
+            >>> runs.cached(specs, as_source(x), 500).found   # doctest: +SKIP
+            {'cnn': {0: [array(...)], 1: [array(...)]}}
+        """
+        backends = {s.name: [self.pool.workers[w].backend for w in
+                             self.catalog.placement[s.name] if w in self.pool.workers]
+                    for s in specs}
+        return RunCache(specs, backends, source, source.chunk_bounds(chunk_size))
 
     def signed(self, names: list[str], outputs: bool = False) -> list[ModelSpec]:
         """The specs of ``names``, each knowing its input (with ``outputs``, its outputs

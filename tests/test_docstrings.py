@@ -10,7 +10,7 @@ import importlib
 import pytest
 
 PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices", "nbtool.registry", "nbtool.model_files", "nbtool.sources", "nbtool.inputs", "nbtool.store", "nbtool.store_lock", "nbtool.metrics", "nbtool.magic_args", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
-                "nbtool.results", "nbtool.tables",
+                "nbtool.results", "nbtool.tables", "nbtool.output_cache",
                 "nbtool.worker", "nbtool.worker.reading", "nbtool.worker.batching",
                 "nbtool.worker.litert", "nbtool.worker.measure", "nbtool.worker.runtime",
                 "nbtool.worker.loading", "nbtool.worker.predictors", "nbtool.worker.cache",

@@ -35,9 +35,9 @@ from .loading import PRECISIONS
 from .measure import model_costs, record_cost
 from .process import NbtoolWorkerPlugin
 from .reading import read_rows
-from .runtime import resource_name
+from .runtime import cache_root, resource_name
 from .tasks import load_model, predict_chunk, resident_models, unload_models, worker_status
 
 __all__ = ["CONVERSIONS", "PRECISIONS", "NbtoolWorkerPlugin", "convert_variant", "load_model",
            "model_costs", "predict_chunk", "read_rows", "record_cost", "resident_models",
-           "resource_name", "unload_models", "worker_status"]
+           "resource_name", "unload_models", "worker_status", "cache_root"]
