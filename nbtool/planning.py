@@ -233,3 +233,58 @@ def first_routes(specs: list[ModelSpec], routes: dict[str, list[str]],
     """
     return {s.name: list(resident.get(s.name) or routes[s.name])
             for s in specs if len(routes[s.name]) > 1}
+
+
+class RunOrder:
+    """The order a run's tasks go in on each worker, and what each worker reads ahead.
+
+    On a worker whose budget holds every model of the run routed to it, chunk i of every
+    model goes before chunk i+1 of any: an ensemble progresses together, and an
+    interrupted run has stored some of each. On a worker whose budget does not hold them
+    all (*crowded*), that order would have each model's chunks evict the others' models,
+    chunk after chunk; there the models go one after another instead, all of a model's
+    chunks while it is resident, so each loads once per run, and the first chunk of each
+    model starts reading the next model's file (``read_ahead``) while it computes.
+    Sizes are the models' files (what a load charges to the budget, near enough).
+    ``NBTOOL_ORDER_BY_MODEL=0`` keeps chunk order everywhere (what ``benchmarks/
+    budget_order.py`` compares with).
+
+    Example:
+        >>> a, b = (ModelSpec(n, f"/m/{n}.keras", "keras", 600, n) for n in "ab")
+        >>> order = RunOrder([(a, ["w0"]), (b, ["w0"])], {"w0": 1000}, n_chunks=3)
+        >>> order.crowded, [order.task(m, i, "w0")[0] for m in (0, 1) for i in range(3)]
+        ({'w0'}, [0, -1, -2, -3, -4, -5])
+        >>> order.task(0, 0, "w0")[1], order.task(0, 1, "w0")[1], order.task(1, 0, "w0")[1]
+        ('/m/b.keras', None, None)
+        >>> RunOrder([(a, ["w0"]), (b, ["w0"])], {"w0": 2000}, 3).task(1, 2, "w0")
+        (-2, None)
+    """
+
+    def __init__(self, placements: list[tuple[ModelSpec, list[str]]], budgets: dict,
+                 n_chunks: int):
+        self.placements, self.n_chunks = placements, n_chunks
+        # Each worker's budget: a number, or anything with .budget (the pool's WorkerInfo).
+        budget = {w: getattr(b, "budget", b) for w, b in budgets.items()}
+        held: dict[str, int] = {}
+        for spec, workers in placements:
+            for w in set(workers):
+                held[w] = held.get(w, 0) + (spec.size_bytes or 0)
+        self.crowded = {w for w, size in held.items() if budget.get(w) and size > budget[w]}
+        if os.environ.get("NBTOOL_ORDER_BY_MODEL", "1") == "0":   # the order before (bench)
+            self.crowded = set()
+
+    def task(self, m: int, i: int, worker: str) -> tuple[int, str | None]:
+        """(Dask priority, the file to read ahead or None) of chunk ``i`` of the run's
+        ``m``-th model on ``worker``."""
+        if worker not in self.crowded:
+            return -i, None
+        ahead = None
+        if worker == self._first_worker(m, i):   # this model's first chunk here
+            ahead = next((s.path for s, ws in self.placements[m + 1:] if worker in ws), None)
+        return -(m * self.n_chunks + i), ahead
+
+    def _first_worker(self, m: int, i: int) -> str | None:
+        """The worker of model ``m``'s chunk ``i`` if no earlier chunk of it went there
+        (chunks go to a model's workers in turn, offset by ``m``: see the runner)."""
+        workers = self.placements[m][1]
+        return workers[(i + m) % len(workers)] if i < len(workers) else None

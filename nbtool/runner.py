@@ -1,8 +1,8 @@
 """Turn a prediction request into Dask work and its results into a :class:`Prediction`.
 
 One ``dask.delayed`` task per (model, chunk), restricted (by worker *name*, which survives
-restarts) to the workers that hold that model. Results are collected as they complete, so a
-chunk that fails costs only itself; assembly puts every chunk back at its rows.
+restarts) to the workers that hold that model, in :class:`~nbtool.planning.RunOrder`. Results
+are collected as they complete; assembly puts every chunk back at its rows.
 
 The run knows nothing of the engine: whoever wants to hear that it finished (the engine,
 for its history and the replicas it loads afterwards) subscribes with
@@ -26,11 +26,11 @@ import numpy as np
 from distributed import Future, as_completed
 
 from .errors import ChunkError, NbtoolError
-from .wire import ModelSpec
+from .planning import RunOrder
 from .results import CombineError, Prediction, combine_outputs
 from .sources import Source
 from .store import StoreRef
-from .wire import ChunkOutput
+from .wire import ChunkOutput, ModelSpec
 from .worker import predict_chunk, resource_name
 from .warn import warn_user
 
@@ -116,6 +116,7 @@ class PredictionRun:
         names = list(dict.fromkeys(w for _, ws in self.placements for w in ws))
         workers = self.pool.restriction(names)   # as Dask knows them
         args = self.source.chunk_args(self.client, workers, self.chunk_size)
+        order = RunOrder(self.placements, self.pool.workers, len(args))
         tasks, keys = [], []
         for m, (spec, names) in enumerate(self.placements):
             done = self.stored.get(spec.name, set()) | set(self.cached.get(spec.name, ()))
@@ -129,12 +130,13 @@ class PredictionRun:
                 key = f"nbtool-{spec.name}-{i}-{self.run_id}"
                 ref = StoreRef(self.store.path, self.bounds[i][0], self.run_id) \
                     if self.store else None
-                # Chunk i of every model before chunk i+1 of any (Dask runs higher
-                # priorities first): an ensemble's models progress together, so an
-                # interrupted run has stored some of each, not all of one.
-                with dask.annotate(resources={resource_name(worker): 1}, priority=-i):
+                # Chunk i of every model before chunk i+1 of any, or model after model
+                # where the budget cannot hold them all (RunOrder; Dask runs higher
+                # priorities first).
+                priority, ahead = order.task(m, i, worker)
+                with dask.annotate(resources={resource_name(worker): 1}, priority=priority):
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
-                        spec, data, start, stop, i, ref, dask_key_name=key))
+                        spec, data, start, stop, i, ref, ahead, dask_key_name=key))
                 keys.append((spec.name, i))
         self._scattered = list({d.key: d for d, _, _ in args if isinstance(d, Future)}.values())
         self.started = time.perf_counter()

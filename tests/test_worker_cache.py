@@ -112,6 +112,30 @@ def test_budget_smaller_than_the_models_evicts_lru_and_stays_correct(engine, ker
         engine.set_memory_budget(old)
 
 
+def test_an_ensemble_over_the_budget_loads_each_model_once_per_run(engine, keras, unique):
+    """Chunk i of every model before chunk i+1 would evict a model at every chunk here
+    (8 loads per model per run); model after model, each loads once."""
+    models = [dense_model(keras, 160_000, seed=20 + i) for i in range(4)]
+    x = np.random.default_rng(3).normal(size=(256, 32)).astype("float32")
+    refs = [m.predict(x, verbose=0) for m in models]
+    names = [f"{unique}_e{i}" for i in range(4)]
+    for n, m in zip(names, models):
+        engine.register(n, m, device="cpu:0", runtime="tensorflow")
+    size = max(engine.registry.get(n).size_bytes for n in names)
+    old = engine.workers["cpu0"].budget
+    engine.set_memory_budget(int(2.2 * size))          # room for two of the four
+    try:
+        for run in (1, 2):
+            res = engine.predict(names, x, chunk_size=32, combine=None)   # 8 chunks each
+            for n, ref in zip(names, refs):
+                assert np.abs(res[n] - ref).max() <= 1e-4
+            st = engine.status()["cpu0"]
+            assert all(st.models[n].loads == run for n in names), \
+                {n: st.models[n].loads for n in names}
+    finally:
+        engine.set_memory_budget(old)
+
+
 def test_hard_unload_restarts_the_holder_and_rewarms_the_rest(engine, keras, model_dir, unique):
     big, keep = f"{unique}_big", f"{unique}_keep"
     engine.register(big, dense_model(keras, 160_000, seed=7), device="cpu:1")

@@ -130,3 +130,29 @@ def _reader() -> ThreadPoolExecutor:
         if _READER is None:
             _READER = ThreadPoolExecutor(1, thread_name_prefix="nbtool-read-ahead")
         return _READER
+
+
+def read_file_ahead(path: str) -> None:
+    """Ask the OS to read ``path`` (a file, or every file of a folder) into its page cache
+    in the background, so the model this worker loads next reads from memory: called
+    while the current model computes. Best effort: a path that cannot be read is left to
+    the load, which says why.
+
+    Example:
+        >>> read_file_ahead("/nowhere/model.keras")
+    """
+    def advise():
+        files = [path] if not os.path.isdir(path) else [
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+        for f in files:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError):   # not Linux: the load reads it then
+                pass
+            finally:
+                os.close(fd)
+    threading.Thread(target=advise, name="nbtool-read-model-ahead", daemon=True).start()

@@ -27,7 +27,8 @@ from .loading import out_of_memory
 from .measure import record_cost
 from . import backends
 from .process import count_rows, idle_memory, prepare_worker, throughput
-from .reading import PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_rows
+from .reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_file_ahead,
+                      read_rows)
 from .runtime import (cpu_worker, describe_exception, held_memory, memory_in_use,
                       out_of_memory_error, started_tensorflow, tensorflow, worker_name)
 
@@ -37,13 +38,14 @@ failure_log = logging.getLogger("distributed.worker.nbtool")
 
 
 def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
-                  chunk: int, store=None) -> ChunkOutput:
+                  chunk: int, store=None, read_ahead: str | None = None) -> ChunkOutput:
     """Run one model on rows ``start:stop`` of ``data``; the unit of work of a prediction.
 
     ``data`` is an ndarray scattered to the worker, a Dask array block, or a file
     reference (:mod:`nbtool.wire`) that the worker opens and slices itself. With a
     ``store`` (:class:`nbtool.store.StoreRef`) the outputs are written to the result store
-    here and only a receipt travels back.
+    here and only a receipt travels back. ``read_ahead``: the file of the model this
+    worker runs next, read into the page cache while this chunk computes.
 
     Example:
         >>> predict_chunk(spec, x, 0, 10, chunk=0).outputs[0].shape   # doctest: +SKIP
@@ -55,6 +57,8 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         # The chunk's first rows: what a conversion is checked on if this call loads it.
         loaded, load_seconds = cache.get(spec, sample=lambda: read_rows(
             data, start, start + CHECK_ROWS if stop is None else min(stop, start + CHECK_ROWS)))
+        if read_ahead:
+            read_file_ahead(read_ahead)
         t0 = time.perf_counter()
         n_rows, outputs = read_and_run(cache, loaded, data, start, stop)
         seconds = time.perf_counter() - t0
