@@ -162,6 +162,15 @@ def dense_model(keras, units: int, seed: int, n_in: int = 32):
 
 
 @pytest.fixture
+def two(engine, model_dir, unique):
+    """Two small MLPs registered under this test's names (``mlp`` and ``mlp2``): ensembles."""
+    a, b = f"{unique}_a", f"{unique}_b"
+    engine.register(a, model_dir / "mlp.keras")
+    engine.register(b, model_dir / "mlp2.keras")
+    return a, b
+
+
+@pytest.fixture
 def failing_pair(engine, model_dir, unique):
     """Two models registered side by side: ``checked`` (fails in-graph on a chunk holding a
     NaN row) and the mlp; their names, for ensembles where one member fails."""

@@ -119,6 +119,18 @@ def weight_bytes(state) -> int:
     return int(state.weight_bytes or state.size_bytes or 0)
 
 
+def resident_on_gpu(eng, models, name: str, file: str):
+    """Register ``file`` (a fixture model) as ``name`` on gpu:0 and run it once: (its
+    worker, name, the worker's status, the model's weight bytes, NVML's reading of the
+    worker process) before whatever the test does to it."""
+    folder, data, _ = models
+    w = worker_on(eng)
+    eng.register(name, folder / f"{file}.keras", device="gpu:0")
+    predict(eng, name, data["x64"])
+    s = eng.status()[w]
+    return w, name, s, weight_bytes(s.state_of(name)), reading(s.pid)
+
+
 def predict(eng, name: str, x):
     res = eng.predict(name, x, combine=None)
     assert res.ok, res.errors
@@ -242,14 +254,7 @@ def test_outputs_equal_the_cpu_reference_with_tf32_off(gpu, models, rec):
 
 def test_a_soft_unload_says_what_it_gave_back(gpu, models, rec):
     backend, eng = gpu
-    folder, data, _ = models
-    w = worker_on(eng)
-    name = f"{backend}-soft"
-    eng.register(name, folder / "big1.keras", device="gpu:0")
-    predict(eng, name, data["x64"])
-    s = eng.status()[w]
-    weights = weight_bytes(s.state_of(name))
-    before = reading(s.pid)
+    w, name, s, weights, before = resident_on_gpu(eng, models, f"{backend}-soft", "big1")
     out = eng.unload(name)
     after_status = eng.status()[w]
     after = reading(s.pid)
@@ -308,14 +313,7 @@ def test_eviction_under_a_per_gpu_budget_counts_measured_device_bytes(gpu, model
 
 def test_a_hard_unload_returns_the_workers_device_memory(gpu, models, rec):
     backend, eng = gpu
-    folder, data, _ = models
-    w = worker_on(eng)
-    name = f"{backend}-hard"
-    eng.register(name, folder / "big2.keras", device="gpu:0")
-    predict(eng, name, data["x64"])
-    s = eng.status()[w]
-    weights = weight_bytes(s.state_of(name))
-    before = reading(s.pid)
+    w, name, s, weights, before = resident_on_gpu(eng, models, f"{backend}-hard", "big2")
     restarted = eng.unload(hard=True)   # every model: the new process holds none
     new = eng.status()[w]
     gone = gs.wait_gone(s.pid)

@@ -20,14 +20,6 @@ def cache_dir(tmp_path, monkeypatch):
     return d / "outputs"
 
 
-@pytest.fixture
-def two(engine, model_dir, unique):
-    a, b = f"{unique}_a", f"{unique}_b"
-    engine.register(a, model_dir / "mlp.keras")
-    engine.register(b, model_dir / "mlp2.keras")
-    return a, b
-
-
 def test_a_rerun_sends_no_task_and_returns_the_same_outputs(engine, two, reference,
                                                             cache_dir, tmp_path):
     a, b = two

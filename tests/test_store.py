@@ -11,14 +11,6 @@ import nbtool
 from nbtool.store import ResultStore
 
 
-@pytest.fixture
-def two(engine, model_dir, unique):
-    a, b = f"{unique}_a", f"{unique}_b"
-    engine.register(a, model_dir / "mlp.keras")
-    engine.register(b, model_dir / "mlp2.keras")
-    return a, b
-
-
 def test_save_writes_every_chunk_from_the_workers(engine, two, reference, tmp_path):
     a, b = two
     path = tmp_path / "p.zarr"
