@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine", "Prediction", "start", "default_engine", "register", "register_dir",
     "models", "devices", "load", "unload", "predict", "predict_async", "close", "dashboard",
-    "errors", "open_prediction", "images", "cache_info", "clear_cache",
+    "errors", "open_prediction", "images", "cache_info", "clear_cache", "attach",
+    "running", "shutdown",
 ]
 
 _LAZY = {
@@ -36,6 +37,9 @@ _LAZY = {
     "cache_info": ("nbtool.output_cache", "cache_info"),
     "clear_cache": ("nbtool.output_cache", "clear_cache"),
     "errors": ("nbtool.errors", None),
+    "attach": ("nbtool.persistent", "attach"),
+    "running": ("nbtool.persistent", "running"),
+    "shutdown": ("nbtool.persistent", "shutdown"),
 }
 
 

@@ -55,6 +55,7 @@ class Catalog:
         self.registry = Registry()
         # model -> the workers it may run on (an auto model's main one first)
         self.placement: dict[str, list[str]] = {}
+        self.on_change = lambda: None   # a persistent engine keeps both beside its cluster
 
     def specs(self, names: Iterable[str]) -> list[ModelSpec]:
         """The registered specs of ``names`` (an unknown name raises ModelNotFound).
@@ -262,6 +263,7 @@ class Catalog:
         """Make ``placement`` the placement, in the same dict (others hold it)."""
         self.placement.clear()
         self.placement.update(placement)
+        self.on_change()
 
     def model_rows(self, statuses: dict[str, WorkerStatus]) -> list[ModelRow]:
         """The rows of ``eng.models()`` (and the dashboard's) from the workers' statuses:
@@ -331,6 +333,7 @@ class Catalog:
         learned = learned_signature(spec, state)
         if learned != spec:
             self.registry.add(learned)
+            self.on_change()
 
 
 def learned_signature(spec: ModelSpec, state: ModelState) -> ModelSpec:

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import os
 import tempfile
 import weakref
@@ -29,7 +27,8 @@ from distributed import Client
 
 from .catalog import Catalog, model_names
 from .devices import WorkerInfo
-from .errors import EngineClosed, NbtoolError
+from .errors import NbtoolError
+from .facade import _doc, _open
 from .loads import BackgroundLoads, Loads
 from .pool import WorkerPool
 from .results import Prediction
@@ -39,40 +38,6 @@ from .settings import check_size
 from .tables import Table, device_rows
 from .wire import ModelSpec, ModelState, WorkerStatus
 from .worker import NbtoolWorkerPlugin
-
-
-def _doc(implementation):
-    """Give a facade method the docstring of the part that does its work: the behaviour is
-    written once, where it is implemented (as ``dask.utils.derived_from`` does)."""
-    def take(method):
-        method.__doc__ = implementation.__doc__
-        return method
-
-    return take
-
-
-def _open(method):
-    """Refuse ``method`` on a closed engine with :class:`~nbtool.errors.EngineClosed`.
-
-    Checked before the method touches the cluster: a closed client otherwise fails deep
-    inside Dask (``RuntimeError: IOLoop is closed``) or, for ``register``, not at all.
-    """
-    if inspect.iscoroutinefunction(method):
-        @functools.wraps(method)
-        async def guarded_async(self, *args, **kwargs):
-            if self.closed:
-                raise EngineClosed(method.__name__)
-            return await method(self, *args, **kwargs)
-
-        return guarded_async
-
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        if self.closed:
-            raise EngineClosed(method.__name__)
-        return method(self, *args, **kwargs)
-
-    return guarded
 
 
 class Engine:
@@ -154,8 +119,7 @@ class Engine:
             >>> eng.set_memory_budget("2GB")   # doctest: +SKIP
         """
         budget = check_size(memory_budget, "memory_budget", allow_none=False)
-        # Re-registering the plugin runs its setup on every worker now and on restarts.
-        self.client.register_plugin(NbtoolWorkerPlugin(budget))
+        self.client.register_plugin(NbtoolWorkerPlugin(budget))   # now and on restarts
         self.refresh_workers()   # auto placement follows the new budgets
 
     # -- registering ---------------------------------------------------------------------
@@ -266,8 +230,7 @@ class Engine:
     def running(self) -> list[PredictionRun]:
         """The predictions submitted and not yet finished or cancelled, oldest first.
 
-        Each has ``progress()`` (chunks done per model) and ``run_id``; the dashboard
-        shows them live.
+        Each has ``progress()`` (chunks done per model) and ``run_id``; the dashboard shows them.
 
         Example:
             >>> run = eng.submit(["cnn"], x)                     # doctest: +SKIP

@@ -82,7 +82,8 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
           memory_budget: str | int | None = None, n_workers: int | None = None,
           dashboard_address: str | None = "127.0.0.1:8787", work_dir: str | None = None,
           security: Any = None, allow_remote_dashboard: bool = False,
-          backend: str | None = None) -> Engine:
+          backend: str | None = None, persist: bool = False, name: str = "default",
+          idle_timeout: float | str | None = None) -> Engine:
     """Start an engine: a local GPU-pinned cluster, or a client of an existing one.
 
     Without ``address``, it starts a local cluster on 127.0.0.1 with one worker per GPU
@@ -115,10 +116,18 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     A worker process that cannot start fails the call at once with that worker's error;
     starting also removes input folders that killed kernels left in ``/dev/shm``.
 
+    ``persist=True`` starts the local cluster in a process of its own that outlives the
+    kernel (:mod:`nbtool.persistent`): after a kernel restart, ``nbtool.attach()`` finds
+    its models registered and loaded as they were. If this user's persistent engine
+    ``name`` runs already, this attaches to it. It ends with ``nbtool.shutdown()``, or by
+    itself once no kernel was attached for ``idle_timeout`` (``"30min"`` by default,
+    ``NBTOOL_IDLE_TIMEOUT``). Its TLS credentials are in a file only this user can read.
+
     Example:
         >>> eng = nbtool.start()                                  # doctest: +SKIP
         >>> eng = nbtool.start(gpus=[0, 1], memory_budget="6GB")  # doctest: +SKIP
         >>> eng = nbtool.start(backend="torch", gpus="none")      # doctest: +SKIP
+        >>> eng = nbtool.start(persist=True, idle_timeout="2h")   # doctest: +SKIP
         >>> eng = nbtool.start(address="tls://10.0.0.5:8786",
         ...                    security=Security(tls_ca_file="ca.pem", tls_client_cert="me.pem",
         ...                                      tls_client_key="me.key",
@@ -132,12 +141,23 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     if memory_budget is None:
         memory_budget = env_setting("NBTOOL_MEMORY_BUDGET", as_bytes)
     budget = check_size(memory_budget, "memory_budget")
+    if persist and (address is not None or security is not None):
+        raise ValueError("persist=True starts a local cluster with credentials of its own; "
+                         f"got {'address=' if address is not None else 'security='} too. Fix: "
+                         "leave it out (a cluster at an address outlives the kernel anyway).")
     if address is None:
         from .cluster import check_dashboard_address, clean_stale_shared_folders
 
         backend = check_backend(backend)
         check_dashboard_address(dashboard_address, allow_remote_dashboard)
         clean_stale_shared_folders()
+        if persist:
+            from .persistent import start_persistent
+
+            return start_persistent(
+                name, idle_timeout, work_dir, gpus=gpus, n_workers=n_workers,
+                memory_budget=budget, dashboard_address=dashboard_address,
+                allow_remote_dashboard=allow_remote_dashboard, backend=backend)
         cluster = local_cluster(gpus, n_workers, budget, dashboard_address, security,
                                 allow_remote_dashboard, backend)
         n_expected = len(cluster.slots)

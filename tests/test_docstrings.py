@@ -20,12 +20,14 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices",
                 "nbtool.worker.choice", "nbtool.worker.opening", "nbtool.worker.backends", "nbtool.worker.backend_predictors", "nbtool.keras_backend",
                 "nbtool.worker.ov_files", "nbtool.worker.ov_variants", "nbtool.ir_files",
                 "nbtool.planning", "nbtool.placement", "nbtool.settings", "nbtool.session", "nbtool.catalog",
-                "nbtool.loads", "nbtool.runs"]
+                "nbtool.loads", "nbtool.runs", "nbtool.private_files", "nbtool.engine_files", "nbtool.facade",
+                "nbtool.persist_server"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)
-def test_docstring_examples_run(name, monkeypatch):
+def test_docstring_examples_run(name, monkeypatch, tmp_path):
     monkeypatch.delenv("NBTOOL_FAKE_GPUS", raising=False)
+    monkeypatch.setenv("NBTOOL_RUNTIME_DIR", str(tmp_path / "runtime"))   # engine files
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no runnable examples"

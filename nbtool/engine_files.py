@@ -1,0 +1,192 @@
+"""Where a persistent engine says how to reach it: one private file per engine.
+
+A persistent engine (``nbtool.start(persist=True)``) runs in a process of its own. Beside
+it, in a folder of this user alone (0700, under Jupyter's runtime directory, where kernels
+keep their connection files), it keeps ``<name>.json`` (0600): its scheduler address, its
+process and the TLS credentials a client must present. Whoever can read that file can run
+code as this user on the cluster, so nobody else can. When the engine ends, the file goes
+and ``<name>.ended.json`` says when and why, so the next ``attach`` can tell the user.
+
+Example:
+    >>> import os
+    >>> rec = EngineRecord(name="default", address="tls://127.0.0.1:1", pid=os.getpid(),
+    ...                    process_started=process_started(os.getpid()))
+    >>> rec.save(); [r.name for r in engine_records()]
+    ['default']
+    >>> rec.alive()
+    True
+    >>> rec.end("shut down by nbtool.shutdown()"); engine_records()
+    []
+    >>> ended_note("default").endswith(", shut down by nbtool.shutdown()")
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .private_files import NotPrivate, private_folder, read_private, write_private
+
+
+def runtime_folder() -> Path:
+    """This user's folder of persistent engines: ``NBTOOL_RUNTIME_DIR`` if set, else
+    ``nbtool/`` in Jupyter's runtime directory; made 0700, refused if not ours alone.
+
+    Example:
+        >>> oct(runtime_folder().stat().st_mode & 0o777)
+        '0o700'
+    """
+    folder = os.environ.get("NBTOOL_RUNTIME_DIR")
+    if not folder:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        folder = os.path.join(jupyter_runtime_dir(), "nbtool")
+    try:
+        return private_folder(folder)
+    except NotPrivate as e:
+        from .errors import NbtoolError
+
+        raise NbtoolError(f"the persistent engines' folder cannot be used: {e}. Its files "
+                          "hold credentials, so it must be yours alone. Fix: set "
+                          "NBTOOL_RUNTIME_DIR to a folder of your own (it is made 0700).") \
+            from None
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (None if there is none): with the pid, it names one
+    process even after the pid is reused.
+
+    Example:
+        >>> process_started(os.getpid()) > 0
+        True
+    """
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class EngineRecord:
+    """How to reach one persistent engine, as its process wrote it.
+
+    Example:
+        >>> EngineRecord(name="x", address="tls://127.0.0.1:1", pid=1).describe()
+        "'x' (pid 1, tls://127.0.0.1:1)"
+    """
+
+    name: str
+    address: str
+    pid: int
+    process_started: float | None = None
+    started: float = field(default_factory=time.time)
+    idle_timeout: float = 1800.0
+    dashboard: str | None = None
+    workers: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    note: str = ""
+    tls: dict = field(default_factory=dict)   # ca, cert, key: PEM text
+
+    @property
+    def path(self) -> Path:
+        return runtime_folder() / f"{self.name}.json"
+
+    def describe(self) -> str:
+        return f"{self.name!r} (pid {self.pid}, {self.address})"
+
+    def save(self) -> None:
+        """Write the record, readable by this user alone (0600)."""
+        write_private(self.path, json.dumps(dataclasses.asdict(self)))
+
+    def security(self):
+        """The :class:`distributed.security.Security` a client of this engine presents."""
+        from distributed.security import Security
+
+        return Security(tls_ca_file=self.tls["ca"], tls_client_cert=self.tls["cert"],
+                        tls_client_key=self.tls["key"], require_encryption=True)
+
+    def alive(self) -> bool:
+        """Whether the engine's process still runs (the same process, not a reused pid)."""
+        started = process_started(self.pid)
+        if started is None:
+            return False
+        import psutil
+
+        try:
+            if psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            return False
+        return self.process_started is None or abs(started - self.process_started) < 1
+
+    def end(self, reason: str) -> None:
+        """Remove the record and leave a note of when and why the engine ended."""
+        write_private(runtime_folder() / f"{self.name}.ended.json",
+                      json.dumps({"name": self.name, "pid": self.pid, "ended": time.time(),
+                                  "reason": reason}))
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def read_record(name: str) -> EngineRecord | None:
+    """The record of engine ``name``, or None if there is none (or it is unreadable).
+
+    Example:
+        >>> read_record("no-such-engine") is None
+        True
+    """
+    try:
+        data = json.loads(read_private(runtime_folder() / f"{name}.json"))
+        known = {f.name for f in dataclasses.fields(EngineRecord)}
+        return EngineRecord(**{k: v for k, v in data.items() if k in known})
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def engine_records() -> list[EngineRecord]:
+    """The records of this user's persistent engines whose process still runs; the
+    records of ended ones are replaced by a note that they ended (killed, most likely).
+
+    Example:
+        >>> engine_records()
+        []
+    """
+    out = []
+    for path in sorted(runtime_folder().glob("*.json")):
+        if path.name.endswith(".ended.json") or path.name.startswith("."):
+            continue
+        try:
+            rec = read_record(path.stem)
+        except NotPrivate:
+            continue
+        if rec is None:
+            continue
+        if rec.alive():
+            out.append(rec)
+        else:
+            rec.end(f"its process (pid {rec.pid}) was gone: killed, or the machine restarted")
+    return out
+
+
+def ended_note(name: str) -> str | None:
+    """When and why engine ``name`` ended, if it left a note (None otherwise).
+
+    Example:
+        >>> ended_note("no-such-engine") is None
+        True
+    """
+    try:
+        note = json.loads(read_private(runtime_folder() / f"{name}.ended.json"))
+    except (OSError, ValueError):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(note.get("ended", 0)))
+    return f"ended at {when}, {note.get('reason', 'for a reason not recorded')}"
