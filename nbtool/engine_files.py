@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,30 @@ def runtime_folder() -> Path:
                           "hold credentials, so it must be yours alone. Fix: set "
                           "NBTOOL_RUNTIME_DIR to a folder of your own (it is made 0700).") \
             from None
+
+
+#: A persistent engine's name: also its files' names, so nothing that leaves the folder.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name) -> str:
+    """``name`` if it can name a persistent engine (and its files); ValueError otherwise.
+
+    Example:
+        >>> check_name("gpu-models")
+        'gpu-models'
+        >>> check_name("../x")
+        Traceback (most recent call last):
+        ...
+        ValueError: name='../x': ... Fix: ...
+    """
+    if isinstance(name, str) and NAME.fullmatch(name) and not name.endswith(".ended"):
+        return name
+    raise ValueError(
+        f"name={name!r}: a persistent engine's name is also the name of its file "
+        "(<runtime folder>/<name>.json), so it must be 1 to 64 letters, digits, '_', '-' or "
+        "'.', not starting with '.' nor ending with '.ended'. Fix: name='default' (the "
+        "default) or a name such as 'gpu-models'.")
 
 
 def process_started(pid: int) -> float | None:
@@ -190,3 +215,17 @@ def ended_note(name: str) -> str | None:
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(note.get("ended", 0)))
     return f"ended at {when}, {note.get('reason', 'for a reason not recorded')}"
+
+
+def idle_words(seconds: float) -> str:
+    """``1800`` -> ``'30 min'``, ``90`` -> ``'90 s'``.
+
+    Example:
+        >>> idle_words(1800), idle_words(90), idle_words(7200)
+        ('30 min', '90 s', '2 h')
+    """
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 120 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

@@ -25,16 +25,16 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .errors import ModelNotFound, NbtoolError
-from .magic_args import (backend_arg, batch_size_flag, check_choice, check_size,
-                         check_variable_name, device_option, gpus_arg, replicas_option,
-                         split_line, trusted_option, whole_number)
+from .magic_args import (batch_size_flag, check_choice, check_variable_name, device_option,
+                         replicas_option, split_line, trusted_option, whole_number)
+from .magics_engine import EngineCommands
 
-SUBCOMMANDS = ("start", "register", "register-dir", "models", "devices", "load", "unload",
-               "dashboard", "stop", "optimize")
+SUBCOMMANDS = ("start", "attach", "register", "register-dir", "models", "devices", "load",
+               "unload", "dashboard", "stop", "running", "optimize")
 
 
 @magics_class
-class Nbtool(Magics):
+class Nbtool(EngineCommands, Magics):
     """The nbtool magics. Settings: ``%config Nbtool`` lists them.
 
     Example:
@@ -87,8 +87,9 @@ class Nbtool(Magics):
 
     @classmethod
     def _subcommand_handlers(cls):
-        return [cls._start, cls._register, cls._register_dir, cls._models, cls._devices,
-                cls._load, cls._unload, cls._dashboard, cls._stop, cls._optimize]
+        return [cls._start, cls._attach, cls._register, cls._register_dir, cls._models,
+                cls._devices, cls._load, cls._unload, cls._dashboard, cls._stop, cls._running,
+                cls._optimize]
 
     def _subcommands(self):
         return dict(zip(SUBCOMMANDS, (getattr(self, f.__name__)
@@ -110,36 +111,6 @@ class Nbtool(Magics):
                 raise UsageError(str(ModelNotFound(
                     n, eng.registry.names(),
                     register_hint=f"%nbtool register {n} path/to/model.keras")))
-
-    @magic_arguments(name="nbtool start")
-    @argument("--gpus", type=gpus_arg, default="auto", help="'auto' (every GPU NVML finds), "
-              "'none' (CPU workers), or indices like 0,1")
-    @argument("--workers", type=whole_number, default=None,
-              help="CPU workers (default: one per core)")
-    @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
-    @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
-    @argument("--backend", type=backend_arg, default=None, help="the Keras backend the "
-              "workers run: tensorflow (default), jax or torch")
-    def _start(self, args):
-        """Start the engine: a local cluster (one worker per GPU) or an existing one."""
-        import nbtool
-
-        # Refuse what can be refused before the old engine goes, so a typo does not cost it.
-        check_size(args.memory_budget, "--memory-budget")
-        if args.address is None:
-            from .devices import discover_gpus, select_gpus
-            from .keras_backend import check_backend
-
-            select_gpus(args.gpus, discover_gpus())   # ValueError: a UsageError in nbtool()
-            check_backend(args.backend)   # not installed: refused before the old one goes
-        if self._started is not None:   # re-running the cell restarts cleanly
-            self._started.close()
-            self._started = None
-        eng = self._started = nbtool.start(
-            address=args.address, gpus=args.gpus, n_workers=args.workers,
-            memory_budget=args.memory_budget or self.memory_budget, backend=args.backend)
-        self.shell.user_ns.setdefault("eng", eng)
-        return eng
 
     @magic_arguments(name="nbtool register")
     @argument("name", help="the model's name")
@@ -207,14 +178,6 @@ class Nbtool(Magics):
     def _dashboard(self, args):
         """A live panel: devices, memory, models with load/unload buttons, runs."""
         return self._engine().dashboard(namespace=self.shell.user_ns, interval=args.interval)
-
-    @magic_arguments(name="nbtool stop")
-    def _stop(self, args):
-        """Close the engine and its local cluster."""
-        eng = self._engine()
-        eng.close()
-        if eng is self._started:
-            self._started = None
 
     @magic_arguments(name="nbtool optimize")
     @argument("name", help="the registered model to make variants of (a .keras, .h5 or "

@@ -101,20 +101,12 @@ class OutputCache:
             >>> import tempfile; OutputCache(tempfile.mkdtemp()).usable()
             True
         """
+        from .private_files import NotPrivate, private_folder
+
         try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            st = os.lstat(self.folder)
-            if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
-                os.chmod(self.folder, 0o700)
-                st = os.lstat(self.folder)
-        except OSError as e:
-            warn_user(f"the output cache {self.folder} cannot be used ({e}); computing "
-                      "instead. Fix: set NBTOOL_CACHE_DIR to a folder you can write.")
-            return False
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or \
-                st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            warn_user(f"the output cache {self.folder} is not a folder of yours alone (owner "
-                      f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); its entries "
+            private_folder(self.folder)
+        except NotPrivate as e:
+            warn_user(f"the output cache is not a folder of yours alone: {e}. Its entries "
                       "are not read and everything is computed. Fix: set NBTOOL_CACHE_DIR "
                       "to a folder of your own.")
             return False

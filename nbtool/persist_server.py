@@ -11,19 +11,14 @@ writes the engine file a kernel attaches with (:mod:`nbtool.engine_files`), and 
 * its engine file is still there: deleted, nobody could attach any more, so it ends;
 * SIGTERM, SIGINT or SIGHUP: it ends cleanly.
 
-Ending closes the cluster, removes the engine file and leaves a note of why. The registry a
-kernel keeps on the scheduler and the one-kernel-at-a-time claim are here too: functions
-that run on the scheduler (``client.run_on_scheduler``), where they cannot interleave.
+Ending closes the cluster, removes the engine file and leaves a note of why. What runs on
+its scheduler for the kernels (the claim, the end request) is in :mod:`nbtool.on_scheduler`.
 
 Example:
-    >>> import types
-    >>> sched = types.SimpleNamespace(clients={"a": 1, "b": 2})
-    >>> claim("a", {"pid": 11}, sched) is None      # free: kernel 'a' has it now
-    True
-    >>> claim("b", {"pid": 12}, sched)["pid"]       # 'a' is still connected: refused
-    11
-    >>> del sched.clients["a"]; claim("b", {"pid": 12}, sched) is None   # 'a' left
-    True
+    >>> import types, pathlib
+    >>> rec = types.SimpleNamespace(path=pathlib.Path("/nonexistent"), idle_timeout=60)
+    >>> why_end(types.SimpleNamespace(), rec, 0, time.monotonic(), ["SIGTERM"])
+    'ended by signal SIGTERM'
 """
 
 from __future__ import annotations
@@ -36,49 +31,6 @@ import time
 
 #: Seconds between looks at the clients, the engine file and a shutdown request.
 TICK = 0.5
-
-#: The scheduler metadata key under which the attached kernel keeps its registry.
-STATE_KEY = ["nbtool", "engine-state"]
-
-
-def claim(client_id: str, who: dict, dask_scheduler=None) -> dict | None:
-    """Make ``client_id`` the engine's one kernel, unless another connected one is;
-    returns that one's description (``who`` as it gave it) or None when claimed.
-
-    Run on the scheduler (``client.run_on_scheduler``), so two kernels attaching at once
-    cannot both get it. A kernel that was killed lets go the moment its connection drops.
-
-    Example:
-        >>> import types
-        >>> claim("c", {"pid": 1}, types.SimpleNamespace(clients={"c": 1})) is None
-        True
-    """
-    held = getattr(dask_scheduler, "nbtool_owner", None)
-    if held and held["client"] != client_id and held["client"] in dask_scheduler.clients:
-        return held["who"]
-    dask_scheduler.nbtool_owner = {"client": client_id, "who": who}
-    return None
-
-
-def request_end(reason: str, dask_scheduler=None) -> None:
-    """Ask the engine's process to end, saying ``reason`` (run on the scheduler).
-
-    Example:
-        >>> import types; s = types.SimpleNamespace(); request_end("asked", s); s.nbtool_end
-        'asked'
-    """
-    dask_scheduler.nbtool_end = reason
-
-
-def kernel_clients(scheduler) -> list[str]:
-    """The clients connected to ``scheduler`` (Dask's own bookkeeping entry aside).
-
-    Example:
-        >>> import types
-        >>> kernel_clients(types.SimpleNamespace(clients={"fire-and-forget": 0, "c": 1}))
-        ['c']
-    """
-    return [c for c in list(scheduler.clients) if c != "fire-and-forget"]
 
 
 def why_end(scheduler, record, inode: int, last_client: float, signalled: list) -> str | None:
@@ -104,22 +56,10 @@ def why_end(scheduler, record, inode: int, last_client: float, signalled: list) 
                 "any more")
     idle = time.monotonic() - last_client
     if idle > record.idle_timeout:
+        from .engine_files import idle_words
+
         return f"no kernel attached for {idle_words(record.idle_timeout)} (its idle timeout)"
     return None
-
-
-def idle_words(seconds: float) -> str:
-    """``1800`` -> ``'30 min'``, ``90`` -> ``'90 s'``.
-
-    Example:
-        >>> idle_words(1800), idle_words(90), idle_words(7200)
-        ('30 min', '90 s', '2 h')
-    """
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 120 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
 
 
 def serve(name: str, options: dict) -> int:
@@ -128,6 +68,7 @@ def serve(name: str, options: dict) -> int:
     from distributed.security import Security
 
     from .engine_files import EngineRecord, process_started
+    from .on_scheduler import kernel_clients
     from .quiet import planned_restart
     from .session import local_cluster, wait_for_start
     from .worker import NbtoolWorkerPlugin

@@ -36,9 +36,10 @@ import sys
 import threading
 import time
 
-from .engine_files import EngineRecord, engine_records, ended_note, read_record, runtime_folder
+from .engine_files import (EngineRecord, check_name, engine_records, ended_note, idle_words,
+                           read_record, runtime_folder)
 from .errors import NbtoolError
-from .persist_server import STATE_KEY, claim, idle_words, request_end
+from .on_scheduler import STATE_KEY, claim, request_end
 from .warn import warn_user
 
 #: An engine with no kernel attached for this long ends by itself (seconds).
@@ -223,9 +224,9 @@ def attach(name: str = "default", work_dir: str | None = None):
     from distributed import Client
 
     from .engine import Engine
-    from .session import set_default_engine
+    from .current import set_default_engine
 
-    record = find_running(name)
+    record = find_running(check_name(name))
     if record is None:
         raise EngineNotRunning(name, ("it " + ended_note(name)) if ended_note(name) else
                                f"there is no engine file {runtime_folder() / (name + '.json')}")
@@ -277,7 +278,7 @@ def start_persistent(name: str = "default", idle_timeout: float | None = None,
         ...                        allow_remote_dashboard=False, backend="tensorflow")  # doctest: +SKIP
     """
     idle = idle_seconds(idle_timeout)
-    if find_running(name) is not None:
+    if find_running(check_name(name)) is not None:
         return attach(name, work_dir)
     folder = runtime_folder()
     log = folder / f"{name}.log"
@@ -359,11 +360,11 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
     """
     import signal
 
-    from .session import current_engine
+    from .current import current_engine
 
     eng = current_engine()
     attached = eng is not None and isinstance(eng.cluster, AttachedCluster)
-    name = name or (eng.cluster.name if attached else "default")
+    name = check_name(name or (eng.cluster.name if attached else "default"))
     record = find_running(name)
     if record is None:
         raise EngineNotRunning(name, ("it " + ended_note(name)) if ended_note(name) else

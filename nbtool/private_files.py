@@ -27,11 +27,13 @@ class NotPrivate(PermissionError):
     """A folder or file that is not this user's alone; the message says whose and why."""
 
 
-def private_problem(path: str | os.PathLike, folder: bool = True) -> str | None:
+def private_problem(path: str | os.PathLike, folder: bool = True,
+                    narrow: bool = True) -> str | None:
     """Why ``path`` is not a folder (or file) of this user alone, or None if it is.
 
     A folder or file of ours whose mode lets others in is narrowed first (0700 / 0600):
-    what others could read before is theirs already, but nothing new goes in it.
+    what others could read before is theirs already, but nothing new goes in it. With
+    ``narrow=False`` it is refused instead (others may have put something in it).
 
     Example:
         >>> import tempfile, pathlib
@@ -45,7 +47,7 @@ def private_problem(path: str | os.PathLike, folder: bool = True) -> str | None:
     try:
         st = os.lstat(path)
         wanted = 0o700 if folder else 0o600
-        if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and \
+        if narrow and st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and \
                 stat.S_IMODE(st.st_mode) & 0o077:
             os.chmod(path, wanted)
             st = os.lstat(path)
@@ -61,9 +63,10 @@ def private_problem(path: str | os.PathLike, folder: bool = True) -> str | None:
             f"of uid {os.getuid()} alone, mode {wanted:o}")
 
 
-def private_folder(path: str | os.PathLike) -> Path:
+def private_folder(path: str | os.PathLike, narrow: bool = True) -> Path:
     """``path`` as a folder of this user alone (made 0700 if missing); raises
-    :class:`NotPrivate` if it is someone else's, a symlink, or others may use it.
+    :class:`NotPrivate` if it is someone else's, a symlink, or others may use it (an
+    existing folder of ours is narrowed to 0700 first, unless ``narrow=False``).
 
     Example:
         >>> import tempfile, pathlib
@@ -76,7 +79,7 @@ def private_folder(path: str | os.PathLike) -> Path:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise NotPrivate(f"{path} cannot be made: {e}") from None
-    problem = private_problem(path)
+    problem = private_problem(path, narrow=narrow)
     if problem:
         raise NotPrivate(problem)
     return path

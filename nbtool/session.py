@@ -22,61 +22,19 @@ from typing import Any
 from distributed import Client
 
 from .devices import discover_gpus, plan_workers, select_gpus
+from .current import current_engine, default_engine, set_default_engine
 from .engine import Engine
 from .errors import NbtoolError
 from .keras_backend import check_backend
 from .settings import as_bytes, check_count, check_size, env_setting
 from .worker import NbtoolWorkerPlugin
 
+# The default-engine functions live in nbtool.current; they are still found here.
+__all__ = ["start", "current_engine", "default_engine", "set_default_engine", "local_cluster",
+           "check_cluster_backend", "gpu_note", "connect", "wait_for_start"]
+
 #: Seconds to wait for workers to start (each imports TensorFlow: a few seconds per core).
 WORKER_START_TIMEOUT = 120
-
-_default: Engine | None = None
-
-
-def current_engine() -> Engine | None:
-    """The engine started last, or None if there is none (or it was closed).
-
-    Example:
-        >>> eng = nbtool.start()                     # doctest: +SKIP
-        >>> current_engine() is eng                  # doctest: +SKIP
-        True
-    """
-    global _default
-    if _default is not None and _default.closed:
-        _default = None   # closed: nothing to act on, and nothing to keep alive
-    return _default
-
-
-def default_engine() -> Engine:
-    """The engine started last (what ``nbtool.predict`` and friends use); raises if none.
-
-    Example:
-        >>> nbtool.default_engine() is eng   # doctest: +SKIP
-        True
-    """
-    eng = current_engine()
-    if eng is None:
-        raise NbtoolError("no nbtool engine is running. Fix: eng = nbtool.start() first.")
-    return eng
-
-
-def set_default_engine(engine: Engine | None) -> Engine | None:
-    """Make ``engine`` the default one (None: no default); returns the one it replaces.
-
-    ``start()`` does this; a test or a tool that starts an engine of its own gives the
-    previous one back with it.
-
-    Example:
-        >>> before = set_default_engine(None)
-        >>> current_engine() is None
-        True
-        >>> _ = set_default_engine(before)
-    """
-    global _default
-    before, _default = _default, engine
-    return before
-
 
 def start(address: str | None = None, *, gpus: str | int | list[int] | None = "auto",
           memory_budget: str | int | None = None, n_workers: int | None = None,

@@ -192,21 +192,15 @@ def shared_folder(fallback: str | os.PathLike, nbytes: int) -> Path:
         PosixPath('/tmp')
     """
     import shutil
-    import stat
+
+    from .private_files import private_folder
 
     shm = Path("/dev/shm")
     try:
         if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes:
-            folder = shm / f"nbtool-{os.getpid()}"
-            try:
-                folder.mkdir(mode=0o700)
-            except FileExistsError:
-                pass
-            st = os.lstat(folder)   # lstat: a symlink is not followed, it is refused
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() \
-                    and stat.S_IMODE(st.st_mode) & 0o077 == 0:
-                return folder
-    except OSError:
+            # Not narrowed: a folder of ours that others could write may hold their files.
+            return private_folder(shm / f"nbtool-{os.getpid()}", narrow=False)
+    except OSError:   # NotPrivate too: someone else's, or a symlink (refused, not followed)
         pass
     return Path(fallback)
 

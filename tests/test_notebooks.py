@@ -203,3 +203,64 @@ def test_a_failed_chunk_is_one_line_and_background_output_stays_in_its_own_cell(
     held = nb.cells[6].outputs[0]["text"]
     assert held.startswith("[\"<Prediction: 1 model(s) x 20000 rows, combine='mean', "
                            "0 error(s)"), held
+
+
+def end_engines(folder) -> None:
+    """Kill what persistent engines a test left in its runtime folder (their process groups)."""
+    import json
+    import os
+    import signal
+
+    for f in Path(folder).glob("*.json"):
+        if f.name.endswith(".ended.json"):
+            continue
+        try:
+            os.killpg(json.loads(f.read_text())["pid"], signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+def test_a_persistent_engine_survives_kernel_restart_in_a_real_kernel(tmp_path, model_dir,
+                                                                       monkeypatch):
+    """Kernel > Restart kills the kernel's process group; a persistent engine runs in its
+    own, so after `%nbtool attach` the model is still loaded (no second load) and gives the
+    same outputs."""
+    from jupyter_core.utils import run_sync
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("NBTOOL_RUNTIME_DIR", str(runtime))   # the kernels inherit it
+    make_x = "import numpy as np, os\nx = np.random.default_rng(0).normal(size=(500, 8))" \
+             ".astype('float32')"
+    before = ["%load_ext nbtool\n%nbtool start --persist --workers 1 --gpus none",
+              f"%nbtool register m {model_dir / 'mlp.keras'}",
+              make_x, "%%infer m --out first\nx",
+              "np.save('first.npy', first['m']); print('pid', os.getpid())"]
+    after = ["%load_ext nbtool\n%nbtool attach", make_x, "%%infer m --out again\nx",
+             "print('same:', np.array_equal(again['m'], np.load('first.npy')), 'loads:', "
+             "eng.status()['cpu0'].state_of('m').loads, 'pid', os.getpid())",
+             "%nbtool stop --shutdown"]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in before + after]
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        with client.setup_kernel():
+            for i in range(len(before)):
+                client.execute_cell(nb.cells[i], i)
+            # What Kernel > Restart does: SIGKILL to the kernel's process group.
+            run_sync(client.km.restart_kernel)(now=True)
+            run_sync(client.kc.wait_for_ready)(timeout=60)
+            for i in range(len(before), len(nb.cells)):
+                client.execute_cell(nb.cells[i], i)
+    finally:
+        end_engines(runtime)
+    text = outputs_text(nb)
+    models = "".join(o.get("data", {}).get("text/plain", "")
+                     for o in nb.cells[len(before)].outputs)
+    assert "m " in models and "cpu0: loaded" in models, models
+    pids = [line.split()[-1] for line in text.splitlines() if "pid" in line]
+    assert len(set(pids)) == 2, text                 # really another kernel process
+    assert "same: True loads: 1" in text, text       # loaded once, before the restart
+    assert "ended at" in text and "shut down by nbtool.shutdown()" in text, text
+    assert not list(runtime.glob("default.json"))
+    assert_quiet(nb, "the kernel-restart notebook")
