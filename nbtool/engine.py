@@ -306,7 +306,8 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        """Shut down the client (and the local cluster, if this engine started it).
+        """Shut down the client (and the local cluster, if this engine started it). A
+        persistent engine's cluster keeps running: this detaches (``nbtool.shutdown()`` ends it).
 
         Closing twice is a no-op; anything else on a closed engine raises
         :class:`~nbtool.errors.EngineClosed`.

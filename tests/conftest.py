@@ -53,6 +53,32 @@ tempfile.tempdir = os.environ["TMPDIR"]
 # sys.prefix/share/jupyter, searched whatever JUPYTER_DATA_DIR says.
 
 
+def end_persistent_engines() -> list[int]:
+    """Kill the persistent engines this session started that are still running (their
+    process groups); returns their pids. They outlive the processes that started them, so
+    a test that failed before its cleanup would leave them running after the session.
+    """
+    import signal
+
+    import psutil
+
+    ended = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "nbtool.persist_server" not in (proc.info["cmdline"] or []):
+                continue
+            tmp = proc.environ().get("TMPDIR", "")
+        except psutil.Error:
+            continue
+        if tmp and SESSION_DIR in Path(tmp).resolve().parents:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                ended.append(proc.pid)
+            except OSError:
+                pass
+    return ended
+
+
 @atexit.register
 def remove_session_dir() -> None:
     """Remove the session folder when the test process ends, whatever happened.
@@ -61,6 +87,7 @@ def remove_session_dir() -> None:
     history into IPYTHONDIR from an exit hook; exit hooks run newest first, so this one,
     registered before IPython or Dask is even imported, runs after theirs.
     """
+    end_persistent_engines()
     for _ in range(5):   # a worker or kernel still exiting can write one last file
         shutil.rmtree(SESSION_DIR, ignore_errors=True)
         if not SESSION_DIR.exists():
