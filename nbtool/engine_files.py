@@ -58,6 +58,9 @@ def runtime_folder() -> Path:
             from None
 
 
+#: Exit code of an engine's process that found another of its name running or starting.
+ALREADY_RUNNING = 3
+
 #: A persistent engine's name: also its files' names, so nothing that leaves the folder.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -80,6 +83,45 @@ def check_name(name) -> str:
         "(<runtime folder>/<name>.json), so it must be 1 to 64 letters, digits, '_', '-' or "
         "'.', not starting with '.' nor ending with '.ended'. Fix: name='default' (the "
         "default) or a name such as 'gpu-models'.")
+
+
+def hold_name(name: str) -> int | None:
+    """Take engine ``name``'s lock (``<name>.lock``) for as long as this process lives;
+    returns its descriptor, or None if another process holds it: an engine of that name
+    runs or is starting. The system lets go of it when the process ends, killed or not.
+
+    Example:
+        >>> fd = hold_name("locked"); hold_name("locked") is None, name_taken("locked")
+        (True, True)
+        >>> os.close(fd); name_taken("locked")
+        False
+    """
+    import fcntl
+
+    fd = os.open(runtime_folder() / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def name_taken(name: str) -> bool:
+    """Whether another process holds engine ``name``'s lock (it runs or is starting).
+
+    Example:
+        >>> name_taken("no-such-engine")
+        False
+    """
+    if not (runtime_folder() / f"{name}.lock").exists():
+        return False
+    fd = hold_name(name)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def process_started(pid: int) -> float | None:
@@ -150,6 +192,54 @@ class EngineRecord:
         except psutil.Error:
             return False
         return self.process_started is None or abs(started - self.process_started) < 1
+
+    def processes(self) -> list:
+        """The engine's live processes: its own and those it started (its workers), which
+        share its process group; zombies aside.
+
+        Example:
+            >>> len(EngineRecord(name="x", address="", pid=2**22 + 1).processes())
+            0
+        """
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == self.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except (OSError, psutil.Error):
+                continue
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL the engine's process group; the named semaphores its processes held
+        (``/dev/shm/sem.mp-*``, which multiprocessing's tracker, killed with them, would
+        have removed) go too.
+
+        Example:
+            >>> EngineRecord(name="x", address="", pid=2**22 + 1).kill()   # none: nothing
+        """
+        import signal
+
+        held = set()
+        for p in self.processes():
+            try:
+                held |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/sem.")}
+            except Exception:   # gone meanwhile, or not readable: nothing to remove
+                continue
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for path in held:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def end(self, reason: str) -> None:
         """Remove the record and leave a note of when and why the engine ended."""

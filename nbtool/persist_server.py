@@ -32,16 +32,30 @@ import time
 #: Seconds between looks at the clients, the engine file and a shutdown request.
 TICK = 0.5
 
+#: Seconds a new engine waits for its first kernel, however short its idle timeout: the
+#: kernel that started it attaches right away, but a busy machine can make that slow.
+FIRST_ATTACH = 60.0
 
-def why_end(scheduler, record, inode: int, last_client: float, signalled: list) -> str | None:
+
+def why_end(scheduler, record, inode: int, last_client: float, signalled: list,
+            attached_once: bool = True) -> str | None:
     """Why the engine should end now, or None while it should keep running.
 
+    ``last_client``: when a kernel was last attached (or the engine started);
+    ``attached_once``: whether one ever was (until then, it waits :data:`FIRST_ATTACH`).
+
     Example:
-        >>> import types
-        >>> rec = types.SimpleNamespace(path=__import__("pathlib").Path("/nonexistent"),
-        ...                             idle_timeout=60)
+        >>> import pathlib, types
+        >>> rec = types.SimpleNamespace(path=pathlib.Path("/nonexistent"), idle_timeout=60)
         >>> why_end(types.SimpleNamespace(clients={}), rec, 0, time.monotonic(), [])
         'its engine file /nonexistent was deleted, so nobody could attach to it any more'
+        >>> import tempfile
+        >>> rec.path, rec.idle_timeout = pathlib.Path(tempfile.mkdtemp()), 3   # it is there
+        >>> inode, ten_s_ago = os.stat(rec.path).st_ino, time.monotonic() - 10
+        >>> why_end(types.SimpleNamespace(), rec, inode, ten_s_ago, [], attached_once=True)
+        'no kernel attached for 3 s (its idle timeout)'
+        >>> why_end(types.SimpleNamespace(), rec, inode, ten_s_ago, [], attached_once=False)
+        >>> rec.path.rmdir()
     """
     if signalled:
         return f"ended by signal {signalled[0]}"
@@ -55,9 +69,12 @@ def why_end(scheduler, record, inode: int, last_client: float, signalled: list) 
         return (f"its engine file {record.path} was deleted, so nobody could attach to it "
                 "any more")
     idle = time.monotonic() - last_client
-    if idle > record.idle_timeout:
+    limit = record.idle_timeout if attached_once else max(record.idle_timeout, FIRST_ATTACH)
+    if idle > limit:
         from .engine_files import idle_words
 
+        if not attached_once:
+            return f"no kernel attached within {idle_words(limit)} of its start"
         return f"no kernel attached for {idle_words(record.idle_timeout)} (its idle timeout)"
     return None
 
@@ -67,12 +84,18 @@ def serve(name: str, options: dict) -> int:
     from distributed import Client
     from distributed.security import Security
 
-    from .engine_files import EngineRecord, process_started
+    from .engine_files import ALREADY_RUNNING, EngineRecord, hold_name, process_started
     from .on_scheduler import kernel_clients
     from .quiet import planned_restart
     from .session import local_cluster, wait_for_start
     from .worker import NbtoolWorkerPlugin
 
+    # Held until this process ends: a second engine of this name (two kernels starting
+    # it at once) stops here, and its kernel attaches to this one.
+    if hold_name(name) is None:
+        print(f"nbtool: another persistent engine {name!r} runs or is starting; this one "
+              "stops", file=sys.stderr, flush=True)
+        return ALREADY_RUNNING
     signalled: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda n, _f: signalled.append(signal.Signals(n).name))
@@ -80,6 +103,7 @@ def serve(name: str, options: dict) -> int:
     cluster = local_cluster(options["gpus"], options["n_workers"], options["memory_budget"],
                             options["dashboard_address"], security,
                             options["allow_remote_dashboard"], options["backend"])
+    record = None
     try:
         with Client(cluster) as setup:   # gone before kernels come: not counted as one
             wait_for_start(setup, cluster, len(cluster.slots), None)
@@ -93,21 +117,25 @@ def serve(name: str, options: dict) -> int:
                  "key": security.tls_client_key})
         record.save()
         inode = os.stat(record.path).st_ino
-        last_client = time.monotonic()
+        last_client, attached_once = time.monotonic(), False
         while True:
             if kernel_clients(cluster.scheduler):
-                last_client = time.monotonic()
-            reason = why_end(cluster.scheduler, record, inode, last_client, signalled)
+                last_client, attached_once = time.monotonic(), True
+            reason = why_end(cluster.scheduler, record, inode, last_client, signalled,
+                             attached_once)
             if reason:
                 break
             time.sleep(TICK)
         print(f"nbtool: the persistent engine {name!r} ends: {reason}", file=sys.stderr,
               flush=True)
     except BaseException as e:
-        print(f"nbtool: the persistent engine {name!r} could not start: "
-              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"nbtool: the persistent engine {name!r} "
+              f"{'could not start' if record is None else 'failed'}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
         with planned_restart():
             cluster.close()
+        if record is not None:
+            record.end(f"it failed ({type(e).__name__}: {e}); its log has the details")
         return 1
     with planned_restart():
         cluster.close()

@@ -28,18 +28,21 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
+import json
+import math
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
-from .engine_files import (EngineRecord, check_name, engine_records, ended_note, idle_words,
-                           read_record, runtime_folder)
+from .attached import AttachedCluster, EngineInUse, EngineNotRunning
+from .engine_files import (ALREADY_RUNNING, EngineRecord, check_name, engine_records,
+                           ended_note, idle_words, name_taken, read_record, runtime_folder)
 from .errors import NbtoolError
-from .on_scheduler import STATE_KEY, claim, request_end
+from .on_scheduler import claim, request_end
 from .warn import warn_user
 
 #: An engine with no kernel attached for this long ends by itself (seconds).
@@ -48,152 +51,11 @@ IDLE_TIMEOUT = 1800.0
 #: Seconds a new engine's process may take to start its workers and write its file.
 START_TIMEOUT = 180
 
+#: Seconds an ended engine's workers may take to follow it before they are killed.
+STRAGGLERS = 10
 
-class EngineNotRunning(NbtoolError, LookupError):
-    """No persistent engine of that name runs for this user; the message says what is
-    known of the last one (when and why it ended) and how to start one.
-
-    Example:
-        >>> str(EngineNotRunning("default", "ended at 10:00, no kernel attached for 30 min"))
-        "no persistent engine 'default' is running: it ended at 10:00, ... Fix: ..."
-    """
-
-    def __init__(self, name: str, why: str):
-        super().__init__(
-            f"no persistent engine {name!r} is running: {why}. Its models are no longer "
-            f"loaded anywhere. Fix: eng = nbtool.start(persist=True"
-            f"{'' if name == 'default' else f', name={name!r}'}) starts a new one (register "
-            "the models again), or nbtool.running() lists the ones that run.")
-
-
-class EngineInUse(NbtoolError, RuntimeError):
-    """Another kernel is attached to the persistent engine: one kernel at a time.
-
-    Example:
-        >>> str(EngineInUse("default", {"pid": 12, "host": "h", "since": 0.0}))
-        "the persistent engine 'default' is in use by another kernel (pid 12 on h, ..."
-    """
-
-    def __init__(self, name: str, who: dict):
-        since = time.strftime("%H:%M:%S", time.localtime(who.get("since", 0)))
-        super().__init__(
-            f"the persistent engine {name!r} is in use by another kernel (pid "
-            f"{who.get('pid')} on {who.get('host')}, attached at {since}); one kernel is "
-            "attached at a time, so two cannot change its models under each other. Fix: "
-            "detach there (eng.close() or %nbtool stop), or restart that kernel, then "
-            "attach again; or start another engine with nbtool.start(persist=True, "
-            "name='other').")
-
-
-class AttachedCluster:
-    """What an :class:`~nbtool.engine.Engine` holds in place of a cluster it started:
-    the persistent engine it is attached to. ``close()`` only detaches; the cluster and
-    its models keep running until :func:`shutdown` or the idle timeout.
-
-    Example:
-        >>> eng.cluster.name, eng.cluster.record.pid      # doctest: +SKIP
-        ('default', 41234)
-    """
-
-    def __init__(self, record: EngineRecord, client):
-        self.record = record
-        self.name = record.name
-        self.client = client
-        self.gpu_note = ", ".join(n for n in (
-            f"persistent {record.name!r} (ends after {idle_words(record.idle_timeout)} "
-            "without a kernel)", record.note) if n)
-        self._sent: bytes | None = None
-
-    @property
-    def dashboard_link(self) -> str | None:
-        return self.record.dashboard
-
-    def close(self) -> None:
-        """Detach: the kernel's client is closed already, and that let go of the claim."""
-
-    def check_running(self, engine) -> None:
-        """Raise :class:`EngineNotRunning` (closing ``engine``) if the engine's process
-        ended: a call would otherwise wait for the client to give up reconnecting.
-        """
-        if self.record.alive():
-            return
-        if find_running(self.name) is None and ended_note(self.name) is None:
-            self.record.end(f"its process (pid {self.record.pid}) was gone: killed")
-        import logging
-
-        quiet = [logging.getLogger(n) for n in ("distributed.client", "distributed.utils")]
-        levels = [q.level for q in quiet]
-        for q in quiet:   # the client's reconnecting, cancelled: Dask logs it as an error
-            q.setLevel(logging.CRITICAL)
-        try:
-            engine.close()
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
-        raise EngineNotRunning(self.name, f"it {ended_note(self.name) or 'ended'}")
-
-    def save_state(self, catalog) -> None:
-        """Keep ``catalog``'s registry and placement on the scheduler, if they changed.
-
-        Called on every change (a registration, a placement, what a load learned). From
-        the client's own event loop (a callback) the write is queued on it; elsewhere it
-        is done before returning, so a kernel killed right after still left it there.
-        """
-        import cloudpickle
-
-        try:
-            blob = cloudpickle.dumps({"registry": list(catalog.registry),
-                                      "placement": dict(catalog.placement)})
-        except Exception as e:   # a preprocess that cannot travel cannot run either
-            warn_user(f"the persistent engine {self.name!r} could not keep the registry "
-                      f"({type(e).__name__}: {e}); after a restart, register again.")
-            return
-        if blob == self._sent:
-            return
-        self._sent = blob
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and running is self.client.loop.asyncio_loop:
-            self.client.loop.add_callback(self.client.scheduler.set_metadata,
-                                          keys=STATE_KEY, value=blob)
-        else:
-            self.client.set_metadata(STATE_KEY, blob)
-
-    def restore(self, catalog) -> list[str]:
-        """Put the registry and placement kept on the scheduler back into ``catalog``;
-        models whose file changed while no kernel was attached are re-read (with a
-        warning) or, when gone or broken now, unregistered (with the reason). Returns the
-        names restored.
-        """
-        import pickle
-
-        blob = self.client.get_metadata(STATE_KEY, default=None)
-        if blob is not None:
-            try:
-                state = pickle.loads(blob)
-            except Exception as e:
-                warn_user(f"the registry kept by the persistent engine {self.name!r} could not "
-                          f"be read ({type(e).__name__}: {e}); its models stay loaded on "
-                          "the workers, but register them again to use them.")
-                state = {"registry": [], "placement": {}}
-            for spec in state["registry"]:
-                catalog.registry.add(spec)
-            catalog.set_placement({n: ws for n, ws in state["placement"].items()
-                                   if n in catalog.registry})
-            catalog.replan()
-        for name in catalog.registry.names():
-            try:
-                catalog.refresh_changed([name])
-            except NbtoolError as e:   # gone or broken now: nothing may serve the old copy
-                catalog.registry.remove(name)
-                catalog.placement.pop(name, None)
-                warn_user(f"{e} (model {name!r} was unregistered when attaching)")
-        self._sent = None
-        catalog.on_change = lambda: self.save_state(catalog)
-        catalog.on_change()
-        return catalog.registry.names()
+#: The engines this process is attached to, by name: attaching again returns the same.
+ATTACHED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def find_running(name: str) -> EngineRecord | None:
@@ -223,13 +85,20 @@ def attach(name: str = "default", work_dir: str | None = None):
     """
     from distributed import Client
 
-    from .engine import Engine
+    from .cluster import clean_stale_shared_folders
     from .current import set_default_engine
+    from .engine import Engine
 
     record = find_running(check_name(name))
     if record is None:
         raise EngineNotRunning(name, ("it " + ended_note(name)) if ended_note(name) else
                                f"there is no engine file {runtime_folder() / (name + '.json')}")
+    mine = ATTACHED.get(name)
+    if mine is not None and not mine.closed and mine.cluster.record.pid == record.pid:
+        set_default_engine(mine)   # attached already (a cell run twice): the same engine
+        return mine
+    # A kernel killed mid-run left its input in /dev/shm (memory); start() would clean it.
+    clean_stale_shared_folders()
     try:
         client = Client(record.address, security=record.security(), timeout="20s")
     except (OSError, TimeoutError) as e:
@@ -250,6 +119,7 @@ def attach(name: str = "default", work_dir: str | None = None):
     except BaseException:
         client.close()
         raise
+    ATTACHED[name] = eng
     set_default_engine(eng)
     return eng
 
@@ -278,15 +148,27 @@ def start_persistent(name: str = "default", idle_timeout: float | None = None,
         ...                        allow_remote_dashboard=False, backend="tensorflow")  # doctest: +SKIP
     """
     idle = idle_seconds(idle_timeout)
-    if find_running(check_name(name)) is not None:
+    asked = json.loads(json.dumps({**options, "idle_timeout": idle}))   # as the file has them
+    running_one = find_running(check_name(name))
+    if running_one is not None:
+        differ = {k: v for k, v in asked.items()   # None: left to the engine, not asked
+                  if v is not None and running_one.options.get(k, v) != v}
+        if differ:
+            warn_user(f"the persistent engine {name!r} runs already, started with "
+                      + ", ".join(f"{k}={running_one.options[k]!r}" for k in differ)
+                      + " (asked now: " + ", ".join(f"{k}={v!r}" for k, v in differ.items())
+                      + "); attached to it as it is. Fix: nbtool.shutdown("
+                      f"{'' if name == 'default' else repr(name)}) first to start it anew, "
+                      "or start another with name='other'.")
         return attach(name, work_dir)
-    folder = runtime_folder()
-    log = folder / f"{name}.log"
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    log = runtime_folder() / f"{name}.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:
+        if os.fstat(fd).st_size > 2**20:   # appended to (two starts may share it): bounded
+            os.ftruncate(fd, 0)
+        logged = os.fstat(fd).st_size
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nbtool.persist_server", name,
-             __import__("json").dumps({**options, "idle_timeout": idle})],
+            [sys.executable, "-m", "nbtool.persist_server", name, json.dumps(asked)],
             stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
     finally:
@@ -294,10 +176,16 @@ def start_persistent(name: str = "default", idle_timeout: float | None = None,
     threading.Thread(target=proc.wait, daemon=True).start()   # reaped whenever it ends
     deadline = time.monotonic() + START_TIMEOUT
     while (record := read_record(name)) is None or record.pid != proc.pid:
-        if proc.poll() is not None or time.monotonic() > deadline:
+        # Another kernel started it at the same moment: its process won; attach to it.
+        other_won = proc.poll() == ALREADY_RUNNING and name_taken(name)
+        if other_won and record is not None and record.alive():
+            break
+        if (proc.poll() is not None and not other_won) or time.monotonic() > deadline:
             if proc.poll() is None:
                 proc.kill()
-            tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+            with open(log, "rb") as f:
+                f.seek(logged)
+                tail = f.read().decode(errors="replace").strip().splitlines()[-12:]
             raise NbtoolError(
                 f"the persistent engine {name!r} could not start"
                 f"{'' if proc.returncode is not None else f' within {START_TIMEOUT}s'}. Its "
@@ -323,7 +211,7 @@ def idle_seconds(idle_timeout) -> float:
         seconds = float(parse_timedelta(value, default="seconds"))
     except (ValueError, TypeError, KeyError):
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:
         raise ValueError(f"idle_timeout={value!r}: expected a positive duration such as "
                          "1800, '30min' or '2h' (a persistent engine must end some time "
                          "after its last kernel left). Fix: pass one of those.")
@@ -358,8 +246,6 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
         >>> nbtool.shutdown()                   # doctest: +SKIP
         "'default' ended at 2026-11-24 10:40:02, shut down by nbtool.shutdown() from pid 4242"
     """
-    import signal
-
     from .current import current_engine
 
     eng = current_engine()
@@ -371,7 +257,7 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
                                "there is no engine file for it")
     reason = f"shut down by nbtool.shutdown() from pid {os.getpid()}"
     if force:
-        os.killpg(record.pid, signal.SIGKILL)
+        record.kill()
         record.end(reason + " (force=True: killed)")
     else:
         ask(record, reason, eng.client if attached and eng.cluster.name == name else None)
@@ -383,6 +269,12 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
     if record.alive():
         raise NbtoolError(f"the persistent engine {record.describe()} did not end within "
                           f"{timeout:g}s. Fix: nbtool.shutdown({name!r}, force=True).")
+    # Its workers hold the models' memory: they go too (they follow it within a moment).
+    deadline = time.monotonic() + STRAGGLERS
+    while record.processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if record.processes():
+        record.kill()
     return f"{name!r} {ended_note(name) or 'ended'}"
 
 
