@@ -194,52 +194,21 @@ class EngineRecord:
         return self.process_started is None or abs(started - self.process_started) < 1
 
     def processes(self) -> list:
-        """The engine's live processes: its own and those it started (its workers), which
-        share its process group; zombies aside.
+        """The engine's live processes: its own and its workers (see :func:`group_processes`).
 
         Example:
             >>> len(EngineRecord(name="x", address="", pid=2**22 + 1).processes())
             0
         """
-        import psutil
-
-        out = []
-        for p in psutil.process_iter(["status"]):
-            try:
-                if os.getpgid(p.pid) == self.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except (OSError, psutil.Error):
-                continue
-        return out
+        return group_processes(self.pid)
 
     def kill(self) -> None:
-        """SIGKILL the engine's process group; the named semaphores its processes held
-        (``/dev/shm/sem.mp-*``, which multiprocessing's tracker, killed with them, would
-        have removed) go too.
+        """SIGKILL the engine and its workers (see :func:`kill_group`).
 
         Example:
             >>> EngineRecord(name="x", address="", pid=2**22 + 1).kill()   # none: nothing
         """
-        import signal
-
-        held = set()
-        for p in self.processes():
-            try:
-                held |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/sem.")}
-            except Exception:   # gone meanwhile, or not readable: nothing to remove
-                continue
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for path in held:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        kill_group(self.pid)
 
     def end(self, reason: str) -> None:
         """Remove the record and leave a note of when and why the engine ended."""
@@ -248,6 +217,56 @@ class EngineRecord:
                                   "reason": reason}))
         try:
             self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def group_processes(pgid: int) -> list:
+    """The live processes of process group ``pgid``, zombies aside: a persistent engine's
+    own and those it started (its workers), which share its group.
+
+    Example:
+        >>> group_processes(2**22 + 1)
+        []
+    """
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def kill_group(pgid: int, wait: float = 10.0) -> None:
+    """SIGKILL process group ``pgid`` and wait (up to ``wait`` s) for it to go; the named
+    semaphores its processes held (``/dev/shm/sem.*``, which multiprocessing's tracker,
+    killed with them, would have removed) go too.
+
+    Example:
+        >>> kill_group(2**22 + 1)   # no such group: nothing happens
+    """
+    import signal
+
+    held = set()
+    for p in group_processes(pgid):
+        try:
+            held |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/sem.")}
+        except Exception:   # gone meanwhile, or not readable: nothing to remove
+            continue
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while group_processes(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for path in held:
+        try:
+            os.unlink(path)
         except FileNotFoundError:
             pass
 

@@ -51,17 +51,28 @@ def _open(method):
         if hasattr(self.cluster, "check_running"):
             self.cluster.check_running(self)
 
+    def check_after(self):
+        # A persistent engine killed during the call: that, not the chunk errors it left.
+        if not self.closed and hasattr(self.cluster, "check_running"):
+            self.cluster.check_running(self)
+
     if inspect.iscoroutinefunction(method):
         @functools.wraps(method)
         async def guarded_async(self, *args, **kwargs):
             check(self)
-            return await method(self, *args, **kwargs)
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                check_after(self)
 
         return guarded_async
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         check(self)
-        return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            check_after(self)
 
     return guarded

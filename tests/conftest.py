@@ -58,9 +58,9 @@ def end_persistent_engines() -> list[int]:
     process groups); returns their pids. They outlive the processes that started them, so
     a test that failed before its cleanup would leave them running after the session.
     """
-    import signal
-
     import psutil
+
+    from nbtool.engine_files import kill_group
 
     ended = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -71,11 +71,8 @@ def end_persistent_engines() -> list[int]:
         except psutil.Error:
             continue
         if tmp and SESSION_DIR in Path(tmp).resolve().parents:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-                ended.append(proc.pid)
-            except OSError:
-                pass
+            kill_group(proc.pid)   # its workers and semaphores too
+            ended.append(proc.pid)
     return ended
 
 

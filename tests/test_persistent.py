@@ -33,7 +33,8 @@ import psutil
 import pytest
 
 import nbtool
-from nbtool.errors import ModelNotFound
+from nbtool.errors import ModelNotFound, PredictionFailed
+from nbtool.engine_files import group_processes, kill_group
 from nbtool.persistent import EngineNotRunning
 from test_cluster import nobody_can_run_python, run_attacker
 
@@ -47,41 +48,6 @@ SHARED_IDLE = 600
 
 
 # -- what a test leaves behind ----------------------------------------------------------------
-def group_members(pgid: int) -> list[psutil.Process]:
-    """The live processes of process group ``pgid`` (an engine and its workers)."""
-    out = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return out
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL process group ``pgid`` and remove the named semaphores its processes held.
-
-    multiprocessing's semaphores (``/dev/shm/sem.mp-*``) are removed by its resource
-    tracker when their owner dies; killed with the group, the tracker cannot.
-    """
-    held = set()
-    for p in group_members(pgid):
-        try:
-            held |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/sem.")}
-        except psutil.Error:
-            continue
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 30
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for path in held:
-        Path(path).unlink(missing_ok=True)
-
-
 def servers_in(folder: Path) -> list[int]:
     """The pids of the engine processes whose runtime folder is ``folder``."""
     found = []
@@ -143,7 +109,7 @@ class Runtime:
                     pass
         self.engine_pids |= set(servers_in(self.folder))   # its file deleted, or none yet
         for pid in self.engine_pids:
-            if group_members(pid):
+            if group_processes(pid):
                 kill_group(pid)
 
 
@@ -523,6 +489,36 @@ def test_a_killed_engine_says_so_and_leaves_no_worker(runtime, model_dir, refere
     assert gone < 10, f"its workers outlived it by {gone:.1f}s"
 
 
+def test_a_prediction_running_when_the_engine_is_killed_ends_with_errors(runtime, model_dir,
+                                                                          reference):
+    """The engine killed mid-run: the run ends at once with the chunks it had (right) and
+    errors for the others (NaN rows), not a wait for ever; predict() says the engine died."""
+    eng = nbtool.start(persist=True, name="midrun", **SMALL)
+    eng.register("m", model_dir / "mlp.keras")
+    pid = runtime.record("midrun")["pid"]
+    copies = 2000
+    x = np.tile(reference["x8"], (copies, 1))      # 120,000 rows in 2,000 chunks
+    run = eng.submit("m", x, chunk_size=60)
+    wait_until(lambda: run.progress()["m"][0] >= 5, 60)
+    kill_group(pid)
+    start = time.monotonic()
+    res = run.collect()
+    took = time.monotonic() - start
+    assert took < 30, f"collect() took {took:.1f}s after the engine was killed"
+    assert res.errors and not any("NoneType" in str(e) for e in res.errors), res.errors[:3]
+    try:
+        out = res["m"]
+    except PredictionFailed:   # nothing came back: the results were on the killed worker
+        out = None
+    want = np.tile(reference["mlp"], (copies, 1))
+    done = ~np.isnan(out).any(axis=1) if out is not None else np.zeros(len(x), bool)
+    assert not done.all()
+    if done.any():
+        assert np.abs(out[done] - want[done]).max() <= 1e-5   # what came back is right
+    with pytest.raises(EngineNotRunning, match="killed"):
+        eng.predict("m", reference["x8"])
+
+
 @pytest.mark.parametrize("how", ["delete its file", "SIGTERM"])
 def test_deleting_the_engine_file_or_a_sigterm_ends_the_engine(runtime, how):
     """3. With its engine file deleted nobody could attach any more: the engine ends by
@@ -536,7 +532,7 @@ def test_deleting_the_engine_file_or_a_sigterm_ends_the_engine(runtime, how):
         (runtime.folder / "ending.json").unlink()
         why = f"its engine file {runtime.folder / 'ending.json'} was deleted, so nobody " \
               "could attach to it any more"
-    took = wait_until(lambda: not group_members(pid), 20)
+    took = wait_until(lambda: not group_processes(pid), 20)
     assert took < 10, f"it took {took:.1f}s to end"
     assert runtime.note("ending") == why
     assert not (runtime.folder / "ending.json").exists()
@@ -553,9 +549,9 @@ def test_the_idle_timeout_ends_an_engine_nobody_is_attached_to(runtime):
     eng = nbtool.start(persist=True, name="idle", idle_timeout=3, **SMALL)
     pid = runtime.record("idle")["pid"]
     time.sleep(5)
-    assert group_members(pid) and eng.status()   # attached: kept
+    assert group_processes(pid) and eng.status()   # attached: kept
     eng.close()
-    took = wait_until(lambda: not group_members(pid), 30)
+    took = wait_until(lambda: not group_processes(pid), 30)
     assert 2.5 < took < 15, f"ended {took:.1f}s after the kernel detached"
     with pytest.raises(EngineNotRunning) as err:
         nbtool.attach("idle")
@@ -582,24 +578,24 @@ def test_shutdown_ends_it_and_start_attaches_to_a_running_one(runtime, model_dir
     note = nbtool.shutdown()   # the engine this kernel is attached to
     assert note.startswith("'s' ended at ") and \
         note.endswith(f"shut down by nbtool.shutdown() from pid {os.getpid()}"), note
-    assert not group_members(pid) and again.closed
+    assert not group_processes(pid) and again.closed
     assert len(nbtool.running()) == 0
     # Not attached: shutdown connects by itself.
     other = nbtool.start(persist=True, name="t", **SMALL)
     other_pid = other.cluster.record.pid
     other.close()
     assert "shut down by nbtool.shutdown()" in nbtool.shutdown("t")
-    assert not group_members(other_pid)
+    assert not group_processes(other_pid)
     with pytest.raises(EngineNotRunning, match="shut down by nbtool.shutdown"):
         nbtool.attach("t")
     # force=True kills it, and removes the semaphores its killed processes left in /dev/shm.
     forced = nbtool.start(persist=True, name="u", **SMALL)
     forced_pid = forced.cluster.record.pid
-    semaphores = {m.path for p in group_members(forced_pid) for m in p.memory_maps()
+    semaphores = {m.path for p in group_processes(forced_pid) for m in p.memory_maps()
                   if m.path.startswith("/dev/shm/sem.")}
     note = nbtool.shutdown(force=True)
     assert "shut down by nbtool.shutdown() from pid" in note and "(force=True: killed)" in note
-    assert not group_members(forced_pid) and forced.closed
+    assert not group_processes(forced_pid) and forced.closed
     assert semaphores and not [p for p in semaphores if os.path.exists(p)]
 
 
