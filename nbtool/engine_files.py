@@ -210,8 +210,22 @@ class EngineRecord:
         """
         kill_group(self.pid)
 
+    @property
+    def work_dir(self) -> Path:
+        """Where its kernels keep files its registry names (a model registered as an object
+        is saved there, optimize()'s variants too): it lasts as long as the engine.
+
+        Example:
+            >>> EngineRecord(name="x", address="", pid=1).work_dir.name
+            'x.work'
+        """
+        return runtime_folder() / f"{self.name}.work"
+
     def end(self, reason: str) -> None:
-        """Remove the record and leave a note of when and why the engine ended."""
+        """Remove the record and the work folder, and leave a note of when and why the
+        engine ended."""
+        import shutil
+
         write_private(runtime_folder() / f"{self.name}.ended.json",
                       json.dumps({"name": self.name, "pid": self.pid, "ended": time.time(),
                                   "reason": reason}))
@@ -219,6 +233,7 @@ class EngineRecord:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def group_processes(pgid: int) -> list:

@@ -43,6 +43,7 @@ from .engine_files import (ALREADY_RUNNING, EngineRecord, check_name, engine_rec
                            ended_note, idle_words, name_taken, read_record, runtime_folder)
 from .errors import NbtoolError
 from .on_scheduler import claim, request_end
+from .private_files import private_folder, private_problem
 from .warn import warn_user
 
 #: An engine with no kernel attached for this long ends by itself (seconds).
@@ -69,6 +70,25 @@ def find_running(name: str) -> EngineRecord | None:
     return next((r for r in engine_records() if r.name == name), None)
 
 
+def not_running(name: str) -> EngineNotRunning:
+    """The error that says why engine ``name`` cannot be reached: when and why it ended,
+    that its file is not this user's alone, or that there is none.
+
+    Example:
+        >>> str(not_running("no-such-engine")).split(": ")[1].split(" (")[0]
+        'there is no engine file'
+    """
+    path = runtime_folder() / f"{name}.json"
+    problem = path.exists() and private_problem(path, folder=False, narrow=False)
+    if problem:   # not read: others may have read its credentials, or written it
+        return EngineNotRunning(name, f"its engine file is not used: {problem}, so others "
+                                "may have read its credentials (end that engine: kill the "
+                                "process group of the pid in it, then delete the file)")
+    if ended_note(name):
+        return EngineNotRunning(name, "it " + ended_note(name))
+    return EngineNotRunning(name, f"there is no engine file ({path})")
+
+
 def attach(name: str = "default", work_dir: str | None = None):
     """Attach this kernel to the persistent engine ``name``; returns its
     :class:`~nbtool.engine.Engine`, which becomes the default engine.
@@ -91,8 +111,7 @@ def attach(name: str = "default", work_dir: str | None = None):
 
     record = find_running(check_name(name))
     if record is None:
-        raise EngineNotRunning(name, ("it " + ended_note(name)) if ended_note(name) else
-                               f"there is no engine file {runtime_folder() / (name + '.json')}")
+        raise not_running(name)
     mine = ATTACHED.get(name)
     if mine is not None and not mine.closed and mine.cluster.record.pid == record.pid:
         set_default_engine(mine)   # attached already (a cell run twice): the same engine
@@ -114,7 +133,8 @@ def attach(name: str = "default", work_dir: str | None = None):
         if holder is not None:
             raise EngineInUse(name, holder)
         cluster = AttachedCluster(record, client)
-        eng = Engine(client, cluster, work_dir)
+        # Not the kernel's temporary folder: the files the registry names outlive it.
+        eng = Engine(client, cluster, work_dir or private_folder(record.work_dir))
         cluster.restore(eng.catalog)
     except BaseException:
         client.close()
@@ -253,8 +273,7 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
     name = check_name(name or (eng.cluster.name if attached else "default"))
     record = find_running(name)
     if record is None:
-        raise EngineNotRunning(name, ("it " + ended_note(name)) if ended_note(name) else
-                               "there is no engine file for it")
+        raise not_running(name)
     reason = f"shut down by nbtool.shutdown() from pid {os.getpid()}"
     if force:
         record.kill()

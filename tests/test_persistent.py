@@ -378,6 +378,26 @@ def test_a_model_file_changed_while_detached_is_read_again(on_shared, model_dir,
         eng.close()
 
 
+def test_a_model_registered_as_an_object_outlives_the_kernel_that_saved_it(runtime, keras,
+                                                                           model_dir,
+                                                                           reference):
+    """A model registered as an object is saved as a file the registry names: with a
+    persistent engine that file is the engine's (kept beside it), not the kernel's
+    temporary folder, which goes when the kernel ends; it goes when the engine ends."""
+    eng = nbtool.start(persist=True, name="objects", **SMALL)
+    eng.register("obj", keras.saving.load_model(model_dir / "mlp.keras"))
+    saved = Path(eng.registry.get("obj").path)
+    assert saved.parent == runtime.folder / "objects.work", saved
+    eng.close()   # detached: as when its kernel ends (its temporary folders go)
+    again = nbtool.attach("objects")
+    try:
+        out = again.predict("obj", reference["x8"])["obj"]
+        assert np.abs(out - reference["mlp"]).max() <= 1e-5
+    finally:
+        nbtool.shutdown("objects")
+    assert not saved.exists() and not (runtime.folder / "objects.work").exists()
+
+
 def test_the_engine_file_is_the_users_alone_and_nobody_else_connects(on_shared, tmp_path):
     """7. The credentials are in a 0600 file in a 0700 folder; with the address alone,
     another user (or this one without the certificate) cannot connect."""
