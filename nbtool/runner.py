@@ -304,18 +304,20 @@ class PredictionRun(RunAssembly):
         except Exception as e:
             if self.client.status != "running":   # the cluster is gone: so is every chunk
                 return [e] * len(batch)
-            got = {}   # one result went missing meanwhile: the others still count
-        out = []
-        for f in batch:
+            got = {}   # a result was lost with its worker: Dask computes it again
+        return [got[f.key] if f.key in got else self._outcome(f) for f in batch]
+
+    def _outcome(self, future):
+        """One future's result or exception, waiting while Dask computes it again (its
+        worker died); an error as soon as the cluster itself is gone."""
+        while self.client.status == "running":
             try:
-                value = got[f.key] if f.key in got else f.result(timeout=60) \
-                    if f.status == "finished" else f.exception(timeout=10)
-            except Exception as e:   # cancelled, lost, or the connection went meanwhile
-                value = e
-            out.append(value if value is not None else ConnectionError(
-                f"its result was lost (Dask's state for it: {f.status}): the worker that "
-                "held it, or the whole cluster, went away"))
-        return out
+                return future.result(timeout=5)
+            except TimeoutError:   # still being computed again
+                continue
+            except Exception as e:   # the task's own error, or cancelled
+                return e
+        return ConnectionError("the cluster went away before this chunk's result came back")
 
     @property
     def done(self) -> bool:
