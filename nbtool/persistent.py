@@ -70,9 +70,9 @@ def find_running(name: str) -> EngineRecord | None:
     return next((r for r in engine_records() if r.name == name), None)
 
 
-def not_running(name: str) -> EngineNotRunning:
-    """The error that says why engine ``name`` cannot be reached: when and why it ended,
-    that its file is not this user's alone, or that there is none.
+def not_running(name: str) -> NbtoolError:
+    """The error that says why engine ``name`` cannot be reached: that its file is not this
+    user's alone, or (:class:`EngineNotRunning`) when and why it ended, or that there is none.
 
     Example:
         >>> str(not_running("no-such-engine")).split(": ")[1].split(" (")[0]
@@ -81,9 +81,10 @@ def not_running(name: str) -> EngineNotRunning:
     path = runtime_folder() / f"{name}.json"
     problem = path.exists() and private_problem(path, folder=False, narrow=False)
     if problem:   # not read: others may have read its credentials, or written it
-        return EngineNotRunning(name, f"its engine file is not used: {problem}, so others "
-                                "may have read its credentials (end that engine: kill the "
-                                "process group of the pid in it, then delete the file)")
+        return NbtoolError(f"the persistent engine {name!r} is not used: its engine file "
+                           f"{problem}, so others may have read its credentials. Fix: end "
+                           "that engine (kill the process group of the pid in the file: "
+                           "kill -9 -PID), delete the file, and start a new one.")
     if ended_note(name):
         return EngineNotRunning(name, "it " + ended_note(name))
     return EngineNotRunning(name, f"there is no engine file ({path})")

@@ -21,7 +21,8 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices",
                 "nbtool.worker.ov_files", "nbtool.worker.ov_variants", "nbtool.ir_files",
                 "nbtool.planning", "nbtool.placement", "nbtool.settings", "nbtool.session", "nbtool.catalog",
                 "nbtool.loads", "nbtool.runs", "nbtool.private_files", "nbtool.engine_files", "nbtool.facade",
-                "nbtool.persist_server", "nbtool.on_scheduler", "nbtool.current", "nbtool.run_assembly", "nbtool.attached"]
+                "nbtool.persist_server", "nbtool.on_scheduler", "nbtool.current", "nbtool.run_assembly", "nbtool.persistent",
+                "nbtool.attached"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)
