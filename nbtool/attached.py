@@ -93,17 +93,10 @@ class AttachedCluster:
         if not any(r.name == self.name for r in engine_records()) and \
                 ended_note(self.name) is None:
             self.record.end(f"its process (pid {self.record.pid}) was gone: killed")
-        import logging
+        from .quiet import cluster_gone
 
-        quiet = [logging.getLogger(n) for n in ("distributed.client", "distributed.utils")]
-        levels = [q.level for q in quiet]
-        for q in quiet:   # the client's reconnecting, cancelled: Dask logs it as an error
-            q.setLevel(logging.CRITICAL)
-        try:
+        with cluster_gone():
             engine.close()
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
         raise EngineNotRunning(self.name, f"it {ended_note(self.name) or 'ended'}")
 
     def save_state(self, catalog) -> None:

@@ -342,3 +342,24 @@ def planned_restart(grace: float = 5.0):
         with _DASK_LOCK:
             _DASK_NOISE.active -= 1
             _DASK_NOISE.until = time.monotonic() + grace
+
+
+@contextlib.contextmanager
+def cluster_gone():
+    """Silence the client's errors while it is closed after its cluster died: its
+    reconnecting, cancelled by the close, is logged by Dask as an error with a traceback,
+    though the caller is about to say what happened (``EngineNotRunning``).
+
+    Example:
+        >>> with cluster_gone():
+        ...     logging.getLogger("distributed.utils").error("not shown")
+    """
+    logs = [logging.getLogger(n) for n in ("distributed.client", "distributed.utils")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
