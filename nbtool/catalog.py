@@ -27,7 +27,7 @@ from .errors import InvalidOption, NbtoolError
 from .registry import (Registry, check_backend_support, check_batch_size, check_name,
                        check_replicas, find_models, inspect_model)
 from .tables import ModelRow, model_rows
-from .wire import ModelSpec, ModelState, WorkerStatus, file_fingerprint
+from .wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
 from .worker import PRECISIONS, unload_models
 from .warn import warn_user
 
@@ -304,7 +304,14 @@ class Catalog:
         """
         for name in dict.fromkeys(names):
             spec = self.registry.get(name)
-            if file_fingerprint(spec.path) == spec.fingerprint:
+            now = file_fingerprint(spec.path) if os.path.exists(spec.path) else "missing"
+            if now == spec.fingerprint:
+                continue
+            if now != "missing" and spec.content \
+                    and content_digest(spec.path, now) == spec.content:
+                # Touched, chmod-ed or copied back: the same bytes are the same model.
+                self.registry.add(dataclasses.replace(spec, fingerprint=now))
+                self.on_change()
                 continue
             options = {f: getattr(spec, f) for f in OPTIONS}
             try:

@@ -90,6 +90,14 @@ class PinnedCluster(LocalCluster):
         import psutil
 
         kwargs.setdefault("memory_limit", int(psutil.virtual_memory().total / len(slots)))
+        self.dashboard_on = dashboard_address is not None
+        if not self.dashboard_on:
+            # Dask's scheduler serves HTTP (health, metrics) whatever ``dashboard`` says, on
+            # port 8787 of every interface when given no address: off means no dashboard
+            # pages, and the rest on a free loopback port.
+            dashboard_address = "127.0.0.1:0"
+            kwargs["scheduler_kwargs"] = {**kwargs.get("scheduler_kwargs", {}),
+                                          "dashboard": False}
         super().__init__(
             n_workers=0,
             threads_per_worker=1,   # one task at a time: a worker runs one model at a time
@@ -117,7 +125,7 @@ class PinnedCluster(LocalCluster):
         from distributed.utils import format_dashboard_link
 
         server = getattr(self.scheduler, "services", {}).get("dashboard")
-        if server is None:
+        if server is None or not getattr(self, "dashboard_on", True):
             return ""
         host = getattr(server, "address", None) or "127.0.0.1"
         host = f"[{host}]" if ":" in host else host    # an IPv6 literal in a URL

@@ -360,5 +360,7 @@ class Engine:
         note = getattr(self.cluster, "gpu_note", "")
         ws = ", ".join(f"{w.name} ({w.device})" for w in self.workers.values())
         return (f"<nbtool.Engine: {note + ': ' if note else ''}{count} [{ws}], "
-                f"{len(self.registry)} model(s), dashboard {self.dashboard_link}>")
+                f"{len(self.registry)} model(s), "
+                + (f"dashboard {self.dashboard_link}>" if self.dashboard_link
+                   else "no dashboard>"))
 

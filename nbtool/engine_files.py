@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import NbtoolError
 from .private_files import NotPrivate, private_folder, read_private, write_private
 
 
@@ -286,19 +287,128 @@ def kill_group(pgid: int, wait: float = 10.0) -> None:
             pass
 
 
+class EngineFileDamaged(NbtoolError, RuntimeError):
+    """An engine file that exists but does not hold a record (not JSON, not an object,
+    fields of the wrong type): the engine may still run, unreachable. ``pids``: the
+    processes of this user that run an engine of that name (found by their command line).
+    """
+
+    def __init__(self, name: str, path: Path, what: str, pids: list[int]):
+        self.name, self.path, self.what, self.pids = name, path, what, pids
+        running = (f"its process{'es' if len(pids) > 1 else ''} "
+                   f"{', '.join(map(str, pids))} still run{'' if len(pids) > 1 else 's'}"
+                   if pids else "no process of that engine runs")
+        super().__init__(
+            f"the persistent engine {name!r}: its engine file {path} is damaged ({what}), "
+            f"so nbtool cannot reach the engine; {running}. Fix: "
+            f"nbtool.shutdown({name!r}, force=True) ends "
+            f"{'it' if pids else 'nothing and removes the file'}"
+            f"{' and removes the file' if pids else ''}; then start a new one.")
+
+
+#: Each field of a record and the types it may hold (a file edited by hand, or written
+#: by something else, must not reach the code as a string where a pid is expected).
+_FIELD_TYPES = {"name": (str,), "address": (str,), "pid": (int,),
+                "process_started": (int, float, type(None)), "started": (int, float),
+                "idle_timeout": (int, float), "dashboard": (str, type(None)),
+                "workers": (list,), "options": (dict,), "note": (str,), "tls": (dict,)}
+
+
+def record_problem(data) -> str | None:
+    """What is wrong with ``data`` as an engine record (None: nothing).
+
+    Example:
+        >>> record_problem([]), record_problem({"name": "x", "address": "a", "pid": "abc"})
+        ('it holds a list, not an object', "field 'pid' is 'abc' (a str), not an int")
+        >>> record_problem({"name": "x", "address": "a"})
+        "field 'pid' is missing"
+    """
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not an object"
+    for key, types in _FIELD_TYPES.items():
+        required = key in ("name", "address", "pid")
+        if key not in data:
+            if required:
+                return f"field {key!r} is missing"
+            continue
+        value = data[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            return (f"field {key!r} is {value!r:.40} (a {type(value).__name__}), not "
+                    f"{'an' if types[0].__name__[0] in 'aeiou' else 'a'} {types[0].__name__}")
+    return None
+
+
+def engine_pids(name: str) -> list[int]:
+    """This user's processes that run engine ``name`` (``python -m nbtool.persist_server
+    <name> ...``), found by their command line: what a damaged engine file no longer says.
+
+    Example:
+        >>> engine_pids("no-such-engine")
+        []
+    """
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
+        except (psutil.Error, KeyError):
+            continue
+        if uids is not None and uids.real != os.getuid():
+            continue
+        for i, word in enumerate(cmd[:-1]):
+            if word == "nbtool.persist_server" and i and cmd[i - 1] == "-m" \
+                    and cmd[i + 1] == name:
+                found.append(proc.info["pid"])
+    return found
+
+
 def read_record(name: str) -> EngineRecord | None:
-    """The record of engine ``name``, or None if there is none (or it is unreadable).
+    """The record of engine ``name``, or None if there is none; an
+    :class:`EngineFileDamaged` if its file holds no record (it says what is wrong, and
+    which processes run that engine), a :class:`NotPrivate` if others may read it.
 
     Example:
         >>> read_record("no-such-engine") is None
         True
     """
+    path = runtime_folder() / f"{name}.json"
     try:
-        data = json.loads(read_private(runtime_folder() / f"{name}.json"))
-        known = {f.name for f in dataclasses.fields(EngineRecord)}
-        return EngineRecord(**{k: v for k, v in data.items() if k in known})
-    except (FileNotFoundError, ValueError, TypeError):
+        text = read_private(path)
+    except FileNotFoundError:
         return None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise EngineFileDamaged(name, path, f"not JSON: {e}", engine_pids(name)) from None
+    problem = record_problem(data)
+    if problem:
+        raise EngineFileDamaged(name, path, problem, engine_pids(name))
+    known = {f.name for f in dataclasses.fields(EngineRecord)}
+    return EngineRecord(**{k: v for k, v in data.items() if k in known})
+
+
+def unreadable_engine_files() -> dict[str, str]:
+    """The engine files of this folder that hold no usable record, by engine name, with
+    what is wrong (damaged, or not this user's alone): ``running()`` lists them.
+
+    Example:
+        >>> unreadable_engine_files()
+        {}
+    """
+    out = {}
+    for path in sorted(runtime_folder().glob("*.json")):
+        if path.name.endswith(".ended.json") or path.name.startswith("."):
+            continue
+        try:
+            read_record(path.stem)
+        except EngineFileDamaged as e:
+            out[path.stem] = str(e)
+        except NotPrivate as e:
+            out[path.stem] = (f"not used: {e}, so others may have read its credentials. Fix: "
+                              "end that engine (kill -9 -PID of the pid in the file), delete "
+                              "the file, and start a new one")
+    return out
 
 
 def engine_records() -> list[EngineRecord]:
@@ -315,7 +425,7 @@ def engine_records() -> list[EngineRecord]:
             continue
         try:
             rec = read_record(path.stem)
-        except NotPrivate:
+        except (NotPrivate, EngineFileDamaged):   # unreachable: unreadable_engine_files
             continue
         if rec is None:
             continue

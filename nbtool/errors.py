@@ -218,6 +218,28 @@ class ModelLoadError(NbtoolError, RuntimeError):
                          f"{_end(reason)} Fix: {_end(fix)}")
 
 
+class ConversionDisagrees(NbtoolError, RuntimeError):
+    """A forced conversion (``runtime="openvino"`` or ``"litert"``) that computed other
+    numbers than TensorFlow on rows of a prediction (rows unlike those it was checked on
+    at load): the chunk fails rather than return them.
+
+    Example:
+        >>> str(ConversionDisagrees("cnn", "cnn.keras", "cpu0", "openvino",
+        ...                         "max abs diff 0.01 (tolerance 0.0001)", 12))  # doctest: +ELLIPSIS
+        "model 'cnn' (cnn.keras) on worker 'cpu0': its openvino conversion gave max abs diff 0.01 (tolerance 0.0001) from TensorFlow on 12 rows of this chunk... Fix: register it with runtime='auto' (it falls back to TensorFlow by itself) or runtime='tensorflow'."
+    """
+
+    def __init__(self, model: str, path: str, worker: str | None, runtime: str, why: str,
+                 n_rows: int):
+        self.path = str(path)
+        super().__init__(
+            f"model {model!r} ({path}){_on(worker)}: its {runtime} conversion gave {why} "
+            f"from TensorFlow on {n_rows} rows of this chunk (rows unlike those it was "
+            "checked on at load, or a non-finite output), so none of its rows are returned. "
+            "Fix: register it with runtime='auto' (it falls back to TensorFlow by itself) "
+            "or runtime='tensorflow'.")
+
+
 class ModelFileChanged(NbtoolError, RuntimeError):
     """A model file re-saved since it was registered: never loaded under the old name.
 
@@ -233,7 +255,7 @@ class ModelFileChanged(NbtoolError, RuntimeError):
             f"model {model!r} ({path}): the file changed since it was registered"
             f"{_on(worker)} (registered {registered}, now {now}). Fix: eng.register("
             f"{model!r}, {str(path)!r}) again to use the new file (fingerprints are "
-            "size-mtime; a worker that sees another copy of the file needs the same one).")
+            "size, times and inode; a worker that sees another copy of the file needs the same one).")
 
 
 # -- running ------------------------------------------------------------------------------

@@ -176,6 +176,13 @@ def _describe_objects(arr: np.ndarray) -> tuple[str, str]:
         return (f"an object of type {type(item).__name__}",
                 f"pass {_INPUTS}, e.g. np.asarray(rows, dtype='float32')")
     sample = arr.reshape(-1)[:1000]
+    if any(type(v).__name__ in ("NAType", "NaTType") for v in arr.reshape(-1)):
+        # pandas' nullable columns (Float32, Int64...) hold pd.NA, which numpy cannot
+        # turn into a number: np.asarray(x, dtype='float32') itself fails on it.
+        return ("a table holding pandas' missing value <NA> (a nullable column such as "
+                "Float32 or Int64)",
+                "turn the missing values into NaN first: x.to_numpy(dtype='float32', "
+                "na_value=np.nan) (their rows then predict NaN), or x.fillna(0) / x.dropna()")
     if any(v is None for v in sample):
         return ("an array holding None among its values (missing data?)",
                 "fill or drop the missing values first, e.g. np.nan for a missing number")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ from .warn import warn_user
 #: The default bound on the folder's size (``NBTOOL_OUTPUT_CACHE_SIZE`` sets another).
 DEFAULT_LIMIT = 2_000_000_000
 SUFFIX = ".npz"
+#: An entry's file name: the key (blake2b, 20 bytes, as hex) and the suffix.
+ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.npz")
 #: Lookups of this process: what :func:`cache_info` reports.
 STATS = {"hits": 0, "misses": 0}
 
@@ -84,9 +87,10 @@ class OutputCache:
     Example:
         >>> import tempfile
         >>> cache = OutputCache(tempfile.mkdtemp(), limit=1000)
-        >>> cache.put("a", [np.zeros(100, "float32")]); cache.put("b", [np.zeros(100, "float32")])
-        >>> cache.evict(), sorted(cache.entries())   # 'a' was the least recently used
-        (1, ['b'])
+        >>> a, b = "a" * 40, "b" * 40                 # keys: 40 hex digits
+        >>> cache.put(a, [np.zeros(100, "float32")]); cache.put(b, [np.zeros(100, "float32")])
+        >>> cache.evict(), sorted(cache.entries()) == [b]   # a was the least recently used
+        (1, True)
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, limit: int | None = None):
@@ -174,8 +178,9 @@ class OutputCache:
         try:
             with os.scandir(self.folder) as it:
                 for e in it:
-                    if e.name.endswith(SUFFIX) and not e.name.startswith(".") and \
-                            e.is_file(follow_symlinks=False):
+                    # Only names nbtool writes (a key's 40 hex digits): a file someone
+                    # else put here is neither counted nor ever deleted.
+                    if ENTRY_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False):
                         out[e.name[:-len(SUFFIX)]] = e.stat(follow_symlinks=False)
         except OSError:
             pass
@@ -222,7 +227,7 @@ def model_key(spec, backends: list[str]) -> str:
         False
     """
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((spec.path, spec.fingerprint, spec.format, spec.precision, spec.runtime,
+    h.update(repr((spec.identity, spec.format, spec.precision, spec.runtime,
                    spec.input_shape, spec.input_dtype, spec.n_inputs,
                    sorted(set(backends)))).encode())
     if spec.preprocess is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,11 +40,12 @@ import time
 import weakref
 
 from .attached import AttachedCluster, EngineInUse, EngineNotRunning
-from .engine_files import (ALREADY_RUNNING, EngineRecord, check_name, engine_records,
-                           ended_note, idle_words, name_taken, read_record, runtime_folder)
+from .engine_files import (ALREADY_RUNNING, EngineFileDamaged, EngineRecord, check_name,
+                           engine_records, ended_note, idle_words, kill_group, name_taken,
+                           read_record, runtime_folder, unreadable_engine_files)
 from .errors import NbtoolError
 from .on_scheduler import claim, request_end
-from .private_files import private_folder, private_problem
+from .private_files import NotPrivate, private_folder, private_problem
 from .warn import warn_user
 
 #: An engine with no kernel attached for this long ends by itself (seconds).
@@ -67,7 +69,16 @@ def find_running(name: str) -> EngineRecord | None:
         >>> find_running("no-such-engine") is None
         True
     """
-    return next((r for r in engine_records() if r.name == name), None)
+    try:
+        record = read_record(name)   # a damaged file raises EngineFileDamaged: it says so
+    except NotPrivate:
+        return None                  # not used: not_running() says why
+    if record is None:
+        return None
+    if record.alive():
+        return record
+    record.end(f"its process (pid {record.pid}) was gone: killed, or the machine restarted")
+    return None
 
 
 def not_running(name: str) -> NbtoolError:
@@ -170,7 +181,13 @@ def start_persistent(name: str = "default", idle_timeout: float | None = None,
     """
     idle = idle_seconds(idle_timeout)
     asked = json.loads(json.dumps({**options, "idle_timeout": idle}))   # as the file has them
-    running_one = find_running(check_name(name))
+    try:
+        running_one = find_running(check_name(name))
+    except EngineFileDamaged as e:
+        if e.pids:   # it may still run: never a second engine beside it
+            raise
+        end_unreachable(e, "its damaged file was replaced by a new start")
+        running_one = None
     if running_one is not None:
         differ = {k: v for k, v in asked.items()   # None: left to the engine, not asked
                   if v is not None and running_one.options.get(k, v) != v}
@@ -223,13 +240,21 @@ def idle_seconds(idle_timeout) -> float:
     Example:
         >>> idle_seconds("2h"), idle_seconds(90), idle_seconds(None) == IDLE_TIMEOUT
         (7200.0, 90.0, True)
+        >>> idle_seconds("30min"), idle_seconds("45 mins"), idle_seconds("1 hr"), idle_seconds("90sec")
+        (1800.0, 2700.0, 3600.0, 90.0)
     """
     from dask.utils import parse_timedelta
 
     value = idle_timeout if idle_timeout is not None else \
         os.environ.get("NBTOOL_IDLE_TIMEOUT") or IDLE_TIMEOUT
     try:
-        seconds = float(parse_timedelta(value, default="seconds"))
+        # Dask knows "m"/"minutes" but not the "min" people write (and nbtool's own
+        # docs say): the common short words are spelled out first.
+        text = re.sub(r"(?<=[\d\s])(mins?|hrs?|secs?)\s*$",
+                      lambda m: {"min": "minutes", "hr": "hours", "sec": "seconds"}[
+                          m.group(1).rstrip("s")], value.strip()) \
+            if isinstance(value, str) else value
+        seconds = float(parse_timedelta(text, default="seconds"))
     except (ValueError, TypeError, KeyError):
         seconds = -1.0
     if not 0 < seconds < math.inf:
@@ -250,12 +275,16 @@ def running():
     """
     from .tables import Table
 
-    return Table([{"name": r.name, "pid": r.pid,
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
-                   "idle timeout": idle_words(r.idle_timeout),
-                   "workers": ", ".join(r.workers), "address": r.address,
-                   "dashboard": r.dashboard or ""} for r in engine_records()],
-                 title="persistent engines")
+    rows = [{"name": r.name, "pid": r.pid,
+             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
+             "idle timeout": idle_words(r.idle_timeout),
+             "workers": ", ".join(r.workers), "address": r.address,
+             "dashboard": r.dashboard or ""} for r in engine_records()]
+    # Files that name an engine nbtool cannot use: listed with why, never hidden.
+    rows += [{"name": name, "pid": "?", "started": "?", "idle timeout": "?", "workers": "",
+              "address": "unreachable: " + why, "dashboard": ""}
+             for name, why in unreadable_engine_files().items()]
+    return Table(rows, title="persistent engines")
 
 
 def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False) -> str:
@@ -272,10 +301,15 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
     eng = current_engine()
     attached = eng is not None and isinstance(eng.cluster, AttachedCluster)
     name = check_name(name or (eng.cluster.name if attached else "default"))
-    record = find_running(name)
+    reason = f"shut down by nbtool.shutdown() from pid {os.getpid()}"
+    try:
+        record = find_running(name)
+    except EngineFileDamaged as e:
+        if not force:
+            raise
+        return end_unreachable(e, reason)
     if record is None:
         raise not_running(name)
-    reason = f"shut down by nbtool.shutdown() from pid {os.getpid()}"
     if force:
         record.kill()
         record.end(reason + " (force=True: killed)")
@@ -296,6 +330,24 @@ def shutdown(name: str | None = None, timeout: float = 60.0, force: bool = False
     if record.processes():
         record.kill()
     return f"{name!r} {ended_note(name) or 'ended'}"
+
+
+def end_unreachable(damaged: EngineFileDamaged, reason: str) -> str:
+    """End engine ``damaged.name`` whose file is damaged: kill the process groups of the
+    processes that run it (found by their command line), then replace the file by a note.
+
+    Example:
+        >>> end_unreachable(EngineFileDamaged("x", runtime_folder() / "x.json", "not JSON", []),
+        ...                 "test")   # doctest: +ELLIPSIS
+        "'x' ended at ..., test (force=True: its engine file was damaged; no process of it ran)"
+    """
+    for pid in damaged.pids:
+        kill_group(pid)
+    killed = f"killed pid {', '.join(map(str, damaged.pids))}" if damaged.pids else \
+        "no process of it ran"
+    EngineRecord(name=damaged.name, address="", pid=damaged.pids[0] if damaged.pids else 0) \
+        .end(f"{reason} (force=True: its engine file was damaged; {killed})")
+    return f"{damaged.name!r} {ended_note(damaged.name) or 'ended'}"
 
 
 def ask(record: EngineRecord, reason: str, client=None) -> None:

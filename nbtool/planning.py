@@ -146,7 +146,7 @@ def holders(spec: ModelSpec, workers: list[str], held: dict[str, dict[str, str]]
         >>> holders(spec, ["cpu0", "cpu1"], {"cpu0": {"a": "fp"}, "cpu1": {"a": "old"}})
         ['cpu0']
     """
-    return [w for w in workers if held.get(w, {}).get(spec.name) == spec.fingerprint]
+    return [w for w in workers if held.get(w, {}).get(spec.name) == spec.identity]
 
 
 def needs_costs(specs: list[ModelSpec], routes: dict[str, list[str]],

@@ -30,7 +30,7 @@ from typing import Any
 from .errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
                      NbtoolError, UntrustedModel)
 from .model_files import FORMATS, detect_format, read_model_file
-from .wire import ModelSpec, file_fingerprint
+from .wire import ModelSpec, content_digest, file_fingerprint
 from .warn import warn_user
 
 #: The longest model name: names become file names and result-store array names.
@@ -67,6 +67,7 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     # Before reading: a file re-saved while it is read then looks changed at the next run
     # (and is read again), never unchanged with what was read from the older one.
     fingerprint = file_fingerprint(p)
+    content = content_digest(p, fingerprint)
     info = read_model_file(p, name)
     if info.unsafe and not options.get("trusted"):
         raise UntrustedModel(name, str(p), *info.unsafe)
@@ -75,7 +76,8 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     options["runtime"] = check_runtime(name, options.get("runtime"), info.format,
                                        options.get("precision"))
     return ModelSpec(name=name, path=str(p), format=info.format, size_bytes=info.size_bytes,
-                     fingerprint=fingerprint, input_shape=shape, input_dtype=dtype,
+                     fingerprint=fingerprint, content=content, input_shape=shape,
+                     input_dtype=dtype,
                      n_inputs=max(len(info.inputs), 1), n_outputs=info.n_outputs, **options)
 
 

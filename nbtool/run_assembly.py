@@ -28,11 +28,14 @@ class RunAssembly:
     """
 
     def _combine(self, outputs: dict):
-        """The ensemble of single-output models; a :class:`CombineError` if impossible."""
+        """The ensemble of single-output models; a :class:`CombineError` if impossible.
+        One model alone is nothing to combine: its several outputs are no failure."""
         singles = [np.asarray(outputs[s.name][0]) for s, _ in self.placements
                    if outputs[s.name] is not None and len(outputs[s.name]) == 1]
         multi = [s.name for s, _ in self.placements
                  if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+        if multi and len(self.placements) == 1:
+            return None
         if multi:
             raise CombineError(self.combine, f"model(s) {multi} have several outputs")
         return combine_outputs(singles, self.combine) if singles else None

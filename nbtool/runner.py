@@ -277,6 +277,8 @@ class PredictionRun(RunAssembly):
                 finished_at[model] = time.perf_counter()
                 if isinstance(value, ChunkOutput):
                     results[(model, chunk)] = value
+                    for note in value.notes:   # a fallback to TensorFlow: said once
+                        warn_user(note)
                     if self.cache is not None:   # kept as it arrives: an interrupted run keeps it
                         self.cache.store(model, chunk, value.outputs)
                 else:   # the task raised, or Dask gave up on it (a worker or the cluster died)

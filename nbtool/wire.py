@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,10 @@ class ModelSpec:
     runtime: str = "tensorflow"
     #: Each output's row shape and dtype, learned at the model's first load and kept.
     output_specs: tuple | None = None
+    #: The sha256 of the file's bytes (:func:`content_digest`): what is remembered for a
+    #: file (its runtime, conversions, cached outputs, stored chunks) is keyed by it, not
+    #: by its path or times. None for a spec made by hand: the fingerprint stands in.
+    content: str | None = None
 
     @property
     def input_row_shape(self) -> tuple | None:
@@ -64,30 +69,90 @@ class ModelSpec:
         return None if self.input_shape is None else tuple(self.input_shape[1:])
 
     @property
+    def identity(self) -> str:
+        """What the model's bytes are: their digest, else the file's fingerprint.
+
+        Example:
+            >>> ModelSpec("m", "/m", "keras", 1, "1-1", content="ab12").identity
+            'ab12'
+        """
+        return self.content or self.fingerprint
+
+    @property
     def cache_key(self) -> tuple[str, str]:
-        """What a worker's cache is keyed by: a changed file is a different model."""
-        return (self.name, self.fingerprint)
+        """What a worker's cache is keyed by: a changed file is a different model (the same
+        bytes touched, copied back or chmod-ed are the same one)."""
+        return (self.name, self.identity)
+
+
+def files_of_model(path: str | os.PathLike) -> list[Path]:
+    """The files a model is made of: the file, a directory's files (sorted), an OpenVINO
+    ``.xml`` with its ``.bin``.
+
+    Example:
+        >>> files_of_model("/no/such/cnn.keras")
+        []
+    """
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    if p.suffix == ".xml" and p.with_suffix(".bin").is_file():   # an IR's weights are beside it
+        files.append(p.with_suffix(".bin"))
+    return files
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """Size and modification time of a model file (or of a directory's newest file; of an
-    OpenVINO ``.xml`` with its ``.bin``).
+    """Size, modification time, and a tag of the inodes and change times of a model's
+    files: ``<bytes>-<newest mtime>-<tag>``.
 
     Cheap enough to ask before every load and every run: a model re-saved in place gets a
-    new fingerprint, so a stale copy is never served without a word.
+    new fingerprint, so a stale copy is never served without a word. The change time is
+    in it because no user tool can set it back: ``cp -p``, ``rsync -t``, a checkout or
+    ``os.utime`` restore the size and modification time of another model's bytes, never
+    the change time (or the inode).
 
     Example:
         >>> import tempfile, pathlib
         >>> f = pathlib.Path(tempfile.mkdtemp()) / "m.keras"; _ = f.write_bytes(b"123")
-        >>> file_fingerprint(f).startswith("3-")
+        >>> before = file_fingerprint(f); before.startswith("3-")
+        True
+        >>> st = f.stat(); _ = f.write_bytes(b"456"); os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        >>> file_fingerprint(f) == before      # same size and mtime, other bytes
+        False
+    """
+    stats = [f.stat() for f in files_of_model(path)]
+    tag = hashlib.blake2b(repr([(s.st_dev, s.st_ino, s.st_ctime_ns) for s in stats]).encode(),
+                          digest_size=4).hexdigest()
+    return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}" \
+        f"-{tag}"
+
+
+#: Digests already taken in this process, by path and fingerprint.
+_DIGESTS: dict[tuple[str, str], str] = {}
+
+
+def content_digest(path: str | os.PathLike, fingerprint: str | None = None) -> str:
+    """The sha256 of a model's bytes (every file it is made of, with their names relative
+    to it), remembered in this process while the fingerprint stays.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.keras").write_bytes(b"123"); _ = (d / "b.keras").write_bytes(b"123")
+        >>> content_digest(d / "a.keras") == content_digest(d / "b.keras")   # a copy
         True
     """
     p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-    if p.suffix == ".xml" and p.with_suffix(".bin").is_file():   # an IR's weights are beside it
-        files.append(p.with_suffix(".bin"))
-    stats = [f.stat() for f in files]
-    return f"{sum(s.st_size for s in stats)}-{max((s.st_mtime_ns for s in stats), default=0)}"
+    fingerprint = fingerprint or file_fingerprint(p)
+    key = (str(p), fingerprint)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files_of_model(p):
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.suffix}\0".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 # -- references to rows that workers read themselves -------------------------------------
@@ -157,6 +222,9 @@ class ChunkOutput:
     worker: str
     batch_size: int
     rows: int = 0
+    #: What the user must hear about the model from this chunk (its conversion fell back
+    #: to TensorFlow on this worker), said once in the notebook.
+    notes: tuple = ()
 
 
 @dataclasses.dataclass

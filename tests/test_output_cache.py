@@ -88,15 +88,31 @@ def test_a_damaged_entry_is_computed_again(engine, two, reference, cache_dir):
 
 def test_the_bound_evicts_the_least_recently_used(tmp_path):
     one = [np.zeros(250, "float32")]                              # ~1.2 kB on disk each
+    a, b, c, d = (k * 40 for k in "abcd")                         # keys: 40 hex digits
     cache = OutputCache(tmp_path, limit=4000)
     assert cache.usable()
-    for key in ("a", "b", "c"):
+    for key in (a, b, c):
         cache.put(key, one)
-    assert cache.get("a", rows=250, n_outputs=1) is not None     # 'a' used: 'b' is oldest
-    cache.put("d", one)
-    assert cache.evict() == 1 and sorted(cache.entries()) == ["a", "c", "d"]
-    assert cache.get("a", rows=250, n_outputs=2) is None          # not what was asked: gone
-    assert "a" not in cache.entries()
+    assert cache.get(a, rows=250, n_outputs=1) is not None       # 'a' used: 'b' is oldest
+    cache.put(d, one)
+    assert cache.evict() == 1 and sorted(cache.entries()) == [a, c, d]
+    assert cache.get(a, rows=250, n_outputs=2) is None            # not what was asked: gone
+    assert a not in cache.entries()
+
+
+def test_files_the_cache_did_not_write_are_neither_counted_nor_deleted(cache_dir):
+    """A foreign ``.npz`` (the user's own, in the folder by mistake) and other files in the
+    cache folder are not entries: cache_info() does not count them, clear_cache() leaves
+    them (before: both were counted, and the .npz deleted)."""
+    cache = OutputCache()
+    cache.put("e" * 40, [np.zeros(10, "float32")])
+    foreign = {name: cache_dir / name for name in ("mine.npz", "notes.txt", "F" * 40 + ".npz")}
+    for path in foreign.values():
+        np.savez(path, x=np.ones(3)) if path.suffix == ".npz" else path.write_text("mine")
+    assert nbtool.cache_info()["entries"] == 1
+    assert nbtool.clear_cache()["entries"] == 1
+    assert all(p.exists() for p in foreign.values())
+    assert np.load(foreign["mine.npz"])["x"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_cache_info_and_clear_cache(engine, two, reference, cache_dir, monkeypatch):

@@ -123,8 +123,16 @@ def test_a_batch_the_user_set_is_the_only_one_timed(machine_cache, choice_models
     record = json.loads(open(record_path(spec_of(path, batch_size=16))).read())
     assert record["batch"] == 16 and record["batch_seconds"] == {}
     assert "at batch" not in state.runtime_note
-    _, again = load(spec_of(path))   # the user's batch is not remembered as a choice
-    assert again.batch_size == 64 and again.runtime == state.runtime
+    # The user's batch is no choice of a batch: the same bytes registered without one
+    # time the batches now (the conversions are read back, not made again).
+    _, again = load(spec_of(path))
+    assert again.batch_size in (32, 64, 128)
+    assert "chosen again (chosen at batch_size=16, which this registration does not set)" \
+        in again.runtime_note
+    record = json.loads(open(record_path(spec_of(path))).read())
+    assert record["user_batch"] is None and record["batch"] == again.batch_size
+    _, third = load(spec_of(path, batch_size=16))   # and the user's batch still holds
+    assert third.batch_size == 16 and third.runtime_note.startswith("remembered choice")
 
 
 @pytest.mark.parametrize("change, why", [
@@ -259,3 +267,141 @@ def test_a_cpu_worker_loads_remembered_conversions_without_tensorflow(machine_ca
     assert seen["gpus"] == []
     assert all(d <= TOL for d in seen["diffs"].values()), seen
     assert all(n.startswith("remembered choice") for n in seen["notes"].values()), seen
+
+
+# -- the guard: every row a conversion computes is like the checked ones, or checked ------
+@pytest.fixture(scope="module")
+def unlike_rows_models(tmp_path_factory, keras):
+    """name -> (path, rows): models whose LiteRT conversion agrees with Keras on ordinary
+    rows and not on the rows after the 64th (scaled by 200 into softplus' overflow, or
+    offset to 3e3 where LayerNormalization loses digits in float32)."""
+    d = tmp_path_factory.mktemp("unlike_rows")
+    L = keras.layers
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(1)
+    soft = keras.Sequential([keras.Input((8,)), L.Dense(16, activation="softplus"),
+                             L.Dense(4)])
+    norm = keras.Sequential([keras.Input((8,)), L.LayerNormalization(), L.Dense(4)])
+    scaled = rng.normal(size=(1000, 8)).astype("float32")
+    scaled[64:] *= 200
+    offset = rng.normal(size=(1000, 8)).astype("float32")
+    offset[64:] = 3e3 + offset[64:] * 0.01
+    out = {}
+    for name, model, rows in (("softplus", soft, scaled), ("layernorm", norm, offset)):
+        model.save(d / f"{name}.keras")
+        out[name] = (d / f"{name}.keras", rows, model.predict(rows, verbose=0))
+    return out
+
+
+def remember(spec, runtime, rows):
+    """Have this machine remember ``runtime`` for ``spec``'s file, as a choice that timed
+    it fastest would have (its conversion made, checked on ``rows``): whichever runtime
+    the timing picks on this machine, the remembered path is the one under test."""
+    from nbtool.worker.guard import Envelope
+    from nbtool.worker.records import (files_sha256, machine_facts, runtime_versions,
+                                       write_record)
+
+    forced = __import__("dataclasses").replace(spec, runtime=runtime)
+    load(forced, rows)   # converts, checks on the first 64 rows, keeps the artifact
+    artifact = [str(litert_path(spec))] if runtime == "litert" else \
+        [str(p) for p in sorted(__import__("pathlib").Path(ir_dir(spec)).glob("*"))
+         if p.suffix in (".xml", ".bin")]
+    write_record(spec, RuntimeRecord(
+        runtime, 64, machine_facts(), runtime_versions(), artifact, files_sha256(artifact),
+        summary=f"{runtime}: remembered by the test", own_shape=[8], own_dtype="float32",
+        n_outputs=1, envelope=Envelope.of(rows[:64]).to_dict()))
+
+
+@pytest.mark.parametrize("name", ["softplus", "layernorm"])
+def test_rows_unlike_the_checked_ones_that_a_conversion_gets_wrong_fall_back_to_tensorflow(
+        machine_cache, unlike_rows_models, name):
+    path, x, want = unlike_rows_models[name]
+    spec = spec_of(path)
+    remember(spec, "litert", x)
+    cache = ModelCache(budget=10**9, device="cpu:0", worker="here")
+    loaded, _ = cache.get(spec, sample=lambda: x[:64])
+    assert cache.state_of(spec.name).runtime == "litert"
+    first = cache.run(loaded, x[:64])[0]            # the rows it was checked on: trusted
+    assert loaded.guard is not None and loaded.guard.reference is None   # no TF needed
+    assert np.abs(first - want[:64]).max() <= TOL
+    got = cache.run(loaded, x)[0]                   # then rows unlike them
+    assert np.isfinite(got).all() and np.abs(got - want).max() <= TOL
+    state = cache.state_of(spec.name)
+    assert state.runtime == "tensorflow"
+    assert state.runtime_note.startswith("tensorflow: fell back from litert, which gave max "
+                                         "abs diff")
+    assert loaded.notes and "computed in TensorFlow" in loaded.notes[0]
+    # Remembered: a fresh worker of this machine runs it in TensorFlow from the start.
+    predict, again = load(spec, x)
+    assert again.runtime == "tensorflow" and "fell back from litert" in again.runtime_note
+    assert np.abs(predict(x)[0] - want).max() <= TOL
+
+
+def test_a_forced_conversion_that_gets_unlike_rows_wrong_fails_the_chunk_saying_so(
+        machine_cache, unlike_rows_models):
+    from nbtool.errors import ConversionDisagrees
+
+    path, x, want = unlike_rows_models["softplus"]
+    cache = ModelCache(budget=10**9, device="cpu:0", worker="here")
+    loaded, _ = cache.get(spec_of(path, runtime="litert"), sample=lambda: x[:64])
+    assert np.abs(cache.run(loaded, x[:64])[0] - want[:64]).max() <= TOL
+    with pytest.raises(ConversionDisagrees, match=r"model 'softplus' .*its litert conversion "
+                       r"gave max abs diff .* from TensorFlow on \d+ rows of this chunk.*"
+                       r"Fix: register it with runtime='auto'"):
+        cache.run(loaded, x)
+
+
+def test_unlike_rows_that_agree_widen_what_was_checked_and_are_remembered(machine_cache,
+                                                                          choice_models):
+    path, x, want = choice_models["mlp"]
+    spec = spec_of(path)
+    remember(spec, "litert", x)
+    cache = ModelCache(budget=10**9, device="cpu:0", worker="here")
+    loaded, _ = cache.get(spec)
+    before = json.loads(open(record_path(spec)).read())["envelope"]
+    wide = x * 3                                  # softmax outputs: still within 1e-4
+    keras_out = __import__("keras").saving.load_model(path).predict(wide, verbose=0)
+    assert np.abs(cache.run(loaded, wide)[0] - keras_out).max() <= TOL
+    assert cache.state_of(spec.name).runtime == "litert"     # they agreed: no fallback
+    assert loaded.guard.checked_rows > 0 and loaded.guard.reference is not None
+    after = json.loads(open(record_path(spec)).read())["envelope"]
+    assert max(after["hi"]) > max(before["hi"]) and min(after["lo"]) < min(before["lo"])
+    # The next load of this machine trusts those rows: no TensorFlow opened for them.
+    cache2 = ModelCache(budget=10**9, device="cpu:0", worker="there")
+    loaded2, _ = cache2.get(spec)
+    assert np.abs(cache2.run(loaded2, wide)[0] - keras_out).max() <= TOL
+    assert loaded2.guard.reference is None
+
+
+def test_a_file_with_other_bytes_but_the_same_size_and_times_is_a_new_choice(
+        machine_cache, tmp_path, keras):
+    """``cp -p`` of another model of the same architecture: what this machine remembers
+    for the old bytes (its runtime, its conversion) is never read for the new ones."""
+    from nbtool.wire import content_digest
+
+    def twin(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((8,), name="x"),
+                                 keras.layers.Dense(16, activation="relu", name="d1"),
+                                 keras.layers.Dense(3, activation="softmax", name="d2")],
+                                name="twin")
+    a, b = twin(1), twin(2)
+    path, other = tmp_path / "m.h5", tmp_path / "other.h5"
+    a.save(path)
+    b.save(other)
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
+    old = ModelSpec("m", str(path), "h5", path.stat().st_size, file_fingerprint(path),
+                    runtime="auto", content=content_digest(path))
+    load(old, x)
+    st = path.stat()
+    __import__("time").sleep(0.05)
+    path.write_bytes(other.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_fingerprint(path) != old.fingerprint      # the change time gives it away
+    new = ModelSpec("m", str(path), "h5", path.stat().st_size, file_fingerprint(path),
+                    runtime="auto", content=content_digest(path))
+    assert new.content != old.content and record_path(new) != record_path(old)
+    predict, state = load(new, x)
+    assert not state.runtime_note.startswith("remembered choice")
+    assert np.abs(predict(x)[0] - b.predict(x, verbose=0)).max() <= TOL

@@ -142,6 +142,9 @@ def check_rows(row_shape: tuple, dtype, sample: np.ndarray | None) -> tuple[np.n
         if len(rows):   # any size (a resizing preprocess): random rows would not fit
             return rows, f"{len(rows)} of your rows"
         return probe_rows(row_shape, dtype, CHECK_ROWS), f"{CHECK_ROWS} random rows"
+    if dtype.kind in "biu":   # ids (tokens, categories): random ones may be out of range
+        extra = rows[np.arange(missing) % len(rows)]
+        return np.concatenate([rows, extra]), f"{len(rows)} of your rows (repeated to {CHECK_ROWS})"
     extra = probe_rows(row_shape, dtype, missing)
     return np.concatenate([rows, extra]), f"{len(rows)} of your rows and {missing} random rows"
 

@@ -21,16 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFileChanged, NbtoolError
+from ..errors import ConversionDisagrees, ModelFileChanged, NbtoolError
 from ..wire import (SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, UnloadResult, WorkerStatus,
                     file_fingerprint, short_bytes)
 from .backends import backend_name
+from .candidates import CONVERTERS, discard
 from .fixed_batch import FixedBatchPredictor
+from .guard import Guard
 from .loading import load_error
 from .measure import best_batch_size, record_cost
+from .records import remember_envelope, remember_fallback
 from .opening import open_for_runtime
 from .predictors import DEFAULT_BATCH_SIZE, make_predictor
-from .runtime import held_memory, memory_in_use, on_gpu, out_of_memory_error, release_memory
+from .runtime import (describe_exception, held_memory, memory_in_use, on_gpu,
+                      out_of_memory_error, release_memory)
 
 logger = logging.getLogger("nbtool.worker")
 
@@ -60,6 +64,10 @@ class LoadedModel:
     last_used: float
     uses: int = 0
     row_cost_recorded: bool = False   # its seconds per row, measured once per load
+    guard: Guard | None = None        # a conversion's check against TensorFlow, per row
+    #: What the user must hear from this worker about the model (a fallback to
+    #: TensorFlow): taken by the next chunk's output, then cleared.
+    notes: list = dataclasses.field(default_factory=list)
 
     @property
     def accounted(self) -> int:
@@ -71,6 +79,8 @@ class LoadedModel:
         weights, counted from the variables, are what a model holds.
         """
         weights = self.weight_bytes or self.spec.size_bytes
+        if self.guard is not None:   # TensorFlow's copy, once opened to check rows
+            weights += self.guard.reference_bytes
         return max(weights, self.footprint) if self.on_gpu else weights
 
 
@@ -202,7 +212,7 @@ class ModelCache:
         footprint = max(0, memory_in_use() - before)
         now = time.time()
         loaded = LoadedModel(spec, predictor, call, weight_bytes, footprint, on_gpu(),
-                             seconds, now, now)
+                             seconds, now, now, guard=self._guard(spec, opened, predictor))
         with self._lock:
             self._models[spec.name] = loaded
             self._states[spec.name] = dataclasses.replace(
@@ -220,6 +230,16 @@ class ModelCache:
                     seconds, footprint)
         record_cost(spec, self.device, load=seconds)
         return loaded
+
+    @staticmethod
+    def _guard(spec: ModelSpec, opened, predictor) -> Guard | None:
+        """The guard of a conversion of a Keras model (None for TensorFlow itself, and for
+        a ``.tflite`` or IR file, which have no TensorFlow to check against)."""
+        if opened.runtime not in CONVERTERS or spec.format in ("tflite", "openvino") \
+                or opened.envelope is None:
+            return None
+        return Guard(spec, opened.runtime, opened.envelope, forced=spec.runtime != "auto",
+                     batch=predictor.batch_size)
 
     def _check_file(self, spec: ModelSpec) -> None:
         """Refuse to load a file that changed since ``spec`` was registered.
@@ -268,13 +288,73 @@ class ModelCache:
         while True:
             predictor = loaded.predictor
             try:
-                return predictor(rows)
+                try:
+                    outputs = predictor(rows)
+                except Exception as e:
+                    if loaded.guard is None or out_of_memory_error(e):
+                        raise
+                    return self._conversion_failed(loaded, rows, e)
+                return outputs if loaded.guard is None else self._guarded(loaded, rows, outputs)
             except Exception as e:
                 if not out_of_memory_error(e) or predictor.batch_size <= 1:
                     raise
                 batch = self._note_oom(loaded.spec.name, predictor.batch_size)
                 loaded.predictor = self._compile(loaded.spec, loaded.call, predictor.row_shape,
                                                  predictor.dtype, batch)
+
+    def _guarded(self, loaded: LoadedModel, rows: np.ndarray, outputs: list) -> list:
+        """``outputs`` if the guard trusts them (:mod:`~nbtool.worker.guard`); else the
+        rows computed again by TensorFlow, which runs the model from now on (``auto``),
+        or a :class:`~nbtool.errors.ConversionDisagrees` (a forced runtime)."""
+        guard = loaded.guard
+        verdict = guard.check(rows, outputs)
+        if verdict is None:
+            if guard.widened and not guard.forced:
+                guard.widened = False
+                remember_envelope(loaded.spec, guard.runtime, guard.envelope.to_dict())
+            return outputs
+        agreement, n = verdict
+        if guard.forced:
+            raise ConversionDisagrees(loaded.spec.name, loaded.spec.path, self.worker,
+                                      guard.runtime, agreement.why, n)
+        return self._fall_back(loaded, rows, f"gave {agreement.why} from TensorFlow on {n} "
+                                             "of the rows it ran")
+
+    def _conversion_failed(self, loaded: LoadedModel, rows: np.ndarray, error: Exception):
+        """A conversion raised on ``rows``: TensorFlow runs them instead. If TensorFlow
+        fails too, its error is the one raised (it names the op and the value, where
+        LiteRT says "Node number 3 (GATHER) failed"); if it does not, the model falls back
+        to it (``auto``), or the conversion's error stands (a forced runtime)."""
+        guard = loaded.guard
+        guard.open_reference()(rows)   # raises TensorFlow's own error, if it has one
+        if guard.forced:
+            raise error
+        return self._fall_back(loaded, rows, f"failed on rows TensorFlow runs "
+                                             f"({describe_exception(error)[:160]})")
+
+    def _fall_back(self, loaded: LoadedModel, rows: np.ndarray, what: str) -> list:
+        """TensorFlow runs ``loaded`` from now on, on this worker and (remembered) every
+        later load of its file on this machine; ``rows`` are computed by it; the user
+        hears why with the chunk's result."""
+        guard, spec = loaded.guard, loaded.spec
+        note = f"tensorflow: fell back from {guard.runtime}, which {what}; remembered"
+        conversion = loaded.call
+        loaded.predictor, loaded.call = guard.open_reference(), guard.reference_call
+        loaded.weight_bytes = guard.reference_bytes or loaded.weight_bytes
+        loaded.guard = None
+        remember_fallback(spec, loaded.predictor.batch_size, note)
+        discard(conversion)   # its files: the record no longer names them
+        with self._lock:
+            info = self._state(spec.name)
+            info.runtime, info.runtime_note = "tensorflow", note
+            info.weight_bytes = loaded.weight_bytes
+        loaded.notes.append(
+            f"model {spec.name!r}: its {guard.runtime} conversion {what} (rows of yours "
+            f"unlike those it was checked on) on worker {self.worker!r}; those rows were "
+            "computed in TensorFlow, which runs this model from now on (remembered for this "
+            "file on this machine)")
+        logger.warning("worker %s: %s", self.worker, loaded.notes[-1])
+        return loaded.predictor(rows)
 
     # -- unloading -----------------------------------------------------------------------
     def unload(self, names: list[str] | None = None) -> UnloadResult:
@@ -335,14 +415,15 @@ class ModelCache:
             return state
 
     def resident(self) -> dict[str, str]:
-        """The models resident now (least recently used first), with their fingerprints.
+        """The models resident now (least recently used first), with what their bytes are
+        (:attr:`~nbtool.wire.ModelSpec.identity`).
 
         Example:
             >>> ModelCache(2**30, "cpu:0", "cpu0").resident()
             {}
         """
         with self._lock:
-            return {name: m.spec.fingerprint for name, m in self._models.items()}
+            return {name: m.spec.identity for name, m in self._models.items()}
 
     def status(self) -> WorkerStatus:
         """A snapshot for the client: models and their states, memory, budget.

@@ -38,6 +38,7 @@ class Opened:
     takes (preprocess included); ``note``: why this runtime, and how it was prepared;
     ``predictor``: one already warmed up at the batch the choice timed, if any;
     ``batch``: the batch ``auto`` found fastest here (None: the user's, or the default).
+    ``envelope``: for a conversion, the range of rows its agreement check saw.
     """
 
     call: Any
@@ -51,6 +52,9 @@ class Opened:
     own_shape: tuple = ()
     own_dtype: str = "float32"
     batch: int | None = None
+    #: For a conversion: what its agreement check saw (rows unlike it are checked
+    #: against TensorFlow as they run, :mod:`~nbtool.worker.guard`).
+    envelope: Any = None
 
 
 def open_tensorflow(spec: ModelSpec, note: str | None = None) -> Opened:
@@ -143,7 +147,13 @@ def reference_outputs(reference, row_shape: tuple, dtype,
     try:
         return rows, what, reference(rows)
     except Exception:
-        if sample is None:
+        if sample is None and np.dtype(dtype).kind not in "biu":
             raise
     rows = probe_rows(row_shape, dtype, len(rows))
-    return rows, f"{len(rows)} random rows", reference(rows)
+    if np.dtype(dtype).kind not in "biu":
+        return rows, f"{len(rows)} random rows", reference(rows)
+    try:
+        return rows, f"{len(rows)} random rows", reference(rows)
+    except Exception:   # ids out of a small vocabulary (an Embedding of fewer than 100)
+        rows = rows % 2
+        return rows, f"{len(rows)} random rows of 0s and 1s", reference(rows)

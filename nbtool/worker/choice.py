@@ -29,6 +29,7 @@ from ..wire import ModelSpec
 from .agreement import candidate_batches, compare, time_alternating, timing_batch
 from .candidates import (CONVERTERS, Opened, artifact_files, discard, open_tensorflow,
                          reference_outputs)
+from .guard import Envelope
 from .litert import LiteRTModel, open_tflite
 from .predictors import DEFAULT_BATCH_SIZE, make_predictor
 from .records import (RuntimeRecord, files_sha256, machine_facts, runtime_versions,
@@ -73,6 +74,7 @@ def choose(spec: ModelSpec, batch: int | None, sample, again: str | None = None)
         ('openvino', 32, 'openvino: 2.1x TensorFlow (litert 1.6x), at batch 32, max abs diff 3e-06 on 64 of your rows; chosen at first load, remembered')
     """
     t0 = time.perf_counter()
+    user_batch = batch
     tf_model = open_tensorflow(spec)
     start = batch or DEFAULT_BATCH_SIZE
     reference = make_predictor(spec, tf_model.call, start, tf_model.row_shape, tf_model.dtype)
@@ -122,6 +124,9 @@ def choose(spec: ModelSpec, batch: int | None, sample, again: str | None = None)
         threads=os.environ.get("NBTOOL_TF_THREADS", ""),
         own_shape=list(tf_model.own_shape), own_dtype=tf_model.own_dtype,
         n_outputs=len(reference.output_specs), weight_bytes=tf_model.weight_bytes)
+    record.user_batch = user_batch
+    envelope = Envelope.of(rows) if best != "tensorflow" else None
+    record.envelope = envelope.to_dict() if envelope is not None else None
     record.sha256 = files_sha256(record.artifact) if record.artifact else None
     prepared["total"] = round(time.perf_counter() - t0, 3)   # timing included
     record.summary = choice_summary(record)
@@ -143,7 +148,7 @@ def choose(spec: ModelSpec, batch: int | None, sample, again: str | None = None)
         tail = f"chosen again ({again}), remembered" if remembered else tail
     return Opened(artifact, tf_model.row_shape, tf_model.dtype, record.n_outputs,
                   tf_model.weight_bytes, best, f"{record.summary}; {tail}", predictor,
-                  tf_model.own_shape, tf_model.own_dtype, batch)
+                  tf_model.own_shape, tf_model.own_dtype, batch, envelope)
 
 
 def fastest_batch(spec: ModelSpec, tf_model: Opened, agreeing: dict, seconds: dict,

@@ -23,6 +23,7 @@ from ..wire import ModelSpec
 from .agreement import check_agreement
 from .candidates import CONVERTERS, LABELS, Opened, discard, open_tensorflow, reference_outputs
 from .choice import choose, fixed_tensorflow_note
+from .guard import Envelope
 from .litert import open_tflite
 from .openvino import read_ir
 from .predictors import input_signature, make_predictor
@@ -60,6 +61,11 @@ def open_for_runtime(spec: ModelSpec, batch: int | None,
         return open_tensorflow(spec, fixed)
     with choice_lock(spec):   # a second worker waits here, then reads the first's record
         record, why = read_record(spec)
+        if record is not None and record.user_batch and batch is None:
+            # Only the user's batch was timed then (the same bytes registered again,
+            # with batch_size= then and without it now): the batch is chosen now.
+            record, why = None, f"chosen at batch_size={record.user_batch}, which this " \
+                "registration does not set"
         if record is not None:
             return open_remembered(spec, record)
         return choose(spec, batch, user_rows(sample), why)
@@ -125,7 +131,8 @@ def open_remembered(spec: ModelSpec, record: RuntimeRecord) -> Opened:
     row_shape, dtype = input_signature(spec, own_shape, record.own_dtype)
     return Opened(artifact, tuple(row_shape), dtype, record.n_outputs,
                   record.weight_bytes or spec.size_bytes, record.runtime, note,
-                  own_shape=own_shape, own_dtype=record.own_dtype, batch=batch)
+                  own_shape=own_shape, own_dtype=record.own_dtype, batch=batch,
+                  envelope=Envelope.from_dict(record.envelope))
 
 
 def open_forced(spec: ModelSpec, sample: np.ndarray | None) -> Opened:
@@ -163,4 +170,5 @@ def open_forced(spec: ModelSpec, sample: np.ndarray | None) -> Opened:
     if checks:   # forced by the user: runs, but says what it loses
         note += f"; its in-graph checks ({', '.join(checks)}) do not run there"
     return Opened(artifact, row_shape, dtype, tf_model.n_outputs, tf_model.weight_bytes,
-                  runtime, note, own_shape=tf_model.own_shape, own_dtype=tf_model.own_dtype)
+                  runtime, note, own_shape=tf_model.own_shape, own_dtype=tf_model.own_dtype,
+                  envelope=Envelope.of(rows))

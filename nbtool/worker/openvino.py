@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..wire import ModelSpec
 from .fixed_batch import FixedBatchPredictor, eager_preprocess, as_float32
-from .runtime import cache_root
+from .runtime import artifact_key, cache_root
 
 
 @dataclasses.dataclass
@@ -81,19 +80,17 @@ def openvino():
 
 
 def ir_dir(spec: ModelSpec) -> str:
-    """Where ``spec``'s IR is cached on this machine: one folder per model file (its path
-    and fingerprint) and OpenVINO version, so a re-saved file or an upgrade converts again.
-
-    The path's hash is in the name because two files may share a size and mtime.
+    """Where ``spec``'s IR is cached on this machine: one folder per model's bytes
+    (:func:`~nbtool.worker.runtime.artifact_key`) and OpenVINO version, so a re-saved file
+    or an upgrade converts again.
 
     Example:
         >>> spec = ModelSpec("cnn", "/m/cnn.keras", "keras", 10, "10-1")
         >>> ir_dir(spec).split(os.sep)[-2:][0], ir_dir(spec).endswith("-10-1-" + openvino_version())
         ('openvino', True)
     """
-    where = hashlib.sha1(spec.path.encode()).hexdigest()[:12]
     return os.path.join(cache_root(), "openvino",
-                        f"{where}-{spec.fingerprint}-{openvino_version()}")
+                        f"{artifact_key(spec)}-{openvino_version()}")
 
 
 def open_openvino(spec: ModelSpec, model, row_shape: tuple, dtype) -> OpenVINOModel:

@@ -1,7 +1,7 @@
 """The remembered runtime choice: one small JSON record per model file on this machine,
 so a later load skips the choice (and, for a converted model, TensorFlow itself).
 
-A record (``<machine cache>/runtimes/<path hash>-<fingerprint>.json``) says which runtime
+A record (``<machine cache>/runtimes/<digest of the file's bytes>.json``) says which runtime
 ``runtime="auto"`` chose for the file, on which CPU (model string, cores), with which
 runtime versions, at which batch and threads, what the candidates measured (diffs,
 seconds) and the sha256 of the chosen artifact. It is used only while the CPU, the
@@ -14,7 +14,7 @@ every load a first load. Two workers that load the model at once take turns
 
 Example:
     >>> r = RuntimeRecord("openvino", batch=64, machine=machine_facts(),
-    ...                   versions=runtime_versions())
+    ...                   versions=runtime_versions(), envelope=Envelope.of([[1.0, 2.0]]).to_dict())
     >>> mismatch(r, machine_facts(), runtime_versions()) is None
     True
     >>> mismatch(r, {**machine_facts(), "cores": 1024}, runtime_versions()).split(" (")[0]
@@ -32,7 +32,8 @@ import os
 import platform
 
 from ..wire import ModelSpec
-from .runtime import cache_root
+from .guard import Envelope
+from .runtime import artifact_key, cache_root
 from .to_litert import package_version
 
 #: The packages whose versions a choice depends on (a newer one may convert or run
@@ -71,6 +72,11 @@ class RuntimeRecord:
     weight_bytes: int | None = None
     summary: str = ""                    # the note of the load that chose
     batch_seconds: dict = dataclasses.field(default_factory=dict)   # "runtime@batch": s
+    #: What the agreement check saw (:class:`~nbtool.worker.guard.Envelope`, as a dict):
+    #: rows unlike it are checked against TensorFlow as they run.
+    envelope: dict | None = None
+    #: The batch the user set when it was chosen (only that batch was timed), else None.
+    user_batch: int | None = None
 
 
 def cpu_model() -> str:
@@ -111,15 +117,15 @@ def runtime_versions() -> dict:
 
 
 def record_path(spec: ModelSpec) -> str:
-    """Where the record of ``spec``'s file is kept: its path's hash and fingerprint.
+    """Where the record of ``spec``'s file is kept: named by its bytes
+    (:func:`~nbtool.worker.runtime.artifact_key`), never by path and times alone.
 
     Example:
         >>> spec = ModelSpec("cnn", "/m/cnn.keras", "keras", 10, "10-1")
         >>> os.path.basename(record_path(spec)).endswith("-10-1.json")
         True
     """
-    where = hashlib.sha1(spec.path.encode()).hexdigest()[:12]
-    return os.path.join(cache_root(), "runtimes", f"{where}-{spec.fingerprint}.json")
+    return os.path.join(cache_root(), "runtimes", f"{artifact_key(spec)}.json")
 
 
 def files_sha256(paths) -> str | None:
@@ -155,6 +161,8 @@ def mismatch(record: RuntimeRecord, machine: dict, versions: dict) -> str | None
         return f"chosen on another machine ({record.machine})"
     if record.versions != versions:
         return f"chosen with other versions ({record.versions})"
+    if record.runtime != "tensorflow" and Envelope.from_dict(record.envelope) is None:
+        return "chosen by an older nbtool, which kept no range of the rows it checked"
     return None
 
 
@@ -198,6 +206,33 @@ def write_record(spec: ModelSpec, record: RuntimeRecord) -> bool:
         return True
     except OSError:
         return False
+
+
+def remember_envelope(spec: ModelSpec, runtime: str, envelope: dict) -> None:
+    """Keep the range of rows a conversion has now been checked on (it grew as unlike
+    rows agreed with TensorFlow), so a later load does not check them again. Only while
+    the record still names ``runtime``; a lost race with another worker costs a re-check.
+
+    Example:
+        >>> remember_envelope(spec, "openvino", guard.envelope.to_dict())   # doctest: +SKIP
+    """
+    record, _ = read_record(spec)
+    if record is not None and record.runtime == runtime:
+        write_record(spec, dataclasses.replace(record, envelope=envelope))
+
+
+def remember_fallback(spec: ModelSpec, batch: int, note: str) -> bool:
+    """Remember TensorFlow for ``spec``'s file: its conversion disagreed with TensorFlow
+    on the user's rows while running (:mod:`~nbtool.worker.guard`), so no later load, in
+    any process of this machine, may use it. ``note`` says why.
+
+    Example:
+        >>> remember_fallback(spec, 64, "tensorflow: fell back from openvino ...")   # doctest: +SKIP
+        True
+    """
+    with choice_lock(spec):
+        return write_record(spec, RuntimeRecord("tensorflow", batch, machine_facts(),
+                                                runtime_versions(), summary=note))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import re
 import sys
@@ -211,6 +212,24 @@ def cache_root() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbtool")
 
 
+def artifact_key(spec) -> str:
+    """How what this machine remembers for a model's bytes (its runtime choice, its
+    conversions) is named in the cache: the bytes' digest, so a copy of the file shares
+    it and other bytes under the same path, size and times never do; for a spec made by
+    hand without one, the path's hash and the fingerprint.
+
+    Example:
+        >>> from nbtool.wire import ModelSpec
+        >>> artifact_key(ModelSpec("m", "/m.keras", "keras", 1, "1-1", content="ab" * 32))
+        'abababababababababababababababab'
+        >>> artifact_key(ModelSpec("m", "/m.keras", "keras", 1, "1-1")).endswith("-1-1")
+        True
+    """
+    if spec.content:
+        return spec.content[:32]
+    return f"{hashlib.sha1(spec.path.encode()).hexdigest()[:12]}-{spec.fingerprint}"
+
+
 def worker_name() -> str:
     """This worker's nbtool name (``cpu0``, ``gpu1``...); ``pid<n>`` outside a Dask worker.
 
@@ -262,10 +281,14 @@ def describe_exception(e: BaseException) -> str:
     Example:
         >>> describe_exception(RuntimeError("Graph execution error:\\n  File x\\nOOM here"))
         'RuntimeError: OOM here'
+        >>> describe_exception(RuntimeError("gather index out of boundsNode number 3 (GATHER) failed"))
+        'RuntimeError: gather index out of bounds. Node number 3 (GATHER) failed'
     """
     text = getattr(e, "message", None) or str(e)
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     text = re.sub(r"\s*\[\[.*?\]\]|\s*\[Op:[^\]]*\]", "", text, flags=re.S)
+    # LiteRT glues its op's message to the node's ("...out of boundsNode number 3").
+    text = re.sub(r"(?<=[a-z])(?=Node number \d+ )", ". ", text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].startswith("Graph execution error"):
         lines = lines[-1:]   # the op's own message comes last, after the Python stack

@@ -69,8 +69,9 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
         if store is not None:   # written here, on the worker; only a receipt goes back
             store.write(spec.name, chunk, outputs)
             outputs = None
+        notes, loaded.notes = tuple(loaded.notes), []
         return ChunkOutput(outputs, seconds, load_seconds, worker,
-                           loaded.predictor.batch_size, rows=n_rows)
+                           loaded.predictor.batch_size, rows=n_rows, notes=notes)
     except (ChunkError, ChunkCancelled):   # a cancelled chunk is no failure: nothing to log
         raise
     except Exception as e:

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import io
 import os
@@ -26,7 +25,7 @@ import warnings
 from ..quiet import expects_gpu, native_logs_filtered
 from ..wire import ModelSpec
 from .litert import LiteRTModel, open_tflite
-from .runtime import cache_root, tensorflow
+from .runtime import artifact_key, cache_root, tensorflow
 
 
 def package_version(name: str) -> str | None:
@@ -44,7 +43,7 @@ def package_version(name: str) -> str | None:
 
 def litert_path(spec: ModelSpec) -> str:
     """Where ``spec``'s float32 LiteRT conversion is cached on this machine: one folder per
-    model file (its path's hash and fingerprint) and converter/runtime versions, so a
+    model's bytes (:func:`~nbtool.worker.runtime.artifact_key`) and converter/runtime versions, so a
     re-saved file or an upgrade converts again.
 
     Example:
@@ -52,9 +51,8 @@ def litert_path(spec: ModelSpec) -> str:
         >>> "-10-1-tf" in litert_path(spec)
         True
     """
-    where = hashlib.sha1(spec.path.encode()).hexdigest()[:12]
     versions = f"tf{package_version('tensorflow')}-litert{package_version('ai-edge-litert')}"
-    return os.path.join(cache_root(), "litert", f"{where}-{spec.fingerprint}-{versions}",
+    return os.path.join(cache_root(), "litert", f"{artifact_key(spec)}-{versions}",
                         "model.tflite")
 
 
