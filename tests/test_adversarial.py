@@ -8,6 +8,9 @@ nothing computed is lost and nothing is left behind.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 
@@ -193,6 +196,34 @@ def test_start_refuses_what_would_expose_the_cluster_or_silently_mean_the_defaul
     assert current_engine() is before   # nothing started, nothing replaced
 
 
+@pytest.mark.slow
+def test_dashboard_address_none_serves_no_dashboard_and_nothing_beyond_loopback(
+        keep_default_engine):
+    """As the docstring says: off. Dask's scheduler serves HTTP whatever ``dashboard``
+    says, on port 8787 of every interface when given no address: it stays on loopback,
+    without the dashboard's pages (before: a dashboard on 8787, and "Port 8787 in use")."""
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    import nbtool
+
+    eng = nbtool.start(dashboard_address=None, n_workers=1, gpus="none")
+    try:
+        assert eng.dashboard_link is None and repr(eng).endswith("no dashboard>")
+        port = eng.cluster.scheduler.services["dashboard"].port
+        assert port != 8787
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10)
+        assert missing.value.code == 404
+        listening = [c.laddr for c in psutil.Process().net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+    finally:
+        eng.close()
+
+
 
 # == runs and result stores ====================================================================
 def test_two_runs_on_one_store_one_is_refused_and_each_reads_only_its_own_rows(
@@ -310,3 +341,131 @@ def test_the_magics_refuse_a_namespace_breaking_out_a_zero_chunk_and_a_stray_quo
     assert ip.run_cell("print('still fine')").success
     res = ip.run_cell_magic("infer", f"{name} --chunk-size 7", "x8")
     assert res.chunk_size == 7 and np.abs(res[name] - reference["mlp"]).max() <= 1e-5
+
+
+# == issue 24: never silently wrong, again ======================================================
+def _twin_h5(keras, path, seed):
+    """An .h5 MLP whose file has the same size as every other seed's (same names, same
+    layout, other weights): what a re-saved retrained model looks like on disk."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((8,), name="x"),
+                              keras.layers.Dense(16, activation="relu", name="d1"),
+                              keras.layers.Dense(3, activation="softmax", name="d2")],
+                             name="twin")
+    model.save(path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["softplus", "layernorm"])
+def test_auto_runtime_is_right_on_rows_unlike_the_first_64(engine, keras, tmp_path, unique,
+                                                          kind):
+    """Rows after the 64th scaled by 200 (softplus overflows in float32 conversions) or
+    offset to 3e3 (LayerNormalization loses digits): whatever runtime auto chose, every
+    row equals Keras, with no error (a fallback to TensorFlow says so in a warning)."""
+    L = keras.layers
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 8)).astype("float32")
+    if kind == "softplus":
+        model = keras.Sequential([keras.Input((8,)), L.Dense(16, activation="softplus"),
+                                  L.Dense(4)])
+        x[64:] *= 200
+    else:
+        model = keras.Sequential([keras.Input((8,)), L.LayerNormalization(), L.Dense(4)])
+        x[64:] = 3e3 + x[64:] * 0.01
+    model.save(tmp_path / f"{kind}.keras")
+    name = f"{unique}_{kind}"
+    engine.register(name, tmp_path / f"{kind}.keras")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = engine.predict(name, x)
+    assert res.errors == []
+    got, want = res[name], model.predict(x, verbose=0)
+    assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-4
+    notes = [str(w.message) for w in said if "fell back" in str(w.message)
+             or "computed in TensorFlow" in str(w.message)]
+    runtimes = {engine.status()[w].models[name].runtime for w in res.timings[name]["workers"]}
+    if notes:   # a conversion ran and was caught: it says which, and TensorFlow runs it now
+        assert runtimes == {"tensorflow"} and f"model {name!r}: its " in notes[0]
+
+
+def test_a_model_file_overwritten_with_the_same_size_and_mtime_is_noticed(
+        engine, keras, tmp_path, unique):
+    """``cp -p`` of another model of the same architecture over a registered file (same
+    size, modification time set back): a warm engine and the output cache serve the new
+    weights, not the old ones."""
+    import shutil
+    import time as _time
+
+    path, other = tmp_path / "m.h5", tmp_path / "other.h5"
+    old, new = _twin_h5(keras, path, 1), _twin_h5(keras, other, 2)
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype("float32")
+    name = f"{unique}_twin"
+    engine.register(name, path)
+    first = engine.predict(name, x, cache=True)[name]
+    assert np.abs(first - old.predict(x, verbose=0)).max() <= 1e-4
+    st = path.stat()
+    _time.sleep(0.05)
+    shutil.copy2(other, path)                            # cp -p: bytes and times
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.warns(UserWarning, match=rf"model '{name}' .*changed since it was registered"):
+        again = engine.predict(name, x, cache=True)
+    assert again.timings[name]["cached_chunks"] == 0
+    assert np.abs(again[name] - new.predict(x, verbose=0)).max() <= 1e-4
+    os.chmod(path, 0o640)                                # the same bytes: the same model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)      # not "changed since registered"
+        third = engine.predict(name, x, cache=True)
+    assert third.timings[name]["cached_chunks"] == again.timings[name]["chunks"]
+    assert np.abs(third[name] - again[name]).max() == 0
+
+
+def test_one_multi_output_model_with_the_default_combine_is_no_failure(engine, model_dir,
+                                                                        reference, unique):
+    name = f"{unique}_multi"
+    engine.register(name, model_dir / "multi.keras")
+    res = engine.predict(name, reference["x8"])            # combine="mean", the default
+    assert res.ok and res.errors == [] and res.raise_for_errors() is res
+    assert [a.shape[1] for a in res[name]] == [2, 4]
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(res[name], reference["multi"]))
+
+
+def test_a_table_with_pandas_missing_values_gets_a_fix_that_works(engine, model_dir,
+                                                                   reference, unique):
+    import pandas as pd
+
+    name = f"{unique}_mlp"
+    engine.register(name, model_dir / "mlp.keras")
+    frame = pd.DataFrame(reference["x8"][:6], columns=list("abcdefgh")).astype("Float32")
+    frame.iloc[2, 3] = pd.NA
+    with pytest.raises(NbtoolError, match=r"<NA>.*Fix: .*x\.to_numpy\(dtype='float32', "
+                                          r"na_value=np\.nan\)") as e:
+        engine.predict(name, frame)
+    fixed = frame.to_numpy(dtype="float32", na_value=np.nan)    # the fix, as written
+    res = engine.predict(name, fixed)
+    assert np.isnan(res[name][2]).all() and "np.asarray(x, dtype='float32')" not in str(e.value)
+    keep = [0, 1, 3, 4, 5]
+    assert np.abs(res[name][keep] - reference["mlp"][keep]).max() <= 1e-5
+
+
+def test_an_embedding_index_out_of_range_is_tensorflows_clear_error(engine, keras, tmp_path,
+                                                                   unique):
+    """Whatever runtime runs it: TensorFlow's message (the value and the range), never
+    LiteRT's "out of boundsNode number 3" nor a number made from a row it cannot read."""
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.save(tmp_path / "emb.keras")
+    good = np.random.default_rng(1).integers(0, 10, size=(80, 3)).astype("int32")
+    for runtime in ("auto", "litert"):
+        name = f"{unique}_emb_{runtime}"
+        engine.register(name, tmp_path / "emb.keras", runtime=runtime)
+        ok = engine.predict(name, good)
+        assert ok.ok and np.abs(ok[name] - model.predict(good, verbose=0)).max() <= 1e-5
+        bad = good.copy()
+        bad[70, 2] = 30
+        res = engine.predict(name, bad)
+        assert not res.ok and len(res.errors) == 1
+        msg = str(res.errors[0])
+        assert "boundsNode" not in msg
+        assert "30 is not in [0, 10)" in msg or "out of bounds. Node" in msg, msg

@@ -105,6 +105,7 @@ def test_files_the_cache_did_not_write_are_neither_counted_nor_deleted(cache_dir
     cache folder are not entries: cache_info() does not count them, clear_cache() leaves
     them (before: both were counted, and the .npz deleted)."""
     cache = OutputCache()
+    assert cache.usable()                                       # makes the 0700 folder
     cache.put("e" * 40, [np.zeros(10, "float32")])
     foreign = {name: cache_dir / name for name in ("mine.npz", "notes.txt", "F" * 40 + ".npz")}
     for path in foreign.values():

@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import queue
+import re
 import shutil
 import signal
 import stat
@@ -34,7 +35,7 @@ import pytest
 
 import nbtool
 from nbtool.errors import ModelNotFound, PredictionFailed
-from nbtool.engine_files import group_processes, kill_group
+from nbtool.engine_files import EngineFileDamaged, group_processes, kill_group
 from nbtool.persistent import EngineNotRunning
 from test_cluster import nobody_can_run_python, run_attacker
 
@@ -104,8 +105,8 @@ class Runtime:
         for path in self.folder.glob("*.json"):
             if not path.name.endswith(".ended.json") and not path.name.startswith("."):
                 try:
-                    self.engine_pids.add(json.loads(path.read_text())["pid"])
-                except (OSError, ValueError, KeyError):
+                    self.engine_pids.add(int(json.loads(path.read_text())["pid"]))
+                except (OSError, ValueError, KeyError, TypeError):   # a damaged file
                     pass
         self.engine_pids |= set(servers_in(self.folder))   # its file deleted, or none yet
         for pid in self.engine_pids:
@@ -636,3 +637,47 @@ def test_bad_settings_are_refused_before_anything_starts(runtime):
     with pytest.raises(ValueError, match=r"name=.*Fix: "):
         nbtool.attach("../escape")
     assert list(runtime.folder.glob("*.json")) == [] and not list(runtime.folder.glob("*.log"))
+
+
+def test_a_damaged_engine_file_is_said_never_hangs_and_force_ends_the_engine(runtime,
+                                                                             monkeypatch):
+    """Garbage, a list, or a pid that is no number written in place of the engine file
+    while the engine runs (and a file made 0644): attach, start and running() say what is
+    wrong and which process runs it, in seconds (before: "no engine file", a 180 s hang,
+    raw AttributeError/TypeError, an empty table); shutdown(force=True) ends it, workers
+    and all (before: "not running", and the engine ran on until its idle timeout).
+    NBTOOL_IDLE_TIMEOUT in the README's own words works (it broke every start)."""
+    monkeypatch.setenv("NBTOOL_IDLE_TIMEOUT", "30min")
+    eng = nbtool.start(persist=True, name="hurt", **SMALL)
+    rec = runtime.record("hurt")
+    pid, path = rec["pid"], runtime.folder / "hurt.json"
+    assert rec["idle_timeout"] == 1800.0
+    eng.close()
+    os.chmod(path, 0o644)
+    (row,) = [r for r in nbtool.running() if r["name"] == "hurt"]
+    assert row["address"].startswith("unreachable: not used: ") and "mode 644" in row["address"]
+    os.chmod(path, 0o600)
+    for content, what in (("{garbage", "not JSON"), ("[]", "it holds a list, not an object"),
+                          (json.dumps({**rec, "pid": "abc"}),
+                           "field 'pid' is 'abc' (a str), not an int")):
+        path.write_text(content)          # in place: its inode and mode stay
+        says = (rf"engine 'hurt': its engine file .*hurt\.json is damaged "
+                rf"\({re.escape(what)}.*\), so nbtool cannot reach the engine; its process "
+                rf"{pid} still runs\. Fix: "
+                r"nbtool\.shutdown\('hurt', force=True\)")
+        with pytest.raises(EngineFileDamaged, match=says):
+            nbtool.attach("hurt")
+        started = time.monotonic()
+        with pytest.raises(EngineFileDamaged, match=says):
+            nbtool.start(persist=True, name="hurt", **SMALL)
+        assert time.monotonic() - started < 10
+        (row,) = [r for r in nbtool.running() if r["name"] == "hurt"]
+        assert "is damaged" in row["address"]
+        assert group_processes(pid)       # all the while, it ran
+    note = nbtool.shutdown("hurt", force=True)
+    assert f"force=True: its engine file was damaged; killed pid {pid}" in note
+    wait_until(lambda: not group_processes(pid), 20)
+    assert not path.exists() and "killed pid" in runtime.note("hurt")
+    eng = nbtool.start(persist=True, name="hurt", **SMALL)   # and a new one starts
+    assert eng.cluster.record.pid != pid
+    nbtool.shutdown("hurt")

@@ -20,9 +20,8 @@ def test_a_preset_runs_in_the_graph_and_matches_numpy_preprocessing(engine, mode
     expected = engine.predict(plain, pixels.astype("float32") / 127.5 - 1)[plain]
     res = engine.predict(pre, pixels, chunk_size=16)          # uint8 travels, 1/4 the bytes
     assert np.abs(res[pre] - expected).max() <= 1e-5
-    home = engine.placement[pre][0]   # its main worker: where its first run went
-    info = engine.status()[home].models[pre]
-    assert info.input_dtype == "uint8"
+    for worker in res.timings[pre]["workers"]:   # wherever its chunks ran
+        assert engine.status()[worker].models[pre].input_dtype == "uint8"
 
 
 def test_a_resizing_preset_takes_any_image_size(engine, model_dir, unique):
