@@ -4,8 +4,8 @@ Each (model, chunk) output is one ``.npz`` file under ``<nbtool cache>/outputs/`
 machine's cache folder: ``NBTOOL_CACHE_DIR``, else ``~/.cache/nbtool``), named by a key
 made of:
 
-- the model: its file's path and fingerprint (size and modification time: a re-saved file
-  is a new model), format, precision, preprocessing (the function's pickled bytes and
+- the model: the sha256 of its file's bytes (a re-saved file is a new model, even under
+  the same size and modification time; a copy elsewhere is the same one), format, precision, preprocessing (the function's pickled bytes and
   code), the runtime as registered (``"auto"`` may choose runtimes whose outputs differ by
   up to 1e-4: the key is the registered choice, so a rerun returns what the first run's
   choice computed), its input shape and dtype, and the Keras backend of its workers;

@@ -381,7 +381,9 @@ def test_auto_runtime_is_right_on_rows_unlike_the_first_64(engine, keras, tmp_pa
         res = engine.predict(name, x)
     assert res.errors == []
     got, want = res[name], model.predict(x, verbose=0)
-    assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-4
+    # Outputs reach the hundreds: float32 rounding alone (Keras' own batches against the
+    # worker's) differs by ~1e-6 of them, so relative as well as absolute.
+    assert np.isfinite(got).all() and np.allclose(got, want, rtol=1e-5, atol=1e-4)
     notes = [str(w.message) for w in said if "fell back" in str(w.message)
              or "computed in TensorFlow" in str(w.message)]
     runtimes = {engine.status()[w].models[name].runtime for w in res.timings[name]["workers"]}

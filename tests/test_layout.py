@@ -12,8 +12,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nbtool"
 TESTS = Path(__file__).resolve().parent
-#: A module longer than this holds more than one idea (the issue's "about 400").
-MAX_LINES = 400
+#: A module longer than this holds more than one idea. Issue 25 withdrew the 400-line cap
+#: (it split modules by line count, not by idea) for one idea per module and a soft limit
+#: of about 600 lines.
+MAX_LINES = 600
 #: Imported by both sides: they import nothing above them.
 SHARED = {"nbtool.wire", "nbtool.errors", "nbtool.quiet"}
 #: The face: what the user touches. It reaches workers and the cluster only via the engine.
@@ -63,7 +65,7 @@ def graph() -> dict[str, set[str]]:
             for name, path in known.items()}
 
 
-def test_no_module_is_longer_than_about_400_lines():
+def test_no_module_is_longer_than_about_600_lines():
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by concern (lines): {long}"

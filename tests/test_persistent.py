@@ -379,6 +379,38 @@ def test_a_model_file_changed_while_detached_is_read_again(on_shared, model_dir,
         eng.close()
 
 
+def test_a_model_overwritten_with_the_same_size_and_mtime_while_detached_is_noticed(
+        on_shared, keras, tmp_path):
+    """6b. ``cp -p`` of a same-architecture model over a registered file while no kernel
+    was attached (size and modification time as before): attach reads it again."""
+    def twin(path, seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((8,), name="x"),
+                                  keras.layers.Dense(16, activation="relu", name="d1"),
+                                  keras.layers.Dense(3, activation="softmax", name="d2")],
+                                 name="twin")
+        model.save(path)
+        return model
+    path, other = tmp_path / "twin.h5", tmp_path / "other.h5"
+    old, new = twin(path, 1), twin(other, 2)
+    x = np.random.default_rng(2).normal(size=(30, 8)).astype("float32")
+    with attached("shared") as eng:
+        eng.register("twin", path)
+        assert np.abs(eng.predict("twin", x)["twin"] - old.predict(x, verbose=0)).max() <= 1e-5
+    st = path.stat()
+    time.sleep(0.05)
+    shutil.copy2(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.warns(UserWarning, match=r"model 'twin' .*changed since it was registered"):
+        eng = nbtool.attach("shared")
+    try:
+        out = eng.predict("twin", x)["twin"]
+        assert np.abs(out - new.predict(x, verbose=0)).max() <= 1e-5
+    finally:
+        eng.close()
+
+
 def test_a_model_registered_as_an_object_outlives_the_kernel_that_saved_it(runtime, keras,
                                                                            model_dir,
                                                                            reference):

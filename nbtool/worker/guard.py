@@ -15,8 +15,11 @@ are returned:
   paid for once, not every chunk.
 - **A non-finite output from a finite row** is compared the same way (TensorFlow may give
   inf too; then they agree).
-- **Spot checks**: once TensorFlow is open for a model, :data:`SPOT_ROWS` random rows of
-  every piece are compared too.
+- **Spot checks**: whenever TensorFlow is opened for such rows, :data:`SPOT_ROWS` random
+  ordinary rows of the same piece are compared too. TensorFlow's copy is let go after the
+  comparison (it would hold a second copy of the weights against the budget); the rows it
+  was opened for are in the envelope from then on, and the envelope is remembered with the
+  machine's choice, so a drift costs one comparison per machine, not one per chunk.
 
 If they disagree (:func:`~nbtool.worker.agreement.compare`: max abs diff over
 :data:`~nbtool.worker.agreement.TOLERANCE`, or another top-1), an ``auto`` model falls back
@@ -48,8 +51,8 @@ logger = logging.getLogger("nbtool.worker")
 #: so about +-4.8 is allowed), narrow enough that the rows that broke conversions (values
 #: scaled by 200, offset to 3e3) are far outside.
 MARGIN = 0.5
-#: Random rows of each piece compared against TensorFlow once it is open for the model.
-SPOT_ROWS = 2
+#: Ordinary rows of a piece compared as well whenever TensorFlow is opened for it.
+SPOT_ROWS = 4
 
 
 def _views(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -230,8 +233,8 @@ def compare_checked(want: list[np.ndarray], got: list[np.ndarray]) -> Agreement:
 @dataclasses.dataclass
 class Guard:
     """The guard of one converted model resident in one worker: its envelope, and
-    TensorFlow's predictor for it, opened at the first row that needs comparing (and then
-    kept while the model is resident, charged to the budget).
+    TensorFlow's predictor for it, opened when rows need comparing (charged to the budget
+    meanwhile) and let go once they agreed.
 
     ``forced``: the user forced the runtime (a disagreement fails the chunk instead of
     falling back).
@@ -286,17 +289,30 @@ class Guard:
             >>> guard.check(x[:10], [model(x[:10])]) is None   # doctest: +SKIP
             True
         """
-        spot = SPOT_ROWS if self.reference is not None else 0
-        idx = suspect_rows(self.envelope, rows, outputs, spot, self.rng)
-        if not len(idx):
+        if not len(suspect_rows(self.envelope, rows, outputs, 0, self.rng)):
             return None
+        # TensorFlow is opened for these rows: a few ordinary ones are compared too.
+        idx = suspect_rows(self.envelope, rows, outputs, SPOT_ROWS, self.rng)
         picked = np.asarray(rows)[idx]
         want = self.open_reference()(picked)
         agreement = compare_checked(want, [np.asarray(o)[idx] for o in outputs])
         self.checked_rows += len(idx)
         if not agreement.agrees:
-            return agreement, len(idx)
+            return agreement, len(idx)   # TensorFlow's copy stays: it runs the model now
         before = self.envelope.to_dict()
         self.envelope.widen(picked)
         self.widened = self.widened or self.envelope.to_dict() != before
+        self.release_reference()
         return None
+
+    def release_reference(self) -> None:
+        """Let TensorFlow's copy go: the rows it was opened for are taken into the
+        envelope, so it is rarely needed again, and while it stayed it would hold a second
+        copy of the weights against the worker's budget.
+
+        Example:
+            >>> guard.release_reference(); guard.reference is None   # doctest: +SKIP
+            True
+        """
+        self.reference = self.reference_call = None
+        self.reference_bytes = 0
