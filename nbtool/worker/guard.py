@@ -9,9 +9,10 @@ thousands), so each piece of rows a converted model runs is looked at before its
 are returned:
 
 - **Unlike the checked rows**: a row with a value outside the range each input feature
-  took in the checked rows, or whose mean or spread (max - min) is outside what the
-  checked rows had (each range widened by :data:`MARGIN` of itself on both sides), is
-  computed by TensorFlow too and compared. Rows that agree widen the range, so a drift is
+  took in the checked rows (for an image or a sequence: outside the range of all their
+  values), or whose mean or spread (max - min) is outside what the checked rows had (each
+  range widened by :data:`MARGIN` of itself on both sides), is computed by TensorFlow too
+  and compared. Rows that agree widen the range, so a drift is
   paid for once, not every chunk.
 - **A non-finite output from a finite row** is compared the same way (TensorFlow may give
   inf too; then they agree).
@@ -56,31 +57,41 @@ SPOT_ROWS = 4
 
 
 def _views(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: each last-axis feature's min and max, (mean, spread), and whether every
-    value is finite.
+    """Per row: the box of its values (each feature's value for a row of features, the
+    row's min and max for an image or a sequence), its (mean, spread), and whether every
+    value is finite. Three passes over the rows at most (min, max, sum): this runs on
+    every piece a conversion computes, so it must cost little beside the model.
 
     Example:
         >>> lo, hi, stats, ok = _views(np.array([[1.0, 5.0], [np.nan, 0.0]]))
         >>> lo[0].tolist(), stats[0].tolist(), ok.tolist()
         ([1.0, 5.0], [3.0, 4.0], [True, False])
+        >>> lo, hi, _, _ = _views(np.zeros((2, 4, 4, 3), "uint8")); lo.shape
+        (2, 1)
     """
     n = len(rows)
-    last = rows.shape[-1] if rows.ndim >= 2 else 1
-    flat = rows.reshape(n, -1, last)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
-    row_min, row_max = lo.min(axis=1), hi.max(axis=1)
-    mean = flat.reshape(n, -1).mean(axis=1, dtype=np.float64)
-    stats = np.stack([mean, row_max.astype(np.float64) - row_min], axis=1)
-    ok = np.isfinite(stats).all(axis=1) & np.isfinite(row_min.astype(np.float64)) \
-        & np.isfinite(row_max.astype(np.float64))
-    return lo.astype(np.float64), hi.astype(np.float64), stats, ok
+    flat = rows.reshape(n, -1)
+    row_min, row_max = flat.min(axis=1), flat.max(axis=1)
+    # float32 rows sum in float32 (pairwise: exact enough for a range check, and fast);
+    # float16 in float64 (it would overflow); integers in numpy's default (int64).
+    acc = (np.float32 if flat.dtype == np.float32 else np.float64) \
+        if flat.dtype.kind == "f" else None
+    mean = flat.sum(axis=1, dtype=acc) / max(flat.shape[1], 1)
+    row_min, row_max = row_min.astype(np.float64), row_max.astype(np.float64)
+    stats = np.stack([np.asarray(mean, np.float64), row_max - row_min], axis=1)
+    ok = np.isfinite(row_min) & np.isfinite(row_max)   # a NaN or inf anywhere shows here
+    if rows.ndim == 2:   # a row of features (a table): each feature's own range
+        lo = hi = flat   # as they are: a float64 copy would cost more than the check
+    else:                # an image, a sequence: the row's range (per-position ranges would
+        lo, hi = row_min[:, None], row_max[:, None]   # cost passes over every pixel)
+    return lo, hi, stats, ok
 
 
 @dataclasses.dataclass
 class Envelope:
-    """What the agreement check saw: per last-axis input feature, the range of its values;
-    per row, the range of the rows' means and spreads. Rows outside it (with
-    :data:`MARGIN`) are unlike the checked rows.
+    """What the agreement check saw: the range of each input feature's values (of all
+    values, for images and sequences), and the range of the rows' means and spreads. Rows
+    outside it (with :data:`MARGIN`) are unlike the checked rows.
 
     Example:
         >>> env = Envelope.of(np.zeros((4, 3), "float32"))
@@ -113,8 +124,8 @@ class Envelope:
         lo, hi, stats, ok = _views(rows)
         if not ok.any():
             return None
-        return cls(lo[ok].min(axis=0), hi[ok].max(axis=0), stats[ok].min(axis=0),
-                   stats[ok].max(axis=0))
+        return cls(lo[ok].min(axis=0).astype(np.float64), hi[ok].max(axis=0).astype(np.float64),
+                   stats[ok].min(axis=0), stats[ok].max(axis=0))
 
     def _bounds(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # A constant feature (a padding zero, an unused one-hot column) gets no room: a row
@@ -123,11 +134,11 @@ class Envelope:
         margin = MARGIN * (hi - lo) + 1e-7 * np.maximum(np.abs(lo), np.abs(hi))
         return lo - margin, hi + margin
 
-    def outside(self, rows: np.ndarray) -> np.ndarray:
+    def outside(self, rows: np.ndarray, with_finite: bool = False):
         """Which of ``rows`` (all values finite) are unlike the checked rows; a row with a
-        NaN or inf is not (a converted runtime gives NaN for it, by design), nor is any
-        row when the feature count differs (a model with free sizes on its last axis:
-        only the row statistics are compared then).
+        NaN or inf is not (a converted runtime gives NaN for it, by design). With
+        ``with_finite``, also which rows are all finite. Rows whose feature count differs
+        (free sizes) are compared by their statistics only.
 
         Example:
             >>> Envelope.of(np.ones((3, 2))).outside(np.array([[1.0, np.inf], [1.0, 2.0]])).tolist()
@@ -138,8 +149,10 @@ class Envelope:
         s_lo, s_hi = self._bounds(self.stats_lo, self.stats_hi)
         away = ((stats < s_lo) | (stats > s_hi)).any(axis=1)
         if lo.shape[1] == len(f_lo):
+            if lo.dtype == np.float32:   # compared in float32 (the margin dwarfs the cast)
+                f_lo, f_hi = f_lo.astype(np.float32), f_hi.astype(np.float32)
             away |= ((lo < f_lo) | (hi > f_hi)).any(axis=1)
-        return away & ok
+        return (away & ok, ok) if with_finite else away & ok
 
     def widen(self, rows: np.ndarray) -> None:
         """Take ``rows`` (checked, and agreeing) into the envelope.
@@ -195,9 +208,7 @@ def suspect_rows(envelope: Envelope, rows: np.ndarray, outputs: list[np.ndarray]
     rows = np.asarray(rows)
     if rows.dtype.kind not in "biuf" or not len(rows):
         return np.zeros(0, int)
-    suspect = envelope.outside(rows)
-    finite_in = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) \
-        if rows.dtype.kind == "f" else np.ones(len(rows), bool)
+    suspect, finite_in = envelope.outside(rows, with_finite=True)
     for out in outputs:
         out = np.asarray(out)
         if out.dtype.kind == "f" and len(out) == len(rows):
