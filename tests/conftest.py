@@ -185,6 +185,20 @@ def dense_model(keras, units: int, seed: int, n_in: int = 32):
                              keras.layers.Dense(4)], name=f"dense{seed}")
 
 
+def twin_h5(keras, path, seed: int):
+    """Save an .h5 MLP whose file has the same size as every other seed's (same names and
+    layout, other weights): what a retrained model re-saved in place looks like on disk,
+    the case a size-and-mtime fingerprint misses. Returns the model.
+    """
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((8,), name="x"),
+                              keras.layers.Dense(16, activation="relu", name="d1"),
+                              keras.layers.Dense(3, activation="softmax", name="d2")],
+                             name="twin")
+    model.save(path)
+    return model
+
+
 @pytest.fixture
 def two(engine, model_dir, unique):
     """Two small MLPs registered under this test's names (``mlp`` and ``mlp2``): ensembles."""

@@ -344,18 +344,6 @@ def test_the_magics_refuse_a_namespace_breaking_out_a_zero_chunk_and_a_stray_quo
 
 
 # == issue 24: never silently wrong, again ======================================================
-def _twin_h5(keras, path, seed):
-    """An .h5 MLP whose file has the same size as every other seed's (same names, same
-    layout, other weights): what a re-saved retrained model looks like on disk."""
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8,), name="x"),
-                              keras.layers.Dense(16, activation="relu", name="d1"),
-                              keras.layers.Dense(3, activation="softmax", name="d2")],
-                             name="twin")
-    model.save(path)
-    return model
-
-
 @pytest.mark.parametrize("kind", ["softplus", "layernorm"])
 def test_auto_runtime_is_right_on_rows_unlike_the_first_64(engine, keras, tmp_path, unique,
                                                           kind):
@@ -400,7 +388,9 @@ def test_a_model_file_overwritten_with_the_same_size_and_mtime_is_noticed(
     import time as _time
 
     path, other = tmp_path / "m.h5", tmp_path / "other.h5"
-    old, new = _twin_h5(keras, path, 1), _twin_h5(keras, other, 2)
+    from conftest import twin_h5
+
+    old, new = twin_h5(keras, path, 1), twin_h5(keras, other, 2)
     x = np.random.default_rng(0).normal(size=(50, 8)).astype("float32")
     name = f"{unique}_twin"
     engine.register(name, path)

@@ -383,16 +383,10 @@ def test_a_model_overwritten_with_the_same_size_and_mtime_while_detached_is_noti
         on_shared, keras, tmp_path):
     """6b. ``cp -p`` of a same-architecture model over a registered file while no kernel
     was attached (size and modification time as before): attach reads it again."""
-    def twin(path, seed):
-        keras.utils.set_random_seed(seed)
-        model = keras.Sequential([keras.Input((8,), name="x"),
-                                  keras.layers.Dense(16, activation="relu", name="d1"),
-                                  keras.layers.Dense(3, activation="softmax", name="d2")],
-                                 name="twin")
-        model.save(path)
-        return model
+    from conftest import twin_h5
+
     path, other = tmp_path / "twin.h5", tmp_path / "other.h5"
-    old, new = twin(path, 1), twin(other, 2)
+    old, new = twin_h5(keras, path, 1), twin_h5(keras, other, 2)
     x = np.random.default_rng(2).normal(size=(30, 8)).astype("float32")
     with attached("shared") as eng:
         eng.register("twin", path)

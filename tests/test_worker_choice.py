@@ -379,18 +379,11 @@ def test_a_file_with_other_bytes_but_the_same_size_and_times_is_a_new_choice(
         machine_cache, tmp_path, keras):
     """``cp -p`` of another model of the same architecture: what this machine remembers
     for the old bytes (its runtime, its conversion) is never read for the new ones."""
+    from conftest import twin_h5
     from nbtool.wire import content_digest
 
-    def twin(seed):
-        keras.utils.set_random_seed(seed)
-        return keras.Sequential([keras.Input((8,), name="x"),
-                                 keras.layers.Dense(16, activation="relu", name="d1"),
-                                 keras.layers.Dense(3, activation="softmax", name="d2")],
-                                name="twin")
-    a, b = twin(1), twin(2)
     path, other = tmp_path / "m.h5", tmp_path / "other.h5"
-    a.save(path)
-    b.save(other)
+    _, b = twin_h5(keras, path, 1), twin_h5(keras, other, 2)
     x = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
     old = ModelSpec("m", str(path), "h5", path.stat().st_size, file_fingerprint(path),
                     runtime="auto", content=content_digest(path))
