@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NbtoolError
+from .errors import EngineFileDamaged
 from .private_files import NotPrivate, private_folder, read_private, write_private
 
 
@@ -285,25 +285,6 @@ def kill_group(pgid: int, wait: float = 10.0) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-class EngineFileDamaged(NbtoolError, RuntimeError):
-    """An engine file that exists but does not hold a record (not JSON, not an object,
-    fields of the wrong type): the engine may still run, unreachable. ``pids``: the
-    processes of this user that run an engine of that name (found by their command line).
-    """
-
-    def __init__(self, name: str, path: Path, what: str, pids: list[int]):
-        self.name, self.path, self.what, self.pids = name, path, what, pids
-        running = (f"its process{'es' if len(pids) > 1 else ''} "
-                   f"{', '.join(map(str, pids))} still run{'' if len(pids) > 1 else 's'}"
-                   if pids else "no process of that engine runs")
-        super().__init__(
-            f"the persistent engine {name!r}: its engine file {path} is damaged ({what}), "
-            f"so nbtool cannot reach the engine; {running}. Fix: "
-            f"nbtool.shutdown({name!r}, force=True) ends "
-            f"{'it' if pids else 'nothing and removes the file'}"
-            f"{' and removes the file' if pids else ''}; then start a new one.")
 
 
 #: Each field of a record and the types it may hold (a file edited by hand, or written

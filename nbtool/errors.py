@@ -240,6 +240,29 @@ class ConversionDisagrees(NbtoolError, RuntimeError):
             "or runtime='tensorflow'.")
 
 
+class EngineFileDamaged(NbtoolError, RuntimeError):
+    """An engine file that exists but does not hold a record (not JSON, not an object,
+    fields of the wrong type): the engine may still run, unreachable. ``pids``: the
+    processes of this user that run an engine of that name (found by their command line).
+
+    Example:
+        >>> str(EngineFileDamaged("x", "/r/x.json", "not JSON", [42]))  # doctest: +ELLIPSIS
+        "the persistent engine 'x': its engine file /r/x.json is damaged (not JSON), ...; its process 42 still runs. Fix: nbtool.shutdown('x', force=True) ends it and removes the file..."
+    """
+
+    def __init__(self, name: str, path, what: str, pids: list[int]):
+        self.name, self.path, self.what, self.pids = name, path, what, pids
+        running = (f"its process{'es' if len(pids) > 1 else ''} "
+                   f"{', '.join(map(str, pids))} still run{'' if len(pids) > 1 else 's'}"
+                   if pids else "no process of that engine runs")
+        super().__init__(
+            f"the persistent engine {name!r}: its engine file {path} is damaged ({what}), "
+            f"so nbtool cannot reach the engine; {running}. Fix: "
+            f"nbtool.shutdown({name!r}, force=True) ends "
+            f"{'it' if pids else 'nothing and removes the file'}"
+            f"{' and removes the file' if pids else ''}; then start a new one.")
+
+
 class ModelFileChanged(NbtoolError, RuntimeError):
     """A model file re-saved since it was registered: never loaded under the old name.
 

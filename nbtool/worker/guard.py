@@ -154,20 +154,22 @@ class Envelope:
             away |= ((lo < f_lo) | (hi > f_hi)).any(axis=1)
         return (away & ok, ok) if with_finite else away & ok
 
-    def widen(self, rows: np.ndarray) -> None:
-        """Take ``rows`` (checked, and agreeing) into the envelope.
+    def widen(self, rows: np.ndarray) -> bool:
+        """Take ``rows`` (checked, and agreeing) into the envelope; whether it grew.
 
         Example:
-            >>> env = Envelope.of(np.zeros((2, 1))); env.widen(np.full((1, 1), 5.0))
-            >>> env.hi.tolist()
-            [5.0]
+            >>> env = Envelope.of(np.zeros((2, 1))); env.widen(np.full((1, 1), 5.0)), env.hi.tolist()
+            (True, [5.0])
         """
         other = Envelope.of(rows)
         if other is None or other.lo.shape != self.lo.shape:
-            return
-        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
-        self.stats_lo = np.minimum(self.stats_lo, other.stats_lo)
-        self.stats_hi = np.maximum(self.stats_hi, other.stats_hi)
+            return False
+        wider = Envelope(np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi),
+                         np.minimum(self.stats_lo, other.stats_lo),
+                         np.maximum(self.stats_hi, other.stats_hi))
+        grew = wider != self
+        self.lo, self.hi, self.stats_lo, self.stats_hi = dataclasses.astuple(wider)
+        return grew
 
     def to_dict(self) -> dict:
         """Plain lists, for the runtime record (JSON).
@@ -196,7 +198,8 @@ class Envelope:
 def suspect_rows(envelope: Envelope, rows: np.ndarray, outputs: list[np.ndarray],
                  spot: int, rng: np.random.Generator) -> np.ndarray:
     """The indices of ``rows`` to compare against TensorFlow: those unlike the checked
-    rows, those with a finite input but a non-finite output, and ``spot`` random others.
+    rows, those with a finite input but a non-finite output, and, if there are any,
+    ``spot`` random others.
 
     Example:
         >>> env = Envelope.of(np.zeros((2, 2), "float32") + [[0], [1]])
@@ -213,7 +216,7 @@ def suspect_rows(envelope: Envelope, rows: np.ndarray, outputs: list[np.ndarray]
         out = np.asarray(out)
         if out.dtype.kind == "f" and len(out) == len(rows):
             suspect |= finite_in & ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-    if spot:
+    if spot and suspect.any():   # spot rows ride along only when TensorFlow opens anyway
         others = np.flatnonzero(~suspect & finite_in)
         if len(others):
             suspect[rng.choice(others, size=min(spot, len(others)), replace=False)] = True
@@ -300,19 +303,17 @@ class Guard:
             >>> guard.check(x[:10], [model(x[:10])]) is None   # doctest: +SKIP
             True
         """
-        if not len(suspect_rows(self.envelope, rows, outputs, 0, self.rng)):
-            return None
-        # TensorFlow is opened for these rows: a few ordinary ones are compared too.
+        # TensorFlow is opened only for suspect rows; then a few ordinary ones come along.
         idx = suspect_rows(self.envelope, rows, outputs, SPOT_ROWS, self.rng)
+        if not len(idx):
+            return None
         picked = np.asarray(rows)[idx]
         want = self.open_reference()(picked)
         agreement = compare_checked(want, [np.asarray(o)[idx] for o in outputs])
         self.checked_rows += len(idx)
         if not agreement.agrees:
             return agreement, len(idx)   # TensorFlow's copy stays: it runs the model now
-        before = self.envelope.to_dict()
-        self.envelope.widen(picked)
-        self.widened = self.widened or self.envelope.to_dict() != before
+        self.widened = self.envelope.widen(picked) or self.widened
         self.release_reference()
         return None
 

@@ -216,8 +216,14 @@ def remember_envelope(spec: ModelSpec, runtime: str, envelope: dict) -> None:
     Example:
         >>> remember_envelope(spec, "openvino", guard.envelope.to_dict())   # doctest: +SKIP
     """
-    record, _ = read_record(spec)
-    if record is not None and record.runtime == runtime:
+    # The record as it is, without read_record's digest of the artifact: this runs while
+    # a chunk waits, and whether the record still holds is the next load's question.
+    try:
+        with open(record_path(spec)) as f:
+            record = RuntimeRecord(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return
+    if record.runtime == runtime:
         write_record(spec, dataclasses.replace(record, envelope=envelope))
 
 
