@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import gpu_support as gs  # noqa: E402  (tests/ holds what the GPU tests and this share)
 from _common import arguments, timed  # noqa: E402  (benchmarks/ is on sys.path)
-from nbtool.devices import FAKE_GPUS_ENV  # noqa: E402
+from nbtool.engine.devices import FAKE_GPUS_ENV  # noqa: E402
 
 #: Above this, GPU and CPU outputs disagree: a wrong result, not rounding (TF32 included).
 WRONG = 1e-2
@@ -106,9 +106,9 @@ def shared_gpu_engine(slot, k: int):
     and memory settings) and 1/k of its budget and threads."""
     from distributed import Client
 
-    from nbtool.cluster import PinnedCluster
-    from nbtool.engine import Engine
-    from nbtool.session import wait_for_start
+    from nbtool.engine.cluster import PinnedCluster
+    from nbtool.engine.engine import Engine
+    from nbtool.engine.session import wait_for_start
     from nbtool.worker import NbtoolWorkerPlugin
 
     budget, threads = slot.budget // k, max(1, slot.tf_threads // k)

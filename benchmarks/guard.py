@@ -54,7 +54,7 @@ def median_ms(fn, repeats: int) -> tuple[float, float, float]:
 
 def measure(path: Path, shape: tuple, runtime: str, rows: int, repeats: int) -> dict:
     from nbtool.wire import ModelSpec, content_digest, file_fingerprint
-    from nbtool.worker.cache import ModelCache
+    from nbtool.worker.model_cache import ModelCache
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, *shape)).astype("float32")

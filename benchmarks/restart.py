@@ -188,7 +188,7 @@ def run_child(kind: str, folder: Path) -> dict:
 def end_engines() -> list[int]:
     """Kill what is left of the persistent engines of this run's runtime folder (their
     process groups); returns their pids (none when every engine was shut down)."""
-    from nbtool.engine_files import engine_records
+    from nbtool.engine.persist.engine_files import engine_records
 
     left = []
     for rec in engine_records():

@@ -9,7 +9,7 @@ The shortcuts ``nbtool.register``, ``nbtool.predict`` ... act on the last engine
 Importing nbtool is light: nothing heavy loads until it is used, and the notebook kernel
 never imports TensorFlow (models load inside the workers). In a notebook kernel, importing
 it (or ``%load_ext nbtool``) also keeps TensorFlow's known-harmless start-up lines out of
-the cells from then on (:mod:`nbtool.quiet`; ``NBTOOL_QUIET=0`` shows them): import nbtool
+the cells from then on (:mod:`nbtool._util.quiet`; ``NBTOOL_QUIET=0`` shows them): import nbtool
 before Keras.
 """
 
@@ -28,18 +28,18 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Engine": ("nbtool.engine", "Engine"),
-    "start": ("nbtool.session", "start"),
-    "default_engine": ("nbtool.session", "default_engine"),
-    "Prediction": ("nbtool.results", "Prediction"),
-    "open_prediction": ("nbtool.results", "open_prediction"),
-    "images": ("nbtool.inputs", "images"),
-    "cache_info": ("nbtool.output_cache", "cache_info"),
-    "clear_cache": ("nbtool.output_cache", "clear_cache"),
+    "Engine": ("nbtool.engine.engine", "Engine"),
+    "start": ("nbtool.engine.session", "start"),
+    "default_engine": ("nbtool.engine.session", "default_engine"),
+    "Prediction": ("nbtool.predict.results", "Prediction"),
+    "open_prediction": ("nbtool.predict.results", "open_prediction"),
+    "images": ("nbtool.predict.inputs", "images"),
+    "cache_info": ("nbtool.predict.output_memo", "cache_info"),
+    "clear_cache": ("nbtool.predict.output_memo", "clear_cache"),
     "errors": ("nbtool.errors", None),
-    "attach": ("nbtool.persistent", "attach"),
-    "running": ("nbtool.persistent", "running"),
-    "shutdown": ("nbtool.persistent", "shutdown"),
+    "attach": ("nbtool.engine.persist.persistent", "attach"),
+    "running": ("nbtool.engine.persist.persistent", "running"),
+    "shutdown": ("nbtool.engine.persist.persistent", "shutdown"),
 }
 
 
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 def _on_default(method: str):
     def shortcut(*args, **kwargs):
-        from .session import default_engine
+        from nbtool.engine.session import default_engine
 
         return getattr(default_engine(), method)(*args, **kwargs)
 
@@ -77,13 +77,13 @@ dashboard = _on_default("dashboard")
 
 def load_ipython_extension(ip) -> None:
     """``%load_ext nbtool``: the ``%nbtool`` and ``%%infer`` magics."""
-    from .magics import load_ipython_extension as load
+    from nbtool.notebook.magics import load_ipython_extension as load
 
     load(ip)
 
 
 def _quiet_kernel() -> None:
-    from .quiet import quiet_kernel
+    from nbtool._util.quiet import quiet_kernel
 
     quiet_kernel()
 

@@ -384,7 +384,7 @@ class CombineError(NbtoolError, ValueError):
 
 
 class EngineClosed(NbtoolError, RuntimeError):
-    """An engine used after :meth:`~nbtool.engine.Engine.close`: its cluster is gone.
+    """An engine used after :meth:`~nbtool.engine.engine.Engine.close`: its cluster is gone.
 
     Example:
         >>> str(EngineClosed("predict"))  # doctest: +ELLIPSIS

@@ -17,7 +17,7 @@ import dataclasses
 import html
 from typing import Any
 
-from .wire import SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, WorkerStatus
+from nbtool.wire import SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, WorkerStatus
 
 
 class Table:

@@ -60,12 +60,12 @@ def end_persistent_engines() -> list[int]:
     """
     import psutil
 
-    from nbtool.engine_files import kill_group
+    from nbtool.engine.persist.engine_files import kill_group
 
     ended = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "nbtool.persist_server" not in (proc.info["cmdline"] or []):
+            if "nbtool.engine.persist.server" not in (proc.info["cmdline"] or []):
                 continue
             tmp = proc.environ().get("TMPDIR", "")
         except psutil.Error:
@@ -165,7 +165,7 @@ def engine():
 @pytest.fixture
 def keep_default_engine():
     """Starting another engine makes it the default; give the session's back afterwards."""
-    from nbtool.session import current_engine, set_default_engine
+    from nbtool.engine.session import current_engine, set_default_engine
 
     before = current_engine()
     yield

@@ -187,7 +187,7 @@ def test_without_the_session_certificate_no_port_of_the_cluster_runs_code(engine
 def test_start_refuses_what_would_expose_the_cluster_or_silently_mean_the_default(
         kwargs, says):
     import nbtool
-    from nbtool.session import current_engine
+    from nbtool.engine.session import current_engine
 
     before = current_engine()
     with pytest.raises(ValueError, match=says) as refused:
@@ -247,7 +247,7 @@ def test_two_runs_on_one_store_one_is_refused_and_each_reads_only_its_own_rows(
 @pytest.mark.parametrize("names", [("a/b", "a%2Fb"), (".", ".."), ("x.y", "x%2Ey", "x%252Ey"),
                                    ("cnn@int8", "cnn%40int8")])
 def test_model_names_that_could_share_or_escape_a_store_folder_stay_apart(tmp_path, names):
-    from nbtool.store import ResultStore, StoreRef
+    from nbtool.predict.store import ResultStore, StoreRef
 
     store = ResultStore(tmp_path / "p.zarr")
     store.prepare([(n, "fp", [((1,), "float32")]) for n in names], "input", 2, 2)

@@ -25,7 +25,7 @@ BACKENDS = ("jax", "torch")
 
 # -- no cluster ------------------------------------------------------------------------
 def test_the_plan_gives_each_worker_its_backend_and_its_memory_settings():
-    from nbtool.devices import parse_inventory, plan_workers
+    from nbtool.engine.devices import parse_inventory, plan_workers
 
     (cpu,) = plan_workers([], n_workers=1, cores=2, total_memory=2**34, backend="jax")
     assert cpu.backend == "jax"
@@ -44,7 +44,7 @@ def test_the_plan_gives_each_worker_its_backend_and_its_memory_settings():
 
 def test_start_refuses_an_unknown_backend_and_one_not_installed(monkeypatch):
     import nbtool
-    from nbtool import keras_backend
+    from nbtool.engine import backends as keras_backend
 
     with pytest.raises(InvalidOption, match=r"backend='mxnet'; expected one of 'tensorflow', "
                                             r"'jax', 'torch'"):
@@ -62,7 +62,7 @@ def test_start_refuses_an_unknown_backend_and_one_not_installed(monkeypatch):
 def test_the_magic_takes_a_backend_and_refuses_a_wrong_one():
     import argparse
 
-    from nbtool.magic_args import backend_arg
+    from nbtool.notebook.magic_args import backend_arg
 
     assert backend_arg("jax") == "jax" and backend_arg("pytorch") == "torch"
     with pytest.raises(argparse.ArgumentTypeError, match="Fix: e.g. --backend jax"):
@@ -70,7 +70,7 @@ def test_the_magic_takes_a_backend_and_refuses_a_wrong_one():
 
 
 def test_out_of_memory_errors_of_every_backend_are_recognized_by_name():
-    from nbtool.worker.runtime import out_of_memory_error
+    from nbtool.worker.environment import out_of_memory_error
 
     def error(type_name, message=""):
         return type(type_name, (RuntimeError,), {})(message)
@@ -86,7 +86,7 @@ def test_out_of_memory_errors_of_every_backend_are_recognized_by_name():
 
 
 def test_what_needs_tensorflow_is_refused_on_another_backend_with_the_fix():
-    from nbtool.registry import BackendUnsupported, check_backend_support
+    from nbtool.models.registry import BackendUnsupported, check_backend_support
     from nbtool.wire import ModelSpec
 
     def spec(fmt="keras", **kw):
@@ -196,7 +196,7 @@ def backend_engine(request):
                         "(pip install -e '.[test]' installs it)")
         pytest.skip(f"{backend} is not installed (pip install -e '.[test]' installs it)")
     import nbtool
-    from nbtool.session import current_engine, set_default_engine
+    from nbtool.engine.session import current_engine, set_default_engine
 
     before = current_engine()
     eng = nbtool.start(backend=backend, gpus="none", n_workers=1,
@@ -251,7 +251,7 @@ def test_keras_files_predict_on_the_backend_what_tensorflow_predicts(
 @pytest.mark.slow
 def test_what_needs_tensorflow_is_refused_at_register_naming_the_backend(
         backend_engine, model_dir, unique):
-    from nbtool.registry import BackendUnsupported
+    from nbtool.models.registry import BackendUnsupported
 
     eng = backend_engine
     backend = eng.pool.workers["cpu0"].backend
@@ -278,7 +278,7 @@ def test_what_needs_tensorflow_is_refused_at_register_naming_the_backend(
 @pytest.mark.slow
 def test_an_external_cluster_keeps_its_backend_and_another_is_refused(backend_engine):
     import nbtool
-    from nbtool.session import set_default_engine
+    from nbtool.engine.session import set_default_engine
 
     eng = backend_engine
     backend = eng.pool.workers["cpu0"].backend

@@ -279,7 +279,7 @@ def test_a_script_on_stdin_fails_fast_with_the_workers_real_error(tmp_path):
 def test_start_removes_shared_memory_that_dead_kernels_left_and_nothing_else(tmp_path):
     import os
 
-    from nbtool.cluster import clean_stale_shared_folders
+    from nbtool.engine.cluster import clean_stale_shared_folders
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nbtool.devices import (WorkerInfo, default_cpu_workers, discover_gpus,
+from nbtool.engine.devices import (WorkerInfo, default_cpu_workers, discover_gpus,
                             parse_inventory, place, plan_workers, select_gpus)
 from nbtool.errors import PlacementError
 

@@ -9,20 +9,20 @@ import importlib
 
 import pytest
 
-PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool.warn", "nbtool.devices", "nbtool.registry", "nbtool.model_files", "nbtool.sources", "nbtool.inputs", "nbtool.store", "nbtool.store_lock", "nbtool.metrics", "nbtool.magic_args", "nbtool.quiet", "nbtool.progress", "nbtool.samples", "nbtool.gpu_monitor", "nbtool.svg", "nbtool.report", "nbtool.preprocess",
-                "nbtool.results", "nbtool.tables", "nbtool.output_cache",
-                "nbtool.worker", "nbtool.worker.reading", "nbtool.worker.batching",
-                "nbtool.worker.litert", "nbtool.worker.measure", "nbtool.worker.runtime",
-                "nbtool.worker.loading", "nbtool.worker.predictors", "nbtool.worker.cache",
-                "nbtool.worker.process", "nbtool.worker.convert", "nbtool.worker.tasks",
-                "nbtool.worker.openvino", "nbtool.worker.fixed_batch", "nbtool.worker.agreement",
-                "nbtool.worker.to_litert", "nbtool.worker.records", "nbtool.worker.candidates",
-                "nbtool.worker.choice", "nbtool.worker.guard", "nbtool.worker.opening", "nbtool.worker.backends", "nbtool.worker.backend_predictors", "nbtool.keras_backend",
-                "nbtool.worker.ov_files", "nbtool.worker.ov_variants", "nbtool.ir_files",
-                "nbtool.planning", "nbtool.placement", "nbtool.settings", "nbtool.session", "nbtool.catalog",
-                "nbtool.loads", "nbtool.runs", "nbtool.private_files", "nbtool.engine_files", "nbtool.facade",
-                "nbtool.persist_server", "nbtool.on_scheduler", "nbtool.current", "nbtool.run_assembly", "nbtool.persistent",
-                "nbtool.attached"]
+PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices", "nbtool.models.registry", "nbtool.models.files", "nbtool.predict.sources", "nbtool.predict.inputs", "nbtool.predict.store", "nbtool.predict.store_lock", "nbtool.predict.metrics", "nbtool.notebook.magic_args", "nbtool._util.quiet", "nbtool.notebook.progress", "nbtool.notebook.dashboard.sparklines", "nbtool.notebook.dashboard.gpu_monitor", "nbtool.predict.svg", "nbtool.predict.report", "nbtool.preprocess",
+                "nbtool.predict.results", "nbtool.tables", "nbtool.predict.output_memo",
+                "nbtool.worker", "nbtool.worker.reading", "nbtool.worker.runtimes.batching",
+                "nbtool.worker.runtimes.litert", "nbtool.worker.measure", "nbtool.worker.environment",
+                "nbtool.worker.loading", "nbtool.worker.runtimes.predictors", "nbtool.worker.model_cache",
+                "nbtool.worker.process", "nbtool.worker.variants", "nbtool.worker.tasks",
+                "nbtool.worker.runtimes.openvino", "nbtool.worker.runtimes.fixed_batch", "nbtool.worker.auto.agreement",
+                "nbtool.worker.runtimes.to_litert", "nbtool.worker.auto.records", "nbtool.worker.auto.candidates",
+                "nbtool.worker.auto.choice", "nbtool.worker.auto.guard", "nbtool.worker.auto.opening", "nbtool.worker.keras_backends", "nbtool.worker.runtimes.backend_predictors", "nbtool.engine.backends",
+                "nbtool.worker.runtimes.openvino_files", "nbtool.worker.ov_variants", "nbtool.models.ir_files",
+                "nbtool.predict.planning", "nbtool.models.placement", "nbtool._util.settings", "nbtool.engine.session", "nbtool.models.catalog",
+                "nbtool.models.loads", "nbtool.predict.runs", "nbtool._util.private_files", "nbtool.engine.persist.engine_files", "nbtool.engine.facade",
+                "nbtool.engine.persist.server", "nbtool.engine.persist.on_scheduler", "nbtool.engine.current", "nbtool.predict.assembly", "nbtool.engine.persist.persistent",
+                "nbtool.engine.persist.attached"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

@@ -26,13 +26,13 @@ import pytest
 
 import gpu_support as gs
 import nbtool
-from nbtool.devices import FAKE_GPUS_ENV
+from nbtool.engine.devices import FAKE_GPUS_ENV
 
 GPUS = gs.real_gpus()
 BACKENDS = gs.backends()
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU: NVML (nbtool.devices.discover_gpus) "
+    pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU: NVML (nbtool.engine.devices.discover_gpus) "
                        "finds none here; these checks run on a GPU machine (make gpu-check)"),
     pytest.mark.skipif(not BACKENDS, reason="no Keras backend to run: keras with jax, torch "
                        "or tensorflow must be importable"),
@@ -351,7 +351,7 @@ def test_a_real_out_of_memory_halves_the_batch_and_completes(gpu, models, rec):
     gpu0 = GPUS[0]
     cap = 2**30   # 16384 rows of the wide model need 2 GiB, 4096 rows 512 MiB
     fraction = round(cap / gpu0.memory_total, 6)
-    # nbtool's own cap (nbtool.worker.backends.gpu_memory_fraction), read at the worker's start.
+    # nbtool's own cap (nbtool.worker.keras_backends.gpu_memory_fraction), read at the worker's start.
     with gs.environment(NBTOOL_GPU_MEMORY_FRACTION=fraction):
         eng = nbtool.start(backend=backend, gpus=[gpu0.index], dashboard_address=None)
     try:

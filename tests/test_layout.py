@@ -17,10 +17,10 @@ TESTS = Path(__file__).resolve().parent
 #: of about 600 lines.
 MAX_LINES = 600
 #: Imported by both sides: they import nothing above them.
-SHARED = {"nbtool.wire", "nbtool.errors", "nbtool.quiet"}
+SHARED = {"nbtool.wire", "nbtool.errors", "nbtool._util.quiet"}
 #: The face: what the user touches. It reaches workers and the cluster only via the engine.
-FACE = {"nbtool.magics", "nbtool.magic_args", "nbtool.dashboard", "nbtool.dashboard_runs",
-        "nbtool.dashboard_devices", "nbtool.progress", "nbtool.background"}
+FACE = {"nbtool.notebook.magics", "nbtool.notebook.magic_args", "nbtool.notebook.dashboard.panel", "nbtool.notebook.dashboard.runs",
+        "nbtool.notebook.dashboard.devices", "nbtool.notebook.progress", "nbtool.notebook.background"}
 
 
 def modules() -> dict[str, Path]:
@@ -117,11 +117,11 @@ def test_the_shared_modules_import_nothing_above_them():
 def test_the_face_reaches_workers_and_the_cluster_only_through_the_engine():
     g = graph()
     bad = {name: sorted(m for m in g.get(name, ()) if m.startswith("nbtool.worker")
-                        or m in ("nbtool.cluster", "nbtool.pool", "nbtool.runner"))
+                        or m in ("nbtool.engine.cluster", "nbtool.engine.pool", "nbtool.predict.run"))
            for name in FACE}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"the face reaching past the engine: {bad}"
-    assert "nbtool.engine" not in g["nbtool.dashboard"], "the dashboard is handed an engine"
+    assert "nbtool.engine.engine" not in g["nbtool.notebook.dashboard.panel"], "the dashboard is handed an engine"
 
 
 def test_every_module_says_first_what_it_owns():

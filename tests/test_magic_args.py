@@ -5,7 +5,7 @@ import argparse
 import pytest
 from IPython.core.error import UsageError
 
-from nbtool.magic_args import (batch_size_flag, check_choice, check_size, check_variable_name,
+from nbtool.notebook.magic_args import (batch_size_flag, check_choice, check_size, check_variable_name,
                                gpus_arg, split_line, whole_number)
 
 

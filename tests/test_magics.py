@@ -7,7 +7,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbtool
-from nbtool.session import current_engine, set_default_engine
+from nbtool.engine.session import current_engine, set_default_engine
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nbtool.errors import ModelFileError, ModelLoadError, NbtoolError
-from nbtool.optimize import Comparison, NoVariantQualifies
+from nbtool.engine.optimize import Comparison, NoVariantQualifies
 
 VARIANTS = ["float16", "dynamic-int8", "int8", "keras-int8"]
 PREFIX = f"opt{uuid.uuid4().hex[:4]}"
@@ -141,7 +141,7 @@ def test_choose_says_why_when_no_variant_qualifies(engine, optimized, digits_mod
 
 
 def test_every_variant_offered_is_one_the_workers_can_make():
-    from nbtool.optimize import NEEDS_CALIBRATION, VARIANTS
+    from nbtool.engine.optimize import NEEDS_CALIBRATION, VARIANTS
     from nbtool.worker import CONVERSIONS
 
     assert list(VARIANTS) == list(CONVERSIONS) and NEEDS_CALIBRATION <= set(CONVERSIONS)
@@ -168,7 +168,7 @@ def test_a_tflite_file_registers_directly_without_tensorflow(engine, digits_mode
     path = tmp_path / "cnn_lite.tflite"
     path.write_bytes(data)
     # the kernel reads its input from the flatbuffer, without importing TensorFlow
-    probe = ("import sys; from nbtool.registry import inspect_model; "
+    probe = ("import sys; from nbtool.models.registry import inspect_model; "
              f"s = inspect_model('c', {str(path)!r}); "
              "print(s.format, s.input_shape, s.input_dtype, s.n_outputs, "
              "'tensorflow' in sys.modules)")
@@ -252,7 +252,7 @@ def ov_optimized(engine, digits_models, digits):
 
 def test_openvino_variants_are_ir_files_that_register_and_predict(engine, ov_optimized,
                                                                   digits):
-    from nbtool.worker.ov_files import bf16_supported
+    from nbtool.worker.runtimes.openvino_files import bf16_supported
 
     name = f"{PREFIX}_ov"
     x = inputs(digits, "cnn", "test")
@@ -281,7 +281,7 @@ def test_openvino_variants_are_ir_files_that_register_and_predict(engine, ov_opt
 
 
 def test_openvino_variants_are_compared_honestly_and_chosen(engine, ov_optimized):
-    from nbtool.worker.ov_files import bf16_supported
+    from nbtool.worker.runtimes.openvino_files import bf16_supported
 
     name = f"{PREFIX}_ov"
     rows = ov_optimized.to_dict()
@@ -383,7 +383,7 @@ def test_optimization_notebook_runs_and_shows_the_comparison():
 def test_docstring_examples_of_optimize_run():
     import doctest
 
-    import nbtool.optimize
+    import nbtool.engine.optimize
 
-    result = doctest.testmod(nbtool.optimize, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(nbtool.engine.optimize, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

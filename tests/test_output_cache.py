@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nbtool
-from nbtool.output_cache import OutputCache
+from nbtool.predict.output_memo import OutputCache
 
 
 @pytest.fixture

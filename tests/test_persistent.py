@@ -35,8 +35,8 @@ import pytest
 
 import nbtool
 from nbtool.errors import ModelNotFound, PredictionFailed
-from nbtool.engine_files import EngineFileDamaged, group_processes, kill_group
-from nbtool.persistent import EngineNotRunning
+from nbtool.engine.persist.engine_files import EngineFileDamaged, group_processes, kill_group
+from nbtool.engine.persist.persistent import EngineNotRunning
 from test_cluster import nobody_can_run_python, run_attacker
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def servers_in(folder: Path) -> list[int]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "nbtool.persist_server" in (p.info["cmdline"] or []) and \
+            if "nbtool.engine.persist.server" in (p.info["cmdline"] or []) and \
                     p.environ().get("NBTOOL_RUNTIME_DIR") == str(folder):
                 found.append(p.pid)
         except psutil.Error:
@@ -285,7 +285,7 @@ CONTENDER = """
     import json, os, sys, time
     from pathlib import Path
     import nbtool
-    from nbtool.persistent import EngineInUse
+    from nbtool.engine.persist.persistent import EngineInUse
 
     def say(**facts):
         print(json.dumps(facts), flush=True)

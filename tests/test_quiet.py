@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from nbtool.quiet import is_noise
+from nbtool._util.quiet import is_noise
 
 
 def run_child(code: str, timeout: float = 240, **env) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def test_native_start_up_lines_are_dropped_and_real_problems_pass(expect_gpu):
     worker the "no GPU" lines are the real problem and stay."""
     child = run_child(f"""
         import os
-        from nbtool.quiet import native_logs_filtered
+        from nbtool._util.quiet import native_logs_filtered
         with native_logs_filtered(expect_gpu={expect_gpu}) as f:
             os.write(2, {TF_STARTUP!r})
             os.write(2, b"E0000 real problem: out of memory\\n")
@@ -65,7 +65,7 @@ def test_native_start_up_lines_are_dropped_and_real_problems_pass(expect_gpu):
 def test_nbtool_quiet_0_shows_everything():
     child = run_child(f"""
         import os
-        from nbtool.quiet import native_logs_filtered
+        from nbtool._util.quiet import native_logs_filtered
         with native_logs_filtered(expect_gpu=False):
             os.write(2, {TF_STARTUP!r})
     """, NBTOOL_QUIET="0")
@@ -117,7 +117,7 @@ def test_a_line_without_its_newline_goes_on_at_once():
     reader sees it: held back waiting for a newline, it kept every kernel from exiting."""
     child = run_child("""
         import os, select, sys
-        from nbtool.quiet import NativeLogFilter
+        from nbtool._util.quiet import NativeLogFilter
         r, w = os.pipe()
         os.dup2(w, 2)                      # descriptor 2 is a pipe, as in ipykernel
         f = NativeLogFilter(expect_gpu=False).start()

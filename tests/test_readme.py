@@ -132,7 +132,7 @@ def test_python_block_registers_each_format_and_predicts_what_its_own_runtime_do
 def test_magic_blocks_run_as_pasted(engine, byom, unique, monkeypatch, keep_default_engine):
     from IPython.core.interactiveshell import InteractiveShell
 
-    from nbtool.session import set_default_engine
+    from nbtool.engine.session import set_default_engine
 
     d, x, truth = byom
     register_cell, infer_cell = fenced_blocks(readme_section(SECTION), "")

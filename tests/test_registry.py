@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nbtool.errors import InvalidModelName, InvalidOption, ModelFileError, UntrustedModel
-from nbtool.registry import (Registry, check_batch_size, check_name, check_replicas,
+from nbtool.models.registry import (Registry, check_batch_size, check_name, check_replicas,
                              find_models, inspect_model)
 from nbtool.wire import ModelSpec
 

@@ -5,7 +5,7 @@ import pytest
 
 import nbtool
 from nbtool.errors import NbtoolError
-from nbtool.session import current_engine, set_default_engine
+from nbtool.engine.session import current_engine, set_default_engine
 
 
 @pytest.mark.parametrize("kwargs, named", [

@@ -11,7 +11,7 @@ MB = 1_000_000
 def test_a_cache_reports_each_model_as_a_typed_state_through_load_evict_and_unload(
         model_dir, reference):
     from nbtool.wire import ModelSpec, ModelState, file_fingerprint
-    from nbtool.worker.cache import ModelCache
+    from nbtool.worker.model_cache import ModelCache
 
     def spec_of(name):
         path = model_dir / f"{name}.keras"

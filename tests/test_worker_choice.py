@@ -2,7 +2,7 @@
 model file, made again when it no longer holds, never made from a conversion that fails or
 disagrees, and a remembered conversion loads without TensorFlow.
 
-In-process (a :class:`~nbtool.worker.cache.ModelCache` is what a worker runs), each test
+In-process (a :class:`~nbtool.worker.model_cache.ModelCache` is what a worker runs), each test
 with its own machine cache; one subprocess runs the worker's own load path.
 """
 
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from nbtool.wire import ModelSpec, file_fingerprint
-from nbtool.worker.cache import ModelCache
-from nbtool.worker.choice import choice_summary, fixed_tensorflow_note
-from nbtool.worker.openvino import ir_dir
-from nbtool.worker.records import RuntimeRecord, record_path
-from nbtool.worker.to_litert import litert_path
+from nbtool.worker.model_cache import ModelCache
+from nbtool.worker.auto.choice import choice_summary, fixed_tensorflow_note
+from nbtool.worker.runtimes.openvino import ir_dir
+from nbtool.worker.auto.records import RuntimeRecord, record_path
+from nbtool.worker.runtimes.to_litert import litert_path
 
 TOL = 1e-4
 
@@ -297,8 +297,8 @@ def remember(spec, runtime, rows):
     """Have this machine remember ``runtime`` for ``spec``'s file, as a choice that timed
     it fastest would have (its conversion made, checked on ``rows``): whichever runtime
     the timing picks on this machine, the remembered path is the one under test."""
-    from nbtool.worker.guard import Envelope
-    from nbtool.worker.records import (files_sha256, machine_facts, runtime_versions,
+    from nbtool.worker.auto.guard import Envelope
+    from nbtool.worker.auto.records import (files_sha256, machine_facts, runtime_versions,
                                        write_record)
 
     forced = __import__("dataclasses").replace(spec, runtime=runtime)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nbtool.errors import InvalidOption
-from nbtool.worker.openvino import ir_dir
+from nbtool.worker.runtimes.openvino import ir_dir
 
 TOL = 1e-4
 
@@ -162,7 +162,7 @@ TELEMETRY_PROBE = """
 import os, sys
 import numpy as np
 if sys.argv[1] == "nbtool":
-    from nbtool.worker.openvino import openvino
+    from nbtool.worker.runtimes.openvino import openvino
     ov = openvino()
 else:
     import openvino as ov

@@ -3,7 +3,7 @@
 on the kinds of layers converters rewrite most: convolutions, depthwise convolutions,
 BatchNorm (folded), several outputs, and uint8 pixels through a preprocess preset.
 
-In-process: a :class:`~nbtool.worker.cache.ModelCache` is what a worker runs; the cluster
+In-process: a :class:`~nbtool.worker.model_cache.ModelCache` is what a worker runs; the cluster
 tests (test_worker_openvino, test_worker_choice) cover the way there.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from nbtool.preprocess import preset
 from nbtool.wire import ModelSpec, file_fingerprint
-from nbtool.worker.cache import ModelCache
+from nbtool.worker.model_cache import ModelCache
 
 TOL = 1e-4
 
@@ -121,8 +121,8 @@ def test_a_forced_conversion_says_how_it_was_made_and_reads_its_cache_back(fixtu
 def test_litert_outputs_come_in_keras_order_not_the_interpreters(fixtures, runtime_cache):
     """The interpreter lists a converted model's outputs in its own order (here the
     softmax first); nbtool follows the signature's output_0, output_1, ... (Keras')."""
-    from nbtool.worker.litert import open_tflite
-    from nbtool.worker.to_litert import litert_path
+    from nbtool.worker.runtimes.litert import open_tflite
+    from nbtool.worker.runtimes.to_litert import litert_path
 
     path, x, want, _ = fixtures["multi"]
     spec = spec_for(path, "litert", name="order")

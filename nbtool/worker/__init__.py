@@ -3,7 +3,7 @@ that prepares them. The kernel imports worker code only from here.
 
 Importing this package imports no TensorFlow and no LiteRT: the kernel imports it to
 reference the task functions (Dask pickles them by module path), and the workers import
-TensorFlow the first time a task needs it (:func:`nbtool.worker.runtime.tensorflow`); a
+TensorFlow the first time a task needs it (:func:`nbtool.worker.environment.tensorflow`); a
 CPU worker whose models run from remembered OpenVINO or LiteRT conversions never does.
 
 Inside, one module per concern:
@@ -30,13 +30,13 @@ Example:
     'nbtool-worker-cpu0'
 """
 
-from .convert import CONVERSIONS, convert_variant
-from .loading import PRECISIONS
-from .measure import model_costs, record_cost
-from .process import NbtoolWorkerPlugin
-from .reading import read_rows
-from .runtime import cache_root, resource_name
-from .tasks import load_model, predict_chunk, resident_models, unload_models, worker_status
+from nbtool.worker.variants import CONVERSIONS, convert_variant
+from nbtool.worker.loading import PRECISIONS
+from nbtool.worker.measure import model_costs, record_cost
+from nbtool.worker.process import NbtoolWorkerPlugin
+from nbtool.worker.reading import read_rows
+from nbtool.worker.environment import cache_root, resource_name
+from nbtool.worker.tasks import load_model, predict_chunk, resident_models, unload_models, worker_status
 
 __all__ = ["CONVERSIONS", "PRECISIONS", "NbtoolWorkerPlugin", "convert_variant", "load_model",
            "model_costs", "predict_chunk", "read_rows", "record_cost", "resident_models",

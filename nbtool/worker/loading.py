@@ -13,12 +13,12 @@ import os
 
 import numpy as np
 
-from ..errors import ModelLoadError, first_line
-from ..wire import ModelSpec
-from .backends import backend_name, start_backend
-from .litert import open_tflite
-from .ov_files import ir_weight_bytes, open_ir_file
-from .runtime import (describe_exception, out_of_memory_error, tensorflow, tensorflow_version,
+from nbtool.errors import ModelLoadError, first_line
+from nbtool.wire import ModelSpec
+from nbtool.worker.keras_backends import backend_name, start_backend
+from nbtool.worker.runtimes.litert import open_tflite
+from nbtool.worker.runtimes.openvino_files import ir_weight_bytes, open_ir_file
+from nbtool.worker.environment import (describe_exception, out_of_memory_error, tensorflow, tensorflow_version,
                       worker_name)
 
 #: Mixed-precision policies by the ``precision`` a model is registered with.
@@ -27,7 +27,7 @@ PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 def open_model(spec: ModelSpec):
     """Load the file; return a callable ``f(x, training=False)`` (for ``.tflite``, a
-    :class:`~nbtool.worker.litert.LiteRTModel`), the input row shape and dtype, the number
+    :class:`~nbtool.worker.runtimes.litert.LiteRTModel`), the input row shape and dtype, the number
     of outputs, and the bytes of its weights.
 
     Example:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..wire import ModelSpec
-from .predictors import DEFAULT_BATCH_SIZE, make_predictor
-from .runtime import cache_root, out_of_memory_error, worker_device
+from nbtool.wire import ModelSpec
+from nbtool.worker.runtimes.predictors import DEFAULT_BATCH_SIZE, make_predictor
+from nbtool.worker.environment import cache_root, out_of_memory_error, worker_device
 
 #: Batch sizes the sweep may pick, tried outwards from the default.
 SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)
@@ -122,7 +122,7 @@ def cost_key(spec: ModelSpec, device: str) -> str:
 
 def record_cost(spec: ModelSpec, device: str, **measured: float) -> None:
     """Remember what ``spec`` cost here (``load`` seconds, seconds per ``row``), for the
-    planning of later runs (:func:`nbtool.planning.plan_model_routes`).
+    planning of later runs (:func:`nbtool.predict.planning.plan_model_routes`).
 
     Example:
         >>> record_cost(spec, "cpu:0", load=1.2)   # doctest: +SKIP

@@ -1,17 +1,17 @@
 """OpenVINO variants of a Keras model, made on a worker: ``openvino-bf16`` (the float32 IR
 asking OpenVINO to compute in bfloat16) and ``openvino-int8`` (NNCF post-training
 quantization of that IR on calibration rows). Both are IR files (``.xml`` + ``.bin``),
-which ``register`` accepts like any model file (:mod:`nbtool.worker.ov_files` opens them).
+which ``register`` accepts like any model file (:mod:`nbtool.worker.runtimes.openvino_files` opens them).
 
 The float32 IR is the one ``runtime="openvino"`` uses, converted once per model file and
-OpenVINO version (:func:`~nbtool.worker.openvino.open_openvino`, cached on the machine).
+OpenVINO version (:func:`~nbtool.worker.runtimes.openvino.open_openvino`, cached on the machine).
 bf16 is not a different file of weights: it is OpenVINO's ``INFERENCE_PRECISION_HINT``
 kept in the IR's ``rt_info`` (``runtime_options``), so the file alone says how it runs,
 wherever it is registered or compiled. NNCF is OpenVINO's own quantization library.
 
 Neither OpenVINO nor NNCF may phone home or write ``~/intel`` for a conversion nbtool
 makes on the user's behalf: both find their telemetry package hidden
-(:func:`~nbtool.worker.openvino.openvino`) and fall back to a no-op stub.
+(:func:`~nbtool.worker.runtimes.openvino.openvino`) and fall back to a no-op stub.
 
 Example:
     >>> sorted(OPENVINO_VARIANTS)
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NbtoolError
-from ..wire import ModelSpec
-from .openvino import open_openvino, openvino
-from .ov_files import HINT_PATH
-from .runtime import describe_exception
+from nbtool.errors import NbtoolError
+from nbtool.wire import ModelSpec
+from nbtool.worker.runtimes.openvino import open_openvino, openvino
+from nbtool.worker.runtimes.openvino_files import HINT_PATH
+from nbtool.worker.environment import describe_exception
 
 #: The OpenVINO variants a worker can make; "openvino-int8" needs calibration rows.
 OPENVINO_VARIANTS = ("openvino-bf16", "openvino-int8")

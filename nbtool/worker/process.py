@@ -17,11 +17,11 @@ import gc
 import os
 import threading
 
-from ..quiet import expects_gpu, native_logs_filtered
-from .backends import backend_name, start_backend
-from .cache import ModelCache
-from .predictors import KERAS_PREDICTORS, CompiledPredictor
-from .runtime import (cpu_worker, memory_in_use, release_memory, resource_name, tensorflow,
+from nbtool._util.quiet import expects_gpu, native_logs_filtered
+from nbtool.worker.keras_backends import backend_name, start_backend
+from nbtool.worker.model_cache import ModelCache
+from nbtool.worker.runtimes.predictors import KERAS_PREDICTORS, CompiledPredictor
+from nbtool.worker.environment import (cpu_worker, memory_in_use, release_memory, resource_name, tensorflow,
                       worker_device, worker_name)
 
 _CACHE: ModelCache | None = None

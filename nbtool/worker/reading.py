@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import NbtoolError
-from ..wire import ImageFiles, NpyFile, ZarrRef
+from nbtool.errors import NbtoolError
+from nbtool.wire import ImageFiles, NpyFile, ZarrRef
 
 
 def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:

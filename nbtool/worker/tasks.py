@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ChunkCancelled, ChunkError, NbtoolError, first_line
-from ..wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
-from .agreement import CHECK_ROWS
-from .cache import LoadedModel, ModelCache
-from .loading import out_of_memory
-from .measure import record_cost
-from . import backends
-from .process import count_rows, idle_memory, prepare_worker, throughput
-from .reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_file_ahead,
+from nbtool.errors import ChunkCancelled, ChunkError, NbtoolError, first_line
+from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
+from nbtool.worker.auto.agreement import CHECK_ROWS
+from nbtool.worker.model_cache import LoadedModel, ModelCache
+from nbtool.worker.loading import out_of_memory
+from nbtool.worker.measure import record_cost
+from nbtool.worker import keras_backends as backends
+from nbtool.worker.process import count_rows, idle_memory, prepare_worker, throughput
+from nbtool.worker.reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_file_ahead,
                       read_rows)
-from .runtime import (cpu_worker, describe_exception, held_memory, memory_in_use,
+from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory, memory_in_use,
                       out_of_memory_error, started_tensorflow, tensorflow, worker_name)
 
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
@@ -43,7 +43,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
 
     ``data`` is an ndarray scattered to the worker, a Dask array block, or a file
     reference (:mod:`nbtool.wire`) that the worker opens and slices itself. With a
-    ``store`` (:class:`nbtool.store.StoreRef`) the outputs are written to the result store
+    ``store`` (:class:`nbtool.predict.store.StoreRef`) the outputs are written to the result store
     here and only a receipt travels back. ``read_ahead``: the file of the model this
     worker runs next, read into the page cache while this chunk computes.
 

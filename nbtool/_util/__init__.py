@@ -1,0 +1,1 @@
+"""nbtool._util: (door to be written)."""

@@ -1,0 +1,1 @@
+"""nbtool.engine.engine: (door to be written)."""

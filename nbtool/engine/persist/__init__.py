@@ -1,0 +1,1 @@
+"""nbtool.engine.engine.persist: (door to be written)."""

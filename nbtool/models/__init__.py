@@ -1,0 +1,1 @@
+"""nbtool.models: (door to be written)."""

@@ -1,0 +1,402 @@
+"""The registered models and where each is placed, kept in step with their files.
+
+A :class:`Catalog` turns ``register(name, model, ...)`` into a checked
+:class:`~nbtool.wire.ModelSpec` placed on workers; re-registers a model whose file changed
+(its old copies unloaded first); and keeps what a model's first load taught about it (its
+input and outputs), so no later run loads it just to learn them.
+
+Example:
+    >>> catalog = Catalog(pool, work_dir, background)         # doctest: +SKIP
+    >>> catalog.register("cnn", "models/cnn.keras").format    # doctest: +SKIP
+    'keras'
+    >>> catalog.placement["cnn"]                              # doctest: +SKIP
+    ['cpu0', 'cpu1']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from nbtool.models.placement import is_auto, place_all, placed_with
+from nbtool.errors import InvalidOption, NbtoolError
+from nbtool.models.registry import (Registry, check_backend_support, check_batch_size, check_name,
+                       check_replicas, find_models, inspect_model)
+from nbtool.tables import ModelRow, model_rows
+from nbtool.wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
+from nbtool.worker import PRECISIONS, unload_models
+from nbtool._util.warn import warn_user
+
+#: The options a user gave at registration: a changed file is registered again with them.
+OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision",
+           "runtime")
+
+
+class Catalog:
+    """The registry (specs by name) and the placement (workers by model name).
+
+    ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`; ``background`` its
+    :class:`~nbtool.models.loads.BackgroundLoads` (a replaced model's queued loads are
+    cancelled).
+
+    Example:
+        >>> catalog.specs(["cnn"])[0].name   # doctest: +SKIP
+        'cnn'
+    """
+
+    def __init__(self, pool, work_dir: Path, background):
+        self.pool = pool
+        self.work_dir = Path(work_dir)
+        self.background = background
+        self.registry = Registry()
+        # model -> the workers it may run on (an auto model's main one first)
+        self.placement: dict[str, list[str]] = {}
+        self.on_change = lambda: None   # a persistent engine keeps both beside its cluster
+
+    def specs(self, names: Iterable[str]) -> list[ModelSpec]:
+        """The registered specs of ``names`` (an unknown name raises ModelNotFound).
+
+        Example:
+            >>> [s.format for s in catalog.specs(["cnn", "mlp"])]   # doctest: +SKIP
+            ['keras', 'h5']
+        """
+        return [self.registry.get(n) for n in names]
+
+    # -- registering ---------------------------------------------------------------------
+    def register(self, name: str, model: Any, device: str = "auto",
+                 replicas: int | None = None,
+                 batch_size=None, preprocess=None, trusted: bool = False,
+                 precision: str | None = None, runtime: str | None = None) -> ModelSpec:
+        """Register a model file (or a Keras model object) under ``name`` and place it.
+
+        ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
+        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter), an
+        OpenVINO IR ``.xml`` with its ``.bin`` beside it (yours or a third party's, from
+        ``openvino.save_model``; run by OpenVINO on CPU workers, in float32 unless its
+        rt_info asks for bf16, with no TensorFlow) or a
+        SavedModel directory (``model.export(dir)``, ``tf.saved_model.save``), or a Keras
+        model you just built: that one is saved once as ``.keras`` in the engine's work
+        folder. The file's input shape, dtype and outputs are read here without
+        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``
+        (the GPU workers if there are any, else the CPU workers), ``"cpu"``, ``"gpu"`` or
+        one device such as ``"gpu:1"``. ``replicas=None`` (the default) lets the model run
+        on every worker of that kind whose memory budget has room for it beside the other
+        models (:mod:`nbtool.models.placement`), so an ensemble keeps every worker busy: each
+        run splits its chunks over them, as measured costs say pays (:mod:`nbtool.predict.planning`);
+        ``eng.models()`` shows ``auto: cpu0, cpu1``. An int pins it to that many workers,
+        and so does one device. Nothing loads now: the model loads on a
+        worker the first time it is used (or on ``eng.load``), so a file that reads here
+        but cannot load (damaged weights, a custom layer class the workers cannot
+        import, a ``.tflite`` needing TensorFlow "Select" ops) fails then, with
+        :class:`~nbtool.errors.ModelLoadError`. ``name`` holds letters, digits and
+        ``_ - . @ +`` (it names files and result arrays).
+
+        ``trusted=True`` is for files that run code when loaded: Keras' safe mode then
+        lets a Lambda layer's stored Python be deserialized. Without it a ``.keras`` or
+        ``.h5`` holding a Python lambda is refused here, and so is every SavedModel
+        directory (its graph can run any TensorFlow op, file reads and writes included),
+        with :class:`~nbtool.errors.UntrustedModel`. A custom layer class is not made
+        loadable by ``trusted=True``: it must be importable on the workers (registered
+        with ``@keras.saving.register_keras_serializable``).
+
+        ``preprocess`` runs inside the compiled graph on the worker: a preset name
+        (``"rescale"``, ``"mobilenet"``, ``"imagenet"``, ``"cast"``), a
+        :class:`nbtool.preprocess.Preprocess`, or a function of TF ops; with a preset,
+        inputs travel as uint8. ``batch_size`` (every format) is the rows per call:
+        ``"auto"`` picks one by a quick sweep at the first load (remembered per machine);
+        ``None`` means 64; any other value must be a whole number >= 1. A file re-saved in
+        place is picked up at the next run or load (see ``eng.submit``).
+        ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
+        mixed precision, opt-in: check it with ``eng.agreement`` against the float32 model
+        first. ``runtime`` is what runs a ``.keras``/``.h5``/SavedModel on CPU workers:
+        ``None`` (``"auto"``: at its first load on this machine, the fastest of TensorFlow,
+        OpenVINO float32 and LiteRT float32 that agrees with TensorFlow on your rows,
+        remembered; TensorFlow on a GPU), or one forced: ``"tensorflow"``, ``"openvino"``
+        or ``"litert"`` (converted once, cached on disk, checked against TensorFlow at
+        every load). A ``.tflite`` runs in LiteRT, an ``.xml`` IR in OpenVINO. Registering
+        a name again replaces it (a no-op if nothing changed).
+
+        Example:
+            >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
+            >>> eng.register("old", "models/old_keras2.h5")               # doctest: +SKIP
+            >>> eng.register("det", "models/detector.tflite")             # doctest: +SKIP
+            >>> eng.register("exported", "models/exported/", trusted=True)  # doctest: +SKIP
+            >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
+        """
+        # Everything is checked before a model object is saved under the name.
+        check_name(name, model if isinstance(model, (str, os.PathLike)) else None)
+        replicas = None if replicas is None else check_replicas(name, replicas)
+        batch_size = check_batch_size(name, batch_size)
+        path = self.model_path(name, model)
+        if isinstance(preprocess, str):
+            from nbtool.preprocess import preset
+
+            preprocess = preset(preprocess)
+        if precision not in (None, "float32") and precision not in PRECISIONS:
+            raise ValueError(f"model {name!r}: precision={precision!r}; expected None, "
+                             f"'float32' or one of {sorted(PRECISIONS)} (mixed: weights "
+                             "stay float32, the math runs in the lower precision).")
+        spec = inspect_model(name, path, device=device, replicas=replicas,
+                             batch_size=batch_size, preprocess=preprocess,
+                             trusted=bool(trusted),
+                             precision=None if precision == "float32" else precision,
+                             runtime=runtime)
+        if spec.precision and spec.format in ("tflite", "savedmodel"):
+            # Mixed precision rebuilds a Keras model; silently running float32 instead
+            # would report a precision that was never used.
+            raise InvalidOption(name, "precision", precision,
+                                "None for a .tflite or SavedModel (mixed precision rebuilds "
+                                "a Keras model; these are not Keras models)",
+                                "precision=None, or register the .keras/.h5 original")
+        return self.add(spec)
+
+    def register_dir(self, folder, device: str = "auto", replicas: int | None = None,
+                     batch_size=None, trusted: bool = False) -> list[ModelSpec]:
+        """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
+        ``folder``.
+
+        Each is named after its file (without suffix). They are placed largest first, so
+        ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
+        be read is skipped with a warning that says why; the others are registered. So is
+        a file whose name is not a valid model name (``my model.keras``): the warning
+        suggests a clean name to register it under (nbtool never picks one for you). So
+        are SavedModels and files holding a Python lambda, unless ``trusted=True``.
+
+        Example:
+            >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
+            ['cnn', 'mlp', 'exported']
+        """
+        replicas = None if replicas is None else check_replicas(None, replicas)
+        batch_size = check_batch_size(None, batch_size)
+        found = find_models(folder)
+        if not found:
+            raise NbtoolError(f"folder {folder}: no models found; expected .keras, .h5 "
+                              "or .tflite files or SavedModel directories inside. Fix: save "
+                              "models there with model.save('folder/name.keras').")
+        specs, problems = [], []
+        for n, p in found.items():
+            try:
+                spec = inspect_model(n, p, device=device, replicas=replicas,
+                                     batch_size=batch_size, trusted=bool(trusted))
+                check_backend_support(spec, {w.backend for w in self.pool.workers.values()})
+                specs.append(spec)
+            except NbtoolError as e:   # one bad file must not cost the user the others
+                problems.append(e)
+        if problems and not specs:
+            raise problems[0]
+        for e in problems:
+            warn_user(f"skipped: {e}")
+        specs.sort(key=lambda s: -s.size_bytes)
+        return [self.add(s) for s in specs]
+
+    def model_path(self, name: str, model: Any) -> str:
+        """The path of ``model``: itself, or where a Keras model object was saved.
+
+        Example:
+            >>> catalog.model_path("fresh", trained_model)   # doctest: +SKIP
+            '/tmp/nbtool-x1y2/fresh.keras'
+        """
+        if isinstance(model, (str, os.PathLike)):
+            return str(model)
+        if hasattr(model, "save") and hasattr(model, "inputs"):   # a Keras model object
+            path = self.work_dir / f"{name}.keras"   # name is checked: stays in work_dir
+            # Saved aside, then moved: a worker loading the previous one never reads half.
+            aside = Path(tempfile.mkdtemp(dir=self.work_dir, prefix=".saving-"))
+            try:
+                model.save(aside / path.name)
+                os.replace(aside / path.name, path)
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
+            return str(path)
+        raise TypeError(f"model {name!r}: expected a path to a .keras, .h5 or .tflite file "
+                        f"or a SavedModel directory, or a Keras model; got "
+                        f"{type(model).__name__}.")
+
+    def add(self, spec: ModelSpec) -> ModelSpec:
+        """Place ``spec`` and register it; a changed registration unloads the old copies.
+
+        Registering the same file with the same options again is a no-op (what its loads
+        taught is kept).
+
+        Example:
+            >>> catalog.add(inspect_model("cnn", "models/cnn.keras"))   # doctest: +SKIP
+        """
+        old = self.registry.get(spec.name) if spec.name in self.registry else None
+        if old is not None and old == with_learned(spec, old):
+            return old
+        # Place first: if that fails, the old registration stays as it was.
+        placement = placed_with(spec, {s.name: s for s in self.registry}, self.placement,
+                                self.pool.workers.values())
+        check_backend_support(spec, {self.pool.workers[w].backend for w in placement[spec.name]})
+        gpus = [w for w in placement[spec.name] if self.pool.workers[w].kind == "gpu"]
+        # nbtool runs OpenVINO and converted LiteRT models on CPUs only.
+        if spec.runtime in ("openvino", "litert") and spec.format != "tflite" and gpus:
+            raise InvalidOption(spec.name, "runtime", spec.runtime, "a CPU worker for "
+                                f"{spec.runtime!r} (device={spec.device!r} placed it on GPU "
+                                f"worker(s) {', '.join(gpus)})", "device='cpu' with "
+                                f"runtime={spec.runtime!r}, or runtime='auto' on a GPU")
+        if old is not None:   # replaced: the old copies must not keep serving
+            self.drop_old_copies(spec.name)
+        self.registry.add(spec)
+        self.set_placement(placement)
+        return spec
+
+    def replan(self) -> dict[str, list[str]]:
+        """Place the auto models again (the workers or their budgets changed); returns
+        the placement.
+
+        Example:
+            >>> eng.set_memory_budget("2GB"); catalog.replan()   # doctest: +SKIP
+            {'cnn': ['cpu0'], 'mlp': ['cpu1']}
+        """
+        specs = {s.name: s for s in self.registry}
+        known = set(self.pool.workers)
+        kept = {n: ws for n, ws in self.placement.items() if n in specs and set(ws) <= known}
+        self.set_placement(place_all(specs, kept, self.pool.workers.values()))
+        return self.placement
+
+    def set_placement(self, placement: dict[str, list[str]]) -> None:
+        """Make ``placement`` the placement, in the same dict (others hold it)."""
+        self.placement.clear()
+        self.placement.update(placement)
+        self.on_change()
+
+    def model_rows(self, statuses: dict[str, WorkerStatus]) -> list[ModelRow]:
+        """The rows of ``eng.models()`` (and the dashboard's) from the workers' statuses:
+        an auto model's device says where it may run, ``auto: cpu0, cpu1``.
+
+        Example:
+            >>> catalog.model_rows(eng.status())[0].devices   # doctest: +SKIP
+            ['auto: cpu0, cpu1']
+        """
+        devices = {n: w.device for n, w in self.pool.workers.items()}
+        rows = model_rows(list(self.registry), self.placement, devices, statuses)
+        for row in rows:
+            spec = self.registry.get(row.name)
+            if is_auto(spec.replicas, spec.device):
+                row.devices = ["auto: " + ", ".join(self.placement.get(row.name, []))]
+        return rows
+
+    def drop_old_copies(self, name: str) -> None:
+        """Soft-unload ``name`` on every worker (not only where it is placed now: an older
+        placement may still hold it), and cancel its queued background loads.
+
+        Example:
+            >>> catalog.drop_old_copies("cnn")   # doctest: +SKIP
+        """
+        self.background.cancel([name])
+        self.pool.run_on(unload_models, [name])
+
+    def refresh_changed(self, names: Iterable[str]) -> None:
+        """Re-register every model among ``names`` whose file changed since it was
+        registered (same options, signature read again), with a warning; the old copies
+        are unloaded from every worker before anything else is scheduled.
+
+        A stat per model: cheap enough for every run and load. A file gone or broken
+        now raises here, clearly, instead of serving the copy still in memory.
+
+        Example:
+            >>> catalog.refresh_changed(["cnn"])   # doctest: +SKIP
+        """
+        for name in dict.fromkeys(names):
+            spec = self.registry.get(name)
+            now = file_fingerprint(spec.path) if os.path.exists(spec.path) else "missing"
+            if now == spec.fingerprint:
+                continue
+            if now != "missing" and spec.content \
+                    and content_digest(spec.path, now) == spec.content:
+                # Touched, chmod-ed or copied back: the same bytes are the same model.
+                self.registry.add(dataclasses.replace(spec, fingerprint=now))
+                self.on_change()
+                continue
+            options = {f: getattr(spec, f) for f in OPTIONS}
+            try:
+                changed = inspect_model(name, spec.path, **options)
+            except NbtoolError:   # gone, broken or now refused: no old copy stays behind
+                self.drop_old_copies(name)
+                raise
+            self.add(changed)
+            warn_user(f"model {name!r} ({spec.path}) changed since it was registered; "
+                      "using the new file (re-registered with the same options; the old "
+                      "copies were unloaded from the workers).")
+
+    # -- what loads teach ----------------------------------------------------------------
+    def learn(self, name: str, state: ModelState) -> None:
+        """Keep what a load of ``name`` measured about its signature: its input (known
+        before for every format but SavedModels) and each output's row shape and dtype.
+
+        Example:
+            >>> catalog.learn("exported", eng.load("exported")["exported"]["cpu0"])  # doctest: +SKIP
+            >>> catalog.registry.get("exported").output_specs   # doctest: +SKIP
+            (((3,), 'float32'),)
+        """
+        spec = self.registry.get(name) if name in self.registry else None
+        if spec is None or state.fingerprint not in (None, spec.fingerprint):
+            return   # a copy of an older file: it says nothing about this one
+        learned = learned_signature(spec, state)
+        if learned != spec:
+            self.registry.add(learned)
+            self.on_change()
+
+
+def learned_signature(spec: ModelSpec, state: ModelState) -> ModelSpec:
+    """``spec`` with the signature a load reported where ``spec`` did not know it yet.
+
+    Example:
+        >>> spec = ModelSpec("m", "/m", "savedmodel", 1, "1-1")
+        >>> state = ModelState("loaded", input_shape=(None, 8), input_dtype="float32",
+        ...                    output_specs=[((3,), "float32")])
+        >>> s = learned_signature(spec, state)
+        >>> s.input_shape, s.n_outputs, s.output_specs
+        ((None, 8), 1, (((3,), 'float32'),))
+    """
+    changes: dict[str, Any] = {}
+    if spec.input_shape is None and state.input_shape:
+        changes.update(input_shape=tuple(state.input_shape), input_dtype=state.input_dtype,
+                       n_outputs=state.n_outputs)
+    if spec.output_specs is None and state.output_specs is not None:
+        changes["output_specs"] = tuple((tuple(shape), str(dtype))
+                                        for shape, dtype in state.output_specs)
+        if changes.get("n_outputs", spec.n_outputs) is None:   # a graph says it only so
+            changes["n_outputs"] = len(changes["output_specs"])
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def with_learned(spec: ModelSpec, old: ModelSpec) -> ModelSpec:
+    """``spec`` (freshly inspected) with what ``old`` had learned, if it is the same file.
+
+    Example:
+        >>> old = ModelSpec("m", "/m", "keras", 1, "1-1", output_specs=(((3,), "float32"),))
+        >>> with_learned(ModelSpec("m", "/m", "keras", 1, "1-1"), old) == old
+        True
+    """
+    if spec.fingerprint != old.fingerprint or spec.path != old.path:
+        return spec
+    changes: dict[str, Any] = {"output_specs": old.output_specs}
+    if spec.input_shape is None:
+        changes.update(input_shape=old.input_shape, input_dtype=old.input_dtype)
+    if spec.n_outputs is None:
+        changes["n_outputs"] = old.n_outputs
+    return dataclasses.replace(spec, **changes)
+
+
+def model_names(models) -> list[str]:
+    """Model names from names, lists of names, or both, flattened (None left out).
+
+    Example:
+        >>> model_names(["cnn", ["mlp", None], ("a", "b")])
+        ['cnn', 'mlp', 'a', 'b']
+    """
+    out: list[str] = []
+    for m in models:
+        if m is None:
+            continue
+        if isinstance(m, str):
+            out.append(m)
+        else:
+            out.extend(model_names(list(m)))
+    return out

@@ -1,0 +1,309 @@
+"""What a model file says about itself, read without importing TensorFlow.
+
+The notebook kernel must not import TensorFlow (it would grab GPU memory), so everything the
+client needs to know about a model (format, size, input shape and dtype, outputs) is read
+from the file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config``
+attribute of an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read
+with LiteRT's schema), the graph of an OpenVINO IR ``.xml`` (:mod:`nbtool.models.ir_files`).
+SavedModel directories only tell their size here; their signature is learned on a worker
+at the first load. What would run code at load (a Python lambda, any SavedModel graph) is
+said here too, so the registry can refuse it unless trusted.
+
+Example:
+    A ``.keras`` file is a zip; the ``config.json`` inside (trimmed here to what is read)
+    is enough to know the model, with no TensorFlow imported and no weights loaded.
+
+    >>> import json, pathlib, tempfile, zipfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "mlp.keras"
+    >>> layers = [{"class_name": "InputLayer",
+    ...            "config": {"batch_shape": [None, 8], "dtype": "float32"}}]
+    >>> with zipfile.ZipFile(path, "w") as z:
+    ...     z.writestr("config.json", json.dumps({"class_name": "Sequential",
+    ...                                           "config": {"layers": layers}}))
+    >>> info = read_model_file(path)
+    >>> info.format, info.inputs, info.n_outputs, info.unsafe
+    ('keras', [((None, 8), 'float32')], 1, None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from nbtool.errors import ModelFileError, UnsupportedFormat
+from nbtool.models.ir_files import inspect_ir, ir_size
+
+#: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel";
+#: an ``.xml`` is an OpenVINO IR (its weights in the ``.bin`` beside it).
+FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite",
+           ".xml": "openvino"}
+
+#: Why a Python lambda in a Keras config needs trust (the worker says the same at load).
+_LAMBDA_WHY = ("Keras refuses to deserialize in safe mode (loading it runs the Python code "
+               "stored in the file)")
+#: Why a SavedModel always needs trust: no safe mode exists for a TensorFlow graph.
+_SAVEDMODEL_WHY = ("can run arbitrary TensorFlow ops on the workers, including file reads "
+                   "and writes (a SavedModel has no safe mode)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """What a model file says about itself: its format and size, its inputs
+    ``[(batch shape, dtype)]`` and number of outputs where the file tells them (a
+    SavedModel's are learned at its first load), and ``unsafe``: ``(what, why)`` when
+    loading it would run code of its own.
+
+    Example:
+        >>> ModelFile("savedmodel", 2048, [], None, ("a TensorFlow graph", "...")).input
+        (None, None)
+    """
+
+    format: str
+    size_bytes: int
+    inputs: list
+    n_outputs: int | None
+    unsafe: tuple[str, str] | None = None
+
+    @property
+    def input(self) -> tuple:
+        """The first input's ``(batch shape, dtype)``, or ``(None, None)`` if unknown."""
+        return self.inputs[0] if self.inputs else (None, None)
+
+
+def read_model_file(path: str | os.PathLike, model: str | None = None) -> ModelFile:
+    """Read a model file or SavedModel directory (never importing TensorFlow).
+
+    ``model`` names it in errors: :class:`ModelFileError` for a missing, unreadable or
+    damaged file, :class:`UnsupportedFormat` for one nbtool cannot run.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> exported = pathlib.Path(tempfile.mkdtemp()) / "exported"   # model.export(...)
+        >>> exported.mkdir(); _ = (exported / "saved_model.pb").write_bytes(b"...")
+        >>> info = read_model_file(exported)
+        >>> info.format, info.size_bytes, info.input, info.unsafe[0]
+        ('savedmodel', 3, (None, None), 'a TensorFlow graph (a SavedModel directory)')
+    """
+    fmt = detect_format(path, model)
+    p = Path(path).resolve()
+    reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
+              "tflite": _read_tflite, "openvino": inspect_ir}[fmt]
+    size, inputs, n_outputs, unsafe = reader(model, p)
+    return ModelFile(fmt, size, inputs, n_outputs, unsafe)
+
+
+def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
+    """Say which format a model path is in: ``"keras"``, ``"h5"``, ``"savedmodel"``,
+    ``"tflite"`` or ``"openvino"`` (an IR ``.xml``).
+
+    Raises :class:`ModelFileError` if the path does not exist and
+    :class:`UnsupportedFormat` if nbtool cannot run it.
+
+    Example:
+        >>> detect_format("does/not/exist.keras")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.ModelFileError: file does/not/exist.keras: the path does not exist...
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(model, str(path), "the path does not exist",
+                             f"check the path (the working directory is {os.getcwd()})")
+    if p.is_dir():
+        if (p / "saved_model.pb").exists():
+            return "savedmodel"
+        raise UnsupportedFormat(model, str(path), "a directory without saved_model.pb")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise UnsupportedFormat(model, str(path))
+    return fmt
+
+
+def needs_trust(config: Any) -> str | None:
+    """What in a Keras model config would run code when loaded (a Python lambda), or None.
+
+    The whole tree is walked, nested Functional/Sequential models too, but not the
+    ``compile_config`` (workers load with ``compile=False``). Keras 3 stores a lambda as
+    ``{"class_name": "__lambda__"}``; Keras 2 ``.h5`` files mark it ``function_type:
+    "lambda"``. These are exactly what Keras' safe mode refuses; the worker still loads
+    with safe mode as the second line of defence.
+
+    Example:
+        >>> layer = {"class_name": "Lambda", "config": {"name": "scale",
+        ...          "function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
+        >>> needs_trust({"class_name": "Sequential", "config": {"layers": [layer]}})
+        "a Lambda layer 'scale'"
+        >>> needs_trust({"class_name": "Sequential", "config": {"layers": []}}) is None
+        True
+    """
+    stack: list[tuple[Any, str | None]] = [(config, None)]
+    while stack:
+        node, layer = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, layer) for v in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        cfg = node.get("config")
+        if node.get("class_name") == "Lambda" and isinstance(cfg, dict):
+            layer = cfg.get("name") or layer
+        if node.get("class_name") == "__lambda__" or "lambda" in (
+                node.get("function_type"), node.get("output_shape_type")):
+            return f"a Lambda layer {layer!r}" if layer else "a Python lambda"
+        stack.extend((v, layer) for k, v in node.items() if k != "compile_config")
+    return None
+
+
+def _read_keras_zip(name: str | None, p: Path):
+    try:
+        with zipfile.ZipFile(p) as z:
+            config = json.loads(z.read("config.json"))
+            weights = sum(i.file_size for i in z.infolist() if i.filename.endswith(".h5")
+                          or i.filename.endswith(".npz"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ModelFileError(name, str(p), f"not a readable .keras archive ({e})",
+                             "re-save the model with model.save('name.keras')") from None
+    return (max(weights, p.stat().st_size), *_signature_from_config(config),
+            _lambda_trust(config))
+
+
+def _lambda_trust(config: dict) -> tuple[str, str] | None:
+    """``(what, why)`` for :class:`UntrustedModel` if the config holds a lambda."""
+    found = needs_trust(config)
+    return None if found is None else (found, _LAMBDA_WHY)
+
+
+def _read_h5(name: str | None, p: Path):
+    import h5py  # light: no TensorFlow behind it
+
+    try:
+        with h5py.File(p, "r") as f:
+            raw = f.attrs.get("model_config")
+    except OSError as e:
+        raise ModelFileError(name, str(p), f"not a readable HDF5 file ({e})",
+                             "re-save the model with model.save('name.keras')") from None
+    if raw is None:
+        raise ModelFileError(name, str(p), "the HDF5 file holds weights only, no model "
+                             "config", "save the whole model with model.save('name.keras'), "
+                             "not model.save_weights()")
+    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return p.stat().st_size, *_signature_from_config(config), _lambda_trust(config)
+
+
+def _read_savedmodel(name: str | None, p: Path):
+    # Its graph is code: any SavedModel needs trusted=True (see _SAVEDMODEL_WHY).
+    return disk_size(p), [], None, ("a TensorFlow graph (a SavedModel directory)",
+                                    _SAVEDMODEL_WHY)
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes on disk of a model file, or of every file in a model directory (SavedModel);
+    an OpenVINO IR ``.xml`` counts its ``.bin`` too.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "a").write_bytes(b"123")
+        3
+        >>> disk_size(d), disk_size(d / "a")
+        (3, 3)
+    """
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return ir_size(p) if p.suffix.lower() == ".xml" else p.stat().st_size
+
+
+def _read_tflite(name: str | None, p: Path):
+    """Size, input and outputs of a LiteRT flatbuffer, read with its schema (no TF).
+
+    A quantized (int8/uint8) input is reported as float32: that is what callers send, the
+    worker quantizes it with the model's scale and zero point.
+    """
+    fix = ("convert the model again (eng.optimize(...) or tf.lite.TFLiteConverter) and "
+           "save the bytes it returns unchanged")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ModelFileError(name, str(p), f"the file cannot be read ({e})", fix) from None
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ModelFileError(name, str(p), "not a LiteRT (.tflite) flatbuffer: its file "
+                             f"identifier is {data[4:8]!r}, expected b'TFL3'", fix)
+    try:
+        from ai_edge_litert import schema_py_generated as schema  # flatbuffers only, no TF
+
+        model = schema.Model.GetRootAs(data, 0)
+        graph = model.Subgraphs(0)
+        inputs = []
+        for i in range(graph.InputsLength()):
+            t = graph.Tensors(graph.Inputs(i))
+            dims = t.ShapeSignatureAsNumpy() if t.ShapeSignatureLength() else t.ShapeAsNumpy()
+            dims = [] if isinstance(dims, int) else list(dims)
+            shape = tuple(None if int(d) < 0 else int(d) for d in dims)
+            if shape:
+                shape = (None, *shape[1:])   # the worker resizes the batch axis
+            dtype = _TFLITE_TYPES.get(t.Type(), "float32")
+            q = t.Quantization()
+            if dtype in ("int8", "uint8") and q is not None and q.ScaleLength():
+                dtype = "float32"
+            inputs.append((shape or None, dtype))
+        n_outputs = graph.OutputsLength()
+    except ImportError:   # without ai-edge-litert the worker learns it at the first load
+        return p.stat().st_size, [], None, None
+    except Exception as e:   # a truncated or damaged flatbuffer
+        raise ModelFileError(name, str(p), f"a damaged .tflite flatbuffer ({type(e).__name__}"
+                             f": {e})", fix) from None
+    return p.stat().st_size, inputs, n_outputs, None
+
+
+#: LiteRT's tensor type codes (schema ``TensorType``) for the dtypes a model input can have.
+_TFLITE_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool",
+                 7: "int16", 9: "int8", 10: "float64"}
+
+
+def _signature_from_config(config: dict) -> tuple[list[tuple[tuple, str]], int | None]:
+    """Inputs ``[(batch_shape, dtype), ...]`` and the number of outputs of a Keras config."""
+    cfg = config.get("config", {})
+    layers = cfg.get("layers", [])
+    by_name = {l.get("config", {}).get("name"): l for l in layers}
+    inputs: list[tuple[tuple, str]] = []
+    if config.get("class_name") == "Sequential":
+        first = layers[0] if layers else {}
+        if first.get("class_name") == "InputLayer":
+            inputs.append(_input_layer_signature(first))
+        elif cfg.get("build_input_shape"):
+            inputs.append((tuple(cfg["build_input_shape"]), _dtype_name(cfg.get("dtype"))))
+        return inputs, 1
+    for ref in _refs(cfg.get("input_layers")):
+        layer = by_name.get(ref)
+        if layer is not None and layer.get("class_name") == "InputLayer":
+            inputs.append(_input_layer_signature(layer))
+    outputs = _refs(cfg.get("output_layers"))
+    return inputs, (len(outputs) or None)
+
+
+def _refs(spec) -> list[str]:
+    """Layer names from Keras' ``input_layers``/``output_layers`` (one ref or a list)."""
+    if not spec:
+        return []
+    if isinstance(spec, list) and spec and isinstance(spec[0], str):
+        return [spec[0]]
+    if isinstance(spec, dict):
+        return [r[0] for r in spec.values()]
+    return [r[0] for r in spec if isinstance(r, list) and r]
+
+
+def _input_layer_signature(layer: dict) -> tuple[tuple, str]:
+    c = layer.get("config", {})
+    shape = c.get("batch_shape") or c.get("batch_input_shape")
+    return (tuple(shape) if shape else None), _dtype_name(c.get("dtype"))
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, dict):  # a DTypePolicy
+        name = dtype.get("config", {}).get("name", "float32")
+        return "float32" if name.startswith("mixed_") else name
+    return dtype or "float32"

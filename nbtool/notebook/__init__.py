@@ -1,0 +1,1 @@
+"""nbtool.notebook: (door to be written)."""

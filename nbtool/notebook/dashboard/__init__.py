@@ -1,0 +1,1 @@
+"""nbtool.notebook.dashboard: (door to be written)."""

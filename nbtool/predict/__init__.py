@@ -1,0 +1,1 @@
+"""nbtool.predict: (door to be written)."""

@@ -1,0 +1,332 @@
+"""The engine's predictions: each prepared, submitted, followed while it runs, and summed up.
+
+:meth:`Runs.submit` does everything that can refuse a run before anything is scheduled
+(the input read and checked against every model, the save target, the chunk size), at most
+one load round trip (only for a model whose signature no load has taught yet), then plans
+the routes, hands the input over and submits a :class:`~nbtool.predict.run.PredictionRun`. It
+subscribes to the run's end: a finished run leaves the running list for the history, and
+the replicas it left out start loading.
+
+Example:
+    >>> runs = Runs(pool, loads, local=True)                         # doctest: +SKIP
+    >>> run = runs.submit(["cnn"], x, None, "mean", None)            # doctest: +SKIP
+    >>> run.collect().n_rows, len(runs.history)                      # doctest: +SKIP
+    (2000, 1)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nbtool.predict.inputs import as_source, check_fits, resolve_chunk_size
+from nbtool.predict.output_memo import RunCache
+from nbtool.predict.planning import plan_routes
+from nbtool.predict.metrics import output_agreement
+from nbtool.predict.results import Prediction, check_combine
+from nbtool.predict.run import PredictionRun
+from nbtool.wire import ModelSpec
+
+logger = logging.getLogger("nbtool")
+
+
+class Runs:
+    """Submitted runs until they end (``running()``), and one summary per ended run.
+
+    ``local``: the cluster is this machine's (inputs go over shared memory, and the costs
+    the workers recorded are this machine's); ``work_dir`` holds the shared inputs.
+
+    Example:
+        >>> [r.run_id for r in runs.running()]   # doctest: +SKIP
+        ['3f2a9c1e']
+    """
+
+    def __init__(self, pool, loads, local: bool, work_dir: Path | None = None):
+        self.pool = pool
+        self.loads = loads              # a Loads: what a signature is not known of loads
+        self.catalog = loads.catalog
+        self.local = local
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.history: list[dict[str, Any]] = []   # one summary per prediction
+        self.shared_dirs: set[Path] = set()       # where inputs were handed to local workers
+        self._runs: list[PredictionRun] = []
+
+    def submit(self, names: list[str], x: Any, chunk_size: int | None,
+               combine: str | None, save: str | None,
+               partial_combine: bool = False, cache: bool = False) -> PredictionRun:
+        """Run models on ``x`` in chunks on the workers: ``eng.submit`` checks the input,
+        schedules the prediction and returns at once with the run; ``eng.predict`` is
+        ``submit(...).collect()`` and returns the :class:`~nbtool.predict.results.Prediction`.
+
+        ``x`` is one of:
+
+        - an ndarray or a list of rows (on a local cluster handed to the workers as one
+          shared-memory file; else scattered once);
+        - a path to a ``.npy`` file (workers memory-map their own slices);
+        - a zarr array: a path (``"x.zarr"``, or a folder holding zarr metadata) or a
+          zarr array object (workers read their own slices);
+        - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
+          (workers decode and resize their own files);
+        - a Dask array (its row blocks become the chunks).
+
+        The input is checked against every model before anything is scheduled (a
+        SavedModel's input is learned at its first load, once). ``res[name]`` is the
+        model's output, a list of arrays for a model with several outputs (a ``.tflite``
+        gives them in its signature's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
+        chunk that fails does not discard the others: see ``res.errors`` and
+        ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
+        says which model failed where), unless ``partial_combine=True``: the rows a model
+        failed on are then combined from the other models (NaN where every model failed).
+
+        ``save="preds.zarr"`` writes a resumable result store: each chunk's outputs are
+        written by its worker as it completes, ``res[name]`` is then a zarr array on disk,
+        and running the same prediction again computes only the chunks not stored yet
+        (one run at a time: another run on the same path is refused);
+        ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
+        writes the outputs once, at the end.
+
+        ``cache=True`` memoises each chunk's outputs on disk (:mod:`nbtool.predict.output_memo`),
+        keyed by the model (file fingerprint, precision, preprocessing, runtime) and the
+        chunk's rows: running it again, after a restart too, reads them back instead of
+        computing (``res.timings[name]["cached_chunks"]`` says how many); a changed model
+        or chunk is computed again. ``nbtool.cache_info()``, ``nbtool.clear_cache()``.
+        It does not combine with ``save="*.zarr"`` (which resumes by itself).
+
+        A submitted run: ``run.progress()`` says how far each model is; ``run.collect()``
+        waits and returns the Prediction (and lets go of the run's tasks, store lock and
+        input file); ``run.cancel()`` stops it.
+
+        Example:
+            >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
+            >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
+            ((2000, 10), (2000,))
+            >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
+            >>> run.progress()                        # doctest: +SKIP
+            {'cnn': (3, 8)}
+        """
+        check_combine(combine)
+        names = list(dict.fromkeys(names))
+        if not names:
+            raise ValueError("predict needs at least one model name.")
+        # A file re-saved in place: re-registered and its old copies unloaded, before
+        # anything below reads its spec (the signature may have changed too).
+        self.catalog.refresh_changed(names)
+        # Everything that can refuse the run comes first; the input goes to shared memory
+        # last (see handoff), so a refused input costs no RAM.
+        source = as_source(x)
+        store = save_target(save)   # a path that cannot be written fails before any load
+        if cache and store is not None:
+            raise ValueError(f"cache=True with save={save!r}: a result store already "
+                             "resumes (its chunks are not computed again), so the two do "
+                             "not combine. Fix: drop cache=True, or save to a .npz file.")
+        specs = self.signed(names, outputs=store is not None)
+        for spec in specs:
+            check_fits(spec, source)
+        used = {w for n in names for w in self.catalog.placement[n]}
+        # A quarter of the smallest worker memory limit: input rows, their copy in the
+        # batch loop and the outputs of a chunk must fit beside the models.
+        limits = self.pool.memory_limits(used)
+        size = resolve_chunk_size(chunk_size, source, len(used),
+                                  min(limits) // 4 if limits else None)
+        run_id = uuid.uuid4().hex[:8]   # names its tasks, and its writes to a result store
+        stored = open_store(store, specs, source, size, run_id)
+        try:
+            cached = self.cached(specs, source, size) if cache else None
+            routes, later = plan_routes(self.pool, specs, self.catalog.placement,
+                                        source.n_rows, measured_here=self.local)
+            source = self.handoff(source)
+            run = PredictionRun(self.pool, [(s, routes[s.name]) for s in specs], source, size,
+                                combine=combine, store=store, stored=stored,
+                                save=save if save and store is None else None,
+                                run_id=run_id, partial_combine=partial_combine,
+                                cache=cached)
+        except BaseException:
+            if store is not None:
+                store.release()
+            getattr(source, "cleanup", lambda: None)()
+            raise
+        run.add_done_callback(functools.partial(self.finished, later=later))
+        try:
+            run.submit()
+        except BaseException:
+            run.cancel()   # the store lock, the input file, any task already sent
+            raise
+        self._runs = [r for r in self._runs if not r.done] + [run]
+        return run
+
+    def agreement(self, a: str, b: str, x: Any, chunk_size: int | None = None) -> dict:
+        """How far two models' outputs are apart on ``x``: top-1 agreement, max abs diff.
+
+        For checking a variant (another precision, a quantized copy) against its original.
+
+        Example:
+            >>> eng.register("cnn_bf16", "cnn.keras", precision="bfloat16")   # doctest: +SKIP
+            >>> eng.agreement("cnn", "cnn_bf16", x_test)                      # doctest: +SKIP
+            {'top1_agreement': 0.998, 'max_abs_diff': 0.0061, 'rows': 2000}
+        """
+        res = self.submit([a, b], x, chunk_size, None, None).collect()
+        res.raise_for_errors()
+        try:
+            out = output_agreement(res[a], res[b])
+        except ValueError as e:
+            raise ValueError(f"models {a!r} and {b!r} give {e}") from None
+        return {**out, "rows": res.n_rows}
+
+    def cached(self, specs: list[ModelSpec], source, chunk_size: int) -> RunCache:
+        """Look every (model, chunk) of a run up in the output cache (keyed with the
+        Keras backend of each model's workers: it changes the last digits).
+
+        Example:
+            >>> runs.cached(specs, as_source(x), 500).found   # doctest: +SKIP
+            {'cnn': {0: [array(...)], 1: [array(...)]}}
+        """
+        backends = {s.name: [self.pool.workers[w].backend for w in
+                             self.catalog.placement[s.name] if w in self.pool.workers]
+                    for s in specs}
+        return RunCache(specs, backends, source, source.chunk_bounds(chunk_size))
+
+    def signed(self, names: list[str], outputs: bool = False) -> list[ModelSpec]:
+        """The specs of ``names``, each knowing its input (with ``outputs``, its outputs
+        too): a model no load has taught it yet loads first, all in one round trip, each
+        on one of its workers (the run's plan decides where else it loads).
+
+        Example:
+            >>> runs.signed(["exported"])[0].input_shape   # doctest: +SKIP
+            (None, 8)
+        """
+        specs = self.catalog.specs(names)
+        unknown = [s.name for s in specs if (s.input_shape is None and s.preprocess is None)
+                   or (outputs and s.output_specs is None)]
+        if unknown:
+            self.loads.load(unknown, main_only=True)
+            specs = self.catalog.specs(names)
+        return specs
+
+    def finished(self, res: Prediction, later: dict[str, list[str]]) -> None:
+        """A run was collected: forget it (it holds its Prediction's arrays), keep its
+        summary, and load the replicas it left out (queued beside the run, these loads
+        went ahead of its chunks: measured).
+
+        Example:
+            >>> runs.finished(res, later={})   # doctest: +SKIP
+        """
+        self._runs = [r for r in self._runs if not r.done]
+        self.history.append({
+            "time": time.time(), "models": res.models, "rows": res.n_rows,
+            "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
+            "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
+            "errors": len(res.errors)})
+        self.catalog.background.start(later, functools.partial(self.loads.load_on,
+                                                               what="replica"))
+
+    def running(self) -> list[PredictionRun]:
+        """The runs submitted and not yet finished or cancelled, oldest first.
+
+        Example:
+            >>> runs.running()   # doctest: +SKIP
+            []
+        """
+        self._runs = [r for r in self._runs if not r.done]
+        return list(self._runs)
+
+    def handoff(self, source):
+        """On a local cluster, hand an ndarray over as a shared memory-mapped file.
+
+        Called last in :meth:`submit`, once everything that can refuse the run has passed:
+        the file takes RAM in ``/dev/shm`` until the run ends. A write that fails (a full
+        disk) leaves no partial file: the array is scattered instead.
+
+        Example:
+            >>> type(runs.handoff(as_source(x))).__name__   # doctest: +SKIP
+            'SharedArraySource'
+        """
+        from nbtool.predict.sources import ArraySource, SharedArraySource, shared_folder
+
+        if not self.local or self.work_dir is None or type(source) is not ArraySource:
+            return source
+        folder = shared_folder(self.work_dir / "inputs", source.array.nbytes)
+        self.shared_dirs.add(folder)
+        before = set(os.listdir(folder)) if folder.is_dir() else set()
+        try:
+            return SharedArraySource(source.array, folder)
+        except OSError as e:
+            for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
+                if name.startswith("input-"):
+                    Path(folder, name).unlink(missing_ok=True)
+            logger.warning("could not write the input to %s (%s); sending it to the "
+                           "workers instead", folder, e)
+            return source
+
+
+def save_target(save):
+    """Check ``save`` before anything runs: ``"*.zarr"`` gives the (not yet locked)
+    :class:`~nbtool.predict.store.ResultStore`; ``"*.npz"`` is checked writable (it is written
+    at the end, by the run); None is nothing to save.
+
+    Example:
+        >>> save_target(None) is None, save_target("/tmp/p.npz") is None
+        (True, True)
+        >>> save_target("p.csv")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: save='p.csv': expected a path ending in .zarr (a result store ...
+    """
+    if not save:
+        return None
+    suffix = str(save).lower().rsplit(".", 1)[-1]
+    if suffix not in ("zarr", "npz"):
+        raise ValueError(f"save={save!r}: expected a path ending in .zarr (a result "
+                         "store written chunk by chunk, resumable) or .npz (written once "
+                         "at the end).")
+    from nbtool.predict.store import ResultStore, check_npz_target
+
+    if suffix == "npz":
+        check_npz_target(save)
+        return None
+    store = ResultStore(save)
+    store.check_target()   # a path that cannot be a store fails before models load
+    return store
+
+
+def open_store(store, specs: list[ModelSpec], source, chunk_size: int,
+               run_id: str) -> dict[str, set[int]] | None:
+    """Take ``store``'s writer lock for ``run_id`` (another run writing it is refused)
+    and prepare it; returns the chunks it already holds per model (None without a store).
+
+    Example:
+        >>> open_store(save_target("p.zarr"), specs, source, 500, "3f2a9c1e")  # doctest: +SKIP
+        {'cnn': {0, 1}}
+    """
+    if store is None:
+        return None
+    models = [(s.name, s.identity, list(s.output_specs)) for s in specs]
+    store.acquire(run_id)
+    try:
+        return store.prepare(models, source.fingerprint(), source.n_rows, chunk_size,
+                             len(source.chunk_bounds(chunk_size)))
+    except OSError as e:
+        store.release()
+        raise store.unwritable(e) from None
+    except BaseException:
+        store.release()
+        raise
+
+
+def remove_folders(shared_dirs: set[Path], work_dir: Path | None) -> None:
+    """Remove an engine's input folders and its own work folder (``close`` and at exit).
+
+    Example:
+        >>> import tempfile; d = Path(tempfile.mkdtemp())
+        >>> remove_folders({d}, None); d.exists()
+        False
+    """
+    for folder in shared_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)

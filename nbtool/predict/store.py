@@ -1,0 +1,386 @@
+"""A result store on disk that survives crashes: ``predict(..., save="preds.zarr")``.
+
+Each (model, chunk) task writes its outputs from the worker, as it completes, into one zarr
+chunk per output (the zarr chunks are the prediction's chunks), then drops a marker file
+``done/<model>/<chunk>`` by an atomic rename. A chunk counts as stored only if its marker
+exists, so it is either wholly there or absent. A manifest (``nbtool.json``) records the
+models and their file fingerprints, the input's fingerprint and the chunking. Running the
+same prediction again resumes: stored chunks are not recomputed. A changed model file
+invalidates that model's chunks, a changed input or chunking invalidates the store; they
+never mix silently.
+
+One run writes a store at a time (:mod:`nbtool.predict.store_lock`). The manifest records which
+run last wrote each model; a Prediction backed by the store checks it when read and refuses
+rows another run has written since (:class:`~nbtool.errors.StoreRewritten`).
+
+Example:
+    >>> res = eng.predict(["cnn"], "big.npy", save="preds.zarr")   # doctest: +SKIP
+    >>> res = nbtool.open_prediction("preds.zarr")   # lazy  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import string
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nbtool.errors import NbtoolError, ResultStoreError, StoreRewritten
+from nbtool.predict.store_lock import LOCK, StoreLock, owner
+from nbtool._util.warn import warn_user
+
+MANIFEST = "nbtool.json"
+#: 2: model names are percent-encoded injectively (1 only replaced '/', so 'a/b' and
+#: 'a%2Fb' shared one array).
+FORMAT_VERSION = 2
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_REWRITTEN_FIX = ("save each run to its own path, or read the store again with "
+                  "nbtool.open_prediction")
+
+
+def _key(model: str) -> str:
+    """A model name as one folder name, one to one: every character outside
+    ``[A-Za-z0-9_-]`` is percent-encoded, ``%`` included (so no two names share a folder)
+    and ``.`` too (so ``.``/``..`` never climb); a leading ``_`` as well (zarr reserves
+    names starting ``__``).
+
+    Example:
+        >>> _key("a/b"), _key("a%2Fb"), _key(".."), _key("cnn@int8")
+        ('a%2Fb', 'a%252Fb', '%2E%2E', 'cnn%40int8')
+    """
+    if not model:
+        raise ValueError("a model name cannot be empty")
+    return "".join(ch if ch in _SAFE and not (i == 0 and ch == "_")
+                   else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+                   for i, ch in enumerate(model))
+
+
+def _key_v1(model: str) -> str:
+    """How format-1 stores named their folders: read-only, for opening old stores."""
+    return model.replace("/", "%2F")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreRef:
+    """What a task needs to write its chunk: the store's path and the chunk's first row.
+
+    Example:
+        >>> StoreRef("/data/preds.zarr", 0).path
+        '/data/preds.zarr'
+    """
+
+    path: str
+    start: int
+    run: str | None = None   # the run that holds the store's lock: only it may write
+
+    def write(self, model: str, chunk: int, outputs: list[np.ndarray]) -> None:
+        """Write one chunk's outputs, then mark it done (atomically)."""
+        import zarr
+
+        self._check_owner(model, chunk)
+        group = zarr.open_group(self.path, mode="r+")
+        for k, out in enumerate(outputs):
+            group[f"{_key(model)}/out{k}"][self.start:self.start + len(out)] = out
+        done = Path(self.path) / "done" / _key(model)
+        done.mkdir(parents=True, exist_ok=True)
+        tmp = done / f".{chunk}.{os.getpid()}.tmp"
+        tmp.write_bytes(b"")
+        # Checked again last: a run cancelled while this task computed must not mark rows
+        # done in a store that another run holds now.
+        self._check_owner(model, chunk)
+        os.replace(tmp, done / str(chunk))
+
+    def _check_owner(self, model: str, chunk: int) -> None:
+        """A task of a run that no longer holds the store (cancelled, or collected while
+        this task was still running) writes nothing."""
+        if self.run is None:
+            return
+        holder = owner(self.path)
+        if holder != self.run:
+            now = f"run {holder} holds it now" if holder else "no run holds it now"
+            raise ResultStoreError(self.path, f"chunk {chunk} of model {model!r} belongs to "
+                                   f"run {self.run}, which has ended ({now}), so it was not "
+                                   "written", "run the prediction again to fill the store")
+
+
+class ResultStore:
+    """The client's side of a store: prepare it for a run, find what is done, read it back.
+
+    What a run does with it, without a cluster: prepare it for 10 rows in chunks of 4
+    (3 chunks) of one model with one output of 3 values per row, write chunk 1 as a
+    worker would, and read it back.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
+        >>> store = ResultStore(path)
+        >>> store.acquire("run1")
+        >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
+        {'cnn': set()}
+        >>> StoreRef(store.path, 4, "run1").write("cnn", 1, [np.ones((4, 3), "float32")])
+        >>> store.completed("cnn")
+        {1}
+        >>> store.release()
+        >>> store.arrays("cnn")[0][3:5].tolist()
+        [[nan, nan, nan], [1.0, 1.0, 1.0]]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(Path(path).resolve())
+        self.manifest = self._read_manifest()
+        self._writer = StoreLock(self.path)
+
+    def _key(self, model: str) -> str:
+        old = self.manifest is not None and self.manifest.get("format") == 1
+        return _key_v1(model) if old else _key(model)
+
+    # -- the writer lock ---------------------------------------------------------------------
+    def check_target(self) -> None:
+        """Refuse a path that cannot become a result store, before anything is created:
+        an existing file, a path under a file, an unwritable folder, a foreign folder.
+
+        Example:
+            >>> ResultStore("/dev/null/p.zarr").check_target()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            nbtool.errors.ResultStoreError: result store /dev/null/p.zarr: /dev/null is not...
+        """
+        root = Path(self.path)
+        if root.exists() and not root.is_dir():
+            raise ResultStoreError(self.path, "a file of that name exists, and a result store "
+                                   "is a folder", "save to a new path ending in .zarr, or "
+                                   "delete that file first")
+        parent = root
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ResultStoreError(self.path, f"{parent} is not a folder (a file), so no "
+                                   "folder can be made under it", "save under a folder, "
+                                   "e.g. save='preds.zarr' beside the notebook")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ResultStoreError(self.path, f"the folder {parent} is not writable",
+                                   "save to a folder you can write, e.g. beside the notebook")
+        if root.exists() and self.manifest is None and \
+                any(p.name != LOCK for p in root.iterdir()):
+            raise ResultStoreError(self.path, "the folder exists and is not an nbtool result "
+                                   "store", "save to a new path")
+
+    def acquire(self, run_id: str) -> None:
+        """Take the writer lock for run ``run_id``; raise :class:`~nbtool.errors.StoreBusy`
+        at once if another run holds it. :meth:`release` gives it back.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
+            >>> store = ResultStore(path); store.acquire("run1")
+            >>> ResultStore(path).acquire("run2")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            nbtool.errors.StoreBusy: result store .../preds.zarr: run run1 (process ...) is writing it now...
+            >>> store.release(); ResultStore(path).acquire("run2")   # free again
+        """
+        if self.locked:
+            return
+        self.check_target()
+        try:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            self._writer.acquire(run_id)
+        except OSError as e:
+            raise self.unwritable(e) from None
+
+    def release(self) -> None:
+        """Give the writer lock back (a no-op if not held)."""
+        self._writer.release()
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the writer lock."""
+        return self._writer.held
+
+    @property
+    def run_id(self) -> str | None:
+        """The run holding the writer lock through this object."""
+        return self._writer.run_id
+
+    def unwritable(self, e: OSError) -> ResultStoreError:
+        """The error for a store that cannot be written (``e`` says why).
+
+        Example:
+            >>> str(ResultStore("/p.zarr").unwritable(PermissionError(13, "Permission denied")))
+            'result store /p.zarr: cannot write there (PermissionError: Permission denied). Fix: save to a folder you can write, e.g. beside the notebook.'
+        """
+        return ResultStoreError(self.path, f"cannot write there ({type(e).__name__}: "
+                                f"{e.strerror or e})", "save to a folder you can write, "
+                                "e.g. beside the notebook")
+
+    def runs(self) -> dict[str, str | None]:
+        """The run that last wrote each model (from the manifest)."""
+        m = self.manifest or {}
+        return {n: e.get("run") for n, e in m.get("models", {}).items()}
+
+    def _read_manifest(self) -> dict | None:
+        f = Path(self.path) / MANIFEST
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise NbtoolError(f"result store {self.path}: its manifest {MANIFEST} is "
+                              f"unreadable ({e}). Fix: delete the folder to start over, or "
+                              "save to another path.") from None
+
+    def completed(self, model: str) -> set[int]:
+        """Chunks of ``model`` that are wholly stored."""
+        done = Path(self.path) / "done" / self._key(model)
+        return {int(p.name) for p in done.iterdir() if p.name.isdigit()} if done.exists() \
+            else set()
+
+    def prepare(self, models: list[tuple[str, str, list]], input_fingerprint: str,
+                n_rows: int, chunk_size: int, n_chunks: int | None = None
+                ) -> dict[str, set[int]]:
+        """Make the store ready for a run; returns the chunks already done per model.
+
+        ``models`` holds (name, model fingerprint, output specs [(row shape, dtype)]).
+        Takes the writer lock first if this object does not hold it yet (:meth:`release`
+        gives it back). Each model that this run will write (chunks missing, or new) is
+        recorded in the manifest as written by this run.
+        """
+        import zarr
+
+        if not self.locked:
+            import uuid
+
+            self.acquire(uuid.uuid4().hex[:8])
+        root = Path(self.path)
+        # Read again under the lock: the run that held it before may have changed it.
+        m = self.manifest = self._read_manifest()
+        if m is not None and m.get("format") != FORMAT_VERSION:
+            warn_user(f"result store {self.path} was written by an older nbtool (format "
+                      f"{m.get('format')}); its results are discarded and everything is "
+                      "computed again.")
+            m = None
+        elif m is not None and (m.get("input") != input_fingerprint or m.get("n_rows") !=
+                                n_rows or m.get("chunk_size") != chunk_size):
+            what = "the input" if m.get("input") != input_fingerprint else "the chunking"
+            warn_user(f"result store {self.path}: {what} changed since it was written; "
+                      "its results are discarded and everything is computed again.")
+            m = None
+        if m is None:
+            _clear(root)    # all but the lock file this run holds
+            m = {"format": FORMAT_VERSION, "input": input_fingerprint, "n_rows": n_rows,
+                 "chunk_size": chunk_size, "models": {}}
+            self.manifest = m
+        # mode="a", never "w": "w" deletes the folder, the lock file with it.
+        group = zarr.open_group(self.path, mode="a")
+        n_chunks = n_chunks if n_chunks is not None else -(-n_rows // chunk_size)
+        for name, fingerprint, specs in models:
+            m["models"][name] = self._prepare_model(group, name, fingerprint, specs,
+                                                    n_rows, chunk_size, n_chunks)
+        self._write_manifest(m)
+        return {name: self.completed(name) for name, _, _ in models}
+
+    def _prepare_model(self, group, name: str, fingerprint: str, specs: list, n_rows: int,
+                       chunk_size: int, n_chunks: int) -> dict:
+        """One model's arrays, kept or made new; returns its manifest entry."""
+        root = Path(self.path)
+        known = self.manifest["models"].get(name)
+        entry = {"fingerprint": fingerprint, "outputs": [[list(s), d] for s, d in specs]}
+        if known is not None and {k: known.get(k) for k in entry} != entry:
+            warn_user(f"result store {self.path}: model {name!r} changed since its "
+                      "results were written; they are discarded and computed again.")
+            known = None
+        if known is None:
+            shutil.rmtree(root / _key(name), ignore_errors=True)
+            shutil.rmtree(root / "done" / _key(name), ignore_errors=True)
+            for k, (shape, dtype) in enumerate(specs):
+                dt = np.dtype(dtype)
+                group.create_array(f"{_key(name)}/out{k}", shape=(n_rows, *shape),
+                                   chunks=(chunk_size, *shape), dtype=dt,
+                                   fill_value=np.nan if dt.kind == "f" else 0,
+                                   overwrite=True)
+        writes = known is None or len(self.completed(name)) < n_chunks
+        if not writes:   # wholly stored: this run reads it, the last writer stays
+            return {**entry, "run": known.get("run"), "written_at": known.get("written_at")}
+        return {**entry, "run": self.run_id, "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _write_manifest(self, m: dict) -> None:
+        f = Path(self.path) / MANIFEST
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(m, indent=1))
+        os.replace(tmp, f)
+        self.manifest = m
+
+    def arrays(self, model: str) -> list:
+        """The model's outputs as zarr arrays (nothing is read until indexed)."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r")
+        n = len(self.manifest["models"][model]["outputs"])
+        return [group[f"{self._key(model)}/out{k}"] for k in range(n)]
+
+
+def _clear(root: Path) -> None:
+    """Empty a store's folder, keeping its lock file (and the lock on it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def check_npz_target(path: str | os.PathLike) -> None:
+    """Refuse a ``save="*.npz"`` path that cannot be written, before the run rather than
+    after it: a folder of that name, a missing or unwritable folder, a path under a file.
+
+    Example:
+        >>> check_npz_target("/dev/null/p.npz")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.NbtoolError: save='/dev/null/p.npz': /dev/null is not a folder...
+    """
+    target = Path(path).expanduser().resolve()
+    parent = target.parent
+    problem = None
+    if target.is_dir():
+        problem = f"{target} is a folder"
+    elif parent.exists() and not parent.is_dir():
+        problem = f"{parent} is not a folder (a file), so nothing can be saved under it"
+    elif not parent.exists():
+        problem = f"the folder {parent} does not exist"
+    elif not os.access(parent, os.W_OK | os.X_OK) or \
+            (target.exists() and not os.access(target, os.W_OK)):
+        problem = f"{target} cannot be written"
+    if problem:
+        raise NbtoolError(f"save={str(path)!r}: {problem}, so the results could not be "
+                          "written there after the run. Fix: pass a .npz path in a folder "
+                          "you can write, e.g. save='preds.npz' beside the notebook.")
+
+
+def check_runs(path: str, runs: dict[str, str | None], models: list[str]) -> None:
+    """Raise :class:`~nbtool.errors.StoreRewritten` if another run wrote any of ``models``
+    in the store at ``path`` since ``runs`` (model -> run id, from its manifest) was read.
+
+    Example:
+        >>> check_runs("preds.zarr", res.store_runs, ["cnn"])   # doctest: +SKIP
+    """
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        m = None
+    for name in models:
+        now = (m or {}).get("models", {}).get(name)
+        if now is not None and now.get("run") == runs.get(name):
+            continue
+        when = f" at {now['written_at']}" if now and now.get("written_at") else ""
+        what = "was rewritten by another run" + when if now else \
+            "was deleted or rewritten by another run"
+        raise StoreRewritten(path, f"it {what}; this Prediction's rows of model {name!r} are "
+                             "gone", _REWRITTEN_FIX)

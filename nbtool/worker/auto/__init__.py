@@ -1,0 +1,1 @@
+"""nbtool.worker.auto: (door to be written)."""

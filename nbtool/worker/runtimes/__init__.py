@@ -1,0 +1,1 @@
+"""nbtool.worker.runtimes: (door to be written)."""

@@ -1,0 +1,127 @@
+"""What every predictor shares: one fixed batch shape, prepared once, run over rows in
+batches (the last one padded), with each output's row shape and dtype learned at warm-up.
+
+A runtime's predictor (:class:`~nbtool.worker.runtimes.predictors.CompiledPredictor` for TensorFlow,
+:class:`~nbtool.worker.runtimes.litert.LiteRTPredictor`,
+:class:`~nbtool.worker.runtimes.openvino.OpenVINOPredictor`) says only how it prepares itself for the
+batch size (:meth:`FixedBatchPredictor.prepare`: trace, allocate, compile) and how it runs
+one batch (:meth:`FixedBatchPredictor.run_batch`); the rest is here, the same for all.
+
+Example:
+    >>> class Doubler(FixedBatchPredictor):
+    ...     def prepare(self):
+    ...         self.prepared += 1
+    ...     def run_batch(self, batch):
+    ...         return [batch * 2]
+    >>> p = Doubler(4, (2,), "float32")
+    >>> p(np.ones((5, 2), "float32"))[0].shape, p.traces, p.output_specs
+    ((5, 2), 1, [((2,), 'float32')])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from nbtool.worker.runtimes.batching import run_in_batches
+from nbtool.worker.environment import tensorflow
+
+
+class FixedBatchPredictor:
+    """Rows in, one float array per output out, in row order, through one fixed batch shape.
+
+    Subclasses implement :meth:`prepare` (count each preparation in ``self.prepared``) and
+    :meth:`run_batch`. A predictor that was never warmed up (the batch sweep's) warms itself
+    up at its first call. ``serial`` predictors hold one set of tensors (an interpreter, an
+    infer request), so their calls never overlap.
+
+    Example:
+        >>> p = CompiledPredictor(model, batch_size=32, row_shape=(8,), dtype="float32")  # doctest: +SKIP
+        >>> p(np.ones((70, 8), "float32"))[0].shape                                      # doctest: +SKIP
+        (70, 3)
+    """
+
+    #: Whether calls must not overlap (one set of tensors per predictor).
+    serial = True
+    #: Whether a non-finite input row comes out non-finite, as in TensorFlow. A converted
+    #: runtime may turn NaN into a plausible number (XNNPACK's max(NaN, 0) is 0): its rows
+    #: with a NaN or inf input are set to NaN, so garbage in never looks like an answer.
+    propagates_nan = False
+
+    def __init__(self, batch_size: int, row_shape: tuple, dtype, preprocess=None,
+                 name: str | None = None, path: str | None = None):
+        self.name, self.path = name, path          # for errors: which model this is
+        self.batch_size = int(batch_size)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        self.preprocess = preprocess
+        self.output_specs: list[tuple[tuple, str]] = []
+        self.batch_note: str | None = None         # why the batch is not what was asked
+        self.prepared = 0
+        self._warm = False
+        self._lock = threading.Lock() if self.serial else contextlib.nullcontext()
+
+    @property
+    def traces(self) -> int:
+        """How many times it was prepared (traced, allocated, compiled); 1 after warm-up."""
+        return self.prepared
+
+    def prepare(self) -> None:
+        """Make it ready to run batches of ``batch_size`` rows."""
+        raise NotImplementedError
+
+    def run_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One batch of exactly ``batch_size`` rows through the model: its outputs."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Prepare for the batch size and run once on zeros, so the first real chunk pays
+        nothing; records each output's row shape and dtype in ``output_specs``."""
+        self._warm = True
+        with self._lock:
+            self.prepare()
+        shape = tuple(1 if d is None else d for d in self.row_shape)
+        outs = self(np.zeros((1, *shape), self.dtype))
+        self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        if not self._warm:   # e.g. the batch sweep's predictors: never warmed up
+            self.warm_up()
+        with self._lock:
+            outs = run_in_batches(rows, self.batch_size, self.dtype, self.run_batch,
+                                  self.name, self.path)
+        if not self.propagates_nan and self.dtype.kind == "f" and len(rows):
+            bad = ~np.isfinite(np.asarray(rows).reshape(len(rows), -1)).all(axis=1)
+            if bad.any():
+                for y in outs:
+                    if y.dtype.kind == "f":
+                        y[bad] = np.nan
+        return outs
+
+
+def eager_preprocess(preprocess, batch: np.ndarray) -> np.ndarray:
+    """``preprocess`` (TensorFlow ops) run eagerly on one batch, for a runtime that runs
+    the model alone: TensorFlow is started first with this worker's thread settings (a
+    preprocess imports it on its own, and would start it with every core).
+
+    Example:
+        >>> eager_preprocess(lambda b: b * 2, np.ones(2))   # doctest: +SKIP
+        array([2., 2.])
+    """
+    tensorflow()
+    return np.asarray(preprocess(batch))
+
+
+def as_float32(outputs) -> list[np.ndarray]:
+    """Reduced-precision float outputs as float32, like every other model's; the rest as
+    they are.
+
+    Example:
+        >>> [y.dtype.name for y in as_float32([np.ones(2, "float16"), np.ones(2, "int32")])]
+        ['float32', 'int32']
+    """
+    outs = [np.asarray(y) for y in outputs]
+    return [y.astype(np.float32) if y.dtype.kind == "f" and y.dtype != np.float32 else y
+            for y in outs]
