@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import gpu_support as gs  # noqa: E402  (tests/ holds what the GPU tests and this share)
 from _common import arguments, timed  # noqa: E402  (benchmarks/ is on sys.path)
-from nbtool.engine.devices import FAKE_GPUS_ENV  # noqa: E402
+from nbtool._util.gpus import FAKE_GPUS_ENV  # noqa: E402
 
 #: Above this, GPU and CPU outputs disagree: a wrong result, not rounding (TF32 included).
 WRONG = 1e-2

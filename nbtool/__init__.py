@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 def _on_default(method: str):
     def shortcut(*args, **kwargs):
-        from nbtool.engine.session import default_engine
+        from nbtool.engine import default_engine
 
         return getattr(default_engine(), method)(*args, **kwargs)
 
@@ -77,13 +77,13 @@ dashboard = _on_default("dashboard")
 
 def load_ipython_extension(ip) -> None:
     """``%load_ext nbtool``: the ``%nbtool`` and ``%%infer`` magics."""
-    from nbtool.notebook.magics import load_ipython_extension as load
+    from nbtool.notebook import load_ipython_extension as load
 
     load(ip)
 
 
 def _quiet_kernel() -> None:
-    from nbtool._util.quiet import quiet_kernel
+    from nbtool._util import quiet_kernel
 
     quiet_kernel()
 

@@ -17,7 +17,8 @@ import dataclasses
 import html
 from typing import Any
 
-from nbtool.wire import SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, WorkerStatus
+from nbtool._util import human_bytes
+from nbtool.wire import ModelSpec, ModelState, SOFT_UNLOAD_ON_GPU, WorkerStatus
 
 
 class Table:
@@ -96,23 +97,6 @@ def _cell(value: Any) -> str:
     title = getattr(value, "title", None) if isinstance(value, Hint) else None
     attr = f' title="{html.escape(title, quote=True)}"' if title else ""
     return f"<td{attr}>{html.escape(str(value))}</td>"
-
-
-def human_bytes(n: int | float | None) -> str:
-    """``1234567`` -> ``'1.2 MB'``.
-
-    Example:
-        >>> human_bytes(1234567), human_bytes(None)
-        ('1.2 MB', '-')
-    """
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclasses.dataclass

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nbtool._util import human_bytes
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -362,7 +364,7 @@ class UnloadResult(list):
     def __repr__(self) -> str:
         if not self.freed:
             return list.__repr__(self)
-        freed = ", ".join(f"{w} {short_bytes(n)}" for w, n in sorted(self.freed.items()))
+        freed = ", ".join(f"{w} {human_bytes(n)}" for w, n in sorted(self.freed.items()))
         returns = ", ".join(f"{w} {r}" for w, r in sorted(self.returns_memory.items()))
         return f"{list.__repr__(self)} (freed: {freed}" + \
             (f"; returns memory: {returns})" if returns else ")")
@@ -381,18 +383,3 @@ class UnloadResult(list):
             out.freed.update(getattr(part, "freed", {}))
             out.returns_memory.update(getattr(part, "returns_memory", {}))
         return out
-
-
-def short_bytes(n: int) -> str:
-    """Bytes in one short word, as the tables write them.
-
-    Example:
-        >>> short_bytes(12_000_000), short_bytes(3)
-        ('12.0 MB', '3 B')
-    """
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

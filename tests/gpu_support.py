@@ -54,7 +54,7 @@ WIDE_ROWS, WIDE_BATCH = 20_000, 16_384
 def real_gpus():
     """The machine's GPUs by nbtool's own discovery (NVML), never an injected inventory;
     in a dry run, one injected GPU (its worker runs on the CPU)."""
-    from nbtool.engine.devices import FAKE_GPUS_ENV, discover_gpus, parse_inventory
+    from nbtool._util.gpus import FAKE_GPUS_ENV, discover_gpus, parse_inventory
 
     if DRY:
         return parse_inventory("1x8GB")
@@ -122,7 +122,7 @@ def inputs(folder: Path) -> dict[str, np.ndarray]:
 # -- NVML readings -------------------------------------------------------------------------
 def nvml_read(fn, index: int = 0):
     """``fn(nvml, handle)`` for GPU ``index`` with NVML open; None without NVML."""
-    from nbtool.engine.devices import open_nvml
+    from nbtool._util.gpus import open_nvml
 
     nvml = open_nvml()
     if nvml is None:

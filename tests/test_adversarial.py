@@ -43,7 +43,8 @@ def test_a_tflite_that_merges_its_batch_axis_matches_the_interpreter_or_is_refus
 def test_a_chunk_sent_with_a_stale_registration_is_refused_not_served_new_weights(
         engine, model_dir, reference, tmp_path, unique):
     from nbtool.errors import ChunkError
-    from nbtool.worker import predict_chunk, resource_name
+    from nbtool.worker.tasks import predict_chunk
+    from nbtool.worker.environment import resource_name
 
     name, path = f"{unique}_stale", tmp_path / "m.keras"
     path.write_bytes((model_dir / "mlp.keras").read_bytes())

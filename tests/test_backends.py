@@ -25,7 +25,8 @@ BACKENDS = ("jax", "torch")
 
 # -- no cluster ------------------------------------------------------------------------
 def test_the_plan_gives_each_worker_its_backend_and_its_memory_settings():
-    from nbtool.engine.devices import parse_inventory, plan_workers
+    from nbtool._util.gpus import parse_inventory
+    from nbtool.engine.devices import plan_workers
 
     (cpu,) = plan_workers([], n_workers=1, cores=2, total_memory=2**34, backend="jax")
     assert cpu.backend == "jax"
@@ -44,7 +45,7 @@ def test_the_plan_gives_each_worker_its_backend_and_its_memory_settings():
 
 def test_start_refuses_an_unknown_backend_and_one_not_installed(monkeypatch):
     import nbtool
-    from nbtool.engine import backends as keras_backend
+    import nbtool.engine.backends as keras_backend
 
     with pytest.raises(InvalidOption, match=r"backend='mxnet'; expected one of 'tensorflow', "
                                             r"'jax', 'torch'"):

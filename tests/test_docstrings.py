@@ -9,20 +9,31 @@ import importlib
 
 import pytest
 
-PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices", "nbtool.models.registry", "nbtool.models.files", "nbtool.predict.sources", "nbtool.predict.inputs", "nbtool.predict.store", "nbtool.predict.store_lock", "nbtool.predict.metrics", "nbtool.notebook.magic_args", "nbtool._util.quiet", "nbtool.notebook.progress", "nbtool.notebook.dashboard.sparklines", "nbtool.notebook.dashboard.gpu_monitor", "nbtool.predict.svg", "nbtool.predict.report", "nbtool.preprocess",
-                "nbtool.predict.results", "nbtool.tables", "nbtool.predict.output_memo",
-                "nbtool.worker", "nbtool.worker.reading", "nbtool.worker.runtimes.batching",
-                "nbtool.worker.runtimes.litert", "nbtool.worker.measure", "nbtool.worker.environment",
-                "nbtool.worker.loading", "nbtool.worker.runtimes.predictors", "nbtool.worker.model_cache",
+PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices",
+                "nbtool.models.registry", "nbtool.models.files", "nbtool.predict.sources",
+                "nbtool.predict.inputs", "nbtool.predict.store", "nbtool.predict.metrics",
+                "nbtool.notebook.magic_args", "nbtool._util.quiet",
+                "nbtool.dashboard.progress", "nbtool.dashboard.sparklines",
+                "nbtool.dashboard.gpu_monitor", "nbtool.predict.svg", "nbtool.predict.report",
+                "nbtool.preprocess", "nbtool.predict.results", "nbtool.tables",
+                "nbtool.predict.output_memo", "nbtool.worker", "nbtool.worker.reading",
+                "nbtool.worker.runtimes.fixed_batch", "nbtool.worker.runtimes.litert",
+                "nbtool.worker.measure", "nbtool.worker.environment", "nbtool.worker.loading",
+                "nbtool.worker.runtimes.predictors", "nbtool.worker.model_cache",
                 "nbtool.worker.process", "nbtool.worker.variants", "nbtool.worker.tasks",
-                "nbtool.worker.runtimes.openvino", "nbtool.worker.runtimes.fixed_batch", "nbtool.worker.auto.agreement",
-                "nbtool.worker.runtimes.to_litert", "nbtool.worker.auto.records", "nbtool.worker.auto.candidates",
-                "nbtool.worker.auto.choice", "nbtool.worker.auto.guard", "nbtool.worker.auto.opening", "nbtool.worker.keras_backends", "nbtool.worker.runtimes.backend_predictors", "nbtool.engine.backends",
-                "nbtool.worker.runtimes.openvino_files", "nbtool.worker.ov_variants", "nbtool.models.ir_files",
-                "nbtool.predict.planning", "nbtool.models.placement", "nbtool._util.settings", "nbtool.engine.session", "nbtool.models.catalog",
-                "nbtool.models.loads", "nbtool.predict.runs", "nbtool._util.private_files", "nbtool.engine.persist.engine_files", "nbtool.engine.facade",
-                "nbtool.engine.persist.server", "nbtool.engine.persist.on_scheduler", "nbtool.engine.current", "nbtool.predict.assembly", "nbtool.engine.persist.persistent",
-                "nbtool.engine.persist.attached"]
+                "nbtool.worker.runtimes.openvino", "nbtool.worker.auto.agreement",
+                "nbtool.worker.runtimes.to_litert", "nbtool.worker.auto.records",
+                "nbtool.worker.auto.candidates", "nbtool.worker.auto.choice",
+                "nbtool.worker.auto.guard", "nbtool.worker.auto.opening",
+                "nbtool.worker.keras_backends", "nbtool.worker.runtimes.backend_predictors",
+                "nbtool.engine.backends", "nbtool.worker.runtimes.openvino_files",
+                "nbtool.predict.planning", "nbtool.models.placement", "nbtool._util.settings",
+                "nbtool.engine.session", "nbtool.models.catalog", "nbtool.models.loads",
+                "nbtool.predict.runs", "nbtool._util.private_files",
+                "nbtool.engine.persist.engine_files", "nbtool.engine.engine",
+                "nbtool.engine.persist.server", "nbtool.engine.persist.on_scheduler",
+                "nbtool.engine.current", "nbtool.predict.run",
+                "nbtool.engine.persist.persistent", "nbtool.engine.persist.attached"]
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

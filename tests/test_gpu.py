@@ -26,7 +26,7 @@ import pytest
 
 import gpu_support as gs
 import nbtool
-from nbtool.engine.devices import FAKE_GPUS_ENV
+from nbtool._util.gpus import FAKE_GPUS_ENV
 
 GPUS = gs.real_gpus()
 BACKENDS = gs.backends()

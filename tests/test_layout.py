@@ -1,4 +1,5 @@
-"""The package's layout holds: two sides with one door each, no circles, small modules.
+"""The package's layout holds: subpackages reached through their doors, two sides (kernel
+and worker) that meet only in the shared modules, no circles, one meaning per word.
 
 Read from the source with ``ast`` (nothing is imported), so a change that breaks the layout
 fails here with the module and the import that broke it, whatever the tests exercise.
@@ -16,11 +17,18 @@ TESTS = Path(__file__).resolve().parent
 #: (it split modules by line count, not by idea) for one idea per module and a soft limit
 #: of about 600 lines.
 MAX_LINES = 600
-#: Imported by both sides: they import nothing above them.
-SHARED = {"nbtool.wire", "nbtool.errors", "nbtool._util.quiet"}
-#: The face: what the user touches. It reaches workers and the cluster only via the engine.
-FACE = {"nbtool.notebook.magics", "nbtool.notebook.magic_args", "nbtool.notebook.dashboard.panel", "nbtool.notebook.dashboard.runs",
-        "nbtool.notebook.dashboard.devices", "nbtool.notebook.progress", "nbtool.notebook.background"}
+#: Imported by both sides (kernel and workers): they import nothing above them. ``_util``
+#: is a subpackage of small helpers; ``preprocess`` is kernel code that runs on workers.
+SHARED_PREFIXES = ("nbtool.wire", "nbtool.errors", "nbtool.preprocess", "nbtool._util")
+#: The face: what the user touches. It reaches models, runs and workers only via the engine.
+FACE_PREFIXES = ("nbtool.notebook", "nbtool.dashboard")
+#: What may stand loose at the top: the public API and the shared modules (issue 25: about
+#: 8 at most).
+TOP_LEVEL = {"nbtool", "nbtool.errors", "nbtool.wire", "nbtool.preprocess", "nbtool.tables"}
+
+
+def shared(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in SHARED_PREFIXES)
 
 
 def modules() -> dict[str, Path]:
@@ -95,7 +103,7 @@ def test_no_import_circles_even_through_lazy_imports():
 
 
 def test_worker_code_imports_only_the_shared_modules_and_itself():
-    bad = {name: sorted(m for m in deps if m not in SHARED and not m.startswith("nbtool.worker"))
+    bad = {name: sorted(m for m in deps if not shared(m) and not m.startswith("nbtool.worker"))
            for name, deps in graph().items() if name.startswith("nbtool.worker")}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"worker code importing kernel code: {bad}"
@@ -109,19 +117,85 @@ def test_the_kernel_reaches_worker_code_only_through_the_door():
 
 
 def test_the_shared_modules_import_nothing_above_them():
-    g = graph()
-    bad = {name: sorted(g[name] - SHARED) for name in SHARED if g[name] - SHARED}
+    bad = {name: sorted(m for m in deps if not shared(m))
+           for name, deps in graph().items() if shared(name)}
+    bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"shared modules importing upwards: {bad}"
 
 
-def test_the_face_reaches_workers_and_the_cluster_only_through_the_engine():
-    g = graph()
-    bad = {name: sorted(m for m in g.get(name, ()) if m.startswith("nbtool.worker")
-                        or m in ("nbtool.engine.cluster", "nbtool.engine.pool", "nbtool.predict.run"))
-           for name in FACE}
+def test_the_face_reaches_models_runs_and_workers_only_through_the_engine():
+    past = ("nbtool.worker", "nbtool.models", "nbtool.predict")
+    bad = {name: sorted(m for m in deps if m.startswith(past))
+           for name, deps in graph().items() if name.startswith(FACE_PREFIXES)}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"the face reaching past the engine: {bad}"
-    assert "nbtool.engine.engine" not in g["nbtool.notebook.dashboard.panel"], "the dashboard is handed an engine"
+    dashboard = {m for name, deps in graph().items() if name.startswith("nbtool.dashboard")
+                 for m in deps}
+    assert not any(m.startswith("nbtool.engine") for m in dashboard), \
+        "the dashboard is handed an engine; it never imports one"
+
+
+def packages() -> set[str]:
+    return {name for name, path in modules().items() if path.name == "__init__.py"}
+
+
+def test_a_module_outside_a_subpackage_imports_only_its_door():
+    """``nbtool.predict.runs`` may import ``nbtool.models`` (the door) but not
+    ``nbtool.models.loads``; inside a subpackage, modules import each other directly."""
+    bad = []
+    for name, deps in graph().items():
+        for target in deps:
+            home = target.rpartition(".")[0]        # the package the target sits in
+            if home != "nbtool" and not name.startswith(home + ".") and name != home:
+                bad.append(f"{name} -> {target} (import it from {door_for(name, target)})")
+    assert not bad, "imports past a door:\n" + "\n".join(sorted(bad))
+
+
+def door_for(importer: str, target: str) -> str:
+    """The door ``importer`` should use for ``target``: its outermost package that does
+    not hold the importer."""
+    parts = target.split(".")
+    for i in range(2, len(parts)):
+        if not importer.startswith(".".join(parts[:i]) + "."):
+            return ".".join(parts[:i])
+    return target
+
+
+def test_every_door_says_what_its_room_is_for_and_lists_its_interface():
+    for name in packages():
+        tree = ast.parse(modules()[name].read_text())
+        doc = ast.get_docstring(tree) or ""
+        assert len(doc.split()) > 15, f"{name}: the door's docstring should say what the room holds"
+        names = [t.id for node in tree.body if isinstance(node, ast.Assign)
+                 for t in node.targets if isinstance(t, ast.Name)]
+        assert "__all__" in names, f"{name}: the door lists its interface in __all__"
+
+
+def test_only_the_public_api_and_the_shared_modules_stand_at_the_top():
+    loose = {name for name in modules() if name.count(".") == 1 and name not in packages()}
+    assert loose <= TOP_LEVEL, f"put these in a subpackage: {sorted(loose - TOP_LEVEL)}"
+    assert len(TOP_LEVEL) <= 8
+
+
+def test_one_meaning_per_word_in_module_names():
+    """"runtime" is only TensorFlow/OpenVINO/LiteRT (``worker.runtimes``); "cache" only the
+    worker's model cache (``worker.model_cache``)."""
+    names = set(modules())
+    assert {n for n in names if "runtime" in n} <= {n for n in names
+                                                    if n.startswith("nbtool.worker.runtimes")}
+    assert {n for n in names if "cache" in n} == {"nbtool.worker.model_cache"}
+
+
+def test_tests_import_the_module_they_test_not_a_door():
+    """A test names the module whose behaviour it checks (``nbtool.predict.runs``), so a
+    failure points at the room; the top-level ``nbtool`` API is what users import."""
+    doors = packages() - {"nbtool"}
+    reaches = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in doors:
+                reaches.append(f"{path.name}:{node.lineno} from {node.module} import ...")
+    assert not reaches, "import from the defining module instead:\n" + "\n".join(reaches)
 
 
 def test_every_module_says_first_what_it_owns():

@@ -102,9 +102,9 @@ def _save_ir(path, n_inputs: int = 1):
     theirs (``ov.save_model``)."""
     import numpy as np
 
-    from nbtool.worker.runtimes.openvino import openvino
+    from nbtool.worker.runtimes.openvino import import_openvino
 
-    ov = openvino()
+    ov = import_openvino()
     params = [ov.opset13.parameter([-1, 6, 6, 2], np.float32, name=f"x{i}")
               for i in range(n_inputs)]
     w = ov.opset13.constant(np.ones((2, 3), np.float32))

@@ -142,7 +142,7 @@ def test_choose_says_why_when_no_variant_qualifies(engine, optimized, digits_mod
 
 def test_every_variant_offered_is_one_the_workers_can_make():
     from nbtool.engine.optimize import NEEDS_CALIBRATION, VARIANTS
-    from nbtool.worker import CONVERSIONS
+    from nbtool.worker.variants import CONVERSIONS
 
     assert list(VARIANTS) == list(CONVERSIONS) and NEEDS_CALIBRATION <= set(CONVERSIONS)
 
@@ -312,7 +312,7 @@ import numpy as np
 if sys.argv[1] == "openvino-first":   # a user's own code imported OpenVINO first
     import openvino
 if sys.argv[1] != "nncf":
-    from nbtool.worker.ov_variants import nncf_module
+    from nbtool.worker.variants import nncf_module
     nncf = nncf_module()
 else:
     import nncf
@@ -323,7 +323,7 @@ m = ov.Model([ov.opset13.matmul(p, ov.opset13.constant(np.ones((4, 3), np.float3
 rows = np.ones((3, 4), np.float32)
 if sys.argv[1] != "nncf":
     from nbtool.wire import ModelSpec
-    from nbtool.worker.ov_variants import quantize_int8
+    from nbtool.worker.variants import quantize_int8
     quantize_int8(ModelSpec("m", "m.xml", "openvino", 1, "1-1"), m, rows)
 else:
     nncf.quantize(m, nncf.Dataset([r[None] for r in rows]), subset_size=3)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nbtool.engine.devices import WorkerInfo, place
+from nbtool.models.placement import WorkerInfo, place
 from nbtool.errors import PlacementError
 from nbtool.models.placement import assigned_bytes, place_all, placed_with
 from nbtool.predict.planning import first_routes, needs_costs, plan_model_routes, route_run

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nbtool.worker import worker_status
+from nbtool.worker.tasks import worker_status
 
 
 def test_work_sent_to_a_named_worker_runs_there_and_answers_by_name(engine):

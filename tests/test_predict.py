@@ -43,7 +43,7 @@ def test_a_cold_ensemble_is_planned_from_what_this_machine_measured(engine, kera
     Measured as costly to load: each worker loads a different model, the others load in
     the background, and the next run uses every replica, each model loaded once per worker."""
     from conftest import dense_model
-    from nbtool.worker import model_costs, record_cost
+    from nbtool.worker.measure import model_costs, record_cost
 
     eng = engine
     x = np.random.default_rng(6).normal(size=(2000, 64)).astype("float32")
@@ -259,7 +259,7 @@ def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_
 
     from conftest import dense_model
     from nbtool.models.registry import file_fingerprint
-    from nbtool.worker import resident_models, unload_models
+    from nbtool.worker.tasks import resident_models, unload_models
 
     name, path = f"{unique}_re", tmp_path / "retrained.keras"
     dense_model(keras, 16, seed=40, n_in=8).save(path)

@@ -77,7 +77,7 @@ def test_bad_sources_say_what_is_wrong(tmp_path, image_folder):
     folder, _ = image_folder
     (folder / "broken.png").write_bytes(b"not a png")
     ref = images(folder, size=(8, 8)).ref
-    from nbtool.worker import read_rows
+    from nbtool.worker.reading import read_rows
 
     with pytest.raises(NbtoolError, match=r"broken.png: cannot decode it"):
         read_rows(ref, 0, len(ref.files))

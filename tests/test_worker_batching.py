@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbtool.worker.runtimes.batching import run_in_batches
+from nbtool.worker.runtimes.fixed_batch import run_in_batches
 from nbtool.errors import BatchAxisMismatch
 
 

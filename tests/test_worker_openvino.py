@@ -162,8 +162,8 @@ TELEMETRY_PROBE = """
 import os, sys
 import numpy as np
 if sys.argv[1] == "nbtool":
-    from nbtool.worker.runtimes.openvino import openvino
-    ov = openvino()
+    from nbtool.worker.runtimes.openvino import import_openvino
+    ov = import_openvino()
 else:
     import openvino as ov
 p = ov.opset13.parameter([1, 4], np.float32)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from pathlib import Path
+import stat
 
 
 class NotPrivate(PermissionError):

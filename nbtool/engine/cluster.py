@@ -23,10 +23,10 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
+from pathlib import Path
 import re
 import shutil
 import stat
-from pathlib import Path
 
 from distributed import LocalCluster, Nanny
 from distributed.security import Security
@@ -70,7 +70,8 @@ class PinnedCluster(LocalCluster):
 
     Examples
     --------
-    >>> from nbtool.engine.devices import plan_workers, parse_inventory
+    >>> from nbtool.engine.devices import plan_workers
+    >>> from nbtool._util.gpus import parse_inventory
     >>> slots = plan_workers(parse_inventory("2x16GB"), cores=2, total_memory=2**34)
     >>> cluster = PinnedCluster(slots)                       # doctest: +SKIP
     >>> cluster.worker_spec["gpu1"]["options"]["env"]["CUDA_VISIBLE_DEVICES"]  # doctest: +SKIP

@@ -1,13 +1,11 @@
-"""Which devices there are, how many workers to run on them, and where each model goes.
+"""How many workers to run on this machine's devices, and each one's environment and budget.
 
-Everything here runs in the notebook kernel, so GPUs are found with NVML (``nvidia-ml-py``),
-never by importing TensorFlow: TensorFlow would take GPU memory in the kernel. Set
-``NBTOOL_FAKE_GPUS`` to inject an inventory (tests, or planning for a GPU machine from a
-laptop): a JSON list such as ``[{"index": 0, "name": "A100", "memory_total": "40GB"}]``,
-or the shorthand ``"2x16GB"``.
+The GPUs themselves are found by :mod:`nbtool._util.gpus` (NVML, or an injected inventory);
+where each model goes is :mod:`nbtool.models.placement`.
 
 Example:
-    >>> from nbtool.engine.devices import GPU, plan_workers
+    >>> from nbtool._util.gpus import GPU
+    >>> from nbtool.engine.devices import plan_workers
     >>> slots = plan_workers([GPU(0, "A100", 40 * 2**30), GPU(1, "A100", 40 * 2**30)],
     ...                      cores=16, total_memory=64 * 2**30)
     >>> [(s.name, s.env["CUDA_VISIBLE_DEVICES"], s.tf_threads) for s in slots]
@@ -17,17 +15,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from dask.utils import parse_bytes
-
-from nbtool.errors import PlacementError
+from nbtool._util import GPU, as_bytes
 from nbtool.engine.backends import backend_env
-from nbtool._util.settings import as_bytes
 
-FAKE_GPUS_ENV = "NBTOOL_FAKE_GPUS"
 
 #: Memory one worker needs before any model: TensorFlow's runtime alone is ~0.65 GB of RSS
 #: on this stack (measured: RSS after ``import tensorflow`` in a fresh process).
@@ -35,26 +28,6 @@ WORKER_BASE_MEMORY = int(0.7 * 2**30)
 
 #: Share of a GPU's memory that models may take; the rest is for activations.
 GPU_BUDGET_SHARE = 0.8
-
-
-@dataclasses.dataclass(frozen=True)
-class GPU:
-    """One GPU as NVML (or an injected inventory) describes it.
-
-    Example:
-        >>> GPU(0, "H100", 80 * 2**30).label
-        'gpu:0'
-    """
-
-    index: int
-    name: str
-    memory_total: int
-    uuid: str = ""
-
-    @property
-    def label(self) -> str:
-        """The device name workers and placement use: ``gpu:<index>``."""
-        return f"gpu:{self.index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,85 +51,11 @@ class WorkerSlot:
     backend: str = "tensorflow"
 
 
-def discover_gpus() -> list[GPU]:
-    """The GPUs of this machine, from NVML (or ``NBTOOL_FAKE_GPUS``); ``[]`` if none.
-
-    Example:
-        >>> import os
-        >>> os.environ["NBTOOL_FAKE_GPUS"] = "2x16GB"
-        >>> [g.label for g in discover_gpus()]
-        ['gpu:0', 'gpu:1']
-        >>> del os.environ["NBTOOL_FAKE_GPUS"]
-    """
-    fake = os.environ.get(FAKE_GPUS_ENV)
-    if fake:
-        return parse_inventory(fake)
-    pynvml = open_nvml()
-    if pynvml is None:
-        return []
-    try:
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            gpus.append(GPU(i, name.decode() if isinstance(name, bytes) else name,
-                            int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-                            str(pynvml.nvmlDeviceGetUUID(h))))
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def open_nvml():
-    """The ``pynvml`` module with NVML started, or None where there is no NVML (no
-    nvidia-ml-py, or no driver: a CPU machine). NVML counts its users: match each
-    successful call with ``nvml.nvmlShutdown()``.
-
-    Example:
-        >>> nvml = open_nvml()
-        >>> nvml is None or nvml.nvmlShutdown() is None
-        True
-    """
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:   # no driver: a CPU machine
-        return None
-    return pynvml
-
-
-def parse_inventory(text: str) -> list[GPU]:
-    """Parse an injected GPU inventory: JSON, or the shorthand ``"NxSIZE"``.
-
-    Example:
-        >>> parse_inventory("2x16GB")[1]
-        GPU(index=1, name='fake', memory_total=16000000000, uuid='')
-        >>> parse_inventory('[{"index": 3, "name": "T4", "memory_total": "15GB"}]')[0].label
-        'gpu:3'
-    """
-    text = text.strip()
-    if "x" in text and not text.startswith("["):
-        count, size = text.split("x", 1)
-        return [GPU(i, "fake", parse_bytes(size)) for i in range(int(count))]
-    try:
-        items = json.loads(text)
-        return [GPU(int(d["index"]), str(d.get("name", "fake")),
-                    as_bytes(d["memory_total"]), str(d.get("uuid", "")))
-                for d in items]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"{FAKE_GPUS_ENV}={text!r} is not a GPU inventory ({e}); expected JSON like "
-            '[{"index": 0, "name": "A100", "memory_total": "40GB"}] or the shorthand '
-            "'2x16GB'.") from None
-
-
 def select_gpus(gpus: str | int | Sequence[int] | None, inventory: list[GPU]) -> list[GPU]:
     """Pick the GPUs asked for: ``"auto"``/``None`` all, ``"none"``/``[]`` none, or indices.
 
     Example:
+        >>> from nbtool._util.gpus import parse_inventory
         >>> inv = parse_inventory("2x16GB")
         >>> [g.index for g in select_gpus("auto", inv)], select_gpus("none", inv)
         ([0, 1], [])
@@ -274,80 +173,3 @@ def _worker_env(visible: str, threads: int, device: str, budget: int,
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerInfo:
-    """A running worker as placement sees it: its stable name, device and model budget.
-
-    Example:
-        >>> WorkerInfo("gpu0", "gpu:0", 2**30).kind
-        'gpu'
-    """
-
-    name: str
-    device: str
-    budget: int
-    backend: str = "tensorflow"   # the Keras backend it runs
-
-    @property
-    def kind(self) -> str:
-        """``"gpu"`` or ``"cpu"``: what ``device="gpu"`` matches."""
-        return self.device.split(":", 1)[0]
-
-
-def candidates(model: str, device: str, workers: Iterable[WorkerInfo]) -> list[WorkerInfo]:
-    """The workers ``device`` allows for ``model``, in the order given.
-
-    ``"auto"`` means the GPU workers if there are any, else the CPU workers; ``"gpu"`` and
-    ``"cpu"`` every worker of that kind; ``"gpu:1"`` that one device.
-
-    Example:
-        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("gpu0", "gpu:0", 100)]
-        >>> [w.name for w in candidates("cnn", "auto", ws)], candidates("cnn", "cpu:3", ws)
-        (['gpu0'], [])
-    """
-    workers = list(workers)
-    device = device.strip().lower()
-    if device == "auto":
-        return [w for w in workers if w.kind == "gpu"] or workers
-    if device in ("cpu", "gpu"):
-        return [w for w in workers if w.kind == device]
-    if ":" in device:
-        return [w for w in workers if w.device == device]
-    raise PlacementError(model, device, sorted({w.device for w in workers}),
-                         "use device='auto', 'cpu', 'gpu' or one device like 'gpu:0'")
-
-
-def place(model: str, size: int, device: str, replicas: int, workers: Iterable[WorkerInfo],
-          assigned: dict[str, int]) -> list[str]:
-    """Choose the workers that will hold a model; returns their names.
-
-    ``device`` is ``"auto"`` (GPU workers if there are any, else CPU workers), ``"gpu"``,
-    ``"cpu"``, or one device such as ``"gpu:1"`` (see :func:`candidates`). Among the
-    candidates, the ``replicas`` with the most free budget win (``assigned`` holds the
-    bytes already placed on each worker); call it largest model first for a good packing.
-    This is the placement of a model pinned by ``replicas=`` or ``device="gpu:1"``; the
-    others are placed together by :func:`nbtool.models.placement.place_auto`.
-
-    Example:
-        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
-        >>> place("cnn", 60, "auto", 1, ws, {"cpu0": 50, "cpu1": 0})
-        ['cpu1']
-        >>> place("cnn", 60, "cpu", 2, ws, {})
-        ['cpu0', 'cpu1']
-    """
-    workers = list(workers)
-    if replicas < 1:
-        raise ValueError(f"model {model!r}: replicas={replicas}; expected 1 or more.")
-    device = device.strip().lower()
-    found = candidates(model, device, workers)
-    if len(found) < replicas:
-        available = sorted({w.device for w in workers})
-        if not found:
-            fix = ("start the engine with GPUs (nbtool.start(gpus='auto')) or use "
-                   "device='auto'" if device.startswith("gpu") else "use device='auto'")
-        else:
-            fix = f"lower replicas to {len(found)} or start more workers"
-        raise PlacementError(model, device, available, fix, replicas)
-    free = {w.name: w.budget - assigned.get(w.name, 0) for w in found}
-    order = sorted(found, key=lambda w: (-free[w.name], w.name))
-    return [w.name for w in order[:replicas]]

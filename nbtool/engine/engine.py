@@ -17,27 +17,75 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
-import tempfile
-import weakref
 from pathlib import Path
+import tempfile
 from typing import Any, Callable
+import weakref
 
 from distributed import Client
 
-from nbtool.models.catalog import Catalog, model_names
-from nbtool.engine.devices import WorkerInfo
-from nbtool.errors import NbtoolError
-from nbtool.engine.facade import _doc, _open
-from nbtool.models.loads import BackgroundLoads, Loads
+from nbtool._util import check_size
 from nbtool.engine.pool import WorkerPool
-from nbtool.predict.results import Prediction
-from nbtool.predict.run import PredictionRun
-from nbtool.predict.runs import Runs, remove_folders
-from nbtool._util.settings import check_size
+from nbtool.errors import EngineClosed, NbtoolError
+from nbtool.models import BackgroundLoads, Catalog, Loads, WorkerInfo, model_names
+from nbtool.predict import Prediction, PredictionRun, Runs, remove_folders
 from nbtool.tables import Table, device_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus
 from nbtool.worker import NbtoolWorkerPlugin
+
+
+def _doc(implementation):
+    """Give a facade method the docstring of the part that does its work: the behaviour is
+    written once, where it is implemented (as ``dask.utils.derived_from`` does)."""
+    def take(method):
+        method.__doc__ = implementation.__doc__
+        return method
+
+    return take
+
+
+def _open(method):
+    """Refuse ``method`` on a closed engine with :class:`~nbtool.errors.EngineClosed`, and
+    on a persistent one whose process ended with
+    :class:`~nbtool.engine.persist.persistent.EngineNotRunning`.
+
+    Checked before the method touches the cluster: a closed client otherwise fails deep
+    inside Dask (``RuntimeError: IOLoop is closed``) or, for ``register``, not at all.
+    """
+    def check(self):
+        if self.closed:
+            raise EngineClosed(method.__name__)
+        if hasattr(self.cluster, "check_running"):
+            self.cluster.check_running(self)
+
+    def check_after(self):
+        # A persistent engine killed during the call: that, not the chunk errors it left.
+        if not self.closed and hasattr(self.cluster, "check_running"):
+            self.cluster.check_running(self)
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def guarded_async(self, *args, **kwargs):
+            check(self)
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                check_after(self)
+
+        return guarded_async
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        check(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            check_after(self)
+
+    return guarded
 
 
 class Engine:
@@ -241,12 +289,12 @@ class Engine:
 
     @_open
     def dashboard(self, **options):
-        """A live panel of this engine (see :class:`nbtool.notebook.dashboard.panel.Dashboard`).
+        """A live panel of this engine (see :class:`nbtool.dashboard.panel.Dashboard`).
 
         Example:
             >>> eng.dashboard()    # doctest: +SKIP
         """
-        from nbtool.notebook.dashboard.panel import Dashboard
+        from nbtool.dashboard import Dashboard
 
         return Dashboard(self, **options)
 
@@ -322,7 +370,7 @@ class Engine:
             self.client.close()
         finally:
             if self.cluster is not None:
-                from nbtool._util.quiet import planned_restart
+                from nbtool._util import planned_restart
 
                 with planned_restart():   # stopping workers is planned too: no warnings
                     self.cluster.close()
@@ -363,4 +411,3 @@ class Engine:
                 f"{len(self.registry)} model(s), "
                 + (f"dashboard {self.dashboard_link}>" if self.dashboard_link
                    else "no dashboard>"))
-

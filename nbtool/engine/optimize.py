@@ -51,11 +51,11 @@ from typing import Any
 
 import numpy as np
 
+from nbtool._util import human_bytes
 from nbtool.errors import NoVariantQualifies
-from nbtool.predict.metrics import output_agreement
-from nbtool.models.files import disk_size
-from nbtool.predict.report import fmt
-from nbtool.tables import Table, human_bytes
+from nbtool.models import disk_size
+from nbtool.predict import fmt, output_agreement
+from nbtool.tables import Table
 from nbtool.worker import convert_variant
 
 #: The variants nbtool can make, and what each is.
@@ -98,7 +98,7 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     Example:
         >>> optimize(eng, "cnn", ["float16"], x=x_test)   # doctest: +SKIP
     """
-    from nbtool.predict.inputs import as_source, check_fits
+    from nbtool.predict import as_source, check_fits
 
     spec = engine.registry.get(name)
     variants = [variants] if isinstance(variants, str) else list(dict.fromkeys(variants))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-from nbtool.engine.devices import WorkerInfo
+from nbtool._util import planned_restart
 from nbtool.errors import NbtoolError
-from nbtool._util.quiet import planned_restart
+from nbtool.models import WorkerInfo
 from nbtool.wire import WorkerStatus
 from nbtool.worker import resource_name, worker_status
 

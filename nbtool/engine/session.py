@@ -21,12 +21,12 @@ from typing import Any
 
 from distributed import Client
 
-from nbtool.engine.devices import discover_gpus, plan_workers, select_gpus
+from nbtool._util import as_bytes, check_count, check_size, discover_gpus, env_setting
+from nbtool.engine.backends import check_backend
 from nbtool.engine.current import current_engine, default_engine, set_default_engine
+from nbtool.engine.devices import plan_workers, select_gpus
 from nbtool.engine.engine import Engine
 from nbtool.errors import NbtoolError
-from nbtool.engine.backends import check_backend
-from nbtool._util.settings import as_bytes, check_count, check_size, env_setting
 from nbtool.worker import NbtoolWorkerPlugin
 
 # The default-engine functions live in nbtool.engine.current; they are still found here.
@@ -91,7 +91,7 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         ...                                      tls_client_key="me.key",
         ...                                      require_encryption=True))  # doctest: +SKIP
     """
-    from nbtool._util.quiet import quiet_dask, quiet_kernel
+    from nbtool._util import quiet_dask, quiet_kernel
 
     quiet_kernel()
     quiet_dask()
@@ -110,7 +110,7 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
         check_dashboard_address(dashboard_address, allow_remote_dashboard)
         clean_stale_shared_folders()
         if persist:
-            from nbtool.engine.persist.persistent import start_persistent
+            from nbtool.engine.persist import start_persistent
 
             return start_persistent(
                 name, idle_timeout, work_dir, gpus=gpus, n_workers=n_workers,

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Any, Iterable
 
-from nbtool.models.placement import is_auto, place_all, placed_with
+from nbtool._util import warn_user
 from nbtool.errors import InvalidOption, NbtoolError
-from nbtool.models.registry import (Registry, check_backend_support, check_batch_size, check_name,
-                       check_replicas, find_models, inspect_model)
+from nbtool.models.placement import is_auto, place_all, placed_with
+from nbtool.models.registry import (Registry, check_backend_support, check_batch_size,
+    check_name, check_replicas, find_models, inspect_model)
 from nbtool.tables import ModelRow, model_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
 from nbtool.worker import PRECISIONS, unload_models
-from nbtool._util.warn import warn_user
 
 #: The options a user gave at registration: a changed file is registered again with them.
 OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision",

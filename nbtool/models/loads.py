@@ -16,10 +16,10 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from nbtool._util import warn_user
 from nbtool.errors import ModelLoadError, NbtoolError
 from nbtool.wire import ModelState, UnloadResult
 from nbtool.worker import load_model, unload_models
-from nbtool._util.warn import warn_user
 
 
 class Loads:

@@ -13,7 +13,6 @@ later. Pinned models (``replicas=N``, ``device="gpu:1"``) are placed first and t
 count against the budgets.
 
 Example:
-    >>> from nbtool.engine.devices import WorkerInfo
     >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
     >>> place_auto({"a": (30, "auto"), "b": (20, "auto"), "c": (10, "auto")}, ws)
     {'a': ['cpu0', 'cpu1'], 'b': ['cpu1', 'cpu0'], 'c': ['cpu1', 'cpu0']}
@@ -21,9 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
-from nbtool.engine.devices import WorkerInfo, candidates, place
+from nbtool.errors import PlacementError
 from nbtool.wire import ModelSpec
 
 
@@ -41,8 +41,7 @@ def place_auto(models: dict[str, tuple[int, str]], workers: Iterable[WorkerInfo]
     has room for it, until no worker has room for any.
 
     Example:
-        >>> from nbtool.engine.devices import WorkerInfo
-        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
+            >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
         >>> # eight models, room for two on each worker: one worker each, four per worker
         >>> tight = place_auto({f"m{i}": (50, "auto") for i in range(8)}, ws)
         >>> [len(w) for w in tight.values()], sorted(w[0] for w in tight.values())
@@ -118,8 +117,7 @@ def placed_with(spec: ModelSpec, specs: dict[str, ModelSpec],
     be placed (no worker of its kind, more replicas than workers).
 
     Example:
-        >>> from nbtool.engine.devices import WorkerInfo
-        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
+            >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
         >>> spec = lambda n, size, **kw: ModelSpec(n, n, "keras", size, "fp", replicas=None, **kw)
         >>> placement = placed_with(spec("a", 60), {}, {}, ws); placement
         {'a': ['cpu0', 'cpu1']}
@@ -144,8 +142,7 @@ def place_all(specs: dict[str, ModelSpec], placement: dict[str, list[str]],
     keeps where it was). In the order of ``specs``.
 
     Example:
-        >>> from nbtool.engine.devices import WorkerInfo
-        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
+            >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
         >>> specs = {"p": ModelSpec("p", "p", "keras", 50, "fp", device="cpu:1"),
         ...          "a": ModelSpec("a", "a", "keras", 60, "fp", replicas=None)}
         >>> place_all(specs, {"p": ["cpu1"]}, ws)
@@ -182,3 +179,82 @@ def assigned_bytes(specs: dict[str, ModelSpec], placement: dict[str, list[str]],
         for w in workers[:1] if is_auto(spec.replicas, spec.device) else workers:
             assigned[w] = assigned.get(w, 0) + spec.size_bytes
     return assigned
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A running worker as placement sees it: its stable name, device and model budget.
+
+    Example:
+        >>> WorkerInfo("gpu0", "gpu:0", 2**30).kind
+        'gpu'
+    """
+
+    name: str
+    device: str
+    budget: int
+    backend: str = "tensorflow"   # the Keras backend it runs
+
+    @property
+    def kind(self) -> str:
+        """``"gpu"`` or ``"cpu"``: what ``device="gpu"`` matches."""
+        return self.device.split(":", 1)[0]
+
+
+def candidates(model: str, device: str, workers: Iterable[WorkerInfo]) -> list[WorkerInfo]:
+    """The workers ``device`` allows for ``model``, in the order given.
+
+    ``"auto"`` means the GPU workers if there are any, else the CPU workers; ``"gpu"`` and
+    ``"cpu"`` every worker of that kind; ``"gpu:1"`` that one device.
+
+    Example:
+        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("gpu0", "gpu:0", 100)]
+        >>> [w.name for w in candidates("cnn", "auto", ws)], candidates("cnn", "cpu:3", ws)
+        (['gpu0'], [])
+    """
+    workers = list(workers)
+    device = device.strip().lower()
+    if device == "auto":
+        return [w for w in workers if w.kind == "gpu"] or workers
+    if device in ("cpu", "gpu"):
+        return [w for w in workers if w.kind == device]
+    if ":" in device:
+        return [w for w in workers if w.device == device]
+    raise PlacementError(model, device, sorted({w.device for w in workers}),
+                         "use device='auto', 'cpu', 'gpu' or one device like 'gpu:0'")
+
+
+def place(model: str, size: int, device: str, replicas: int, workers: Iterable[WorkerInfo],
+          assigned: dict[str, int]) -> list[str]:
+    """Choose the workers that will hold a model; returns their names.
+
+    ``device`` is ``"auto"`` (GPU workers if there are any, else CPU workers), ``"gpu"``,
+    ``"cpu"``, or one device such as ``"gpu:1"`` (see :func:`candidates`). Among the
+    candidates, the ``replicas`` with the most free budget win (``assigned`` holds the
+    bytes already placed on each worker); call it largest model first for a good packing.
+    This is the placement of a model pinned by ``replicas=`` or ``device="gpu:1"``; the
+    others are placed together by :func:`nbtool.models.placement.place_auto`.
+
+    Example:
+        >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]
+        >>> place("cnn", 60, "auto", 1, ws, {"cpu0": 50, "cpu1": 0})
+        ['cpu1']
+        >>> place("cnn", 60, "cpu", 2, ws, {})
+        ['cpu0', 'cpu1']
+    """
+    workers = list(workers)
+    if replicas < 1:
+        raise ValueError(f"model {model!r}: replicas={replicas}; expected 1 or more.")
+    device = device.strip().lower()
+    found = candidates(model, device, workers)
+    if len(found) < replicas:
+        available = sorted({w.device for w in workers})
+        if not found:
+            fix = ("start the engine with GPUs (nbtool.start(gpus='auto')) or use "
+                   "device='auto'" if device.startswith("gpu") else "use device='auto'")
+        else:
+            fix = f"lower replicas to {len(found)} or start more workers"
+        raise PlacementError(model, device, available, fix, replicas)
+    free = {w.name: w.budget - assigned.get(w.name, 0) for w in found}
+    order = sorted(found, key=lambda w: (-free[w.name], w.name))
+    return [w.name for w in order[:replicas]]

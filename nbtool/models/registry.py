@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import numbers
 import os
-import re
 from pathlib import Path
+import re
 from typing import Any
 
+from nbtool._util import warn_user
 from nbtool.errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
-                     NbtoolError, UntrustedModel)
+    NbtoolError, UntrustedModel)
 from nbtool.models.files import FORMATS, detect_format, read_model_file
 from nbtool.wire import ModelSpec, content_digest, file_fingerprint
-from nbtool._util.warn import warn_user
 
 #: The longest model name: names become file names and result-store array names.
 NAME_LIMIT = 100

@@ -186,7 +186,7 @@ def check_size(text: str | None, flag: str) -> None:
     """
     if text is None:
         return
-    from nbtool._util.settings import as_bytes
+    from nbtool._util import as_bytes
 
     try:
         ok = as_bytes(text) > 0

@@ -25,9 +25,115 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from nbtool.errors import ModelNotFound, NbtoolError
-from nbtool.notebook.magic_args import (batch_size_flag, check_choice, check_variable_name, device_option,
-                         replicas_option, split_line, trusted_option, whole_number)
-from nbtool.notebook.magics_engine import EngineCommands
+from nbtool.notebook.magic_args import (backend_arg, batch_size_flag, check_choice, check_size,
+    check_variable_name, device_option, gpus_arg, replicas_option, split_line, trusted_option,
+    whole_number)
+
+
+class EngineCommands:
+    """``%nbtool start``, ``attach``, ``stop`` and ``running``.
+
+    Example:
+        >>> get_ipython().run_line_magic("nbtool", "start --persist")   # doctest: +SKIP
+    """
+
+    _started = None   # the engine %nbtool start or attach made (and may replace)
+
+    @magic_arguments(name="nbtool start")
+    @argument("--gpus", type=gpus_arg, default="auto", help="'auto' (every GPU NVML finds), "
+              "'none' (CPU workers), or indices like 0,1")
+    @argument("--workers", type=whole_number, default=None,
+              help="CPU workers (default: one per core)")
+    @argument("--address", default=None, help="an existing Dask scheduler, tcp://host:8786")
+    @argument("--memory-budget", default=None, help="model memory per worker, e.g. 4GB")
+    @argument("--backend", type=backend_arg, default=None, help="the Keras backend the "
+              "workers run: tensorflow (default), jax or torch")
+    @argument("--persist", action="store_true", help="run the cluster in a process of its "
+              "own that outlives the kernel: after a restart, %%nbtool attach finds its "
+              "models loaded (if it runs already, this attaches to it)")
+    @argument("--name", default="default", help="the persistent engine's name (with "
+              "--persist; default: default)")
+    @argument("--idle-timeout", default=None, help="with --persist: end it after this long "
+              "without a kernel attached, e.g. 30min (the default) or 2h")
+    def _start(self, args):
+        """Start the engine: a local cluster (one worker per GPU) or an existing one."""
+        import nbtool
+
+        # Refuse what can be refused before the old engine goes, so a typo does not cost it.
+        check_size(args.memory_budget, "--memory-budget")
+        if args.address is None:
+            from nbtool._util import discover_gpus
+            from nbtool.engine import select_gpus
+            from nbtool.engine import check_backend
+
+            select_gpus(args.gpus, discover_gpus())   # ValueError: a UsageError in nbtool()
+            check_backend(args.backend)   # not installed: refused before the old one goes
+        if args.persist:
+            from nbtool.engine import idle_seconds
+
+            idle_seconds(args.idle_timeout)
+        old = self._let_go()   # re-running the cell restarts cleanly (a persistent one: detaches)
+        eng = self._started = nbtool.start(
+            address=args.address, gpus=args.gpus, n_workers=args.workers,
+            memory_budget=args.memory_budget or self.memory_budget, backend=args.backend,
+            persist=args.persist, name=args.name, idle_timeout=args.idle_timeout)
+        self._bind(old, eng)
+        return eng
+
+    @magic_arguments(name="nbtool attach")
+    @argument("name", nargs="?", default="default", help="the persistent engine (default: "
+              "default; %%nbtool running lists them)")
+    def _attach(self, args):
+        """Attach to a persistent engine: its models are registered and loaded as before."""
+        from nbtool.engine import attach
+
+        old = self._let_go()
+        eng = self._started = attach(args.name)
+        self._bind(old, eng)
+        return eng.models()
+
+    @magic_arguments(name="nbtool stop")
+    @argument("--shutdown", action="store_true", help="a persistent engine: end it too (by "
+              "default it keeps running, its models loaded, until its idle timeout)")
+    def _stop(self, args):
+        """Close the engine and its local cluster (a persistent one: detach from it)."""
+        eng = self._engine()
+        persistent = getattr(eng.cluster, "record", None)
+        if persistent is not None and args.shutdown:
+            from nbtool.engine import shutdown
+
+            print("the persistent engine " + shutdown(persistent.name))
+        else:
+            eng.close()
+        if eng is self._started:
+            self._started = None
+        if persistent is not None and not args.shutdown:
+            from nbtool.engine import idle_words
+
+            print(f"detached from the persistent engine {persistent.name!r}: it keeps running "
+                  f"with its models loaded, and ends after "
+                  f"{idle_words(persistent.idle_timeout)} without a kernel. %nbtool attach "
+                  "comes back to it; %nbtool stop --shutdown ends it now.")
+
+    @magic_arguments(name="nbtool running")
+    def _running(self, args):
+        """This user's persistent engines that run now."""
+        from nbtool.engine import running
+
+        return running()
+
+    def _let_go(self):
+        """Close (or, a persistent engine, detach from) the engine this magic made; returns it."""
+        old, self._started = self._started, None
+        if old is not None:
+            old.close()
+        return old
+
+    def _bind(self, old, eng) -> None:
+        """``eng`` in the notebook is the new engine, unless it names one of the user's own."""
+        if self.shell.user_ns.get("eng") is None or self.shell.user_ns.get("eng") is old:
+            self.shell.user_ns["eng"] = eng
+
 
 SUBCOMMANDS = ("start", "attach", "register", "register-dir", "models", "devices", "load",
                "unload", "dashboard", "stop", "running", "optimize")
@@ -96,7 +202,7 @@ class Nbtool(EngineCommands, Magics):
                                       for f in self._subcommand_handlers())))
 
     def _engine(self):
-        from nbtool.engine.session import current_engine
+        from nbtool.engine import current_engine
 
         eng = current_engine()
         if eng is None:
@@ -197,7 +303,7 @@ class Nbtool(EngineCommands, Magics):
         self._check_models([args.name])
         if args.out is not None:
             check_variable_name(args.out)
-        from nbtool.engine.optimize import VARIANTS
+        from nbtool.engine import VARIANTS
 
         for v in args.variants:
             check_choice("--variants", v, VARIANTS, "a variant")
@@ -253,7 +359,7 @@ class Nbtool(EngineCommands, Magics):
         labels = self.shell.ev(args.labels) if args.labels else None
         combine = args.combine or self.combine
         combine = None if combine == "none" else combine
-        from nbtool.notebook.progress import progress_view, wait_with_progress
+        from nbtool.dashboard import progress_view, wait_with_progress
 
         try:
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
@@ -275,7 +381,7 @@ class Nbtool(EngineCommands, Magics):
             return res
 
         if args.background:
-            from nbtool.notebook.background import BackgroundRun
+            from nbtool.dashboard import BackgroundRun
 
             return BackgroundRun(run, view, bind, args.out).start()
         return bind(wait_with_progress(run, view))
@@ -306,7 +412,7 @@ class Nbtool(EngineCommands, Magics):
         typing_first = len(words) == 1 or (len(words) == 2 and not event.line.endswith(" "))
         if words and words[0] == "%nbtool" and typing_first:
             return [s for s in SUBCOMMANDS if s.startswith(event.symbol)]
-        from nbtool.engine.session import current_engine
+        from nbtool.engine import current_engine
 
         eng = current_engine()
         names = eng.registry.names() if eng is not None else []
@@ -333,7 +439,7 @@ def load_ipython_extension(ip) -> None:
     Example:
         >>> get_ipython().run_line_magic("load_ext", "nbtool")   # doctest: +SKIP
     """
-    from nbtool._util.quiet import quiet_kernel
+    from nbtool._util import quiet_kernel
 
     quiet_kernel()   # before the notebook's own TensorFlow start-up lines
     magics = Nbtool(shell=ip)

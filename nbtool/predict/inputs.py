@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import InputMismatch, NbtoolError
-from nbtool.predict.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource, Source,
-                      ZarrSource)
+from nbtool.predict.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource,
+    Source, ZarrSource)
 from nbtool.wire import ModelSpec
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the

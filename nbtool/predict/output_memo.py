@@ -40,15 +40,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 import re
 import stat
 import time
-from pathlib import Path
 
 import numpy as np
 
-from nbtool._util.settings import as_bytes, env_setting
-from nbtool._util.warn import warn_user
+from nbtool._util import as_bytes, env_setting, warn_user
 
 #: The default bound on the folder's size (``NBTOOL_OUTPUT_CACHE_SIZE`` sets another).
 DEFAULT_LIMIT = 2_000_000_000
@@ -105,7 +104,7 @@ class OutputCache:
             >>> import tempfile; OutputCache(tempfile.mkdtemp()).usable()
             True
         """
-        from nbtool._util.private_files import NotPrivate, private_folder
+        from nbtool._util import NotPrivate, private_folder
 
         try:
             private_folder(self.folder)

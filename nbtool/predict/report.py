@@ -28,8 +28,8 @@ import io
 
 import numpy as np
 
-from nbtool.predict.metrics import (accuracy, agreement, classifier_scores, confusion, disagreement_rows,
-                      outputs_by_model, predicted_classes)
+from nbtool.predict.metrics import (accuracy, agreement, classifier_scores, confusion,
+    disagreement_rows, outputs_by_model, predicted_classes)
 from nbtool.predict.svg import bar_chart, heatmap
 
 #: Bars and confusion rows beyond this many classes would not be read: the most predicted.

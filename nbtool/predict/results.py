@@ -13,8 +13,8 @@ Example:
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
+import warnings
 
 import numpy as np
 

@@ -15,23 +15,46 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-import uuid
 from typing import Callable
+import uuid
 
 import dask
+import numpy as np
 from distributed import Future, as_completed
 
+from nbtool._util import warn_user
 from nbtool.errors import ChunkError, NbtoolError
 from nbtool.predict.planning import RunOrder
-from nbtool.predict.results import Prediction
-from nbtool.predict.assembly import RunAssembly
+from nbtool.predict.results import CombineError, Prediction, combine_outputs
 from nbtool.predict.sources import Source
 from nbtool.predict.store import StoreRef
 from nbtool.wire import ChunkOutput, ModelSpec
 from nbtool.worker import predict_chunk, resource_name
-from nbtool._util.warn import warn_user
+
+
+def _timings(chunks: list[tuple[int, ChunkOutput]], seconds: float, n_rows: int) -> dict:
+    """The timings of one model's chunks: rows, seconds, rows/s, loads, workers.
+
+    Example:
+        >>> _timings([], 1.0, 10)["chunks"]
+        0
+    """
+    rows = sum(r.rows for _, r in chunks)
+    compute = sum(r.seconds for _, r in chunks)
+    return {
+        "seconds": seconds,
+        "compute_seconds": compute,
+        "rows": rows,
+        "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
+        "load_seconds": sum(r.load_seconds for _, r in chunks),
+        "chunks": len(chunks),
+        "workers": sorted({r.worker for _, r in chunks}),
+        "batch_size": chunks[0][1].batch_size if chunks else None,
+    }
+
 
 #: Seconds a cancelled run waits for the chunks already computing before it removes their
 #: input file (they would fail reading it, with a FileNotFoundError in the worker logs).
@@ -46,7 +69,7 @@ def _tasks_of_run(suffix: str, dask_worker=None) -> int:
                if str(ts.key).endswith(suffix) and ts.state in running)
 
 
-class PredictionRun(RunAssembly):
+class PredictionRun:
     """One prediction in flight: its tasks, their futures, and the bookkeeping to assemble.
 
     ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`; ``placements`` pairs each
@@ -325,3 +348,92 @@ class PredictionRun(RunAssembly):
     def done(self) -> bool:
         """True once every task has finished (or failed); ``collect()`` will not wait."""
         return bool(self.finished) or self.cancelled or all(f.done() for f in self.futures)
+
+    # -- assembling the outputs: every chunk back at its rows, timings, the ensemble --
+
+    def _combine(self, outputs: dict):
+        """The ensemble of single-output models; a :class:`CombineError` if impossible.
+        One model alone is nothing to combine: its several outputs are no failure."""
+        singles = [np.asarray(outputs[s.name][0]) for s, _ in self.placements
+                   if outputs[s.name] is not None and len(outputs[s.name]) == 1]
+        multi = [s.name for s, _ in self.placements
+                 if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+        if multi and len(self.placements) == 1:
+            return None
+        if multi:
+            raise CombineError(self.combine, f"model(s) {multi} have several outputs")
+        return combine_outputs(singles, self.combine) if singles else None
+
+    def _assemble(self, results, errors, finished_at, wall) -> Prediction:
+        outputs, timings = {}, {}
+        n = self.source.n_rows
+        for spec, _ in self.placements:
+            mine = [(i, results[(spec.name, i)]) for i in range(len(self.bounds))
+                    if (spec.name, i) in results]
+            timings[spec.name] = _timings(mine, finished_at.get(spec.name, self.started)
+                                          - self.started, n)
+            timings[spec.name]["resumed_chunks"] = len(self.stored.get(spec.name, ()))
+            cached = self.cached.get(spec.name, {})
+            timings[spec.name]["cached_chunks"] = len(cached)
+            timings[spec.name]["devices"] = sorted({self.devices.get(w, w) for w in
+                                                    timings[spec.name]["workers"]})
+            if self.store is not None:   # the chunks stay on disk, read where indexed
+                stored = self.store.completed(spec.name)
+                outputs[spec.name] = self.store.arrays(spec.name) if stored else None
+                continue
+            chunks = {**{i: r.outputs for i, r in mine}, **cached}
+            if not chunks:
+                outputs[spec.name] = None
+                continue
+            complete = len(chunks) == len(self.bounds)
+            template = next(iter(chunks.values()))
+            arrays = []
+            for k, t in enumerate(template):
+                dtype = t.dtype if complete or t.dtype.kind in "fc" else np.float64
+                out = np.empty((n, *t.shape[1:]), dtype) if complete else \
+                    np.full((n, *t.shape[1:]), np.nan, dtype)
+                for i, outs in chunks.items():
+                    a, b = self.bounds[i]
+                    out[a:b] = outs[k]
+                arrays.append(out)
+            outputs[spec.name] = arrays
+        combined, note = None, self._combine_note(errors, outputs)
+        if self.combine is None or (note is not None and not self.partial_combine):
+            pass   # never a combine of the survivors passed off as the ensemble
+        elif self.store is not None:
+            # On first access: reading every stored output is the caller's choice.
+            combined = functools.partial(self._combine, outputs)
+        else:
+            try:
+                combined = self._combine(outputs)
+            except CombineError as e:
+                errors.append(e)
+        return Prediction([s.name for s, _ in self.placements], outputs, combined=combined,
+                          combine=self.combine, timings=timings, errors=errors, n_rows=n,
+                          chunk_size=self.chunk_size, wall_seconds=wall,
+                          source=self.source, combined_note=note,
+                          store_path=self.store.path if self.store is not None else None,
+                          store_runs=self.store.runs() if self.store is not None else None)
+
+    def _combine_note(self, errors: list, outputs: dict) -> str | None:
+        """Why ``combined`` is missing (or, with ``partial_combine``, what it leaves out)
+        when a model failed on some of its chunks; None when every model has every row."""
+        if self.combine is None:
+            return None
+        failed: dict[str, set[int]] = {}
+        for e in errors:
+            if isinstance(e, ChunkError):
+                failed.setdefault(e.model, set()).add(e.chunk)
+        for spec, _ in self.placements:   # no output at all, whatever the errors say
+            if outputs.get(spec.name) is None and spec.name not in failed:
+                failed[spec.name] = set(range(len(self.bounds)))
+        if not failed:
+            return None
+        n = len(self.bounds)
+        what = ", ".join(f"model {m!r} failed on {len(c)} of {n} chunk{'s' * (n != 1)}"
+                         for m, c in failed.items())
+        if self.partial_combine:
+            return (f"combined is partial (partial_combine=True): {what}; on those rows it "
+                    "combines the other models only (NaN, or -1 for a vote, where none succeeded)")
+        return (f"combined is not available: {what}; pass partial_combine=True to combine "
+                "the others")

@@ -19,16 +19,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 import shutil
 import time
-import uuid
-from pathlib import Path
 from typing import Any
+import uuid
 
 from nbtool.predict.inputs import as_source, check_fits, resolve_chunk_size
+from nbtool.predict.metrics import output_agreement
 from nbtool.predict.output_memo import RunCache
 from nbtool.predict.planning import plan_routes
-from nbtool.predict.metrics import output_agreement
 from nbtool.predict.results import Prediction, check_combine
 from nbtool.predict.run import PredictionRun
 from nbtool.wire import ModelSpec

@@ -193,7 +193,7 @@ def shared_folder(fallback: str | os.PathLike, nbytes: int) -> Path:
     """
     import shutil
 
-    from nbtool._util.private_files import private_folder
+    from nbtool._util import private_folder
 
     shm = Path("/dev/shm")
     try:

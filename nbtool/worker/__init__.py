@@ -30,13 +30,14 @@ Example:
     'nbtool-worker-cpu0'
 """
 
-from nbtool.worker.variants import CONVERSIONS, convert_variant
+from nbtool.worker.environment import cache_root, resource_name
 from nbtool.worker.loading import PRECISIONS
 from nbtool.worker.measure import model_costs, record_cost
 from nbtool.worker.process import NbtoolWorkerPlugin
 from nbtool.worker.reading import read_rows
-from nbtool.worker.environment import cache_root, resource_name
-from nbtool.worker.tasks import load_model, predict_chunk, resident_models, unload_models, worker_status
+from nbtool.worker.tasks import (load_model, predict_chunk, resident_models, unload_models,
+    worker_status)
+from nbtool.worker.variants import CONVERSIONS, convert_variant
 
 __all__ = ["CONVERSIONS", "PRECISIONS", "NbtoolWorkerPlugin", "convert_variant", "load_model",
            "model_costs", "predict_chunk", "read_rows", "record_cost", "resident_models",

@@ -22,8 +22,8 @@ import re
 import sys
 import threading
 
+from nbtool._util import expects_gpu, native_logs_filtered
 from nbtool.errors import first_line
-from nbtool._util.quiet import expects_gpu, native_logs_filtered
 from nbtool.worker import keras_backends as backends
 
 _TF = None

@@ -15,11 +15,10 @@ import numpy as np
 
 from nbtool.errors import ModelLoadError, first_line
 from nbtool.wire import ModelSpec
+from nbtool.worker.environment import (describe_exception, out_of_memory_error, tensorflow,
+    tensorflow_version, worker_name)
 from nbtool.worker.keras_backends import backend_name, start_backend
-from nbtool.worker.runtimes.litert import open_tflite
-from nbtool.worker.runtimes.openvino_files import ir_weight_bytes, open_ir_file
-from nbtool.worker.environment import (describe_exception, out_of_memory_error, tensorflow, tensorflow_version,
-                      worker_name)
+from nbtool.worker.runtimes import ir_weight_bytes, open_ir_file, open_tflite
 
 #: Mixed-precision policies by the ``precision`` a model is registered with.
 PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}

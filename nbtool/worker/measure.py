@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.predictors import DEFAULT_BATCH_SIZE, make_predictor
 from nbtool.worker.environment import cache_root, out_of_memory_error, worker_device
+from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, make_predictor
 
 #: Batch sizes the sweep may pick, tried outwards from the default.
 SWEEP_UP, SWEEP_DOWN = (128, 256, 512), (32, 16)

@@ -21,20 +21,18 @@ from typing import Any
 
 import numpy as np
 
+from nbtool._util import human_bytes
 from nbtool.errors import ConversionDisagrees, ModelFileChanged, NbtoolError
-from nbtool.wire import (SOFT_UNLOAD_ON_GPU, ModelSpec, ModelState, UnloadResult, WorkerStatus,
-                    file_fingerprint, short_bytes)
+from nbtool.wire import (ModelSpec, ModelState, SOFT_UNLOAD_ON_GPU, UnloadResult, WorkerStatus,
+    file_fingerprint)
+from nbtool.worker.auto import (CONVERTERS, Guard, discard, open_for_runtime,
+    remember_envelope, remember_fallback)
+from nbtool.worker.environment import (describe_exception, held_memory, memory_in_use, on_gpu,
+    out_of_memory_error, release_memory)
 from nbtool.worker.keras_backends import backend_name
-from nbtool.worker.auto.candidates import CONVERTERS, discard
-from nbtool.worker.runtimes.fixed_batch import FixedBatchPredictor
-from nbtool.worker.auto.guard import Guard
 from nbtool.worker.loading import load_error
 from nbtool.worker.measure import best_batch_size, record_cost
-from nbtool.worker.auto.records import remember_envelope, remember_fallback
-from nbtool.worker.auto.opening import open_for_runtime
-from nbtool.worker.runtimes.predictors import DEFAULT_BATCH_SIZE, make_predictor
-from nbtool.worker.environment import (describe_exception, held_memory, memory_in_use, on_gpu,
-                      out_of_memory_error, release_memory)
+from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, FixedBatchPredictor, make_predictor
 
 logger = logging.getLogger("nbtool.worker")
 
@@ -456,8 +454,8 @@ def soft_unload_verdict(freed: int, dropped: int, gpu: bool, backend: str) -> st
     """
     if dropped < MEASURABLE_BYTES:
         expected = SOFT_UNLOAD_ON_GPU.get(backend) if gpu else None
-        return f"too small to tell ({short_bytes(dropped)})" + \
+        return f"too small to tell ({human_bytes(dropped)})" + \
             (f"; expected: {expected}" if expected else "")
     share = freed / dropped
     word = "yes" if share >= 0.5 else "no" if share < 0.1 else "partly"
-    return f"{word} ({short_bytes(freed)} of {short_bytes(dropped)})"
+    return f"{word} ({human_bytes(freed)} of {human_bytes(dropped)})"

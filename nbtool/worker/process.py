@@ -17,12 +17,12 @@ import gc
 import os
 import threading
 
-from nbtool._util.quiet import expects_gpu, native_logs_filtered
+from nbtool._util import expects_gpu, native_logs_filtered
+from nbtool.worker.environment import (cpu_worker, memory_in_use, release_memory,
+    resource_name, tensorflow, worker_device, worker_name)
 from nbtool.worker.keras_backends import backend_name, start_backend
 from nbtool.worker.model_cache import ModelCache
-from nbtool.worker.runtimes.predictors import KERAS_PREDICTORS, CompiledPredictor
-from nbtool.worker.environment import (cpu_worker, memory_in_use, release_memory, resource_name, tensorflow,
-                      worker_device, worker_name)
+from nbtool.worker.runtimes import CompiledPredictor, KERAS_PREDICTORS
 
 _CACHE: ModelCache | None = None
 _CACHE_LOCK = threading.Lock()

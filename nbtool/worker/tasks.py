@@ -21,16 +21,16 @@ import numpy as np
 
 from nbtool.errors import ChunkCancelled, ChunkError, NbtoolError, first_line
 from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
-from nbtool.worker.auto.agreement import CHECK_ROWS
-from nbtool.worker.model_cache import LoadedModel, ModelCache
+from nbtool.worker import keras_backends as backends
+from nbtool.worker.auto import CHECK_ROWS
+from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory,
+    memory_in_use, out_of_memory_error, started_tensorflow, tensorflow, worker_name)
 from nbtool.worker.loading import out_of_memory
 from nbtool.worker.measure import record_cost
-from nbtool.worker import keras_backends as backends
+from nbtool.worker.model_cache import LoadedModel, ModelCache
 from nbtool.worker.process import count_rows, idle_memory, prepare_worker, throughput
-from nbtool.worker.reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled, read_file_ahead,
-                      read_rows)
-from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory, memory_in_use,
-                      out_of_memory_error, started_tensorflow, tensorflow, worker_name)
+from nbtool.worker.reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled,
+    read_file_ahead, read_rows)
 
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
 #: ``eng.client.get_worker_logs()`` shows them, one line each.

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from nbtool.engine.persist.engine_files import EngineRecord, engine_records, ended_note, idle_words
-from nbtool.errors import NbtoolError
+from nbtool._util import warn_user
+from nbtool.engine.persist.engine_files import (EngineRecord, ended_note, engine_records,
+    idle_words)
 from nbtool.engine.persist.on_scheduler import STATE_KEY
-from nbtool._util.warn import warn_user
+from nbtool.errors import NbtoolError
 
 
 class EngineNotRunning(NbtoolError, LookupError):
@@ -93,7 +94,7 @@ class AttachedCluster:
         if not any(r.name == self.name for r in engine_records()) and \
                 ended_note(self.name) is None:
             self.record.end(f"its process (pid {self.record.pid}) was gone: killed")
-        from nbtool._util.quiet import cluster_gone
+        from nbtool._util import cluster_gone
 
         with cluster_gone():
             engine.close()

@@ -24,15 +24,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import os
+from pathlib import Path
 import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
+from nbtool._util import NotPrivate, private_folder, read_private, write_private
 from nbtool.errors import EngineFileDamaged
-from nbtool._util.private_files import NotPrivate, private_folder, read_private, write_private
 
 
 def runtime_folder() -> Path:

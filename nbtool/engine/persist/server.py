@@ -86,7 +86,7 @@ def serve(name: str, options: dict) -> int:
 
     from nbtool.engine.persist.engine_files import ALREADY_RUNNING, EngineRecord, hold_name, process_started
     from nbtool.engine.persist.on_scheduler import kernel_clients
-    from nbtool._util.quiet import planned_restart
+    from nbtool._util import planned_restart
     from nbtool.engine.session import local_cluster, wait_for_start
     from nbtool.worker import NbtoolWorkerPlugin
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from nbtool.errors import ModelLoadError
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.litert import probe_rows
 from nbtool.worker.environment import worker_name
+from nbtool.worker.runtimes import probe_rows
 
 #: The largest difference from TensorFlow (per output, absolute) a conversion may show.
 TOLERANCE = 1e-4

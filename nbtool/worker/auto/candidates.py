@@ -20,12 +20,9 @@ import numpy as np
 
 from nbtool.wire import ModelSpec
 from nbtool.worker.auto.agreement import check_rows
-from nbtool.worker.runtimes.litert import LiteRTModel, probe_rows
 from nbtool.worker.loading import open_model
-from nbtool.worker.runtimes.openvino import OpenVINOModel, ir_files, open_openvino
-from nbtool.worker.runtimes.openvino_files import ir_note
-from nbtool.worker.runtimes.predictors import input_signature
-from nbtool.worker.runtimes.to_litert import open_litert
+from nbtool.worker.runtimes import (LiteRTModel, OpenVINOModel, input_signature, ir_files,
+    ir_note, open_litert, open_openvino, probe_rows)
 
 
 @dataclasses.dataclass

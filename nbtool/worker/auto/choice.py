@@ -26,15 +26,15 @@ import os
 import time
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.auto.agreement import candidate_batches, compare, time_alternating, timing_batch
-from nbtool.worker.auto.candidates import (CONVERTERS, Opened, artifact_files, discard, open_tensorflow,
-                         reference_outputs)
+from nbtool.worker.auto.agreement import (candidate_batches, compare, time_alternating,
+    timing_batch)
+from nbtool.worker.auto.candidates import (CONVERTERS, Opened, artifact_files, discard,
+    open_tensorflow, reference_outputs)
 from nbtool.worker.auto.guard import Envelope
-from nbtool.worker.runtimes.litert import LiteRTModel, open_tflite
-from nbtool.worker.runtimes.predictors import DEFAULT_BATCH_SIZE, make_predictor
-from nbtool.worker.auto.records import (RuntimeRecord, files_sha256, machine_facts, runtime_versions,
-                      write_record)
+from nbtool.worker.auto.records import (RuntimeRecord, files_sha256, machine_facts,
+    runtime_versions, write_record)
 from nbtool.worker.environment import describe_exception, release_memory
+from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, LiteRTModel, make_predictor, open_tflite
 
 logger = logging.getLogger("nbtool.worker")
 

@@ -281,7 +281,7 @@ class Guard:
         """
         if self.reference is None:
             from nbtool.worker.auto.candidates import open_tensorflow
-            from nbtool.worker.runtimes.predictors import make_predictor
+            from nbtool.worker.runtimes import make_predictor
 
             tf_model = open_tensorflow(self.spec)
             self.reference = make_predictor(self.spec, tf_model.call, self.batch,

@@ -21,15 +21,14 @@ import numpy as np
 from nbtool.errors import ModelLoadError
 from nbtool.wire import ModelSpec
 from nbtool.worker.auto.agreement import check_agreement
-from nbtool.worker.auto.candidates import CONVERTERS, LABELS, Opened, discard, open_tensorflow, reference_outputs
+from nbtool.worker.auto.candidates import (CONVERTERS, LABELS, Opened, discard,
+    open_tensorflow, reference_outputs)
 from nbtool.worker.auto.choice import choose, fixed_tensorflow_note
 from nbtool.worker.auto.guard import Envelope
-from nbtool.worker.runtimes.litert import open_tflite
-from nbtool.worker.runtimes.openvino import read_ir
-from nbtool.worker.runtimes.predictors import input_signature, make_predictor
-from nbtool.worker.keras_backends import backend_name
 from nbtool.worker.auto.records import RuntimeRecord, choice_lock, read_record
 from nbtool.worker.environment import on_gpu, release_memory, worker_name
+from nbtool.worker.keras_backends import backend_name
+from nbtool.worker.runtimes import input_signature, make_predictor, open_tflite, read_ir
 
 #: The batch a forced conversion is checked at (its predictor is made again at the
 #: model's batch).

@@ -34,7 +34,7 @@ import platform
 from nbtool.wire import ModelSpec
 from nbtool.worker.auto.guard import Envelope
 from nbtool.worker.environment import artifact_key, cache_root
-from nbtool.worker.runtimes.to_litert import package_version
+from nbtool.worker.runtimes import package_version
 
 #: The packages whose versions a choice depends on (a newer one may convert or run
 #: differently, or faster).

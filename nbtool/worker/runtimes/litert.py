@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from nbtool._util import expects_gpu, native_logs_filtered
 from nbtool.errors import ModelLoadError, first_line
-from nbtool._util.quiet import expects_gpu, native_logs_filtered
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.batching import run_in_batches
-from nbtool.worker.runtimes.fixed_batch import FixedBatchPredictor, eager_preprocess
 from nbtool.worker.environment import worker_name
+from nbtool.worker.runtimes.fixed_batch import (FixedBatchPredictor, eager_preprocess,
+    run_in_batches)
 
 
 class LiteRTPredictor(FixedBatchPredictor):

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.fixed_batch import FixedBatchPredictor, eager_preprocess, as_float32
 from nbtool.worker.environment import artifact_key, cache_root
+from nbtool.worker.runtimes.fixed_batch import (FixedBatchPredictor, as_float32,
+    eager_preprocess)
 
 
 @dataclasses.dataclass
@@ -55,10 +56,10 @@ def openvino_version() -> str:
         >>> openvino_version()[:2].isdigit()
         True
     """
-    return openvino().get_version().split("-")[0]
+    return import_openvino().get_version().split("-")[0]
 
 
-def openvino():
+def import_openvino():
     """The ``openvino`` module, imported with its usage telemetry off.
 
     OpenVINO's converter sends usage events to Google Analytics unless told not to, and
@@ -68,7 +69,7 @@ def openvino():
     imports it under ``try``/``except ImportError``).
 
     Example:
-        >>> openvino().__name__
+        >>> import_openvino().__name__
         'openvino'
     """
     import sys
@@ -105,7 +106,7 @@ def open_openvino(spec: ModelSpec, model, row_shape: tuple, dtype) -> OpenVINOMo
         >>> ov_model.converted                                           # doctest: +SKIP
         True
     """
-    ov = openvino()
+    ov = import_openvino()
 
     t0 = time.perf_counter()
     final = ir_dir(spec)
@@ -142,7 +143,7 @@ def read_ir(xml: str, row_shape: tuple, dtype, converted: bool = False,
         False
     """
     t0 = time.perf_counter() if started is None else started
-    ir = openvino().Core().read_model(xml)
+    ir = import_openvino().Core().read_model(xml)
     return OpenVINOModel(ir, xml, tuple(row_shape), np.dtype(dtype).name, converted,
                          time.perf_counter() - t0)
 
@@ -180,7 +181,7 @@ class OpenVINOPredictor(FixedBatchPredictor):
 
     def prepare(self) -> None:
         """Compile the IR for the batch size, in float32, and make its infer request."""
-        ov = openvino()
+        ov = import_openvino()
 
         m = self.model.model.clone()
         shape = [self.batch_size, *(-1 if d is None else d for d in self.model.row_shape)]

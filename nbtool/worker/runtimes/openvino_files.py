@@ -25,8 +25,8 @@ import numpy as np
 
 from nbtool.errors import ModelLoadError
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.openvino import OpenVINOModel, openvino
 from nbtool.worker.environment import worker_name
+from nbtool.worker.runtimes.openvino import OpenVINOModel, import_openvino
 
 #: Where an IR keeps the precision it wants (OpenVINO's ``runtime_options`` in rt_info).
 HINT_PATH = ["runtime_options", "INFERENCE_PRECISION_HINT"]
@@ -40,7 +40,7 @@ def bf16_supported() -> bool:
         >>> isinstance(bf16_supported(), bool)
         True
     """
-    caps = openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    caps = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "BF16" in caps
 
 
@@ -48,7 +48,7 @@ def asked_precision(model) -> str:
     """The precision an IR's rt_info asks for (``"bf16"``...), or ``"f32"`` if it asks none.
 
     Example:
-        >>> ov = openvino()
+        >>> ov = import_openvino()
         >>> p = ov.opset13.parameter([-1, 2], np.float32)
         >>> m = ov.Model([ov.opset13.relu(p)], [p])
         >>> asked_precision(m)
@@ -90,7 +90,7 @@ def open_ir_file(spec: ModelSpec) -> OpenVINOModel:
         ((8, 8, 1), 'f32')
     """
     t0 = time.perf_counter()
-    model = openvino().Core().read_model(spec.path)
+    model = import_openvino().Core().read_model(spec.path)
     if len(model.inputs) != 1:
         raise ModelLoadError(spec.name, spec.path, worker_name(),
                              f"the IR takes {len(model.inputs)} inputs", "nbtool runs "

@@ -22,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.backend_predictors import JaxPredictor, TorchPredictor
+from nbtool.worker.environment import tensorflow
 from nbtool.worker.keras_backends import backend_name
+from nbtool.worker.runtimes.backend_predictors import JaxPredictor, TorchPredictor
 from nbtool.worker.runtimes.fixed_batch import FixedBatchPredictor
 from nbtool.worker.runtimes.litert import LiteRTModel, LiteRTPredictor
 from nbtool.worker.runtimes.openvino import OpenVINOModel, OpenVINOPredictor
-from nbtool.worker.environment import tensorflow
 
 #: The compiled predictor of a Keras model, by the worker's Keras backend.
 KERAS_PREDICTORS = {"jax": JaxPredictor, "torch": TorchPredictor}

@@ -22,10 +22,10 @@ import tempfile
 import time
 import warnings
 
-from nbtool._util.quiet import expects_gpu, native_logs_filtered
+from nbtool._util import expects_gpu, native_logs_filtered
 from nbtool.wire import ModelSpec
-from nbtool.worker.runtimes.litert import LiteRTModel, open_tflite
 from nbtool.worker.environment import artifact_key, cache_root, tensorflow
+from nbtool.worker.runtimes.litert import LiteRTModel, open_tflite
 
 
 def package_version(name: str) -> str | None:

@@ -17,10 +17,10 @@ import asyncio
 import html
 import sys
 import threading
-import warnings
 from typing import Callable
+import warnings
 
-from nbtool.notebook.progress import INTERVAL, TextProgress, WidgetProgress, in_notebook
+from nbtool.dashboard.progress import INTERVAL, TextProgress, WidgetProgress, in_notebook
 
 
 class BackgroundRun:

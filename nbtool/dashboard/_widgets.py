@@ -19,7 +19,7 @@ def widgets_dir() -> Path:
         >>> (widgets_dir() / "memory_bars.js").exists()
         True
     """
-    package = Path(__file__).resolve().parents[2]   # nbtool/notebook/dashboard -> nbtool
+    package = Path(__file__).resolve().parents[1]   # nbtool/dashboard -> nbtool
     here = package
     for candidate in (package / "widgets", package.parent / "widgets"):
         if (candidate / "memory_bars.js").exists():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from nbtool.engine.devices import FAKE_GPUS_ENV, open_nvml, parse_inventory
+from nbtool._util import FAKE_GPUS_ENV, open_nvml, parse_inventory
 
 
 @dataclasses.dataclass(frozen=True)

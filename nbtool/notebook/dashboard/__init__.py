@@ -1,1 +1,0 @@
-"""nbtool.notebook.dashboard: (door to be written)."""
