@@ -1,4 +1,4 @@
-"""Every error nbtool raises on purpose, and how they cross between processes.
+"""Every error nbtool raises on purpose (all of them: no module defines its own), and how they cross between processes.
 
 Every message names the thing (model, file, worker), says what was expected and what was
 found, and ends with the fix. All derive from :class:`NbtoolError`, so ``except
@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import time
 from typing import Sequence
 
 
@@ -443,3 +444,57 @@ class NoVariantQualifies(NbtoolError, ValueError):
         have = "; ".join(f"{n} has {why}" for n, why in self.found.items()) or "no variants"
         super().__init__(f"no variant of model {model!r} meets {wanted}: {have}. Fix: loosen "
                          f"the tolerance, try another variant, or keep the original {model!r}.")
+
+
+class EngineNotRunning(NbtoolError, LookupError):
+    """No persistent engine of that name runs for this user; the message says what is
+    known of the last one (when and why it ended) and how to start one.
+
+    Example:
+        >>> str(EngineNotRunning("default", "it ended at 10:00, no kernel attached for 30 min"))
+        "no persistent engine 'default' is running: it ended at 10:00, ... Fix: ..."
+    """
+
+    def __init__(self, name: str, why: str):
+        super().__init__(
+            f"no persistent engine {name!r} is running: {why}. Its models are no longer "
+            f"loaded anywhere. Fix: eng = nbtool.start(persist=True"
+            f"{'' if name == 'default' else f', name={name!r}'}) starts a new one (register "
+            "the models again), or nbtool.running() lists the ones that run.")
+
+
+class EngineInUse(NbtoolError, RuntimeError):
+    """Another kernel is attached to the persistent engine: one kernel at a time.
+
+    Example:
+        >>> str(EngineInUse("default", {"pid": 12, "host": "h", "since": 0.0}))
+        "the persistent engine 'default' is in use by another kernel (pid 12 on h, ..."
+    """
+
+    def __init__(self, name: str, who: dict):
+        since = time.strftime("%H:%M:%S", time.localtime(who.get("since", 0)))
+        super().__init__(
+            f"the persistent engine {name!r} is in use by another kernel (pid "
+            f"{who.get('pid')} on {who.get('host')}, attached at {since}); one kernel is "
+            "attached at a time, so two cannot change its models under each other. Fix: "
+            "detach there (eng.close() or %nbtool stop), or restart that kernel, then "
+            "attach again; or start another engine with nbtool.start(persist=True, "
+            "name='other').")
+
+
+class BackendUnsupported(InvalidOption):
+    """A model, or an option of it, that the workers' Keras backend cannot run.
+
+    Example:
+        >>> str(BackendUnsupported("cnn", "cnn/", "jax", "a SavedModel runs in TensorFlow",
+        ...                        "backend='tensorflow'"))
+        "model 'cnn' (cnn/): a SavedModel runs in TensorFlow, and the workers run Keras on jax. Fix: backend='tensorflow'."
+    """
+
+    def __init__(self, model: str, path: str, backend: str, what: str, fix: str):
+        NbtoolError.__init__(self, f"model {model!r} ({path}): {what}, and the workers run "
+                             f"Keras on {backend}. Fix: {fix}.")
+
+
+class NotPrivate(NbtoolError, PermissionError):
+    """A folder or file that is not this user's alone; the message says whose and why."""

@@ -87,7 +87,8 @@ def test_out_of_memory_errors_of_every_backend_are_recognized_by_name():
 
 
 def test_what_needs_tensorflow_is_refused_on_another_backend_with_the_fix():
-    from nbtool.models.registry import BackendUnsupported, check_backend_support
+    from nbtool.errors import BackendUnsupported
+    from nbtool.models.registry import check_backend_support
     from nbtool.wire import ModelSpec
 
     def spec(fmt="keras", **kw):
@@ -252,7 +253,7 @@ def test_keras_files_predict_on_the_backend_what_tensorflow_predicts(
 @pytest.mark.slow
 def test_what_needs_tensorflow_is_refused_at_register_naming_the_backend(
         backend_engine, model_dir, unique):
-    from nbtool.models.registry import BackendUnsupported
+    from nbtool.errors import BackendUnsupported
 
     eng = backend_engine
     backend = eng.pool.workers["cpu0"].backend

@@ -36,7 +36,7 @@ import pytest
 import nbtool
 from nbtool.errors import ModelNotFound, PredictionFailed
 from nbtool.engine.persist.engine_files import EngineFileDamaged, group_processes, kill_group
-from nbtool.engine.persist.persistent import EngineNotRunning
+from nbtool.errors import EngineNotRunning
 from test_cluster import nobody_can_run_python, run_attacker
 
 pytestmark = pytest.mark.slow
@@ -285,7 +285,7 @@ CONTENDER = """
     import json, os, sys, time
     from pathlib import Path
     import nbtool
-    from nbtool.engine.persist.persistent import EngineInUse
+    from nbtool.errors import EngineInUse
 
     def say(**facts):
         print(json.dumps(facts), flush=True)

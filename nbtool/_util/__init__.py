@@ -14,16 +14,16 @@ Example:
 from __future__ import annotations
 
 from nbtool._util.gpus import FAKE_GPUS_ENV, GPU, discover_gpus, open_nvml, parse_inventory
-from nbtool._util.private_files import (NotPrivate, private_folder, private_problem,
-    read_private, write_private)
+from nbtool._util.private_files import (private_folder, private_problem, read_private,
+    write_private)
 from nbtool._util.quiet import (cluster_gone, expects_gpu, native_logs_filtered,
     planned_restart, quiet_dask, quiet_kernel)
 from nbtool._util.settings import as_bytes, check_count, check_size, env_setting
 from nbtool._util.units import human_bytes
 from nbtool._util.warn import warn_user
 
-__all__ = ["FAKE_GPUS_ENV", "GPU", "NotPrivate", "as_bytes", "check_count", "check_size",
-           "cluster_gone", "discover_gpus", "env_setting", "expects_gpu", "human_bytes",
+__all__ = ["FAKE_GPUS_ENV", "GPU", "as_bytes", "check_count", "check_size", "cluster_gone",
+           "discover_gpus", "env_setting", "expects_gpu", "human_bytes",
            "native_logs_filtered", "open_nvml", "parse_inventory", "planned_restart",
            "private_folder", "private_problem", "quiet_dask", "quiet_kernel", "read_private",
            "warn_user", "write_private"]

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import os
 
-from dask.utils import parse_bytes
-
 from nbtool._util.settings import as_bytes
 
 FAKE_GPUS_ENV = "NBTOOL_FAKE_GPUS"
@@ -106,7 +104,7 @@ def parse_inventory(text: str) -> list[GPU]:
     text = text.strip()
     if "x" in text and not text.startswith("["):
         count, size = text.split("x", 1)
-        return [GPU(i, "fake", parse_bytes(size)) for i in range(int(count))]
+        return [GPU(i, "fake", as_bytes(size)) for i in range(int(count))]
     try:
         items = json.loads(text)
         return [GPU(int(d["index"]), str(d.get("name", "fake")),

@@ -22,9 +22,7 @@ import os
 from pathlib import Path
 import stat
 
-
-class NotPrivate(PermissionError):
-    """A folder or file that is not this user's alone; the message says whose and why."""
+from nbtool.errors import NotPrivate
 
 
 def private_problem(path: str | os.PathLike, folder: bool = True,

@@ -17,8 +17,6 @@ import operator
 import os
 from typing import Callable
 
-from dask.utils import parse_bytes
-
 
 def as_bytes(size: str | int | float) -> int:
     """A size in bytes from ``"4GB"`` (Dask's units) or a number.
@@ -27,6 +25,8 @@ def as_bytes(size: str | int | float) -> int:
         >>> as_bytes("1.5kB"), as_bytes(2.0)
         (1500, 2)
     """
+    from dask.utils import parse_bytes   # here: importing nbtool stays light (no Dask)
+
     return parse_bytes(size) if isinstance(size, str) else int(size)
 
 
@@ -45,7 +45,7 @@ def env_setting(name: str, parse: Callable[[str], int]) -> int | None:
     except ValueError:
         value = None
     if value is None or value < 1:
-        example = "256MB" if parse in (parse_bytes, as_bytes) else "1"
+        example = "256MB" if parse is as_bytes else "1"
         raise ValueError(f"{name}={text!r} in the environment: expected a positive number "
                          f"such as {name}={example}. Fix: set it like that, or unset it.")
     return value

@@ -28,8 +28,8 @@ import re
 from typing import Any
 
 from nbtool._util import warn_user
-from nbtool.errors import (InvalidModelName, InvalidOption, ModelFileError, ModelNotFound,
-    NbtoolError, UntrustedModel)
+from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
+    ModelNotFound, NbtoolError, UntrustedModel)
 from nbtool.models.files import FORMATS, detect_format, read_model_file
 from nbtool.wire import ModelSpec, content_digest, file_fingerprint
 
@@ -214,20 +214,6 @@ def check_replicas(model: str | None, replicas: Any) -> int:
                         "hold the model)", "replicas=1, or up to the number of workers")
 
 
-class BackendUnsupported(InvalidOption):
-    """A model, or an option of it, that the workers' Keras backend cannot run.
-
-    Example:
-        >>> str(BackendUnsupported("cnn", "cnn/", "jax", "a SavedModel runs in TensorFlow",
-        ...                        "backend='tensorflow'"))
-        "model 'cnn' (cnn/): a SavedModel runs in TensorFlow, and the workers run Keras on jax. Fix: backend='tensorflow'."
-    """
-
-    def __init__(self, model: str, path: str, backend: str, what: str, fix: str):
-        NbtoolError.__init__(self, f"model {model!r} ({path}): {what}, and the workers run "
-                             f"Keras on {backend}. Fix: {fix}.")
-
-
 def check_backend_support(spec: ModelSpec, backends: set[str]) -> None:
     """Refuse, at register, what the workers' Keras backends (``backends``: those of the
     workers ``spec`` is placed on) cannot run. ``.keras`` and ``.h5`` files run on every
@@ -241,7 +227,7 @@ def check_backend_support(spec: ModelSpec, backends: set[str]) -> None:
         >>> check_backend_support(spec, {"jax"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        nbtool.models.registry.BackendUnsupported: model 'm' (/m/exported): a SavedModel runs only in TensorFlow, and the workers run Keras on jax. Fix: register a .keras file of it ...
+        nbtool.errors.BackendUnsupported: model 'm' (/m/exported): a SavedModel runs only in TensorFlow, and the workers run Keras on jax. Fix: register a .keras file of it ...
     """
     others = sorted(set(backends) - {"tensorflow"})
     if not others:

@@ -104,7 +104,8 @@ class OutputCache:
             >>> import tempfile; OutputCache(tempfile.mkdtemp()).usable()
             True
         """
-        from nbtool._util import NotPrivate, private_folder
+        from nbtool._util import private_folder
+        from nbtool.errors import NotPrivate
 
         try:
             private_folder(self.folder)

@@ -14,49 +14,12 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import time
 
 from nbtool._util import warn_user
 from nbtool.engine.persist.engine_files import (EngineRecord, ended_note, engine_records,
     idle_words)
 from nbtool.engine.persist.on_scheduler import STATE_KEY
-from nbtool.errors import NbtoolError
-
-
-class EngineNotRunning(NbtoolError, LookupError):
-    """No persistent engine of that name runs for this user; the message says what is
-    known of the last one (when and why it ended) and how to start one.
-
-    Example:
-        >>> str(EngineNotRunning("default", "it ended at 10:00, no kernel attached for 30 min"))
-        "no persistent engine 'default' is running: it ended at 10:00, ... Fix: ..."
-    """
-
-    def __init__(self, name: str, why: str):
-        super().__init__(
-            f"no persistent engine {name!r} is running: {why}. Its models are no longer "
-            f"loaded anywhere. Fix: eng = nbtool.start(persist=True"
-            f"{'' if name == 'default' else f', name={name!r}'}) starts a new one (register "
-            "the models again), or nbtool.running() lists the ones that run.")
-
-
-class EngineInUse(NbtoolError, RuntimeError):
-    """Another kernel is attached to the persistent engine: one kernel at a time.
-
-    Example:
-        >>> str(EngineInUse("default", {"pid": 12, "host": "h", "since": 0.0}))
-        "the persistent engine 'default' is in use by another kernel (pid 12 on h, ..."
-    """
-
-    def __init__(self, name: str, who: dict):
-        since = time.strftime("%H:%M:%S", time.localtime(who.get("since", 0)))
-        super().__init__(
-            f"the persistent engine {name!r} is in use by another kernel (pid "
-            f"{who.get('pid')} on {who.get('host')}, attached at {since}); one kernel is "
-            "attached at a time, so two cannot change its models under each other. Fix: "
-            "detach there (eng.close() or %nbtool stop), or restart that kernel, then "
-            "attach again; or start another engine with nbtool.start(persist=True, "
-            "name='other').")
+from nbtool.errors import EngineInUse, EngineNotRunning, NbtoolError
 
 
 class AttachedCluster:

@@ -31,8 +31,8 @@ from pathlib import Path
 import re
 import time
 
-from nbtool._util import NotPrivate, private_folder, read_private, write_private
-from nbtool.errors import EngineFileDamaged
+from nbtool._util import private_folder, read_private, write_private
+from nbtool.errors import EngineFileDamaged, NotPrivate
 
 
 def runtime_folder() -> Path:

@@ -39,13 +39,13 @@ import threading
 import time
 import weakref
 
-from nbtool._util import NotPrivate, private_folder, private_problem, warn_user
-from nbtool.engine.persist.attached import AttachedCluster, EngineInUse, EngineNotRunning
+from nbtool._util import private_folder, private_problem, warn_user
+from nbtool.engine.persist.attached import AttachedCluster
 from nbtool.engine.persist.engine_files import (ALREADY_RUNNING, EngineFileDamaged,
     EngineRecord, check_name, ended_note, engine_records, idle_words, kill_group, name_taken,
     read_record, runtime_folder, unreadable_engine_files)
 from nbtool.engine.persist.on_scheduler import claim, request_end
-from nbtool.errors import NbtoolError
+from nbtool.errors import EngineInUse, EngineNotRunning, NbtoolError, NotPrivate
 
 #: An engine with no kernel attached for this long ends by itself (seconds).
 IDLE_TIMEOUT = 1800.0
