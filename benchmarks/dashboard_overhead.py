@@ -35,7 +35,7 @@ def main():
     import numpy as np
 
     import nbtool
-    from nbtool.dashboard.panel import Dashboard
+    from nbtool.views.panel import Dashboard
 
     ap = arguments(__doc__, rows=20000, repeats=7)
     args = ap.parse_args()

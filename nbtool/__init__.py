@@ -5,7 +5,7 @@
     >>> eng.register("cnn", "models/cnn.keras")    # doctest: +SKIP
     >>> res = eng.predict(["cnn"], x)              # doctest: +SKIP
 
-The shortcuts ``nbtool.register``, ``nbtool.predict`` ... act on the last engine started.
+The shortcuts ``nbtool.register``, ``nbtool.prediction`` ... act on the last engine started.
 Importing nbtool is light: nothing heavy loads until it is used, and the notebook kernel
 never imports TensorFlow (models load inside the workers). In a notebook kernel, importing
 it (or ``%load_ext nbtool``) also keeps TensorFlow's known-harmless start-up lines out of
@@ -31,11 +31,11 @@ _LAZY = {
     "Engine": ("nbtool.engine.engine", "Engine"),
     "start": ("nbtool.engine.session", "start"),
     "default_engine": ("nbtool.engine.session", "default_engine"),
-    "Prediction": ("nbtool.predict.results", "Prediction"),
-    "open_prediction": ("nbtool.predict.results", "open_prediction"),
-    "images": ("nbtool.predict.inputs", "images"),
-    "cache_info": ("nbtool.predict.output_memo", "cache_info"),
-    "clear_cache": ("nbtool.predict.output_memo", "clear_cache"),
+    "Prediction": ("nbtool.prediction.results", "Prediction"),
+    "open_prediction": ("nbtool.prediction.results", "open_prediction"),
+    "images": ("nbtool.prediction.inputs", "images"),
+    "cache_info": ("nbtool.prediction.output_memo", "cache_info"),
+    "clear_cache": ("nbtool.prediction.output_memo", "clear_cache"),
     "errors": ("nbtool.errors", None),
     "attach": ("nbtool.engine.persist.persistent", "attach"),
     "running": ("nbtool.engine.persist.persistent", "running"),

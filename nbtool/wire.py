@@ -51,7 +51,7 @@ class ModelSpec:
     n_inputs: int = 1
     n_outputs: int | None = None
     device: str = "auto"
-    replicas: int | None = 1   # None: placed on every worker with room (nbtool.models.placement)
+    replicas: int | None = 1   # None: placed on every worker with room (nbtool.catalog.placement)
     batch_size: int | str | None = None
     preprocess: Callable | None = None
     trusted: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nbtool.predict.results import Prediction
+from nbtool.prediction.results import Prediction
 
 
 def make(outputs, combined=None, combine=None, source=None, n=None):

@@ -248,7 +248,7 @@ def test_two_runs_on_one_store_one_is_refused_and_each_reads_only_its_own_rows(
 @pytest.mark.parametrize("names", [("a/b", "a%2Fb"), (".", ".."), ("x.y", "x%2Ey", "x%252Ey"),
                                    ("cnn@int8", "cnn%40int8")])
 def test_model_names_that_could_share_or_escape_a_store_folder_stay_apart(tmp_path, names):
-    from nbtool.predict.store import ResultStore, StoreRef
+    from nbtool.prediction.store import ResultStore, StoreRef
 
     store = ResultStore(tmp_path / "p.zarr")
     store.prepare([(n, "fp", [((1,), "float32")]) for n in names], "input", 2, 2)

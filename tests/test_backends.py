@@ -88,7 +88,7 @@ def test_out_of_memory_errors_of_every_backend_are_recognized_by_name():
 
 def test_what_needs_tensorflow_is_refused_on_another_backend_with_the_fix():
     from nbtool.errors import BackendUnsupported
-    from nbtool.models.registry import check_backend_support
+    from nbtool.catalog.registration import check_backend_support
     from nbtool.wire import ModelSpec
 
     def spec(fmt="keras", **kw):

@@ -10,8 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from nbtool.dashboard.panel import Dashboard
-from nbtool.dashboard.gpu_monitor import GpuMonitor
+from nbtool.views.panel import Dashboard
+from nbtool.views.gpu_monitor import GpuMonitor
 
 
 def wait_until(dash, predicate, timeout=60):
@@ -179,8 +179,8 @@ def test_gpu_monitor_reads_nvml_or_reports_no_gpus_without_a_driver(monkeypatch)
 
 
 def test_reading_gpus_never_imports_tensorflow_in_the_kernel():
-    code = ("import sys, nbtool.dashboard.panel\n"
-            "from nbtool.dashboard.gpu_monitor import GpuMonitor\n"
+    code = ("import sys, nbtool.views.panel\n"
+            "from nbtool.views.gpu_monitor import GpuMonitor\n"
             "print(len(GpuMonitor().read()), 'tensorflow' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "NBTOOL_FAKE_GPUS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

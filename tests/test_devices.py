@@ -4,7 +4,7 @@ import pytest
 
 from nbtool._util.gpus import discover_gpus, parse_inventory
 from nbtool.engine.devices import default_cpu_workers, plan_workers, select_gpus
-from nbtool.models.placement import WorkerInfo, place
+from nbtool.catalog.placement import WorkerInfo, place
 from nbtool.errors import PlacementError
 
 GB = 2**30

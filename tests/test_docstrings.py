@@ -10,13 +10,13 @@ import importlib
 import pytest
 
 PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices",
-                "nbtool.models.registry", "nbtool.models.files", "nbtool.predict.sources",
-                "nbtool.predict.inputs", "nbtool.predict.store", "nbtool.predict.metrics",
+                "nbtool.catalog.registration", "nbtool.catalog.files", "nbtool.prediction.sources",
+                "nbtool.prediction.inputs", "nbtool.prediction.store", "nbtool.prediction.metrics",
                 "nbtool.notebook.magic_args", "nbtool._util.quiet",
-                "nbtool.dashboard.progress", "nbtool.dashboard.sparklines",
-                "nbtool.dashboard.gpu_monitor", "nbtool.predict.svg", "nbtool.predict.report",
-                "nbtool.preprocess", "nbtool.predict.results", "nbtool.tables",
-                "nbtool.predict.output_memo", "nbtool.worker", "nbtool.worker.reading",
+                "nbtool.views.progress", "nbtool.views.sparklines",
+                "nbtool.views.gpu_monitor", "nbtool.prediction.svg", "nbtool.prediction.report",
+                "nbtool.preprocess", "nbtool.prediction.results", "nbtool.tables",
+                "nbtool.prediction.output_memo", "nbtool.worker", "nbtool.worker.reading",
                 "nbtool.worker.runtimes.fixed_batch", "nbtool.worker.runtimes.litert",
                 "nbtool.worker.measure", "nbtool.worker.environment", "nbtool.worker.loading",
                 "nbtool.worker.runtimes.predictors", "nbtool.worker.model_cache",
@@ -27,12 +27,12 @@ PURE_MODULES = ["nbtool.errors", "nbtool.wire", "nbtool._util.warn", "nbtool.eng
                 "nbtool.worker.auto.guard", "nbtool.worker.auto.opening",
                 "nbtool.worker.keras_backends", "nbtool.worker.runtimes.backend_predictors",
                 "nbtool.engine.backends", "nbtool.worker.runtimes.openvino_files",
-                "nbtool.predict.planning", "nbtool.models.placement", "nbtool._util.settings",
-                "nbtool.engine.session", "nbtool.models.catalog", "nbtool.models.loads",
-                "nbtool.predict.runs", "nbtool._util.private_files",
+                "nbtool.prediction.planning", "nbtool.catalog.placement", "nbtool._util.settings",
+                "nbtool.engine.session", "nbtool.catalog.catalog", "nbtool.catalog.loads",
+                "nbtool.prediction.runs", "nbtool._util.private_files",
                 "nbtool.engine.persist.engine_files", "nbtool.engine.engine",
                 "nbtool.engine.persist.server", "nbtool.engine.persist.on_scheduler",
-                "nbtool.engine.current", "nbtool.predict.run",
+                "nbtool.engine.current", "nbtool.prediction.run",
                 "nbtool.engine.persist.persistent", "nbtool.engine.persist.attached"]
 
 

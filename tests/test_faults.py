@@ -254,7 +254,7 @@ def test_a_hard_unload_never_recomputes_a_finished_run(engine, model_dir, unique
     import gc
     import io
 
-    from nbtool.dashboard.progress import progress_view, wait_with_progress
+    from nbtool.views.progress import progress_view, wait_with_progress
 
     name = f"{unique}_hu"
     engine.register(name, model_dir / "mlp.keras", device="cpu:1")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nbtool.errors import InputMismatch
-from nbtool.predict.inputs import as_source, check_fits
-from nbtool.models.registry import inspect_model
+from nbtool.prediction.inputs import as_source, check_fits
+from nbtool.catalog.registration import inspect_model
 
 
 class DataFrameLike:

@@ -21,7 +21,7 @@ MAX_LINES = 600
 #: is a subpackage of small helpers; ``preprocess`` is kernel code that runs on workers.
 SHARED_PREFIXES = ("nbtool.wire", "nbtool.errors", "nbtool.preprocess", "nbtool._util")
 #: The face: what the user touches. It reaches models, runs and workers only via the engine.
-FACE_PREFIXES = ("nbtool.notebook", "nbtool.dashboard")
+FACE_PREFIXES = ("nbtool.notebook", "nbtool.views")
 #: What may stand loose at the top: the public API and the shared modules (issue 25: about
 #: 8 at most).
 TOP_LEVEL = {"nbtool", "nbtool.errors", "nbtool.wire", "nbtool.preprocess", "nbtool.tables"}
@@ -124,12 +124,12 @@ def test_the_shared_modules_import_nothing_above_them():
 
 
 def test_the_face_reaches_models_runs_and_workers_only_through_the_engine():
-    past = ("nbtool.worker", "nbtool.models", "nbtool.predict")
+    past = ("nbtool.worker", "nbtool.catalog", "nbtool.prediction")
     bad = {name: sorted(m for m in deps if m.startswith(past))
            for name, deps in graph().items() if name.startswith(FACE_PREFIXES)}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"the face reaching past the engine: {bad}"
-    dashboard = {m for name, deps in graph().items() if name.startswith("nbtool.dashboard")
+    dashboard = {m for name, deps in graph().items() if name.startswith("nbtool.views")
                  for m in deps}
     assert not any(m.startswith("nbtool.engine") for m in dashboard), \
         "the dashboard is handed an engine; it never imports one"
@@ -140,8 +140,8 @@ def packages() -> set[str]:
 
 
 def test_a_module_outside_a_subpackage_imports_only_its_door():
-    """``nbtool.predict.runs`` may import ``nbtool.models`` (the door) but not
-    ``nbtool.models.loads``; inside a subpackage, modules import each other directly."""
+    """``nbtool.prediction.runs`` may import ``nbtool.catalog`` (the door) but not
+    ``nbtool.catalog.loads``; inside a subpackage, modules import each other directly."""
     bad = []
     for name, deps in graph().items():
         for target in deps:
@@ -187,7 +187,7 @@ def test_one_meaning_per_word_in_module_names():
 
 
 def test_tests_import_the_module_they_test_not_a_door():
-    """A test names the module whose behaviour it checks (``nbtool.predict.runs``), so a
+    """A test names the module whose behaviour it checks (``nbtool.prediction.runs``), so a
     failure points at the room; the top-level ``nbtool`` API is what users import."""
     doors = packages() - {"nbtool"}
     reaches = []
@@ -221,3 +221,13 @@ def test_tests_use_only_public_names_of_nbtool():
                     and not node.attr.startswith("__") and not PROTOCOLS.fullmatch(node.attr):
                 reaches.append(f"{path.name}:{node.lineno} .{node.attr}")
     assert not reaches, "tests reaching private names:\n" + "\n".join(reaches)
+
+
+def test_no_room_shadows_a_public_name():
+    """``nbtool.predict(...)`` is a shortcut: a subpackage named ``predict`` would replace
+    it the moment it is imported (Python sets a package's submodules as its attributes)."""
+    import nbtool
+
+    rooms = {name.split(".")[1] for name in modules() if name.count(".") >= 1}
+    shadowed = (rooms & set(nbtool.__all__)) - {"errors"}
+    assert not shadowed, f"rename these rooms, they hide public names: {sorted(shadowed)}"

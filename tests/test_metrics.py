@@ -4,7 +4,7 @@ and how far two models' outputs are apart."""
 import numpy as np
 import pytest
 
-from nbtool.predict.metrics import accuracy, agreement, confusion, output_agreement
+from nbtool.prediction.metrics import accuracy, agreement, confusion, output_agreement
 from predictions import digits_like_scores, make
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from nbtool.errors import ModelFileError, UnsupportedFormat, UntrustedModel
-from nbtool.models.files import detect_format, needs_trust
-from nbtool.models.registry import inspect_model
+from nbtool.catalog.files import detect_format, needs_trust
+from nbtool.catalog.registration import inspect_model
 
 
 def test_keras_h5_and_savedmodel_are_read_with_their_input_signature(model_dir):
@@ -31,7 +31,7 @@ def test_functional_models_report_every_output(model_dir):
 
 def test_reading_models_never_imports_tensorflow(model_dir):
     code = (
-        "import sys, nbtool.models.registry as r\n"
+        "import sys, nbtool.catalog.registration as r\n"
         f"r.inspect_model('a', {str(model_dir / 'mlp.keras')!r})\n"
         f"r.inspect_model('b', {str(model_dir / 'mlp.h5')!r})\n"
         f"r.inspect_model('c', {str(model_dir / 'mlp_savedmodel')!r}, trusted=True)\n"
@@ -115,7 +115,7 @@ def _save_ir(path, n_inputs: int = 1):
 
 def test_an_openvino_ir_is_read_without_tensorflow_or_openvino(tmp_path):
     xml = _save_ir(tmp_path / "det.xml")
-    code = ("import sys, nbtool.models.registry as r\n"
+    code = ("import sys, nbtool.catalog.registration as r\n"
             f"s = r.inspect_model('det', {str(xml)!r})\n"
             "print(s.format, s.runtime, s.input_shape, s.input_dtype, s.n_outputs, "
             "s.size_bytes, 'tensorflow' in sys.modules, 'openvino' in sys.modules)\n")

@@ -168,7 +168,7 @@ def test_a_tflite_file_registers_directly_without_tensorflow(engine, digits_mode
     path = tmp_path / "cnn_lite.tflite"
     path.write_bytes(data)
     # the kernel reads its input from the flatbuffer, without importing TensorFlow
-    probe = ("import sys; from nbtool.models.registry import inspect_model; "
+    probe = ("import sys; from nbtool.catalog.registration import inspect_model; "
              f"s = inspect_model('c', {str(path)!r}); "
              "print(s.format, s.input_shape, s.input_dtype, s.n_outputs, "
              "'tensorflow' in sys.modules)")

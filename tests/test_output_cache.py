@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nbtool
-from nbtool.predict.output_memo import OutputCache
+from nbtool.prediction.output_memo import OutputCache
 
 
 @pytest.fixture

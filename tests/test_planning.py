@@ -1,17 +1,17 @@
 """Placement and run plans, pure: balanced by default, never more loads under a tight budget.
 
-Where models may run (nbtool.models.placement) and where a run sends their chunks
-(nbtool.predict.planning), from sizes, budgets, what the workers hold and what they measured.
+Where models may run (nbtool.catalog.placement) and where a run sends their chunks
+(nbtool.prediction.planning), from sizes, budgets, what the workers hold and what they measured.
 """
 
 import random
 
 import pytest
 
-from nbtool.models.placement import WorkerInfo, place
+from nbtool.catalog.placement import WorkerInfo, place
 from nbtool.errors import PlacementError
-from nbtool.models.placement import assigned_bytes, place_all, placed_with
-from nbtool.predict.planning import first_routes, needs_costs, plan_model_routes, route_run
+from nbtool.catalog.placement import assigned_bytes, place_all, placed_with
+from nbtool.prediction.planning import first_routes, needs_costs, plan_model_routes, route_run
 from nbtool.wire import ModelSpec
 
 CPUS = [WorkerInfo("cpu0", "cpu:0", 1000), WorkerInfo("cpu1", "cpu:1", 1000)]

@@ -258,7 +258,7 @@ def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_
     import warnings
 
     from conftest import dense_model
-    from nbtool.models.registry import file_fingerprint
+    from nbtool.catalog.registration import file_fingerprint
     from nbtool.worker.tasks import resident_models, unload_models
 
     name, path = f"{unique}_re", tmp_path / "retrained.keras"
@@ -298,7 +298,7 @@ def _shared_files(engine) -> set:
     """Every input file the engine has handed to its local workers, wherever it went."""
     import os
 
-    from nbtool.predict.sources import shared_folder
+    from nbtool.prediction.sources import shared_folder
 
     folders = set(engine.runs.shared_dirs) | {shared_folder(engine.work_dir / "inputs", 1)}
     return {f"{d}/{n}" for d in folders if d.is_dir() for n in os.listdir(d)}

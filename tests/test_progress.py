@@ -5,8 +5,8 @@ import io
 
 import numpy as np
 
-from nbtool.dashboard.background import BackgroundRun
-from nbtool.dashboard.progress import progress_view, wait_with_progress
+from nbtool.views.background import BackgroundRun
+from nbtool.views.progress import progress_view, wait_with_progress
 
 
 def test_widget_bars_follow_the_counts_and_end_green_or_red():

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from nbtool.predict.inputs import as_source
-from nbtool.predict.metrics import disagreement_rows
-from nbtool.predict.report import render_html
+from nbtool.prediction.inputs import as_source
+from nbtool.prediction.metrics import disagreement_rows
+from nbtool.prediction.report import render_html
 from predictions import digits_like_scores, make
 
 

@@ -37,8 +37,8 @@ def test_a_cancelled_run_frees_its_worker_between_batches_not_after_its_chunk(
 def test_a_run_tells_its_subscribers_once_when_collected_and_never_when_cancelled(
         engine, model_dir, reference, unique):
     """The run knows nothing of the engine: whoever wants to hear of its end subscribes."""
-    from nbtool.predict.inputs import as_source
-    from nbtool.predict.run import PredictionRun
+    from nbtool.prediction.inputs import as_source
+    from nbtool.prediction.run import PredictionRun
 
     name = f"{unique}_m"
     spec = engine.register(name, model_dir / "mlp.keras")

@@ -5,8 +5,8 @@ import pytest
 
 from nbtool.errors import InputMismatch, NbtoolError
 from nbtool.wire import ImageFiles, NpyFile, ZarrRef
-from nbtool.predict.inputs import as_source, images
-from nbtool.predict.sources import ImageFolderSource, ZarrSource
+from nbtool.prediction.inputs import as_source, images
+from nbtool.prediction.sources import ImageFolderSource, ZarrSource
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_shared_memory_folder_is_private_and_never_one_another_user_planted():
     script = textwrap.dedent("""
         import os, shutil, tempfile
         from pathlib import Path
-        from nbtool.predict.sources import shared_folder
+        from nbtool.prediction.sources import shared_folder
         fallback = Path(tempfile.mkdtemp())
         mine = Path(f"/dev/shm/nbtool-{os.getpid()}")
         try:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nbtool
-from nbtool.predict.store import ResultStore
+from nbtool.prediction.store import ResultStore
 
 
 def test_save_writes_every_chunk_from_the_workers(engine, two, reference, tmp_path):
@@ -147,7 +147,7 @@ def test_a_prediction_whose_store_another_run_rewrote_refuses_to_read_it(engine,
 def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path):
     """Before: 'a/b' and 'a%2Fb' were one array in the store (the second overwrote the
     first), and '.'/'..' were folder names that climb out of it."""
-    from nbtool.predict.store import StoreRef
+    from nbtool.prediction.store import StoreRef
 
     names = ["a/b", "a%2Fb", ".", "..", "a.b", "__x"]
     path = tmp_path / "s" / "p.zarr"
@@ -167,7 +167,7 @@ def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path)
 
 def test_a_late_task_of_a_run_that_no_longer_holds_the_store_writes_nothing(tmp_path):
     from nbtool.errors import ResultStoreError
-    from nbtool.predict.store import StoreRef
+    from nbtool.prediction.store import StoreRef
 
     store = ResultStore(tmp_path / "p.zarr")
     store.prepare([("m", "fp", [((1,), "float32")])], "input", 4, 2)

@@ -87,7 +87,7 @@ def test_files_read_ahead_or_whole_give_the_same_answer(engine, keras, unique, t
     from PIL import Image
 
     from conftest import dense_model
-    from nbtool.predict.inputs import images
+    from nbtool.prediction.inputs import images
 
     model = dense_model(keras, 64, seed=21, n_in=48)
     x = np.random.default_rng(4).normal(size=(1500, 48)).astype("float32")

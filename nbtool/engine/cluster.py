@@ -35,7 +35,7 @@ from nbtool.engine.devices import WorkerSlot
 from nbtool.errors import NbtoolError
 from nbtool.worker import resource_name
 
-#: Where :func:`nbtool.predict.sources.shared_folder` hands inputs to local workers, one per kernel.
+#: Where :func:`nbtool.prediction.sources.shared_folder` hands inputs to local workers, one per kernel.
 SHARED_ROOT = "/dev/shm"
 _SHARED_NAME = re.compile(r"^nbtool-(\d+)$")
 

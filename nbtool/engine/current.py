@@ -1,4 +1,4 @@
-"""The default engine: the one started last, which ``nbtool.predict`` and the other module
+"""The default engine: the one started last, which ``nbtool.prediction`` and the other module
 shortcuts act on (like Dask's default client).
 
 Example:
@@ -35,7 +35,7 @@ def current_engine() -> Engine | None:
 
 
 def default_engine() -> Engine:
-    """The engine started last (what ``nbtool.predict`` and friends use); raises if none.
+    """The engine started last (what ``nbtool.prediction`` and friends use); raises if none.
 
     Example:
         >>> nbtool.default_engine() is eng   # doctest: +SKIP

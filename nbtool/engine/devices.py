@@ -1,7 +1,7 @@
 """How many workers to run on this machine's devices, and each one's environment and budget.
 
 The GPUs themselves are found by :mod:`nbtool._util.gpus` (NVML, or an injected inventory);
-where each model goes is :mod:`nbtool.models.placement`.
+where each model goes is :mod:`nbtool.catalog.placement`.
 
 Example:
     >>> from nbtool._util.gpus import GPU

@@ -2,8 +2,8 @@
 
 It lives in the notebook kernel and never imports TensorFlow; models load inside the
 workers. Its parts: the :class:`~nbtool.engine.pool.WorkerPool` (the named workers and their
-status), the :class:`~nbtool.models.catalog.Catalog` (registered models, where they are placed,
-loading and unloading them) and :class:`~nbtool.predict.runs.Runs` (the predictions).
+status), the :class:`~nbtool.catalog.catalog.Catalog` (registered models, where they are placed,
+loading and unloading them) and :class:`~nbtool.prediction.runs.Runs` (the predictions).
 ``nbtool.start()`` (:mod:`nbtool.engine.session`) builds one.
 
 Example:
@@ -17,12 +17,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import os
 from pathlib import Path
 import tempfile
-from typing import Any, Callable
+from typing import Any
 import weakref
 
 from distributed import Client
@@ -30,8 +31,9 @@ from distributed import Client
 from nbtool._util import check_size
 from nbtool.engine.pool import WorkerPool
 from nbtool.errors import EngineClosed, NbtoolError
-from nbtool.models import BackgroundLoads, Catalog, Loads, WorkerInfo, model_names
-from nbtool.predict import Prediction, PredictionRun, Runs, remove_folders
+from nbtool.catalog import (BackgroundLoads, Catalog, Loads, ModelOptions, WorkerInfo,
+    model_names)
+from nbtool.prediction import Prediction, PredictionRun, RunOptions, Runs, remove_folders
 from nbtool.tables import Table, device_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus
 from nbtool.worker import NbtoolWorkerPlugin
@@ -45,6 +47,52 @@ def _doc(implementation):
         return method
 
     return take
+
+
+def _with_options(options_type, only: tuple[str, ...] | None = None):
+    """Let a method take the fields of ``options_type`` (a dataclass: the options are
+    declared once, there) as parameters of its own: ``eng.predict("cnn", x, 500,
+    combine="vote")`` calls the method with ``options=RunOptions(500, combine="vote")``,
+    so checking happens in the options type, and ``help()`` and the IDE show every
+    option. ``only`` restricts the method to some of the fields.
+    """
+    fields = [f for f in dataclasses.fields(options_type) if only is None or f.name in only]
+    names = {f.name for f in fields}
+
+    def wrap(method):
+        own = [p for p in inspect.signature(method).parameters.values() if p.name != "options"]
+        signature = inspect.Signature(own + [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY if f.kw_only
+                              else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=f.default, annotation=f.type) for f in fields])
+
+        def options_of(args, kwargs) -> dict:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as e:
+                takes = ", ".join(list(signature.parameters)[1:])
+                raise TypeError(f"{method.__name__}(): {e}; it takes {takes}") from None
+            bound.apply_defaults()
+            given = dict(bound.arguments)
+            given["options"] = options_type(**{n: given.pop(n) for n in names})
+            return given
+
+        if inspect.iscoroutinefunction(method):
+            @functools.wraps(method)
+            async def call_async(*args, **kwargs):
+                return await method(**options_of(args, kwargs))
+
+            call_async.__signature__ = signature
+            return call_async
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            return method(**options_of(args, kwargs))
+
+        call.__signature__ = signature
+        return call
+
+    return wrap
 
 
 def _open(method):
@@ -121,7 +169,7 @@ class Engine:
 
     @property
     def registry(self):
-        """The registered models' specs (:class:`~nbtool.models.registry.Registry`)."""
+        """The registered models' specs (:class:`~nbtool.catalog.catalog.Registry`)."""
         return self.catalog.registry
 
     @property
@@ -172,22 +220,84 @@ class Engine:
 
     # -- registering ---------------------------------------------------------------------
     @_open
-    @_doc(Catalog.register)
-    def register(self, name: str, model: Any, device: str = "auto", replicas: int | None = None,
-                 batch_size: int | str | None = None, preprocess: Callable | None = None,
-                 trusted: bool = False, precision: str | None = None,
-                 runtime: str | None = None) -> ModelSpec:
-        return self.catalog.register(name, model, device=device, replicas=replicas,
-                                     batch_size=batch_size, preprocess=preprocess,
-                                     trusted=trusted, precision=precision, runtime=runtime)
+    @_with_options(ModelOptions)
+    def register(self, name: str, model: Any, options: ModelOptions) -> ModelSpec:
+        """Register a model file (or a Keras model object) under ``name`` and place it.
+
+        ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
+        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter), an
+        OpenVINO IR ``.xml`` with its ``.bin`` beside it (yours or a third party's, from
+        ``openvino.save_model``; run by OpenVINO on CPU workers, in float32 unless its
+        rt_info asks for bf16, with no TensorFlow) or a
+        SavedModel directory (``model.export(dir)``, ``tf.saved_model.save``), or a Keras
+        model you just built: that one is saved once as ``.keras`` in the engine's work
+        folder. The file's input shape, dtype and outputs are read here without
+        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``
+        (the GPU workers if there are any, else the CPU workers), ``"cpu"``, ``"gpu"`` or
+        one device such as ``"gpu:1"``. ``replicas=None`` (the default) lets the model run
+        on every worker of that kind whose memory budget has room for it beside the other
+        models (:mod:`nbtool.catalog.placement`), so an ensemble keeps every worker busy: each
+        run splits its chunks over them, as measured costs say pays (:mod:`nbtool.prediction.planning`);
+        ``eng.models()`` shows ``auto: cpu0, cpu1``. An int pins it to that many workers,
+        and so does one device. Nothing loads now: the model loads on a
+        worker the first time it is used (or on ``eng.load``), so a file that reads here
+        but cannot load (damaged weights, a custom layer class the workers cannot
+        import, a ``.tflite`` needing TensorFlow "Select" ops) fails then, with
+        :class:`~nbtool.errors.ModelLoadError`. ``name`` holds letters, digits and
+        ``_ - . @ +`` (it names files and result arrays).
+
+        ``trusted=True`` is for files that run code when loaded: Keras' safe mode then
+        lets a Lambda layer's stored Python be deserialized. Without it a ``.keras`` or
+        ``.h5`` holding a Python lambda is refused here, and so is every SavedModel
+        directory (its graph can run any TensorFlow op, file reads and writes included),
+        with :class:`~nbtool.errors.UntrustedModel`. A custom layer class is not made
+        loadable by ``trusted=True``: it must be importable on the workers (registered
+        with ``@keras.saving.register_keras_serializable``).
+
+        ``preprocess`` runs inside the compiled graph on the worker: a preset name
+        (``"rescale"``, ``"mobilenet"``, ``"imagenet"``, ``"cast"``), a
+        :class:`nbtool.preprocess.Preprocess`, or a function of TF ops; with a preset,
+        inputs travel as uint8. ``batch_size`` (every format) is the rows per call:
+        ``"auto"`` picks one by a quick sweep at the first load (remembered per machine);
+        ``None`` means 64; any other value must be a whole number >= 1. A file re-saved in
+        place is picked up at the next run or load (see ``eng.submit``).
+        ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
+        mixed precision, opt-in: check it with ``eng.agreement`` against the float32 model
+        first. ``runtime`` is what runs a ``.keras``/``.h5``/SavedModel on CPU workers:
+        ``None`` (``"auto"``: at its first load on this machine, the fastest of TensorFlow,
+        OpenVINO float32 and LiteRT float32 that agrees with TensorFlow on your rows,
+        remembered; TensorFlow on a GPU), or one forced: ``"tensorflow"``, ``"openvino"``
+        or ``"litert"`` (converted once, cached on disk, checked against TensorFlow at
+        every load). A ``.tflite`` runs in LiteRT, an ``.xml`` IR in OpenVINO. Registering
+        a name again replaces it (a no-op if nothing changed).
+
+        Example:
+            >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
+            >>> eng.register("old", "models/old_keras2.h5")               # doctest: +SKIP
+            >>> eng.register("det", "models/detector.tflite")             # doctest: +SKIP
+            >>> eng.register("exported", "models/exported/", trusted=True)  # doctest: +SKIP
+            >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
+        """
+        return self.catalog.register(name, model, options)
 
     @_open
-    @_doc(Catalog.register_dir)
-    def register_dir(self, folder: str | os.PathLike, device: str = "auto",
-                     replicas: int | None = None,
-                     batch_size: int | None = None, trusted: bool = False) -> list[ModelSpec]:
-        return self.catalog.register_dir(folder, device=device, replicas=replicas,
-                                         batch_size=batch_size, trusted=trusted)
+    @_with_options(ModelOptions, only=("device", "replicas", "batch_size", "trusted"))
+    def register_dir(self, folder: str | os.PathLike, options: ModelOptions) -> list[ModelSpec]:
+        """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
+        ``folder``, with the options of :meth:`register`.
+
+        Each is named after its file (without suffix). They are placed largest first, so
+        ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
+        be read is skipped with a warning that says why; the others are registered. So is
+        a file whose name is not a valid model name (``my model.keras``): the warning
+        suggests a clean name to register it under (nbtool never picks one for you). So
+        are SavedModels and files holding a Python lambda, unless ``trusted=True``.
+
+        Example:
+            >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
+            ['cnn', 'mlp', 'exported']
+        """
+        return self.catalog.register_dir(folder, options)
 
     @_open
     @_doc(Runs.agreement)
@@ -241,26 +351,74 @@ class Engine:
 
     # -- predicting --------------------------------------------------------------------------
     @_open
-    @_doc(Runs.submit)
-    def predict(self, models: str | list[str], x: Any, chunk_size: int | None = None,
-                combine: str | None = "mean", save: str | None = None, *,
-                partial_combine: bool = False, cache: bool = False) -> Prediction:
-        return self.submit(models, x, chunk_size, combine, save,
-                           partial_combine=partial_combine, cache=cache).collect()
+    @_with_options(RunOptions)
+    def predict(self, models: str | list[str], x: Any, options: RunOptions) -> Prediction:
+        """Predict ``models`` on ``x`` and wait for the result.
+
+        The models run on ``x`` in chunks on the workers. ``eng.predict`` returns the
+        :class:`~nbtool.prediction.results.Prediction`; ``eng.submit`` (same options) checks
+        the input, schedules the prediction and returns at once with the run;
+        ``eng.predict_async`` is the awaitable twin.
+
+        ``x`` is one of:
+
+        - an ndarray or a list of rows (on a local cluster handed to the workers as one
+          shared-memory file; else scattered once);
+        - a path to a ``.npy`` file (workers memory-map their own slices);
+        - a zarr array: a path (``"x.zarr"``, or a folder holding zarr metadata) or a
+          zarr array object (workers read their own slices);
+        - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
+          (workers decode and resize their own files);
+        - a Dask array (its row blocks become the chunks).
+
+        The input is checked against every model before anything is scheduled (a
+        SavedModel's input is learned at its first load, once). ``res[name]`` is the
+        model's output, a list of arrays for a model with several outputs (a ``.tflite``
+        gives them in its signature's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
+        chunk that fails does not discard the others: see ``res.errors`` and
+        ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
+        says which model failed where), unless ``partial_combine=True``: the rows a model
+        failed on are then combined from the other models (NaN where every model failed).
+
+        ``save="preds.zarr"`` writes a resumable result store: each chunk's outputs are
+        written by its worker as it completes, ``res[name]`` is then a zarr array on disk,
+        and running the same prediction again computes only the chunks not stored yet
+        (one run at a time: another run on the same path is refused);
+        ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
+        writes the outputs once, at the end.
+
+        ``cache=True`` memoises each chunk's outputs on disk (:mod:`nbtool.prediction.output_memo`),
+        keyed by the model (file fingerprint, precision, preprocessing, runtime) and the
+        chunk's rows: running it again, after a restart too, reads them back instead of
+        computing (``res.timings[name]["cached_chunks"]`` says how many); a changed model
+        or chunk is computed again. ``nbtool.cache_info()``, ``nbtool.clear_cache()``.
+        It does not combine with ``save="*.zarr"`` (which resumes by itself).
+
+        A submitted run: ``run.progress()`` says how far each model is; ``run.collect()``
+        waits and returns the Prediction (and lets go of the run's tasks, store lock and
+        input file); ``run.cancel()`` stops it.
+
+        Example:
+            >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
+            >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
+            ((2000, 10), (2000,))
+            >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
+            >>> run.progress()                        # doctest: +SKIP
+            {'cnn': (3, 8)}
+        """
+        return self.submit(models, x, **dataclasses.asdict(options)).collect()
 
     @_open
+    @_with_options(RunOptions)
     async def predict_async(self, models: str | list[str], x: Any,
-                            chunk_size: int | None = None, combine: str | None = "mean",
-                            save: str | None = None, *,
-                            partial_combine: bool = False, cache: bool = False) -> Prediction:
-        """The awaitable twin of :meth:`predict`: the event loop stays free while it runs.
-        Cancelling the awaiting task cancels the run.
+                            options: RunOptions) -> Prediction:
+        """The awaitable twin of :meth:`predict` (same options): the event loop stays free
+        while it runs. Cancelling the awaiting task cancels the run.
 
         Example:
             >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
         """
-        run = self.submit(models, x, chunk_size, combine, save,
-                          partial_combine=partial_combine, cache=cache)
+        run = self.submit(models, x, **dataclasses.asdict(options))
         try:
             return await asyncio.to_thread(run.collect)
         except asyncio.CancelledError:
@@ -268,12 +426,17 @@ class Engine:
             raise
 
     @_open
-    @_doc(Runs.submit)
-    def submit(self, models: str | list[str], x: Any, chunk_size: int | None = None,
-               combine: str | None = "mean", save: str | None = None, *,
-               partial_combine: bool = False, cache: bool = False) -> PredictionRun:
-        return self.runs.submit(model_names([models]), x, chunk_size, combine, save,
-                                partial_combine=partial_combine, cache=cache)
+    @_with_options(RunOptions)
+    def submit(self, models: str | list[str], x: Any, options: RunOptions) -> PredictionRun:
+        """Start :meth:`predict` (same options) and return at once with the run:
+        ``run.progress()``, ``run.collect()``, ``run.cancel()``.
+
+        Example:
+            >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
+            >>> run.progress()                        # doctest: +SKIP
+            {'cnn': (3, 8)}
+        """
+        return self.runs.submit(model_names([models]), x, options)
 
     def running(self) -> list[PredictionRun]:
         """The predictions submitted and not yet finished or cancelled, oldest first.
@@ -289,12 +452,12 @@ class Engine:
 
     @_open
     def dashboard(self, **options):
-        """A live panel of this engine (see :class:`nbtool.dashboard.panel.Dashboard`).
+        """A live panel of this engine (see :class:`nbtool.views.panel.Dashboard`).
 
         Example:
             >>> eng.dashboard()    # doctest: +SKIP
         """
-        from nbtool.dashboard import Dashboard
+        from nbtool.views import Dashboard
 
         return Dashboard(self, **options)
 

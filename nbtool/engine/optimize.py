@@ -53,8 +53,8 @@ import numpy as np
 
 from nbtool._util import human_bytes
 from nbtool.errors import NoVariantQualifies
-from nbtool.models import disk_size
-from nbtool.predict import fmt, output_agreement
+from nbtool.catalog import disk_size
+from nbtool.prediction import fmt, output_agreement
 from nbtool.tables import Table
 from nbtool.worker import convert_variant
 
@@ -98,7 +98,7 @@ def optimize(engine, name: str, variants=("float16", "dynamic-int8", "int8"),
     Example:
         >>> optimize(eng, "cnn", ["float16"], x=x_test)   # doctest: +SKIP
     """
-    from nbtool.predict import as_source, check_fits
+    from nbtool.prediction import as_source, check_fits
 
     spec = engine.registry.get(name)
     variants = [variants] if isinstance(variants, str) else list(dict.fromkeys(variants))

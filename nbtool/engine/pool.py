@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from nbtool._util import planned_restart
 from nbtool.errors import NbtoolError
-from nbtool.models import WorkerInfo
+from nbtool.catalog import WorkerInfo
 from nbtool.wire import WorkerStatus
 from nbtool.worker import resource_name, worker_status
 

@@ -2,7 +2,7 @@
 
 ``nbtool.start()`` builds a cluster (or connects to one), waits for its workers and
 returns an :class:`~nbtool.engine.engine.Engine`, which becomes the default engine of the module
-shortcuts (``nbtool.predict`` ...), like Dask's default client. Settings left out are read
+shortcuts (``nbtool.prediction`` ...), like Dask's default client. Settings left out are read
 from the environment (``NBTOOL_N_WORKERS``, ``NBTOOL_MEMORY_BUDGET``, ``NBTOOL_CORES``,
 ``NBTOOL_BACKEND``).
 
@@ -52,7 +52,7 @@ def start(address: str | None = None, *, gpus: str | int | list[int] | None = "a
     run the same worker code (nbtool must be installed there). ``memory_budget`` (a
     positive size such as ``"6GB"`` or a number of bytes) is the model memory each worker
     may hold before it evicts the least recently used model. The new engine becomes the
-    default one for ``nbtool.predict`` and friends.
+    default one for ``nbtool.prediction`` and friends.
 
     Nobody else gets in: the local cluster speaks TLS under a certificate made for this
     session and held by this kernel (Dask's ``Security.temporary()``), so another process,

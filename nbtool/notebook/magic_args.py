@@ -85,7 +85,7 @@ trusted_option = argument("--trusted", action="store_true", help="allow files th
 
 def replicas_flag(text: str) -> int | None:
     """argparse type for ``--replicas``: a whole number pins that many workers; ``auto``
-    (the default) is None: every worker with room (:mod:`nbtool.models.placement`).
+    (the default) is None: every worker with room (:mod:`nbtool.catalog.placement`).
 
     Example:
         >>> replicas_flag("2"), replicas_flag("auto")

@@ -359,7 +359,7 @@ class Nbtool(EngineCommands, Magics):
         labels = self.shell.ev(args.labels) if args.labels else None
         combine = args.combine or self.combine
         combine = None if combine == "none" else combine
-        from nbtool.dashboard import progress_view, wait_with_progress
+        from nbtool.views import progress_view, wait_with_progress
 
         try:
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
@@ -381,7 +381,7 @@ class Nbtool(EngineCommands, Magics):
             return res
 
         if args.background:
-            from nbtool.dashboard import BackgroundRun
+            from nbtool.views import BackgroundRun
 
             return BackgroundRun(run, view, bind, args.out).start()
         return bind(wait_with_progress(run, view))

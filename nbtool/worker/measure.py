@@ -122,7 +122,7 @@ def cost_key(spec: ModelSpec, device: str) -> str:
 
 def record_cost(spec: ModelSpec, device: str, **measured: float) -> None:
     """Remember what ``spec`` cost here (``load`` seconds, seconds per ``row``), for the
-    planning of later runs (:func:`nbtool.predict.planning.plan_model_routes`).
+    planning of later runs (:func:`nbtool.prediction.planning.plan_model_routes`).
 
     Example:
         >>> record_cost(spec, "cpu:0", load=1.2)   # doctest: +SKIP

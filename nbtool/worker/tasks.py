@@ -43,7 +43,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
 
     ``data`` is an ndarray scattered to the worker, a Dask array block, or a file
     reference (:mod:`nbtool.wire`) that the worker opens and slices itself. With a
-    ``store`` (:class:`nbtool.predict.store.StoreRef`) the outputs are written to the result store
+    ``store`` (:class:`nbtool.prediction.store.StoreRef`) the outputs are written to the result store
     here and only a receipt travels back. ``read_ahead``: the file of the model this
     worker runs next, read into the page cache while this chunk computes.
 

@@ -19,7 +19,7 @@ from nbtool._util import warn_user
 from nbtool.engine.persist.engine_files import (EngineRecord, ended_note, engine_records,
     idle_words)
 from nbtool.engine.persist.on_scheduler import STATE_KEY
-from nbtool.errors import EngineInUse, EngineNotRunning, NbtoolError
+from nbtool.errors import EngineNotRunning, NbtoolError
 
 
 class AttachedCluster:

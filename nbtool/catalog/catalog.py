@@ -23,13 +23,13 @@ import tempfile
 from typing import Any, Iterable
 
 from nbtool._util import warn_user
-from nbtool.errors import InvalidOption, NbtoolError
-from nbtool.models.placement import is_auto, place_all, placed_with
-from nbtool.models.registry import (Registry, check_backend_support, check_batch_size,
-    check_name, check_replicas, find_models, inspect_model)
+from nbtool.errors import InvalidOption, ModelNotFound, NbtoolError
+from nbtool.catalog.placement import is_auto, place_all, placed_with
+from nbtool.catalog.registration import (ModelOptions, check_backend_support, check_name,
+    find_models, inspect_model)
 from nbtool.tables import ModelRow, model_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
-from nbtool.worker import PRECISIONS, unload_models
+from nbtool.worker import unload_models
 
 #: The options a user gave at registration: a changed file is registered again with them.
 OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision",
@@ -40,7 +40,7 @@ class Catalog:
     """The registry (specs by name) and the placement (workers by model name).
 
     ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`; ``background`` its
-    :class:`~nbtool.models.loads.BackgroundLoads` (a replaced model's queued loads are
+    :class:`~nbtool.catalog.loads.BackgroundLoads` (a replaced model's queued loads are
     cancelled).
 
     Example:
@@ -67,95 +67,28 @@ class Catalog:
         return [self.registry.get(n) for n in names]
 
     # -- registering ---------------------------------------------------------------------
-    def register(self, name: str, model: Any, device: str = "auto",
-                 replicas: int | None = None,
-                 batch_size=None, preprocess=None, trusted: bool = False,
-                 precision: str | None = None, runtime: str | None = None) -> ModelSpec:
-        """Register a model file (or a Keras model object) under ``name`` and place it.
-
-        ``model`` is a path to a ``.keras`` file, an ``.h5`` file (Keras 3, or an old
-        Keras 2 / tf.keras one), a ``.tflite`` file (run by LiteRT's interpreter), an
-        OpenVINO IR ``.xml`` with its ``.bin`` beside it (yours or a third party's, from
-        ``openvino.save_model``; run by OpenVINO on CPU workers, in float32 unless its
-        rt_info asks for bf16, with no TensorFlow) or a
-        SavedModel directory (``model.export(dir)``, ``tf.saved_model.save``), or a Keras
-        model you just built: that one is saved once as ``.keras`` in the engine's work
-        folder. The file's input shape, dtype and outputs are read here without
-        TensorFlow; a SavedModel's only when it first loads. ``device`` is ``"auto"``
-        (the GPU workers if there are any, else the CPU workers), ``"cpu"``, ``"gpu"`` or
-        one device such as ``"gpu:1"``. ``replicas=None`` (the default) lets the model run
-        on every worker of that kind whose memory budget has room for it beside the other
-        models (:mod:`nbtool.models.placement`), so an ensemble keeps every worker busy: each
-        run splits its chunks over them, as measured costs say pays (:mod:`nbtool.predict.planning`);
-        ``eng.models()`` shows ``auto: cpu0, cpu1``. An int pins it to that many workers,
-        and so does one device. Nothing loads now: the model loads on a
-        worker the first time it is used (or on ``eng.load``), so a file that reads here
-        but cannot load (damaged weights, a custom layer class the workers cannot
-        import, a ``.tflite`` needing TensorFlow "Select" ops) fails then, with
-        :class:`~nbtool.errors.ModelLoadError`. ``name`` holds letters, digits and
-        ``_ - . @ +`` (it names files and result arrays).
-
-        ``trusted=True`` is for files that run code when loaded: Keras' safe mode then
-        lets a Lambda layer's stored Python be deserialized. Without it a ``.keras`` or
-        ``.h5`` holding a Python lambda is refused here, and so is every SavedModel
-        directory (its graph can run any TensorFlow op, file reads and writes included),
-        with :class:`~nbtool.errors.UntrustedModel`. A custom layer class is not made
-        loadable by ``trusted=True``: it must be importable on the workers (registered
-        with ``@keras.saving.register_keras_serializable``).
-
-        ``preprocess`` runs inside the compiled graph on the worker: a preset name
-        (``"rescale"``, ``"mobilenet"``, ``"imagenet"``, ``"cast"``), a
-        :class:`nbtool.preprocess.Preprocess`, or a function of TF ops; with a preset,
-        inputs travel as uint8. ``batch_size`` (every format) is the rows per call:
-        ``"auto"`` picks one by a quick sweep at the first load (remembered per machine);
-        ``None`` means 64; any other value must be a whole number >= 1. A file re-saved in
-        place is picked up at the next run or load (see ``eng.submit``).
-        ``precision="bfloat16"`` (or ``"float16"``) runs a ``.keras``/``.h5`` model in
-        mixed precision, opt-in: check it with ``eng.agreement`` against the float32 model
-        first. ``runtime`` is what runs a ``.keras``/``.h5``/SavedModel on CPU workers:
-        ``None`` (``"auto"``: at its first load on this machine, the fastest of TensorFlow,
-        OpenVINO float32 and LiteRT float32 that agrees with TensorFlow on your rows,
-        remembered; TensorFlow on a GPU), or one forced: ``"tensorflow"``, ``"openvino"``
-        or ``"litert"`` (converted once, cached on disk, checked against TensorFlow at
-        every load). A ``.tflite`` runs in LiteRT, an ``.xml`` IR in OpenVINO. Registering
-        a name again replaces it (a no-op if nothing changed).
+    def register(self, name: str, model: Any, options: ModelOptions = ModelOptions()) -> ModelSpec:
+        """Register ``model`` (a path or a Keras model object) under ``name`` with
+        ``options`` (documented on :meth:`nbtool.engine.Engine.register`).
 
         Example:
-            >>> eng.register("cnn", "models/cnn.keras", device="gpu:0")   # doctest: +SKIP
-            >>> eng.register("old", "models/old_keras2.h5")               # doctest: +SKIP
-            >>> eng.register("det", "models/detector.tflite")             # doctest: +SKIP
-            >>> eng.register("exported", "models/exported/", trusted=True)  # doctest: +SKIP
-            >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
+            >>> catalog.register("cnn", "models/cnn.keras", ModelOptions(device="gpu:0"))  # doctest: +SKIP
         """
         # Everything is checked before a model object is saved under the name.
         check_name(name, model if isinstance(model, (str, os.PathLike)) else None)
-        replicas = None if replicas is None else check_replicas(name, replicas)
-        batch_size = check_batch_size(name, batch_size)
+        options = options.checked(name)
         path = self.model_path(name, model)
-        if isinstance(preprocess, str):
-            from nbtool.preprocess import preset
-
-            preprocess = preset(preprocess)
-        if precision not in (None, "float32") and precision not in PRECISIONS:
-            raise ValueError(f"model {name!r}: precision={precision!r}; expected None, "
-                             f"'float32' or one of {sorted(PRECISIONS)} (mixed: weights "
-                             "stay float32, the math runs in the lower precision).")
-        spec = inspect_model(name, path, device=device, replicas=replicas,
-                             batch_size=batch_size, preprocess=preprocess,
-                             trusted=bool(trusted),
-                             precision=None if precision == "float32" else precision,
-                             runtime=runtime)
+        spec = inspect_model(name, path, **dataclasses.asdict(options))
         if spec.precision and spec.format in ("tflite", "savedmodel"):
             # Mixed precision rebuilds a Keras model; silently running float32 instead
             # would report a precision that was never used.
-            raise InvalidOption(name, "precision", precision,
+            raise InvalidOption(name, "precision", options.precision,
                                 "None for a .tflite or SavedModel (mixed precision rebuilds "
                                 "a Keras model; these are not Keras models)",
                                 "precision=None, or register the .keras/.h5 original")
         return self.add(spec)
 
-    def register_dir(self, folder, device: str = "auto", replicas: int | None = None,
-                     batch_size=None, trusted: bool = False) -> list[ModelSpec]:
+    def register_dir(self, folder, options: ModelOptions = ModelOptions()) -> list[ModelSpec]:
         """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
         ``folder``.
 
@@ -170,8 +103,7 @@ class Catalog:
             >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
             ['cnn', 'mlp', 'exported']
         """
-        replicas = None if replicas is None else check_replicas(None, replicas)
-        batch_size = check_batch_size(None, batch_size)
+        options = options.checked(None)
         found = find_models(folder)
         if not found:
             raise NbtoolError(f"folder {folder}: no models found; expected .keras, .h5 "
@@ -180,8 +112,7 @@ class Catalog:
         specs, problems = [], []
         for n, p in found.items():
             try:
-                spec = inspect_model(n, p, device=device, replicas=replicas,
-                                     batch_size=batch_size, trusted=bool(trusted))
+                spec = inspect_model(n, p, **dataclasses.asdict(options))
                 check_backend_support(spec, {w.backend for w in self.pool.workers.values()})
                 specs.append(spec)
             except NbtoolError as e:   # one bad file must not cost the user the others
@@ -400,3 +331,55 @@ def model_names(models) -> list[str]:
         else:
             out.extend(model_names(list(m)))
     return out
+
+
+class Registry:
+    """The registered models of one engine, by name.
+
+    Example:
+        >>> reg = Registry()
+        >>> reg.names()
+        []
+        >>> reg.get("cnn")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.ModelNotFound: no model named 'cnn' is registered; ...
+        >>> reg.add(ModelSpec("cnn", "/m/cnn.keras", "keras", 1024, "1024-1"))  # None: new
+        >>> reg.names(), "cnn" in reg, reg.remove("cnn").path, len(reg)
+        (['cnn'], True, '/m/cnn.keras', 0)
+    """
+
+    def __init__(self):
+        self._specs: dict[str, ModelSpec] = {}
+
+    def add(self, spec: ModelSpec) -> ModelSpec | None:
+        """Add or replace a spec; returns the spec it replaced, if any."""
+        old = self._specs.get(spec.name)
+        self._specs[spec.name] = spec
+        return old
+
+    def remove(self, name: str) -> ModelSpec:
+        """Forget a model; raises :class:`ModelNotFound` if it is not registered."""
+        spec = self.get(name)
+        del self._specs[name]
+        return spec
+
+    def get(self, name: str) -> ModelSpec:
+        """The spec of a registered model, or a :class:`ModelNotFound` with suggestions."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ModelNotFound(name, list(self._specs)) from None
+
+    def names(self) -> list[str]:
+        """Registered model names, in registration order."""
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)

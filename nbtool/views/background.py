@@ -20,7 +20,7 @@ import threading
 from typing import Callable
 import warnings
 
-from nbtool.dashboard.progress import INTERVAL, TextProgress, WidgetProgress, in_notebook
+from nbtool.views.progress import INTERVAL, TextProgress, WidgetProgress, in_notebook
 
 
 class BackgroundRun:

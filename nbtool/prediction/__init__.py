@@ -11,21 +11,21 @@
 - ``output_memo``: outputs remembered by content, so a repeated run is read back.
 
 Example:
-    >>> from nbtool.predict import Prediction
+    >>> from nbtool.prediction import Prediction
     >>> Prediction.__name__
     'Prediction'
 """
 
 from __future__ import annotations
 
-from nbtool.predict.inputs import as_source, check_fits, images
-from nbtool.predict.metrics import output_agreement
-from nbtool.predict.output_memo import cache_info, clear_cache
-from nbtool.predict.report import fmt
-from nbtool.predict.results import Prediction, open_prediction
-from nbtool.predict.run import PredictionRun
-from nbtool.predict.runs import Runs, remove_folders
+from nbtool.prediction.inputs import as_source, check_fits, images
+from nbtool.prediction.metrics import output_agreement
+from nbtool.prediction.output_memo import cache_info, clear_cache
+from nbtool.prediction.report import fmt
+from nbtool.prediction.results import Prediction, open_prediction
+from nbtool.prediction.run import PredictionRun
+from nbtool.prediction.runs import RunOptions, Runs, remove_folders
 
-__all__ = ["Prediction", "PredictionRun", "Runs", "as_source", "cache_info", "check_fits",
-           "clear_cache", "fmt", "images", "open_prediction", "output_agreement",
+__all__ = ["Prediction", "PredictionRun", "RunOptions", "Runs", "as_source", "cache_info",
+           "check_fits", "clear_cache", "fmt", "images", "open_prediction", "output_agreement",
            "remove_folders"]

@@ -7,10 +7,10 @@ gallery of the samples the models disagree on most. Charts are inline SVG and th
 inline PNG: the HTML needs no server and stays small however many rows were predicted.
 
 The numbers themselves (classes, agreement, accuracy, confusion) are counted in
-:mod:`nbtool.predict.metrics`; this module lays them out.
+:mod:`nbtool.prediction.metrics`; this module lays them out.
 
 Example:
-    >>> from nbtool.predict.results import Prediction
+    >>> from nbtool.prediction.results import Prediction
     >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
     >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
     >>> [(r["model"], r["output"]) for r in summary_rows(res)]
@@ -28,9 +28,9 @@ import io
 
 import numpy as np
 
-from nbtool.predict.metrics import (accuracy, agreement, classifier_scores, confusion,
+from nbtool.prediction.metrics import (accuracy, agreement, classifier_scores, confusion,
     disagreement_rows, outputs_by_model, predicted_classes)
-from nbtool.predict.svg import bar_chart, heatmap
+from nbtool.prediction.svg import bar_chart, heatmap
 
 #: Bars and confusion rows beyond this many classes would not be read: the most predicted.
 MAX_CLASSES_SHOWN = 20
@@ -46,7 +46,7 @@ def _image_rows(res, rows: np.ndarray):
     is_image = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
     if not is_image:
         return None
-    from nbtool.predict.sources import NpySource
+    from nbtool.prediction.sources import NpySource
 
     picked = np.sort(rows)
     if getattr(src, "array", None) is not None and isinstance(src.array, np.ndarray):
@@ -83,7 +83,7 @@ def summary_rows(res) -> list[dict]:
     """One row per model: what the table shows (also used by the text repr).
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2,
         ...                  timings={"m": {"seconds": 0.5}})
         >>> row = summary_rows(res)[0]
@@ -142,7 +142,7 @@ def notices(res) -> list[str]:
     store was rewritten by another run), or combined is missing or partial.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2,
         ...                  combine="mean", combined_note="combined is not available: ...")
         >>> notices(res)
@@ -155,11 +155,11 @@ def notices(res) -> list[str]:
 
 
 def render_html(res) -> str:
-    """The whole inline view of a :class:`~nbtool.predict.results.Prediction`: notices first, the
+    """The whole inline view of a :class:`~nbtool.prediction.results.Prediction`: notices first, the
     summary table, class charts, the gallery of disagreements, the errors.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> res = Prediction(["reg"], {"reg": [np.ones((2, 1)) * 7]}, n_rows=2, chunk_size=2)
         >>> html = render_html(res)
         >>> "<table" in html, "<svg" in html       # no class charts for a regression

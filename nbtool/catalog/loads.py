@@ -24,7 +24,7 @@ from nbtool.worker import load_model, unload_models
 
 class Loads:
     """The loads and unloads of the models in ``catalog`` (a
-    :class:`~nbtool.models.catalog.Catalog`), through ``pool`` (a
+    :class:`~nbtool.catalog.catalog.Catalog`), through ``pool`` (a
     :class:`~nbtool.engine.pool.WorkerPool`); ``catalog.background`` holds the replica loads.
 
     Example:

@@ -4,7 +4,7 @@ The notebook kernel must not import TensorFlow (it would grab GPU memory), so ev
 client needs to know about a model (format, size, input shape and dtype, outputs) is read
 from the file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config``
 attribute of an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read
-with LiteRT's schema), the graph of an OpenVINO IR ``.xml`` (:mod:`nbtool.models.files`).
+with LiteRT's schema), the graph of an OpenVINO IR ``.xml`` (:mod:`nbtool.catalog.files`).
 SavedModel directories only tell their size here; their signature is learned on a worker
 at the first load. What would run code at load (a Python lambda, any SavedModel graph) is
 said here too, so the registry can refuse it unless trusted.
@@ -87,7 +87,7 @@ def parse_shape(text: str) -> tuple:
 def inspect_ir(name: str | None, p: Path):
     """Size, inputs ``[(batch shape, dtype)]``, number of outputs and ``unsafe`` (always
     None: an IR runs no code of its own) of the IR at ``p``, as
-    :func:`nbtool.models.files.read_model_file` wants them.
+    :func:`nbtool.catalog.files.read_model_file` wants them.
 
     The batch axis is reported as ``None`` (the worker reshapes it to its batch size).
     A file that is not an IR, or one whose ``.bin`` is missing, is a

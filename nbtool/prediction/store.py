@@ -9,7 +9,7 @@ same prediction again resumes: stored chunks are not recomputed. A changed model
 invalidates that model's chunks, a changed input or chunking invalidates the store; they
 never mix silently.
 
-One run writes a store at a time (:mod:`nbtool.predict.store`). The manifest records which
+One run writes a store at a time (:mod:`nbtool.prediction.store`). The manifest records which
 run last wrote each model; a Prediction backed by the store checks it when read and refuses
 rows another run has written since (:class:`~nbtool.errors.StoreRewritten`).
 

@@ -4,12 +4,12 @@ Predicted classes per model, how often two models agree, accuracy against labels
 confusion matrix, the rows the models disagree on most, and how far two models' outputs
 are apart.
 
-Pure numpy, on a :class:`~nbtool.predict.results.Prediction` (or anything with its ``models``,
-``items()`` and ``combined``): the inline report (:mod:`nbtool.predict.report`), ``evaluate`` and
+Pure numpy, on a :class:`~nbtool.prediction.results.Prediction` (or anything with its ``models``,
+``items()`` and ``combined``): the inline report (:mod:`nbtool.prediction.report`), ``evaluate`` and
 the variant comparison (:mod:`nbtool.engine.optimize`) all count the same way.
 
 Example:
-    >>> from nbtool.predict.results import Prediction
+    >>> from nbtool.prediction.results import Prediction
     >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
     >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
     >>> predicted_classes(res)["a"].tolist()
@@ -34,7 +34,7 @@ def outputs_by_model(res) -> dict[str, list]:
     """Each model's outputs as a list (one array per output); models that failed are left out.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2)
         >>> [o.shape for o in outputs_by_model(res)["m"]]
         [(2, 3)]
@@ -47,7 +47,7 @@ def classifier_scores(res) -> dict[str, np.ndarray]:
     output of two or more columns, or one column of values in [0, 1] (a sigmoid).
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
         >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
         >>> sorted(classifier_scores(res))
@@ -89,7 +89,7 @@ def predicted_classes(res) -> dict[str, np.ndarray]:
     """Predicted class per row for each classifier model, plus ``"ensemble"`` if combined.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
         >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
         >>> {m: c.tolist() for m, c in predicted_classes(res).items()}
@@ -107,7 +107,7 @@ def agreement(res) -> tuple[list[str], np.ndarray]:
     for either model are left out): the model names and the matrix.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
         >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
         >>> names, mat = agreement(res)
@@ -128,7 +128,7 @@ def accuracy(res, labels) -> dict[str, float]:
     """Accuracy of each classifier (and the ensemble) against true labels.
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
         >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
         >>> accuracy(res, [0, 1, 2, 0])
@@ -157,7 +157,7 @@ def disagreement_rows(res, k: int = MAX_GALLERY) -> np.ndarray:
     (at most ``k``; rows where all agree are never among them).
 
     Example:
-        >>> from nbtool.predict.results import Prediction
+        >>> from nbtool.prediction.results import Prediction
         >>> a, b = np.eye(3)[[0, 1, 2, 1]], np.eye(3)[[0, 1, 0, 0]]
         >>> res = Prediction(["a", "b"], {"a": [a], "b": [b]}, n_rows=4, chunk_size=4)
         >>> disagreement_rows(res).tolist()

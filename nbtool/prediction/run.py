@@ -1,7 +1,7 @@
 """Turn a prediction request into Dask work and its results into a :class:`Prediction`.
 
 One ``dask.delayed`` task per (model, chunk), restricted (by worker *name*, which survives
-restarts) to the workers that hold that model, in :class:`~nbtool.predict.planning.RunOrder`. Results
+restarts) to the workers that hold that model, in :class:`~nbtool.prediction.planning.RunOrder`. Results
 are collected as they complete; assembly puts every chunk back at its rows.
 
 The run knows nothing of the engine: whoever wants to hear that it finished (the engine,
@@ -27,10 +27,10 @@ from distributed import Future, as_completed
 
 from nbtool._util import warn_user
 from nbtool.errors import ChunkError, NbtoolError
-from nbtool.predict.planning import RunOrder
-from nbtool.predict.results import CombineError, Prediction, combine_outputs
-from nbtool.predict.sources import Source
-from nbtool.predict.store import StoreRef
+from nbtool.prediction.planning import RunOrder
+from nbtool.prediction.results import CombineError, Prediction, combine_outputs
+from nbtool.prediction.sources import Source
+from nbtool.prediction.store import StoreRef
 from nbtool.wire import ChunkOutput, ModelSpec
 from nbtool.worker import predict_chunk, resource_name
 
@@ -74,7 +74,7 @@ class PredictionRun:
 
     ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`; ``placements`` pairs each
     model's spec with the workers its chunks go to. ``store`` is an open
-    :class:`~nbtool.predict.store.ResultStore` (its writer lock held for ``run_id``) and
+    :class:`~nbtool.prediction.store.ResultStore` (its writer lock held for ``run_id``) and
     ``stored`` the chunks it holds already, per model; ``save`` a ``.npz`` path the
     outputs are written to once assembled.
 

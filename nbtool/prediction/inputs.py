@@ -2,7 +2,7 @@
 
 :func:`as_source` wraps what the user passes (an ndarray or a list of rows, a ``.npy`` or
 ``.zarr`` path, a folder of images or :func:`images`, a zarr or Dask array) as one of the
-:mod:`nbtool.predict.sources` kinds, and refuses anything else by what it is, saying what to pass
+:mod:`nbtool.prediction.sources` kinds, and refuses anything else by what it is, saying what to pass
 instead. :func:`check_fits` holds a source against a model's input signature;
 :func:`resolve_chunk_size` picks the rows per chunk, or checks the user's.
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import InputMismatch, NbtoolError
-from nbtool.predict.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource,
+from nbtool.prediction.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource,
     Source, ZarrSource)
 from nbtool.wire import ModelSpec
 

@@ -5,15 +5,15 @@ sparkline windows (``sparklines``), the GPU monitor (``gpu_monitor``), the custo
 (``background``) the magics share. It is handed an engine; it never imports one.
 
 Example:
-    >>> from nbtool.dashboard import Dashboard
+    >>> from nbtool.views import Dashboard
     >>> Dashboard.__name__
     'Dashboard'
 """
 
 from __future__ import annotations
 
-from nbtool.dashboard.background import BackgroundRun
-from nbtool.dashboard.panel import Dashboard
-from nbtool.dashboard.progress import progress_view, wait_with_progress
+from nbtool.views.background import BackgroundRun
+from nbtool.views.panel import Dashboard
+from nbtool.views.progress import progress_view, wait_with_progress
 
 __all__ = ["BackgroundRun", "Dashboard", "progress_view", "wait_with_progress"]

@@ -1,8 +1,10 @@
-"""The registered models of one engine, and the checks on their names and options.
+"""What it takes to register a model: its options (:class:`ModelOptions`, declared and
+checked here, once), its name, and its file.
 
 A model is registered under a name from a file; :func:`inspect_model` reads the file
-(:mod:`nbtool.models.files`, no TensorFlow) and refuses, before any worker opens it, a bad
+(:mod:`nbtool.catalog.files`, no TensorFlow) and refuses, before any worker opens it, a bad
 name, a file that is no model, or one that would run code at load unless ``trusted=True``.
+The registered models themselves are :class:`nbtool.catalog.catalog.Registry`.
 
 Example:
     A name outside the safe set is refused before the file is even read, with a clean
@@ -12,15 +14,13 @@ Example:
     Traceback (most recent call last):
     ...
     nbtool.errors.InvalidModelName: model name 'my model' (from models/my model.keras): ...
-    >>> reg = Registry()
-    >>> reg.add(ModelSpec("my_model", "/m/my model.keras", "keras", 1024, "1024-1")) is None
-    True
-    >>> reg.names()
-    ['my_model']
+    >>> ModelOptions(replicas=2).checked("cnn").replicas
+    2
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from pathlib import Path
@@ -29,15 +29,59 @@ from typing import Any
 
 from nbtool._util import warn_user
 from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
-    ModelNotFound, NbtoolError, UntrustedModel)
-from nbtool.models.files import FORMATS, detect_format, read_model_file
+    UntrustedModel)
+from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.wire import ModelSpec, content_digest, file_fingerprint
+from nbtool.worker import PRECISIONS
 
 #: The longest model name: names become file names and result-store array names.
 NAME_LIMIT = 100
 #: What a model name may hold (ASCII only: no case- or normalization-folding surprises).
 #: ``@`` is in it for optimize()'s ``name@variant``.
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_\-.@+]+")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The options of a registered model, declared once: :meth:`nbtool.engine.Engine.register`
+    takes them as its own parameters (and documents them), the catalog checks them here.
+
+    Example:
+        >>> ModelOptions(batch_size=64, precision="float32").checked("cnn")
+        ModelOptions(device='auto', replicas=None, batch_size=64, preprocess=None, trusted=False, precision=None, runtime=None)
+        >>> ModelOptions(replicas=0).checked("cnn")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidOption: model 'cnn': replicas=0; expected a whole number >= 1 ...
+    """
+
+    device: str = "auto"
+    replicas: int | None = None
+    batch_size: int | str | None = None
+    preprocess: Any = None
+    trusted: bool = False
+    precision: str | None = None
+    runtime: str | None = None
+
+    def checked(self, model: str | None) -> "ModelOptions":
+        """These options checked for ``model`` (None: for every model of a folder), in
+        their normal form: a preprocessing preset resolved, ``"float32"`` as None.
+        A wrong value raises an error that names the model, the option and the fix."""
+        if self.precision not in (None, "float32") and self.precision not in PRECISIONS:
+            raise ValueError(f"model {model!r}: precision={self.precision!r}; expected None, "
+                             f"'float32' or one of {sorted(PRECISIONS)} (mixed: weights "
+                             "stay float32, the math runs in the lower precision).")
+        preprocess = self.preprocess
+        if isinstance(preprocess, str):
+            from nbtool.preprocess import preset
+
+            preprocess = preset(preprocess)
+        return dataclasses.replace(
+            self, replicas=None if self.replicas is None else check_replicas(model, self.replicas),
+            batch_size=check_batch_size(model, self.batch_size), preprocess=preprocess,
+            trusted=bool(self.trusted),
+            precision=None if self.precision == "float32" else self.precision)
 
 
 def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSpec:
@@ -256,58 +300,6 @@ def check_backend_support(spec: ModelSpec, backends: set[str]) -> None:
 def _whole(value: Any) -> bool:
     """A real integer: not a bool (True is not a count), not a float such as 2.0."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-class Registry:
-    """The registered models of one engine, by name.
-
-    Example:
-        >>> reg = Registry()
-        >>> reg.names()
-        []
-        >>> reg.get("cnn")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        nbtool.errors.ModelNotFound: no model named 'cnn' is registered; ...
-        >>> reg.add(ModelSpec("cnn", "/m/cnn.keras", "keras", 1024, "1024-1"))  # None: new
-        >>> reg.names(), "cnn" in reg, reg.remove("cnn").path, len(reg)
-        (['cnn'], True, '/m/cnn.keras', 0)
-    """
-
-    def __init__(self):
-        self._specs: dict[str, ModelSpec] = {}
-
-    def add(self, spec: ModelSpec) -> ModelSpec | None:
-        """Add or replace a spec; returns the spec it replaced, if any."""
-        old = self._specs.get(spec.name)
-        self._specs[spec.name] = spec
-        return old
-
-    def remove(self, name: str) -> ModelSpec:
-        """Forget a model; raises :class:`ModelNotFound` if it is not registered."""
-        spec = self.get(name)
-        del self._specs[name]
-        return spec
-
-    def get(self, name: str) -> ModelSpec:
-        """The spec of a registered model, or a :class:`ModelNotFound` with suggestions."""
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise ModelNotFound(name, list(self._specs)) from None
-
-    def names(self) -> list[str]:
-        """Registered model names, in registration order."""
-        return list(self._specs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._specs
-
-    def __iter__(self):
-        return iter(self._specs.values())
-
-    def __len__(self) -> int:
-        return len(self._specs)
 
 
 def find_models(folder: str | os.PathLike) -> dict[str, Path]:

@@ -3,19 +3,20 @@
 :meth:`Runs.submit` does everything that can refuse a run before anything is scheduled
 (the input read and checked against every model, the save target, the chunk size), at most
 one load round trip (only for a model whose signature no load has taught yet), then plans
-the routes, hands the input over and submits a :class:`~nbtool.predict.run.PredictionRun`. It
+the routes, hands the input over and submits a :class:`~nbtool.prediction.run.PredictionRun`. It
 subscribes to the run's end: a finished run leaves the running list for the history, and
 the replicas it left out start loading.
 
 Example:
     >>> runs = Runs(pool, loads, local=True)                         # doctest: +SKIP
-    >>> run = runs.submit(["cnn"], x, None, "mean", None)            # doctest: +SKIP
+    >>> run = runs.submit(["cnn"], x, RunOptions(combine="mean"))    # doctest: +SKIP
     >>> run.collect().n_rows, len(runs.history)                      # doctest: +SKIP
     (2000, 1)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -25,15 +26,50 @@ import time
 from typing import Any
 import uuid
 
-from nbtool.predict.inputs import as_source, check_fits, resolve_chunk_size
-from nbtool.predict.metrics import output_agreement
-from nbtool.predict.output_memo import RunCache
-from nbtool.predict.planning import plan_routes
-from nbtool.predict.results import Prediction, check_combine
-from nbtool.predict.run import PredictionRun
+from nbtool.prediction.inputs import as_source, check_fits, resolve_chunk_size
+from nbtool.prediction.metrics import output_agreement
+from nbtool.prediction.output_memo import RunCache
+from nbtool.prediction.planning import plan_routes
+from nbtool.prediction.results import Prediction, check_combine
+from nbtool.prediction.run import PredictionRun
 from nbtool.wire import ModelSpec
 
 logger = logging.getLogger("nbtool")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The options of a prediction run, declared and checked once: the engine's
+    ``predict``, ``predict_async`` and ``submit`` take them as their own parameters (and
+    :meth:`nbtool.engine.Engine.submit` documents them); the magics and the dashboard
+    pass them on. What depends on the input (the chunk size against its rows, a store
+    against its models) is checked by the run, with the input.
+
+    Example:
+        >>> RunOptions(500, "vote").combine
+        'vote'
+        >>> RunOptions(combine="median")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: combine='median' is not a combine method; choose 'mean', 'vote' or None.
+        >>> RunOptions(save="p.zarr", cache=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cache=True with save='p.zarr': a result store already resumes ...
+    """
+
+    chunk_size: int | None = None
+    combine: str | None = "mean"
+    save: str | None = None
+    partial_combine: bool = dataclasses.field(default=False, kw_only=True)
+    cache: bool = dataclasses.field(default=False, kw_only=True)
+
+    def __post_init__(self):
+        check_combine(self.combine)
+        if self.cache and self.save and str(self.save).lower().endswith(".zarr"):
+            raise ValueError(f"cache=True with save={self.save!r}: a result store already "
+                             "resumes (its chunks are not computed again), so the two do "
+                             "not combine. Fix: drop cache=True, or save to a .npz file.")
 
 
 class Runs:
@@ -57,60 +93,14 @@ class Runs:
         self.shared_dirs: set[Path] = set()       # where inputs were handed to local workers
         self._runs: list[PredictionRun] = []
 
-    def submit(self, names: list[str], x: Any, chunk_size: int | None,
-               combine: str | None, save: str | None,
-               partial_combine: bool = False, cache: bool = False) -> PredictionRun:
-        """Run models on ``x`` in chunks on the workers: ``eng.submit`` checks the input,
-        schedules the prediction and returns at once with the run; ``eng.predict`` is
-        ``submit(...).collect()`` and returns the :class:`~nbtool.predict.results.Prediction`.
-
-        ``x`` is one of:
-
-        - an ndarray or a list of rows (on a local cluster handed to the workers as one
-          shared-memory file; else scattered once);
-        - a path to a ``.npy`` file (workers memory-map their own slices);
-        - a zarr array: a path (``"x.zarr"``, or a folder holding zarr metadata) or a
-          zarr array object (workers read their own slices);
-        - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
-          (workers decode and resize their own files);
-        - a Dask array (its row blocks become the chunks).
-
-        The input is checked against every model before anything is scheduled (a
-        SavedModel's input is learned at its first load, once). ``res[name]`` is the
-        model's output, a list of arrays for a model with several outputs (a ``.tflite``
-        gives them in its signature's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
-        chunk that fails does not discard the others: see ``res.errors`` and
-        ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
-        says which model failed where), unless ``partial_combine=True``: the rows a model
-        failed on are then combined from the other models (NaN where every model failed).
-
-        ``save="preds.zarr"`` writes a resumable result store: each chunk's outputs are
-        written by its worker as it completes, ``res[name]`` is then a zarr array on disk,
-        and running the same prediction again computes only the chunks not stored yet
-        (one run at a time: another run on the same path is refused);
-        ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
-        writes the outputs once, at the end.
-
-        ``cache=True`` memoises each chunk's outputs on disk (:mod:`nbtool.predict.output_memo`),
-        keyed by the model (file fingerprint, precision, preprocessing, runtime) and the
-        chunk's rows: running it again, after a restart too, reads them back instead of
-        computing (``res.timings[name]["cached_chunks"]`` says how many); a changed model
-        or chunk is computed again. ``nbtool.cache_info()``, ``nbtool.clear_cache()``.
-        It does not combine with ``save="*.zarr"`` (which resumes by itself).
-
-        A submitted run: ``run.progress()`` says how far each model is; ``run.collect()``
-        waits and returns the Prediction (and lets go of the run's tasks, store lock and
-        input file); ``run.cancel()`` stops it.
+    def submit(self, names: list[str], x: Any, options: RunOptions = RunOptions()) -> PredictionRun:
+        """Check, plan and submit a run of the models ``names`` on ``x`` with ``options``
+        (the user's documentation is :meth:`nbtool.engine.Engine.submit`).
 
         Example:
-            >>> res = eng.predict(["cnn", "mlp"], x, chunk_size=500, combine="vote")  # doctest: +SKIP
-            >>> res["cnn"].shape, res.combined.shape                                  # doctest: +SKIP
-            ((2000, 10), (2000,))
-            >>> run = eng.submit(["cnn"], x)          # doctest: +SKIP
-            >>> run.progress()                        # doctest: +SKIP
-            {'cnn': (3, 8)}
+            >>> run = runs.submit(["cnn"], x, RunOptions(chunk_size=500))   # doctest: +SKIP
         """
-        check_combine(combine)
+        chunk_size, combine, save = options.chunk_size, options.combine, options.save
         names = list(dict.fromkeys(names))
         if not names:
             raise ValueError("predict needs at least one model name.")
@@ -121,10 +111,6 @@ class Runs:
         # last (see handoff), so a refused input costs no RAM.
         source = as_source(x)
         store = save_target(save)   # a path that cannot be written fails before any load
-        if cache and store is not None:
-            raise ValueError(f"cache=True with save={save!r}: a result store already "
-                             "resumes (its chunks are not computed again), so the two do "
-                             "not combine. Fix: drop cache=True, or save to a .npz file.")
         specs = self.signed(names, outputs=store is not None)
         for spec in specs:
             check_fits(spec, source)
@@ -137,14 +123,14 @@ class Runs:
         run_id = uuid.uuid4().hex[:8]   # names its tasks, and its writes to a result store
         stored = open_store(store, specs, source, size, run_id)
         try:
-            cached = self.cached(specs, source, size) if cache else None
+            cached = self.cached(specs, source, size) if options.cache else None
             routes, later = plan_routes(self.pool, specs, self.catalog.placement,
                                         source.n_rows, measured_here=self.local)
             source = self.handoff(source)
             run = PredictionRun(self.pool, [(s, routes[s.name]) for s in specs], source, size,
                                 combine=combine, store=store, stored=stored,
                                 save=save if save and store is None else None,
-                                run_id=run_id, partial_combine=partial_combine,
+                                run_id=run_id, partial_combine=options.partial_combine,
                                 cache=cached)
         except BaseException:
             if store is not None:
@@ -170,7 +156,7 @@ class Runs:
             >>> eng.agreement("cnn", "cnn_bf16", x_test)                      # doctest: +SKIP
             {'top1_agreement': 0.998, 'max_abs_diff': 0.0061, 'rows': 2000}
         """
-        res = self.submit([a, b], x, chunk_size, None, None).collect()
+        res = self.submit([a, b], x, RunOptions(chunk_size, combine=None)).collect()
         res.raise_for_errors()
         try:
             out = output_agreement(res[a], res[b])
@@ -246,7 +232,7 @@ class Runs:
             >>> type(runs.handoff(as_source(x))).__name__   # doctest: +SKIP
             'SharedArraySource'
         """
-        from nbtool.predict.sources import ArraySource, SharedArraySource, shared_folder
+        from nbtool.prediction.sources import ArraySource, SharedArraySource, shared_folder
 
         if not self.local or self.work_dir is None or type(source) is not ArraySource:
             return source
@@ -266,7 +252,7 @@ class Runs:
 
 def save_target(save):
     """Check ``save`` before anything runs: ``"*.zarr"`` gives the (not yet locked)
-    :class:`~nbtool.predict.store.ResultStore`; ``"*.npz"`` is checked writable (it is written
+    :class:`~nbtool.prediction.store.ResultStore`; ``"*.npz"`` is checked writable (it is written
     at the end, by the run); None is nothing to save.
 
     Example:
@@ -284,7 +270,7 @@ def save_target(save):
         raise ValueError(f"save={save!r}: expected a path ending in .zarr (a result "
                          "store written chunk by chunk, resumable) or .npz (written once "
                          "at the end).")
-    from nbtool.predict.store import ResultStore, check_npz_target
+    from nbtool.prediction.store import ResultStore, check_npz_target
 
     if suffix == "npz":
         check_npz_target(save)

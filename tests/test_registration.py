@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nbtool.errors import InvalidModelName, InvalidOption, ModelFileError, UntrustedModel
-from nbtool.models.registry import (Registry, check_batch_size, check_name, check_replicas,
+from nbtool.catalog.catalog import Registry
+from nbtool.catalog.registration import (check_batch_size, check_name, check_replicas,
                              find_models, inspect_model)
 from nbtool.wire import ModelSpec
 

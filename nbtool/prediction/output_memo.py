@@ -246,14 +246,14 @@ def chunk_keys(source, bounds: list[tuple[int, int]]) -> list[str] | None:
     Dask array (not cached: see the module's text).
 
     Example:
-        >>> from nbtool.predict.sources import ArraySource
+        >>> from nbtool.prediction.sources import ArraySource
         >>> x = np.arange(12.0).reshape(6, 2)
         >>> a = chunk_keys(ArraySource(x), [(0, 3), (3, 6)])
         >>> x[4, 0] = -1; b = chunk_keys(ArraySource(x), [(0, 3), (3, 6)])
         >>> a[0] == b[0], a[1] == b[1]
         (True, False)
     """
-    from nbtool.predict.sources import DaskSource, NpySource
+    from nbtool.prediction.sources import DaskSource, NpySource
 
     if isinstance(source, DaskSource):
         return None

@@ -1,6 +1,6 @@
 """A prediction's result: per-model outputs in input order, combined, timed; or read back.
 
-:func:`open_prediction` opens a result store (:mod:`nbtool.predict.store`) as one, lazily.
+:func:`open_prediction` opens a result store (:mod:`nbtool.prediction.store`) as one, lazily.
 
 Example:
     >>> res = eng.predict(["cnn", "mlp"], x, combine="mean")   # doctest: +SKIP
@@ -126,7 +126,7 @@ class Prediction:
         """Raise :class:`~nbtool.errors.StoreRewritten` if another run has written this
         Prediction's result store since: its rows would be that run's, not these."""
         if self.store_path is not None:
-            from nbtool.predict.store import check_runs
+            from nbtool.prediction.store import check_runs
 
             check_runs(self.store_path, self.store_runs,
                        self.models if models is None else models)
@@ -224,7 +224,7 @@ class Prediction:
             >>> res.evaluate([0, 0])
             {'m': 0.5}
         """
-        from nbtool.predict.metrics import accuracy
+        from nbtool.prediction.metrics import accuracy
 
         self._check_store()
         labels = np.asarray(labels).reshape(-1)
@@ -237,7 +237,7 @@ class Prediction:
         return accuracy(self, labels)
 
     def __repr__(self) -> str:
-        from nbtool.predict.report import fmt, summary_rows
+        from nbtool.prediction.report import fmt, summary_rows
 
         head = (f"<Prediction: {len(self.models)} model(s) x {self.n_rows} rows, "
                 f"combine={self.combine!r}, {len(self.errors)} error(s), "
@@ -255,7 +255,7 @@ class Prediction:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from nbtool.predict.report import render_html
+        from nbtool.prediction.report import render_html
 
         return render_html(self)
 
@@ -278,7 +278,7 @@ class Prediction:
 
 
 def open_prediction(path: str | os.PathLike):
-    """Open a result store as a :class:`~nbtool.predict.results.Prediction`, lazily.
+    """Open a result store as a :class:`~nbtool.prediction.results.Prediction`, lazily.
 
     ``res[name]`` is then a zarr array: indexing it reads only those rows. Chunks that
     never completed hold NaN; ``res.completed`` says which are stored.
@@ -287,7 +287,7 @@ def open_prediction(path: str | os.PathLike):
         A store of 10 rows in chunks of 4, of which a worker wrote chunk 1 (rows 4 to 7):
 
         >>> import pathlib, tempfile
-        >>> from nbtool.predict.store import ResultStore, StoreRef
+        >>> from nbtool.prediction.store import ResultStore, StoreRef
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
         >>> store = ResultStore(path)
         >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
@@ -298,7 +298,7 @@ def open_prediction(path: str | os.PathLike):
         >>> res.completed, res["cnn"][3:5].tolist()
         ({'cnn': {1}}, [[nan, nan, nan], [1.0, 1.0, 1.0]])
     """
-    from nbtool.predict.store import MANIFEST, ResultStore
+    from nbtool.prediction.store import MANIFEST, ResultStore
 
     store = ResultStore(path)
     if store.manifest is None:

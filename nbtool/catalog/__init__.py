@@ -10,16 +10,18 @@
   loads started in the background, old copies dropped.
 
 Example:
-    >>> from nbtool.models import WorkerInfo
+    >>> from nbtool.catalog import WorkerInfo
     >>> WorkerInfo("cpu0", "cpu:0", 2**30).kind
     'cpu'
 """
 
 from __future__ import annotations
 
-from nbtool.models.catalog import Catalog, model_names
-from nbtool.models.files import disk_size
-from nbtool.models.loads import BackgroundLoads, Loads
-from nbtool.models.placement import WorkerInfo
+from nbtool.catalog.catalog import Catalog, model_names
+from nbtool.catalog.files import disk_size
+from nbtool.catalog.loads import BackgroundLoads, Loads
+from nbtool.catalog.placement import WorkerInfo
+from nbtool.catalog.registration import ModelOptions
 
-__all__ = ["BackgroundLoads", "Catalog", "Loads", "WorkerInfo", "disk_size", "model_names"]
+__all__ = ["BackgroundLoads", "Catalog", "Loads", "ModelOptions", "WorkerInfo", "disk_size",
+           "model_names"]

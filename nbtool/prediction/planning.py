@@ -1,8 +1,8 @@
 """Plan where a run goes: which of the workers each model may run on compute its chunks
-now, and which load it afterwards (:class:`nbtool.models.loads.BackgroundLoads`).
+now, and which load it afterwards (:class:`nbtool.catalog.loads.BackgroundLoads`).
 
 A model placed on several workers (every worker with room, by default:
-:mod:`nbtool.models.placement`; or ``replicas=N``) could run on all of them, but not every split
+:mod:`nbtool.catalog.placement`; or ``replicas=N``) could run on all of them, but not every split
 pays: a worker that does not hold the model yet pays its load and trace before its first
 chunk, and a worker already busy with other models' chunks finishes later. With what this
 machine measured before (:func:`nbtool.worker.model_costs`: load seconds, seconds per row)

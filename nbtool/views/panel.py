@@ -3,8 +3,8 @@ worker, GPUs from NVML), models with load/unload buttons, a run form, the predic
 running now, and the recent runs.
 
 Standard ipywidgets for the controls, an anywidget view (``widgets/memory_bars.js``) for
-the devices (:mod:`nbtool.dashboard.devices`), the running runs in
-:mod:`nbtool.dashboard.runs`. One periodic callback on the kernel's event loop refreshes
+the devices (:mod:`nbtool.views.devices`), the running runs in
+:mod:`nbtool.views.runs`. One periodic callback on the kernel's event loop refreshes
 everything, batched with ``hold_sync``; it reads the workers' state with one
 ``client.run`` round trip (which runs on the workers' event loops, beside their task
 threads, so predictions do not slow down) and stops when the dashboard or the engine is
@@ -13,7 +13,7 @@ helper thread that touches no widget, and runs are background runs watched from 
 loop.
 
 Example (in a notebook):
-    >>> dash = nbtool.dashboard.panel()    # doctest: +SKIP
+    >>> dash = nbtool.views.panel()    # doctest: +SKIP
     >>> dash                         # doctest: +SKIP
 """
 
@@ -31,8 +31,8 @@ import ipywidgets as w
 import numpy as np
 
 from nbtool._util import human_bytes
-from nbtool.dashboard.devices import DeviceSection
-from nbtool.dashboard.runs import RunningSection
+from nbtool.views.devices import DeviceSection
+from nbtool.views.runs import RunningSection
 from nbtool.wire import ModelState
 
 #: Seconds between refreshes.
@@ -269,8 +269,8 @@ class Dashboard:
 
     def start_run(self):
         """Run the form's prediction in the background; bind and show it when done."""
-        from nbtool.dashboard.background import BackgroundRun
-        from nbtool.dashboard.progress import progress_view
+        from nbtool.views.background import BackgroundRun
+        from nbtool.views.progress import progress_view
 
         names, var, out = list(self.run_models.value), self.run_input.value, \
             self.run_out.value.strip()

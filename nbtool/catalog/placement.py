@@ -3,7 +3,7 @@ of their kind that has room.
 
 A model registered with the default ``replicas=None`` ("auto") is not pinned to one
 worker: it may run on every worker of its device kind whose model budget has room for it,
-so an ensemble keeps every worker busy (the run's planner, :mod:`nbtool.predict.planning`, splits
+so an ensemble keeps every worker busy (the run's planner, :mod:`nbtool.prediction.planning`, splits
 each model's chunks over the workers that hold it). Room is shared fairly: the auto models
 are placed together, again whenever the catalog or the workers change, largest first one
 worker each (the one with the most free budget), then one more worker each, in turn, while
@@ -233,7 +233,7 @@ def place(model: str, size: int, device: str, replicas: int, workers: Iterable[W
     candidates, the ``replicas`` with the most free budget win (``assigned`` holds the
     bytes already placed on each worker); call it largest model first for a good packing.
     This is the placement of a model pinned by ``replicas=`` or ``device="gpu:1"``; the
-    others are placed together by :func:`nbtool.models.placement.place_auto`.
+    others are placed together by :func:`nbtool.catalog.placement.place_auto`.
 
     Example:
         >>> ws = [WorkerInfo("cpu0", "cpu:0", 100), WorkerInfo("cpu1", "cpu:1", 100)]

@@ -1,6 +1,6 @@
 """The kinds of input (sources): where the rows live and how each task gets its own.
 
-Which kind an input becomes, and the checks on it, are :mod:`nbtool.predict.inputs`' business. A
+Which kind an input becomes, and the checks on it, are :mod:`nbtool.prediction.inputs`' business. A
 source knows its rows (count, row shape, dtype) and hands each (model, chunk) task a
 reference to its rows, never a copy:
 

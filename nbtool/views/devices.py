@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import time
 
-from nbtool.dashboard._widgets import MemoryBars
-from nbtool.dashboard.gpu_monitor import GpuMonitor
-from nbtool.dashboard.sparklines import SampleWindow
+from nbtool.views._widgets import MemoryBars
+from nbtool.views.gpu_monitor import GpuMonitor
+from nbtool.views.sparklines import SampleWindow
 from nbtool.wire import WorkerStatus
 
 #: How far back the sparklines reach (seconds).
