@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
+import string
 from typing import Any, Callable
 
 import numpy as np
@@ -383,3 +385,67 @@ class UnloadResult(list):
             out.freed.update(getattr(part, "freed", {}))
             out.returns_memory.update(getattr(part, "returns_memory", {}))
         return out
+
+
+def resource_name(worker) -> str:
+    """The Dask resource that only the worker of this name has.
+
+    Example:
+        >>> resource_name("gpu0")
+        'nbtool-worker-gpu0'
+    """
+    return f"nbtool-worker-{worker}"
+
+
+#: The result store's lock file: the run that holds it is the only one that may write.
+STORE_LOCK = ".nbtool.lock"
+
+
+def store_owner(path: str | os.PathLike) -> str | None:
+    """The id of the run holding the lock of the store at ``path`` (None if none holds it).
+
+    Example:
+        >>> import tempfile
+        >>> store_owner(tempfile.mkdtemp()) is None
+        True
+    """
+    try:
+        text = (Path(path) / STORE_LOCK).read_text()
+        return json.loads(text).get("run") if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+#: The characters a model name keeps in its store folder's name; the others are encoded.
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+
+
+def store_key(model: str) -> str:
+    """A model name as one folder name, one to one: every character outside
+    ``[A-Za-z0-9_-]`` is percent-encoded, ``%`` included (so no two names share a folder)
+    and ``.`` too (so ``.``/``..`` never climb); a leading ``_`` as well (zarr reserves
+    names starting ``__``).
+
+    Example:
+        >>> store_key("a/b"), store_key("a%2Fb"), store_key(".."), store_key("cnn@int8")
+        ('a%2Fb', 'a%252Fb', '%2E%2E', 'cnn%40int8')
+    """
+    if not model:
+        raise ValueError("a model name cannot be empty")
+    return "".join(ch if ch in _SAFE and not (i == 0 and ch == "_")
+                   else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+                   for i, ch in enumerate(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreRef:
+    """What a task needs to write its chunk: the store's path and the chunk's first row.
+
+    Example:
+        >>> StoreRef("/data/preds.zarr", 0).path
+        '/data/preds.zarr'
+    """
+
+    path: str
+    start: int
+    run: str | None = None   # the run that holds the store's lock: only it may write

@@ -44,7 +44,7 @@ def test_a_chunk_sent_with_a_stale_registration_is_refused_not_served_new_weight
         engine, model_dir, reference, tmp_path, unique):
     from nbtool.errors import ChunkError
     from nbtool.worker.tasks import predict_chunk
-    from nbtool.worker.environment import resource_name
+    from nbtool.wire import resource_name
 
     name, path = f"{unique}_stale", tmp_path / "m.keras"
     path.write_bytes((model_dir / "mlp.keras").read_bytes())

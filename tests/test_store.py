@@ -147,7 +147,8 @@ def test_a_prediction_whose_store_another_run_rewrote_refuses_to_read_it(engine,
 def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path):
     """Before: 'a/b' and 'a%2Fb' were one array in the store (the second overwrote the
     first), and '.'/'..' were folder names that climb out of it."""
-    from nbtool.prediction.store import StoreRef
+    from nbtool.wire import StoreRef
+    from nbtool.worker.writing import write_chunk
 
     names = ["a/b", "a%2Fb", ".", "..", "a.b", "__x"]
     path = tmp_path / "s" / "p.zarr"
@@ -155,7 +156,7 @@ def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path)
     store.prepare([(n, "fp", [((2,), "float32")]) for n in names], "input", 4, 2)
     for i, n in enumerate(names):
         ref = StoreRef(store.path, 0, store.run_id)
-        ref.write(n, 0, [np.full((2, 2), i, "float32")])
+        write_chunk(ref, n, 0, [np.full((2, 2), i, "float32")])
     store.release()
     for i, n in enumerate(names):
         assert store.completed(n) == {0}
@@ -167,7 +168,8 @@ def test_model_names_that_differ_only_in_escaping_get_their_own_arrays(tmp_path)
 
 def test_a_late_task_of_a_run_that_no_longer_holds_the_store_writes_nothing(tmp_path):
     from nbtool.errors import ResultStoreError
-    from nbtool.prediction.store import StoreRef
+    from nbtool.wire import StoreRef
+    from nbtool.worker.writing import write_chunk
 
     store = ResultStore(tmp_path / "p.zarr")
     store.prepare([("m", "fp", [((1,), "float32")])], "input", 4, 2)
@@ -176,7 +178,7 @@ def test_a_late_task_of_a_run_that_no_longer_holds_the_store_writes_nothing(tmp_
     store.acquire("newer")                       # and another run holds the store now
     with pytest.raises(ResultStoreError, match=rf"belongs to run {old}, which has ended "
                        r"\(run newer holds it now\), so it was not written"):
-        StoreRef(store.path, 0, old).write("m", 0, [np.ones((2, 1), "float32")])
+        write_chunk(StoreRef(store.path, 0, old), "m", 0, [np.ones((2, 1), "float32")])
     store.release()
     assert store.completed("m") == set()
 

@@ -215,7 +215,7 @@ def test_a_model_file_re_saved_in_place_is_refused_under_its_old_registration(
     from nbtool.errors import ModelFileChanged
     from nbtool.wire import file_fingerprint
     from nbtool.worker.tasks import load_model
-    from nbtool.worker.environment import resource_name
+    from nbtool.wire import resource_name
 
     name = f"{unique}_resaved"
     path = tmp_path / "m.keras"

@@ -23,10 +23,10 @@ import tempfile
 from typing import Any, Iterable
 
 from nbtool._util import warn_user
-from nbtool.errors import InvalidOption, ModelNotFound, NbtoolError
 from nbtool.catalog.placement import is_auto, place_all, placed_with
 from nbtool.catalog.registration import (ModelOptions, check_backend_support, check_name,
     find_models, inspect_model)
+from nbtool.errors import InvalidOption, ModelNotFound, NbtoolError
 from nbtool.tables import ModelRow, model_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
 from nbtool.worker import unload_models

@@ -28,9 +28,9 @@ import re
 from typing import Any
 
 from nbtool._util import warn_user
+from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
     UntrustedModel)
-from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.wire import ModelSpec, content_digest, file_fingerprint
 from nbtool.worker import PRECISIONS
 

@@ -33,7 +33,7 @@ from distributed.security import Security
 
 from nbtool.engine.devices import WorkerSlot
 from nbtool.errors import NbtoolError
-from nbtool.worker import resource_name
+from nbtool.wire import resource_name
 
 #: Where :func:`nbtool.prediction.sources.shared_folder` hands inputs to local workers, one per kernel.
 SHARED_ROOT = "/dev/shm"

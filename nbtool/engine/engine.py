@@ -29,10 +29,10 @@ import weakref
 from distributed import Client
 
 from nbtool._util import check_size
-from nbtool.engine.pool import WorkerPool
-from nbtool.errors import EngineClosed, NbtoolError
 from nbtool.catalog import (BackgroundLoads, Catalog, Loads, ModelOptions, WorkerInfo,
     model_names)
+from nbtool.engine.pool import WorkerPool
+from nbtool.errors import EngineClosed, NbtoolError
 from nbtool.prediction import Prediction, PredictionRun, RunOptions, Runs, remove_folders
 from nbtool.tables import Table, device_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus

@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 
 from nbtool._util import human_bytes
-from nbtool.errors import NoVariantQualifies
 from nbtool.catalog import disk_size
+from nbtool.errors import NoVariantQualifies
 from nbtool.prediction import fmt, output_agreement
 from nbtool.tables import Table
 from nbtool.worker import convert_variant

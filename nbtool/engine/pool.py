@@ -20,10 +20,10 @@ import time
 from typing import Any, Callable, Iterable
 
 from nbtool._util import planned_restart
-from nbtool.errors import NbtoolError
 from nbtool.catalog import WorkerInfo
-from nbtool.wire import WorkerStatus
-from nbtool.worker import resource_name, worker_status
+from nbtool.errors import NbtoolError
+from nbtool.wire import WorkerStatus, resource_name
+from nbtool.worker import worker_status
 
 #: Seconds after a restart during which a worker missing from the scheduler is waited for.
 SETTLING_SECONDS = 30

@@ -287,12 +287,13 @@ def open_prediction(path: str | os.PathLike):
         A store of 10 rows in chunks of 4, of which a worker wrote chunk 1 (rows 4 to 7):
 
         >>> import pathlib, tempfile
-        >>> from nbtool.prediction.store import ResultStore, StoreRef
+        >>> from nbtool.prediction.store import ResultStore
+        >>> from nbtool.wire import StoreRef; from nbtool.worker.writing import write_chunk
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.zarr"
         >>> store = ResultStore(path)
         >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
         {'cnn': set()}
-        >>> StoreRef(store.path, 4, store.run_id).write("cnn", 1, [np.ones((4, 3), "float32")])
+        >>> write_chunk(StoreRef(store.path, 4, store.run_id), "cnn", 1, [np.ones((4, 3), "float32")])
         >>> store.release()
         >>> res = open_prediction(path)
         >>> res.completed, res["cnn"][3:5].tolist()

@@ -30,9 +30,8 @@ from nbtool.errors import ChunkError, NbtoolError
 from nbtool.prediction.planning import RunOrder
 from nbtool.prediction.results import CombineError, Prediction, combine_outputs
 from nbtool.prediction.sources import Source
-from nbtool.prediction.store import StoreRef
-from nbtool.wire import ChunkOutput, ModelSpec
-from nbtool.worker import predict_chunk, resource_name
+from nbtool.wire import ChunkOutput, ModelSpec, StoreRef, resource_name
+from nbtool.worker import predict_chunk
 
 
 def _timings(chunks: list[tuple[int, ChunkOutput]], seconds: float, n_rows: int) -> dict:

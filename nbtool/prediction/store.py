@@ -20,22 +20,17 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 import shutil
-import string
 import time
 
 import numpy as np
 
 from nbtool._util import warn_user
 from nbtool.errors import NbtoolError, ResultStoreError, StoreBusy, StoreRewritten
-
-
-#: The lock file (holding the id of the run that holds the lock), inside the store.
-LOCK = ".nbtool.lock"
+from nbtool.wire import STORE_LOCK as LOCK, store_key as _key
 
 
 class StoreLock:
@@ -96,21 +91,6 @@ class StoreLock:
             f.close()   # closing the descriptor drops the flock
 
 
-def owner(path: str | os.PathLike) -> str | None:
-    """The id of the run holding the lock of the store at ``path`` (None if none holds it).
-
-    Example:
-        >>> import tempfile
-        >>> owner(tempfile.mkdtemp()) is None
-        True
-    """
-    try:
-        text = (Path(path) / LOCK).read_text()
-        return json.loads(text).get("run") if text.strip() else None
-    except (OSError, ValueError):
-        return None
-
-
 def _try_lock(f) -> bool:
     """Take an exclusive lock on open file ``f`` without waiting; False if another open
     file holds it (another process, or another run of this one: flock locks belong to
@@ -155,74 +135,13 @@ MANIFEST = "nbtool.json"
 #: 2: model names are percent-encoded injectively (1 only replaced '/', so 'a/b' and
 #: 'a%2Fb' shared one array).
 FORMAT_VERSION = 2
-_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 _REWRITTEN_FIX = ("save each run to its own path, or read the store again with "
                   "nbtool.open_prediction")
-
-
-def _key(model: str) -> str:
-    """A model name as one folder name, one to one: every character outside
-    ``[A-Za-z0-9_-]`` is percent-encoded, ``%`` included (so no two names share a folder)
-    and ``.`` too (so ``.``/``..`` never climb); a leading ``_`` as well (zarr reserves
-    names starting ``__``).
-
-    Example:
-        >>> _key("a/b"), _key("a%2Fb"), _key(".."), _key("cnn@int8")
-        ('a%2Fb', 'a%252Fb', '%2E%2E', 'cnn%40int8')
-    """
-    if not model:
-        raise ValueError("a model name cannot be empty")
-    return "".join(ch if ch in _SAFE and not (i == 0 and ch == "_")
-                   else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
-                   for i, ch in enumerate(model))
 
 
 def _key_v1(model: str) -> str:
     """How format-1 stores named their folders: read-only, for opening old stores."""
     return model.replace("/", "%2F")
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreRef:
-    """What a task needs to write its chunk: the store's path and the chunk's first row.
-
-    Example:
-        >>> StoreRef("/data/preds.zarr", 0).path
-        '/data/preds.zarr'
-    """
-
-    path: str
-    start: int
-    run: str | None = None   # the run that holds the store's lock: only it may write
-
-    def write(self, model: str, chunk: int, outputs: list[np.ndarray]) -> None:
-        """Write one chunk's outputs, then mark it done (atomically)."""
-        import zarr
-
-        self._check_owner(model, chunk)
-        group = zarr.open_group(self.path, mode="r+")
-        for k, out in enumerate(outputs):
-            group[f"{_key(model)}/out{k}"][self.start:self.start + len(out)] = out
-        done = Path(self.path) / "done" / _key(model)
-        done.mkdir(parents=True, exist_ok=True)
-        tmp = done / f".{chunk}.{os.getpid()}.tmp"
-        tmp.write_bytes(b"")
-        # Checked again last: a run cancelled while this task computed must not mark rows
-        # done in a store that another run holds now.
-        self._check_owner(model, chunk)
-        os.replace(tmp, done / str(chunk))
-
-    def _check_owner(self, model: str, chunk: int) -> None:
-        """A task of a run that no longer holds the store (cancelled, or collected while
-        this task was still running) writes nothing."""
-        if self.run is None:
-            return
-        holder = owner(self.path)
-        if holder != self.run:
-            now = f"run {holder} holds it now" if holder else "no run holds it now"
-            raise ResultStoreError(self.path, f"chunk {chunk} of model {model!r} belongs to "
-                                   f"run {self.run}, which has ended ({now}), so it was not "
-                                   "written", "run the prediction again to fill the store")
 
 
 class ResultStore:
@@ -239,7 +158,8 @@ class ResultStore:
         >>> store.acquire("run1")
         >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
         {'cnn': set()}
-        >>> StoreRef(store.path, 4, "run1").write("cnn", 1, [np.ones((4, 3), "float32")])
+        >>> from nbtool.wire import StoreRef; from nbtool.worker.writing import write_chunk
+        >>> write_chunk(StoreRef(store.path, 4, "run1"), "cnn", 1, [np.ones((4, 3), "float32")])
         >>> store.completed("cnn")
         {1}
         >>> store.release()

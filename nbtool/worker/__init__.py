@@ -9,20 +9,19 @@ CPU worker whose models run from remembered OpenVINO or LiteRT conversions never
 Inside, one module per concern:
 
 - ``tasks``: predict a chunk, load, unload, report (what the kernel sends);
-- ``process``: this worker process's cache, idle memory and counters; the plugin;
-- ``cache``: models resident under a budget, LRU eviction, OOM halving, their states;
+- ``process``: this worker process's model cache, idle memory and counters; the plugin;
+- ``model_cache``: models resident under a budget, LRU eviction, OOM halving, their states;
 - ``loading``: open a model file, its precision, load errors;
-- ``opening``: a model opened for its runtime (its format's own, forced, or ``auto``:
-  remembered in ``records``, else measured in ``choice`` among the ``candidates``,
-  checked by ``agreement``; ``to_litert`` and ``openvino`` convert);
-- ``predictors``: one fixed-batch predictor per runtime (``fixed_batch`` is what they
-  share; ``litert``, ``openvino``), ``batching`` pads the last batch;
+- ``runtimes/``: what a model runs in (TensorFlow, JAX/PyTorch, LiteRT, OpenVINO), one
+  fixed-batch predictor each, built by one function;
+- ``auto/``: ``runtime="auto"``: choosing the runtime, remembering the choice, guarding it;
 - ``measure``: the batch-size sweep and the costs this machine measured;
-- ``reading``: a chunk's rows from memory or files, read a piece ahead;
-- ``runtime``: the TensorFlow handle, memory, this worker's name and device;
-  ``backends``: which Keras backend this worker runs (TensorFlow, JAX, PyTorch) and its
-  device and memory questions; ``backend_predictors``: JAX's and PyTorch's predictors;
-- ``convert``: variants of a model (LiteRT, Keras int8), made on a worker.
+- ``reading``: a chunk's rows from memory or files, read a piece ahead; ``writing``: a
+  chunk's outputs into the result store;
+- ``environment``: the TensorFlow handle, memory, this worker's name and device;
+  ``keras_backends``: which Keras backend this worker runs and its device and memory
+  questions;
+- ``variants``: variants of a model (LiteRT, Keras int8, OpenVINO int8), made on a worker.
 
 Example:
     >>> from nbtool.worker import predict_chunk, resource_name
@@ -30,7 +29,8 @@ Example:
     'nbtool-worker-cpu0'
 """
 
-from nbtool.worker.environment import cache_root, resource_name
+from nbtool.wire import resource_name
+from nbtool.worker.environment import cache_root
 from nbtool.worker.loading import PRECISIONS
 from nbtool.worker.measure import model_costs, record_cost
 from nbtool.worker.process import NbtoolWorkerPlugin

@@ -1,5 +1,6 @@
-"""The worker process's runtime: the TensorFlow handle, the device and memory questions
-asked of whichever Keras backend runs here, and this worker's name, device and Dask resource.
+"""The worker process's environment: the TensorFlow handle, the device and memory questions
+asked of whichever Keras backend runs here, and this worker's name and device (its Dask
+resource is named by :func:`nbtool.wire.resource_name`).
 
 TensorFlow is imported here, once, the first time :func:`tensorflow` is called on a worker;
 nothing in this module imports it at import time, so the kernel can import the package.
@@ -7,8 +8,6 @@ A worker whose Keras runs on JAX or PyTorch (:mod:`~nbtool.worker.keras_backends
 backend instead, and never imports TensorFlow.
 
 Example:
-    >>> resource_name("gpu0")
-    'nbtool-worker-gpu0'
     >>> describe_exception(ValueError("bad shape\\n  at line 3"))
     'ValueError: bad shape'
 """
@@ -263,16 +262,6 @@ def worker_device() -> str:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
         return f"gpu:{visible}"
     return "cpu:0"
-
-
-def resource_name(worker) -> str:
-    """The Dask resource that only the worker of this name has.
-
-    Example:
-        >>> resource_name("gpu0")
-        'nbtool-worker-gpu0'
-    """
-    return f"nbtool-worker-{worker}"
 
 
 def describe_exception(e: BaseException) -> str:

@@ -18,8 +18,9 @@ import os
 import threading
 
 from nbtool._util import expects_gpu, native_logs_filtered
-from nbtool.worker.environment import (cpu_worker, memory_in_use, release_memory,
-    resource_name, tensorflow, worker_device, worker_name)
+from nbtool.wire import resource_name
+from nbtool.worker.environment import (cpu_worker, memory_in_use, release_memory, tensorflow,
+    worker_device, worker_name)
 from nbtool.worker.keras_backends import backend_name, start_backend
 from nbtool.worker.model_cache import ModelCache
 from nbtool.worker.runtimes import CompiledPredictor, KERAS_PREDICTORS

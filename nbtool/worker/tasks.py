@@ -31,6 +31,7 @@ from nbtool.worker.model_cache import LoadedModel, ModelCache
 from nbtool.worker.process import count_rows, idle_memory, prepare_worker, throughput
 from nbtool.worker.reading import (PIECE_BATCHES, overlapped, pieces, read_ahead_enabled,
     read_file_ahead, read_rows)
+from nbtool.worker.writing import write_chunk
 
 #: Chunk failures go where Dask keeps its worker's log (a child of "distributed.worker"):
 #: ``eng.client.get_worker_logs()`` shows them, one line each.
@@ -43,7 +44,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
 
     ``data`` is an ndarray scattered to the worker, a Dask array block, or a file
     reference (:mod:`nbtool.wire`) that the worker opens and slices itself. With a
-    ``store`` (:class:`nbtool.prediction.store.StoreRef`) the outputs are written to the result store
+    ``store`` (:class:`nbtool.wire.StoreRef`) the outputs are written to the result store
     here and only a receipt travels back. ``read_ahead``: the file of the model this
     worker runs next, read into the page cache while this chunk computes.
 
@@ -67,7 +68,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
             loaded.row_cost_recorded = True
             record_cost(spec, cache.device, row=seconds / n_rows)
         if store is not None:   # written here, on the worker; only a receipt goes back
-            store.write(spec.name, chunk, outputs)
+            write_chunk(store, spec.name, chunk, outputs)
             outputs = None
         notes, loaded.notes = tuple(loaded.notes), []
         return ChunkOutput(outputs, seconds, load_seconds, worker,
