@@ -352,3 +352,39 @@ def test_an_ensemble_with_a_failed_model_has_no_combined_unless_asked(engine, re
     late = asyncio.run(engine.predict_async([chk, good], x, chunk_size=10,
                                             partial_combine=True))
     assert np.array_equal(late.combined, part.combined, equal_nan=True)   # row 25: NaN in both
+
+
+#: Issue 25: a warm ``eng.predict`` calls into at most this many kernel modules (16 before
+#: the redesign: facade, registry, worker.runtime, run_assembly... each one more hop).
+WARM_PREDICT_MODULES = 12
+
+
+def test_a_warm_predict_walks_few_kernel_modules(engine, model_dir, reference, unique):
+    """Counted with ``sys.setprofile`` (and ``threading.setprofile``, for the run's
+    callbacks) around one warm call: the modules of nbtool whose functions run in this
+    process. A new hop on the warm path shows up here with its module's name."""
+    import sys
+    import threading
+
+    name = f"{unique}_walk"
+    engine.register(name, model_dir / "mlp.keras")
+    x = reference["x8"]
+    engine.predict(name, x)
+    engine.predict(name, x)   # warm: loaded, signature learned, costs measured
+    walked: list[str] = []
+
+    def profile(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        if event == "call" and module.startswith("nbtool") and module not in walked:
+            walked.append(module)
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        res = engine.predict(name, x)
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    assert np.abs(res[name] - reference["mlp"]).max() <= TOL
+    assert "nbtool.engine.engine" in walked and "nbtool.prediction.run" in walked
+    assert len(walked) <= WARM_PREDICT_MODULES, f"{len(walked)} modules: {walked}"

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from nbtool.catalog.catalog import Catalog, model_names
 from nbtool.catalog.files import disk_size
-from nbtool.catalog.loads import BackgroundLoads, Loads
+from nbtool.catalog.loads import Loads
 from nbtool.catalog.placement import WorkerInfo
 from nbtool.catalog.registration import ModelOptions
 
-__all__ = ["BackgroundLoads", "Catalog", "Loads", "ModelOptions", "WorkerInfo", "disk_size",
-           "model_names"]
+__all__ = ["Catalog", "Loads", "ModelOptions", "WorkerInfo", "disk_size", "model_names"]

@@ -2,11 +2,11 @@
 
 A :class:`Catalog` turns ``register(name, model, ...)`` into a checked
 :class:`~nbtool.wire.ModelSpec` placed on workers; re-registers a model whose file changed
-(its old copies unloaded first); and keeps what a model's first load taught about it (its
+(its old copies marked for the loads to unload first); and keeps what a model's first load taught about it (its
 input and outputs), so no later run loads it just to learn them.
 
 Example:
-    >>> catalog = Catalog(pool, work_dir, background)         # doctest: +SKIP
+    >>> catalog = Catalog(pool, work_dir)                     # doctest: +SKIP
     >>> catalog.register("cnn", "models/cnn.keras").format    # doctest: +SKIP
     'keras'
     >>> catalog.placement["cnn"]                              # doctest: +SKIP
@@ -29,7 +29,6 @@ from nbtool.catalog.registration import (ModelOptions, check_backend_support, ch
 from nbtool.errors import InvalidOption, ModelNotFound, NbtoolError
 from nbtool.tables import ModelRow, model_rows
 from nbtool.wire import ModelSpec, ModelState, WorkerStatus, content_digest, file_fingerprint
-from nbtool.worker import unload_models
 
 #: The options a user gave at registration: a changed file is registered again with them.
 OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precision",
@@ -37,21 +36,24 @@ OPTIONS = ("device", "replicas", "batch_size", "preprocess", "trusted", "precisi
 
 
 class Catalog:
-    """The registry (specs by name) and the placement (workers by model name).
+    """The registry (specs by name), the placement (workers by model name) and what loads
+    taught: data only. It never talks to workers: a model whose registration it replaced
+    is kept in ``replaced`` until :class:`~nbtool.catalog.loads.Loads` drops its old copies.
 
-    ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`; ``background`` its
-    :class:`~nbtool.catalog.loads.BackgroundLoads` (a replaced model's queued loads are
-    cancelled).
+    ``pool`` is the engine's :class:`~nbtool.engine.pool.WorkerPool`, read for the
+    workers placement may use (their names, devices and budgets).
 
     Example:
         >>> catalog.specs(["cnn"])[0].name   # doctest: +SKIP
         'cnn'
     """
 
-    def __init__(self, pool, work_dir: Path, background):
+    def __init__(self, pool, work_dir: Path):
         self.pool = pool
         self.work_dir = Path(work_dir)
-        self.background = background
+        # Models whose old copies workers may still hold (replaced, or their file is gone):
+        # the loads drop them before anything else is scheduled.
+        self.replaced: set[str] = set()
         self.registry = Registry()
         # model -> the workers it may run on (an auto model's main one first)
         self.placement: dict[str, list[str]] = {}
@@ -171,7 +173,7 @@ class Catalog:
                                 f"worker(s) {', '.join(gpus)})", "device='cpu' with "
                                 f"runtime={spec.runtime!r}, or runtime='auto' on a GPU")
         if old is not None:   # replaced: the old copies must not keep serving
-            self.drop_old_copies(spec.name)
+            self.replaced.add(spec.name)
         self.registry.add(spec)
         self.set_placement(placement)
         return spec
@@ -212,20 +214,21 @@ class Catalog:
                 row.devices = ["auto: " + ", ".join(self.placement.get(row.name, []))]
         return rows
 
-    def drop_old_copies(self, name: str) -> None:
-        """Soft-unload ``name`` on every worker (not only where it is placed now: an older
-        placement may still hold it), and cancel its queued background loads.
+    def take_replaced(self) -> list[str]:
+        """The models whose old copies must go (see ``replaced``), forgotten here.
 
         Example:
-            >>> catalog.drop_old_copies("cnn")   # doctest: +SKIP
+            >>> catalog.take_replaced()   # doctest: +SKIP
+            ['cnn']
         """
-        self.background.cancel([name])
-        self.pool.run_on(unload_models, [name])
+        names, self.replaced = sorted(self.replaced), set()
+        return names
 
     def refresh_changed(self, names: Iterable[str]) -> None:
         """Re-register every model among ``names`` whose file changed since it was
         registered (same options, signature read again), with a warning; the old copies
-        are unloaded from every worker before anything else is scheduled.
+        are marked ``replaced``, for the loads to unload from every worker before anything
+        else is scheduled (:meth:`~nbtool.catalog.loads.Loads.refresh`).
 
         A stat per model: cheap enough for every run and load. A file gone or broken
         now raises here, clearly, instead of serving the copy still in memory.
@@ -248,7 +251,7 @@ class Catalog:
             try:
                 changed = inspect_model(name, spec.path, **options)
             except NbtoolError:   # gone, broken or now refused: no old copy stays behind
-                self.drop_old_copies(name)
+                self.replaced.add(name)
                 raise
             self.add(changed)
             warn_user(f"model {name!r} ({spec.path}) changed since it was registered; "

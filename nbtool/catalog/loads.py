@@ -25,7 +25,8 @@ from nbtool.worker import load_model, unload_models
 class Loads:
     """The loads and unloads of the models in ``catalog`` (a
     :class:`~nbtool.catalog.catalog.Catalog`), through ``pool`` (a
-    :class:`~nbtool.engine.pool.WorkerPool`); ``catalog.background`` holds the replica loads.
+    :class:`~nbtool.engine.pool.WorkerPool`); ``background`` holds the replica loads a run
+    left for later. The only part of the kernel that talks to workers about models.
 
     Example:
         >>> loads.start_load(["cnn"])   # doctest: +SKIP
@@ -35,6 +36,41 @@ class Loads:
     def __init__(self, pool, catalog):
         self.pool = pool
         self.catalog = catalog
+        self.background = BackgroundLoads()
+
+    def refresh(self, names) -> None:
+        """Re-register the models among ``names`` whose file changed since they were
+        registered (:meth:`~nbtool.catalog.catalog.Catalog.refresh_changed`), and drop
+        the old copies from every worker, also when the file is gone (then it raises).
+
+        Example:
+            >>> loads.refresh(["cnn"])   # doctest: +SKIP
+        """
+        try:
+            self.catalog.refresh_changed(names)
+        finally:
+            self.drop_replaced()
+
+    def drop_replaced(self) -> None:
+        """Soft-unload every model the catalog replaced from every worker (not only where
+        it is placed now: an older placement may still hold it), and cancel its queued
+        replica loads, so an old copy never serves.
+
+        Example:
+            >>> eng.catalog.register("cnn", "cnn_v2.keras"); loads.drop_replaced()  # doctest: +SKIP
+        """
+        names = self.catalog.take_replaced()
+        if names:
+            self.background.cancel(names)
+            self.pool.run_on(unload_models, names)
+
+    def start_later(self, later: dict[str, list[str]]) -> None:
+        """Start the replica loads a run left out (model -> workers), without waiting.
+
+        Example:
+            >>> loads.start_later({"cnn": ["cpu1"]})   # doctest: +SKIP
+        """
+        self.background.start(later, functools.partial(self.load_on, what="replica"))
 
     def load_on(self, name: str, worker: str, what: str = "load"):
         """A task loading ``name`` on ``worker``; ``what`` names it (load, rewarm...).
@@ -61,7 +97,7 @@ class Loads:
             >>> futures[("cnn", "cpu0")].result().state   # doctest: +SKIP
             'loaded'
         """
-        self.catalog.refresh_changed(names)
+        self.refresh(names)
         placement = self.catalog.placement
         return {(spec.name, w): self.load_on(spec.name, w)
                 for spec in self.catalog.specs(names)
@@ -114,7 +150,7 @@ class Loads:
             ['cpu0', 'cpu1'] (freed: cpu0 812.0 MB, cpu1 790.2 MB; returns memory: ...)
         """
         self.catalog.specs(names)   # unknown names fail before anything happens
-        self.catalog.background.cancel(names)   # a queued replica must not come back
+        self.background.cancel(names)   # a queued replica must not come back
         if hard:
             return self._hard_unload(names)
         # Every worker: an auto model placed again (another model took its room) may
@@ -135,13 +171,13 @@ class Loads:
         # a model whose file is gone or now refused stays unloaded (it says why on next use).
         for m in sorted({m for ms in keep.values() for m in ms}):
             try:
-                self.catalog.refresh_changed([m])
+                self.refresh([m])
             except NbtoolError as e:
                 keep = {w: [k for k in ms if k != m] for w, ms in keep.items()}
                 warn_user(f"hard unload: model {m!r} is not loaded again: {e}")
         # A finished load still held here is a task the scheduler would run again on the
         # restarted workers (a finished task is recomputed while someone wants it): let go.
-        self.catalog.background.release_done()
+        self.background.release_done()
         self.pool.restart(sorted(holders))
         after = self.pool.status(sorted(holders))   # the restarted processes, still empty
         futures = [self.load_on(m, w, "rewarm") for w, ms in keep.items() for m in ms]

@@ -29,8 +29,7 @@ import weakref
 from distributed import Client
 
 from nbtool._util import check_size
-from nbtool.catalog import (BackgroundLoads, Catalog, Loads, ModelOptions, WorkerInfo,
-    model_names)
+from nbtool.catalog import Catalog, Loads, ModelOptions, WorkerInfo, model_names
 from nbtool.engine.pool import WorkerPool
 from nbtool.errors import EngineClosed, NbtoolError
 from nbtool.prediction import Prediction, PredictionRun, RunOptions, Runs, remove_folders
@@ -156,7 +155,7 @@ class Engine:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nbtool-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.pool = WorkerPool(client)
-        self.catalog = Catalog(self.pool, self.work_dir, BackgroundLoads())
+        self.catalog = Catalog(self.pool, self.work_dir)
         self.loads = Loads(self.pool, self.catalog)
         self.runs = Runs(self.pool, self.loads, local=cluster is not None,
                          work_dir=self.work_dir)
@@ -278,7 +277,10 @@ class Engine:
             >>> eng.register("exported", "models/exported/", trusted=True)  # doctest: +SKIP
             >>> eng.register("fresh", trained_model)                      # doctest: +SKIP
         """
-        return self.catalog.register(name, model, options)
+        try:
+            return self.catalog.register(name, model, options)
+        finally:
+            self.loads.drop_replaced()   # a registration replaced: its old copies go
 
     @_open
     @_with_options(ModelOptions, only=("device", "replicas", "batch_size", "trusted"))
@@ -297,7 +299,10 @@ class Engine:
             >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
             ['cnn', 'mlp', 'exported']
         """
-        return self.catalog.register_dir(folder, options)
+        try:
+            return self.catalog.register_dir(folder, options)
+        finally:
+            self.loads.drop_replaced()
 
     @_open
     @_doc(Runs.agreement)

@@ -106,7 +106,7 @@ class Runs:
             raise ValueError("predict needs at least one model name.")
         # A file re-saved in place: re-registered and its old copies unloaded, before
         # anything below reads its spec (the signature may have changed too).
-        self.catalog.refresh_changed(names)
+        self.loads.refresh(names)
         # Everything that can refuse the run comes first; the input goes to shared memory
         # last (see handoff), so a refused input costs no RAM.
         source = as_source(x)
@@ -208,8 +208,7 @@ class Runs:
             "chunk_size": res.chunk_size, "seconds": res.wall_seconds,
             "rows_per_second": {m: t["rows_per_second"] for m, t in res.timings.items()},
             "errors": len(res.errors)})
-        self.catalog.background.start(later, functools.partial(self.loads.load_on,
-                                                               what="replica"))
+        self.loads.start_later(later)
 
     def running(self) -> list[PredictionRun]:
         """The runs submitted and not yet finished or cancelled, oldest first.

@@ -147,6 +147,7 @@ def attach(name: str = "default", work_dir: str | None = None):
         # Not the kernel's temporary folder: the files the registry names outlive it.
         eng = Engine(client, cluster, work_dir or private_folder(record.work_dir))
         cluster.restore(eng.catalog)
+        eng.loads.drop_replaced()   # files changed while detached: their old copies go
     except BaseException:
         client.close()
         raise
