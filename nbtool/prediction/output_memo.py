@@ -65,9 +65,9 @@ def cache_folder() -> Path:
         >>> cache_folder().name
         'outputs'
     """
-    from nbtool.worker import cache_root
+    from nbtool.worker import machine_folder
 
-    return Path(cache_root()) / "outputs"
+    return Path(machine_folder()) / "outputs"
 
 
 def cache_limit() -> int:

@@ -30,7 +30,7 @@ Example:
 """
 
 from nbtool.wire import resource_name
-from nbtool.worker.environment import cache_root
+from nbtool.worker.environment import machine_folder
 from nbtool.worker.loading import PRECISIONS
 from nbtool.worker.measure import model_costs, record_cost
 from nbtool.worker.process import NbtoolWorkerPlugin
@@ -41,4 +41,4 @@ from nbtool.worker.variants import CONVERSIONS, convert_variant
 
 __all__ = ["CONVERSIONS", "PRECISIONS", "NbtoolWorkerPlugin", "convert_variant", "load_model",
            "model_costs", "predict_chunk", "read_rows", "record_cost", "resident_models",
-           "resource_name", "unload_models", "worker_status", "cache_root"]
+           "resource_name", "unload_models", "worker_status", "machine_folder"]

@@ -89,6 +89,53 @@ def tensorflow_version() -> str | None:
     return getattr(_TF, "__version__", None)
 
 
+class TensorFlowBackend(backends.KerasBackend):
+    """TensorFlow, through this worker's handle (:func:`tensorflow`): its logical GPUs,
+    its allocator's ``current`` bytes; it does not say its pool's size and never shrinks
+    it, so its ``peak`` is the closest it says to what it holds.
+
+    Example:
+        >>> keras_backend().name in backends.BACKENDS
+        True
+    """
+
+    name = "tensorflow"
+
+    def on_gpu(self) -> bool:
+        return bool(tensorflow().config.list_logical_devices("GPU"))
+
+    def gpus_seen(self) -> list[str]:
+        # A CPU worker whose models run without TensorFlow is not made to start it to say.
+        tf = started_tensorflow() if cpu_worker() else tensorflow()
+        return [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
+
+    def allocator_bytes(self) -> int:
+        return int(tensorflow().config.experimental.get_memory_info("GPU:0")["current"])
+
+    def reserved_bytes(self) -> int:
+        info = tensorflow().config.experimental.get_memory_info("GPU:0")
+        return int(info.get("peak", info["current"]))
+
+    def threads(self) -> int | None:
+        tf = started_tensorflow() if cpu_worker() else tensorflow()
+        return tf.config.threading.get_intra_op_parallelism_threads() if tf is not None \
+            else backends.planned_threads()
+
+
+_TENSORFLOW = TensorFlowBackend()
+
+
+def keras_backend() -> backends.KerasBackend:
+    """The object that answers for the Keras backend this worker runs.
+
+    Example:
+        >>> keras_backend().name == backends.backend_name()
+        True
+    """
+    name = backends.backend_name()
+    return _TENSORFLOW if name == "tensorflow" else backends.BACKEND_OBJECTS[name]
+
+
 def cpu_worker() -> bool:
     """Whether the plan made this a CPU worker (``NBTOOL_DEVICE`` is ``cpu:<n>``): then it
     has no GPU to ask TensorFlow about, and needs TensorFlow only for what runs in it.
@@ -109,12 +156,7 @@ def on_gpu() -> bool:
         >>> on_gpu()   # doctest: +SKIP
         False
     """
-    if cpu_worker():
-        return False
-    name = backends.backend_name()
-    if name != "tensorflow":
-        return backends.on_gpu(name)
-    return bool(tensorflow().config.list_logical_devices("GPU"))
+    return not cpu_worker() and keras_backend().on_gpu()
 
 
 def memory_in_use() -> int:
@@ -127,10 +169,7 @@ def memory_in_use() -> int:
         True
     """
     if on_gpu():
-        name = backends.backend_name()
-        if name != "tensorflow":
-            return backends.allocator_bytes(name)
-        return int(tensorflow().config.experimental.get_memory_info("GPU:0")["current"])
+        return keras_backend().allocator_bytes()
     import psutil
 
     return psutil.Process().memory_info().rss
@@ -148,15 +187,7 @@ def held_memory() -> int:
     """
     if on_gpu():
         seen = backends.process_gpu_bytes()
-        if seen is not None:
-            return seen
-        name = backends.backend_name()
-        if name != "tensorflow":
-            return backends.reserved_bytes(name)
-        # TensorFlow does not say its pool's size; its allocator never shrinks, so its
-        # peak is the closest it says to what it holds.
-        info = tensorflow().config.experimental.get_memory_info("GPU:0")
-        return int(info.get("peak", info["current"]))
+        return seen if seen is not None else keras_backend().reserved_bytes()
     import psutil
 
     return psutil.Process().memory_info().rss
@@ -179,7 +210,7 @@ def release_memory() -> None:
         # Keras' global state (name scopes, graph) and the eager kernel cache.
         keras.backend.clear_session(free_memory=True)
     gc.collect()
-    backends.empty_cache(backends.backend_name())
+    keras_backend().empty_cache()
 
 
 def out_of_memory_error(e: BaseException) -> bool:
@@ -199,12 +230,13 @@ def out_of_memory_error(e: BaseException) -> bool:
     return type(e).__name__ == "ResourceExhaustedError" or backends.oom_by_name(e)
 
 
-def cache_root() -> str:
-    """This machine's nbtool cache folder, shared by its workers across sessions:
+def machine_folder() -> str:
+    """This machine's nbtool folder (runtime choices, conversions, measured costs, the
+    output memo), shared by its workers across sessions:
     ``NBTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/nbtool`` or ``~/.cache/nbtool``.
 
     Example:
-        >>> os.path.basename(cache_root()) == "nbtool" or "NBTOOL_CACHE_DIR" in os.environ
+        >>> os.path.basename(machine_folder()) == "nbtool" or "NBTOOL_CACHE_DIR" in os.environ
         True
     """
     return os.environ.get("NBTOOL_CACHE_DIR") or os.path.join(
@@ -255,10 +287,7 @@ def worker_device() -> str:
     device = os.environ.get("NBTOOL_DEVICE")
     if device:
         return device
-    name = backends.backend_name()
-    gpu = backends.on_gpu(name) if name != "tensorflow" \
-        else tensorflow().config.list_physical_devices("GPU")
-    if gpu:
+    if keras_backend().gpus_seen():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
         return f"gpu:{visible}"
     return "cpu:0"

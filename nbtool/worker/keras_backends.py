@@ -144,87 +144,6 @@ def gpu_memory_fraction() -> float | None:
     return float(text) if text else None
 
 
-def on_gpu(name: str) -> bool:
-    """Whether JAX (``name="jax"``) or PyTorch (``"torch"``) runs on a GPU here.
-
-    Example:
-        >>> on_gpu("torch")   # doctest: +SKIP
-        False
-    """
-    if name == "jax":
-        return jax_module().devices()[0].platform == "gpu"
-    return bool(torch_module().cuda.is_available())
-
-
-def allocator_bytes(name: str) -> int:
-    """Bytes the backend's GPU allocator has handed out to arrays now (JAX's
-    ``bytes_in_use``, PyTorch's ``memory_allocated``); on a GPU worker only.
-
-    Example:
-        >>> allocator_bytes("torch")   # doctest: +SKIP
-        1048576
-    """
-    if name == "jax":
-        stats = jax_module().devices()[0].memory_stats() or {}
-        return int(stats.get("bytes_in_use", 0))
-    return int(torch_module().cuda.memory_allocated())
-
-
-def reserved_bytes(name: str) -> int:
-    """Bytes the backend holds from the GPU (in use or cached for reuse): PyTorch's
-    ``memory_reserved``, JAX's pool (or its bytes in use where it does not say).
-
-    Example:
-        >>> reserved_bytes("torch")   # doctest: +SKIP
-        2097152
-    """
-    if name == "jax":
-        stats = jax_module().devices()[0].memory_stats() or {}
-        return int(stats.get("pool_bytes") or stats.get("bytes_reserved")
-                   or stats.get("bytes_in_use", 0))
-    return int(torch_module().cuda.memory_reserved())
-
-
-def empty_cache(name: str) -> None:
-    """Give the backend's cached GPU memory back to the device where it can: PyTorch's
-    caching allocator does (``empty_cache``); JAX's (XLA's BFC) and TensorFlow's keep it
-    until the process ends.
-
-    Example:
-        >>> empty_cache("jax")
-    """
-    torch = _MODULES.get("torch") if name == "torch" else None
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def gpus_seen(name: str) -> list[str]:
-    """The GPUs the backend sees (one at most on a planned GPU worker).
-
-    Example:
-        >>> gpus_seen("torch")   # doctest: +SKIP
-        ['NVIDIA H100 80GB HBM3']
-    """
-    if name == "jax":
-        return [str(d) for d in jax_module().devices() if d.platform == "gpu"]
-    torch = torch_module()
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
-def threads(name: str) -> int | None:
-    """The backend's intra-op threads: PyTorch's own count; JAX's is the plan's.
-
-    Example:
-        >>> threads("jax") == (int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None)
-        True
-    """
-    if name == "torch" and "torch" in _MODULES:
-        return int(_MODULES["torch"].get_num_threads())
-    return int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
-
-
 def process_gpu_bytes() -> int | None:
     """The GPU memory this process holds as the driver sees it (NVML, the first visible
     GPU), or None where NVML cannot say (no NVML, no GPU, another PID namespace).
@@ -271,3 +190,120 @@ def oom_by_name(e: BaseException) -> bool:
         text = str(e)
         return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
     return False
+
+
+def planned_threads() -> int | None:
+    """The intra-op threads the plan gave this worker (``NBTOOL_TF_THREADS``), or None.
+
+    Example:
+        >>> planned_threads() == (int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None)
+        True
+    """
+    return int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
+
+
+class KerasBackend:
+    """What only the Keras backend running here can say: one object per backend
+    (:class:`JaxBackend`, :class:`TorchBackend`, and
+    :class:`nbtool.worker.environment.TensorFlowBackend` beside TensorFlow's handle), asked
+    through :func:`nbtool.worker.environment.keras_backend`, so the questions are asked the
+    same way whichever runs.
+
+    Example:
+        >>> BACKEND_OBJECTS["torch"].name
+        'torch'
+    """
+
+    name = ""
+
+    def on_gpu(self) -> bool:
+        """Whether it runs on a GPU here (a planned GPU worker sees at most one)."""
+        raise NotImplementedError
+
+    def gpus_seen(self) -> list[str]:
+        """The GPUs it sees."""
+        raise NotImplementedError
+
+    def allocator_bytes(self) -> int:
+        """Bytes its GPU allocator has handed out to arrays now (on a GPU worker)."""
+        raise NotImplementedError
+
+    def reserved_bytes(self) -> int:
+        """Bytes it holds from the GPU, in use or kept for reuse (on a GPU worker)."""
+        raise NotImplementedError
+
+    def empty_cache(self) -> None:
+        """Give its cached GPU memory back to the device where it can (most keep it until
+        the process ends)."""
+
+    def threads(self) -> int | None:
+        """Its intra-op threads (the plan's where it does not say)."""
+        return planned_threads()
+
+
+class JaxBackend(KerasBackend):
+    """JAX: its first device's platform, its allocator's statistics; XLA's BFC allocator
+    keeps what it took until the process ends.
+
+    Example:
+        >>> JaxBackend().threads() == planned_threads()
+        True
+    """
+
+    name = "jax"
+
+    def on_gpu(self) -> bool:
+        return jax_module().devices()[0].platform == "gpu"
+
+    def gpus_seen(self) -> list[str]:
+        return [str(d) for d in jax_module().devices() if d.platform == "gpu"]
+
+    def allocator_bytes(self) -> int:
+        stats = jax_module().devices()[0].memory_stats() or {}
+        return int(stats.get("bytes_in_use", 0))
+
+    def reserved_bytes(self) -> int:
+        stats = jax_module().devices()[0].memory_stats() or {}
+        return int(stats.get("pool_bytes") or stats.get("bytes_reserved")
+                   or stats.get("bytes_in_use", 0))
+
+
+class TorchBackend(KerasBackend):
+    """PyTorch: ``cuda.is_available``, ``memory_allocated``/``memory_reserved``; its
+    caching allocator gives memory back (``empty_cache``).
+
+    Example:
+        >>> TorchBackend().empty_cache()   # nothing to give back before torch is imported
+    """
+
+    name = "torch"
+
+    def on_gpu(self) -> bool:
+        return bool(torch_module().cuda.is_available())
+
+    def gpus_seen(self) -> list[str]:
+        torch = torch_module()
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+    def allocator_bytes(self) -> int:
+        return int(torch_module().cuda.memory_allocated())
+
+    def reserved_bytes(self) -> int:
+        return int(torch_module().cuda.memory_reserved())
+
+    def empty_cache(self) -> None:
+        torch = _MODULES.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def threads(self) -> int | None:
+        if "torch" in _MODULES:
+            return int(_MODULES["torch"].get_num_threads())
+        return planned_threads()
+
+
+#: The backends other than TensorFlow, by name (TensorFlow's is the environment's).
+BACKEND_OBJECTS: dict[str, KerasBackend] = {"jax": JaxBackend(), "torch": TorchBackend()}
+

@@ -2,7 +2,7 @@
 each model costs to load and per row to run (for planning cold runs).
 
 Both are kept in small JSON files shared by the machine's workers across sessions
-(:class:`MachineCache`): ``batch_sizes.json`` and ``costs.json`` in ``NBTOOL_CACHE_DIR``,
+(:class:`MeasurementsFile`): ``batch_sizes.json`` and ``costs.json`` in ``NBTOOL_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/nbtool`` or ``~/.cache/nbtool``. Several worker processes write at
 once: each write merges with the file as it is, and a reader that misses looks at the file
 again.
@@ -10,8 +10,8 @@ again.
 Example:
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "batch_sizes.json")
-    >>> MachineCache(path).put("mlp|cpu", 128)
-    >>> MachineCache(path).get("mlp|cpu")             # another worker process reads it
+    >>> MeasurementsFile(path).put("mlp|cpu", 128)
+    >>> MeasurementsFile(path).get("mlp|cpu")             # another worker process reads it
     128
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.environment import cache_root, out_of_memory_error, worker_device
+from nbtool.worker.environment import machine_folder, out_of_memory_error, worker_device
 from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, make_predictor
 
 #: Batch sizes the sweep may pick, tried outwards from the default.
@@ -146,15 +146,15 @@ def model_costs(specs: list[ModelSpec]) -> dict[str, dict[str, float]]:
 
 
 # -- the files ---------------------------------------------------------------------------
-_CACHES: dict[str, "MachineCache"] = {}
+_CACHES: dict[str, "MeasurementsFile"] = {}
 
 
-class MachineCache:
+class MeasurementsFile:
     """One JSON file of measurements, read once and merged on every write.
 
     Example:
         >>> import tempfile, os
-        >>> c = MachineCache(os.path.join(tempfile.mkdtemp(), "x.json"))
+        >>> c = MeasurementsFile(os.path.join(tempfile.mkdtemp(), "x.json"))
         >>> c.get("k") is None
         True
     """
@@ -176,7 +176,7 @@ class MachineCache:
 
         Example:
             >>> import tempfile, os
-            >>> MachineCache(os.path.join(tempfile.mkdtemp(), "x.json")).get("missing", 0)
+            >>> MeasurementsFile(os.path.join(tempfile.mkdtemp(), "x.json")).get("missing", 0)
             0
         """
         if key not in self.data:
@@ -188,8 +188,8 @@ class MachineCache:
 
         Example:
             >>> import tempfile, os
-            >>> c = MachineCache(os.path.join(tempfile.mkdtemp(), "x.json"))
-            >>> c.put("k", 1); c.put("j", 2); sorted(MachineCache(c.path).data.items())
+            >>> c = MeasurementsFile(os.path.join(tempfile.mkdtemp(), "x.json"))
+            >>> c.put("k", 1); c.put("j", 2); sorted(MeasurementsFile(c.path).data.items())
             [('j', 2), ('k', 1)]
         """
         self.data = {**self._read(), **self.data, key: value}
@@ -203,14 +203,14 @@ class MachineCache:
             pass   # a read-only home only costs a measurement next time
 
 
-def machine_cache(filename: str) -> MachineCache:
+def machine_cache(filename: str) -> MeasurementsFile:
     """The process's cache for ``filename`` in this machine's nbtool cache folder.
 
     Example:
         >>> machine_cache("batch_sizes.json").path.endswith("batch_sizes.json")
         True
     """
-    path = os.path.join(cache_root(), filename)
+    path = os.path.join(machine_folder(), filename)
     if path not in _CACHES:
-        _CACHES[path] = MachineCache(path)
+        _CACHES[path] = MeasurementsFile(path)
     return _CACHES[path]

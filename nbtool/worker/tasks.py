@@ -21,10 +21,9 @@ import numpy as np
 
 from nbtool.errors import ChunkCancelled, ChunkError, NbtoolError, first_line
 from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
-from nbtool.worker import keras_backends as backends
 from nbtool.worker.auto import CHECK_ROWS
 from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory,
-    memory_in_use, out_of_memory_error, started_tensorflow, tensorflow, worker_name)
+    keras_backend, memory_in_use, out_of_memory_error, worker_name)
 from nbtool.worker.loading import out_of_memory
 from nbtool.worker.measure import record_cost
 from nbtool.worker.model_cache import LoadedModel, ModelCache
@@ -161,16 +160,8 @@ def worker_status() -> WorkerStatus:
     import psutil
 
     cache = prepare_worker()
-    backend = backends.backend_name()
-    planned = int(os.environ.get("NBTOOL_TF_THREADS", "0") or 0) or None
-    if backend != "tensorflow":
-        gpus = [] if cpu_worker() else backends.gpus_seen(backend)
-        threads = backends.threads(backend)
-    else:
-        tf = started_tensorflow() if cpu_worker() else tensorflow()
-        threads = tf.config.threading.get_intra_op_parallelism_threads() if tf is not None \
-            else planned
-        gpus = [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
+    backend = keras_backend()
+    gpus = [] if cpu_worker() else backend.gpus_seen()
     return dataclasses.replace(
         cache.status(),
         pid=os.getpid(),
@@ -180,7 +171,7 @@ def worker_status() -> WorkerStatus:
         memory_in_use=memory_in_use(),
         held_memory=held_memory(),
         gpus_seen=gpus,
-        threads=threads,
+        threads=backend.threads(),
         env={k: os.environ.get(k) for k in REPORTED_ENV},
     )
 

@@ -54,11 +54,12 @@ class Opened:
     envelope: Any = None
 
 
-def open_tensorflow(spec: ModelSpec, note: str | None = None) -> Opened:
-    """``spec``'s file opened in TensorFlow (or LiteRT, for a ``.tflite``).
+def open_original(spec: ModelSpec, note: str | None = None) -> Opened:
+    """``spec``'s file opened in its own format's runtime: TensorFlow (LiteRT for a
+    ``.tflite``, OpenVINO for an ``.xml`` IR): what conversions are checked against.
 
     Example:
-        >>> open_tensorflow(spec).runtime   # doctest: +SKIP
+        >>> open_original(spec).runtime   # doctest: +SKIP
         'tensorflow'
     """
     call, own_shape, own_dtype, n_outputs, weight_bytes = open_model(spec)

@@ -29,7 +29,7 @@ from nbtool.wire import ModelSpec
 from nbtool.worker.auto.agreement import (candidate_batches, compare, time_alternating,
     timing_batch)
 from nbtool.worker.auto.candidates import (CONVERTERS, Opened, artifact_files, discard,
-    open_tensorflow, reference_outputs)
+    open_original, reference_outputs)
 from nbtool.worker.auto.guard import Envelope
 from nbtool.worker.auto.records import (RuntimeRecord, files_sha256, machine_facts,
     runtime_versions, write_record)
@@ -75,7 +75,7 @@ def choose(spec: ModelSpec, batch: int | None, sample, again: str | None = None)
     """
     t0 = time.perf_counter()
     user_batch = batch
-    tf_model = open_tensorflow(spec)
+    tf_model = open_original(spec)
     start = batch or DEFAULT_BATCH_SIZE
     reference = make_predictor(spec, tf_model.call, start, tf_model.row_shape, tf_model.dtype)
     reference.warm_up()

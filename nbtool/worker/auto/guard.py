@@ -280,10 +280,10 @@ class Guard:
             (3, 4)
         """
         if self.reference is None:
-            from nbtool.worker.auto.candidates import open_tensorflow
+            from nbtool.worker.auto.candidates import open_original
             from nbtool.worker.runtimes import make_predictor
 
-            tf_model = open_tensorflow(self.spec)
+            tf_model = open_original(self.spec)
             self.reference = make_predictor(self.spec, tf_model.call, self.batch,
                                             tf_model.row_shape, tf_model.dtype)
             self.reference.warm_up()

@@ -22,7 +22,7 @@ from nbtool.errors import ModelLoadError
 from nbtool.wire import ModelSpec
 from nbtool.worker.auto.agreement import check_agreement
 from nbtool.worker.auto.candidates import (CONVERTERS, LABELS, Opened, discard,
-    open_tensorflow, reference_outputs)
+    open_original, reference_outputs)
 from nbtool.worker.auto.choice import choose, fixed_tensorflow_note
 from nbtool.worker.auto.guard import Envelope
 from nbtool.worker.auto.records import RuntimeRecord, choice_lock, read_record
@@ -47,17 +47,17 @@ def open_for_runtime(spec: ModelSpec, batch: int | None,
         'tensorflow'
     """
     if spec.format in ("tflite", "openvino"):
-        return open_tensorflow(spec)   # a .tflite or an IR file: the format's own runtime
+        return open_original(spec)   # a .tflite or an IR file: the format's own runtime
     backend = backend_name()
     if backend != "tensorflow":
         return open_on_backend(spec, backend)
     if spec.runtime == "tensorflow":
-        return open_tensorflow(spec)
+        return open_original(spec)
     if spec.runtime in CONVERTERS:
         return open_forced(spec, user_rows(sample))
     fixed = fixed_tensorflow_note(spec.precision, on_gpu())
     if fixed is not None:
-        return open_tensorflow(spec, fixed)
+        return open_original(spec, fixed)
     with choice_lock(spec):   # a second worker waits here, then reads the first's record
         record, why = read_record(spec)
         if record is not None and record.user_batch and batch is None:
@@ -84,7 +84,7 @@ def open_on_backend(spec: ModelSpec, backend: str) -> Opened:
                              f"needs TensorFlow, and this worker runs Keras on {backend}",
                              "leave runtime= out (the backend runs it), or start the engine "
                              "with backend='tensorflow'")
-    opened = open_tensorflow(spec)
+    opened = open_original(spec)
     label = {"jax": "JAX", "torch": "PyTorch"}.get(backend, backend)
     return dataclasses.replace(
         opened, runtime=backend,
@@ -121,7 +121,7 @@ def open_remembered(spec: ModelSpec, record: RuntimeRecord) -> Opened:
     # Its batch, if the choice found it (a choice made at a batch the user set found none).
     batch = record.batch if record.batch_seconds else None
     if record.runtime == "tensorflow":
-        return dataclasses.replace(open_tensorflow(spec, note), batch=batch)
+        return dataclasses.replace(open_original(spec, note), batch=batch)
     own_shape = tuple(record.own_shape or ())
     if record.runtime == "openvino":
         artifact = read_ir(record.artifact[0], own_shape, record.own_dtype)
@@ -149,7 +149,7 @@ def open_forced(spec: ModelSpec, sample: np.ndarray | None) -> Opened:
                              "converts the model to run on the CPU, and this worker has a GPU",
                              "register it with device='cpu' (or runtime='auto' or "
                              "'tensorflow')")
-    tf_model = open_tensorflow(spec)
+    tf_model = open_original(spec)
     artifact = CONVERTERS[runtime](spec, tf_model)
     row_shape, dtype = tf_model.row_shape, tf_model.dtype
     reference = make_predictor(spec, tf_model.call, CHECK_BATCH, row_shape, dtype)

@@ -33,7 +33,7 @@ import platform
 
 from nbtool.wire import ModelSpec
 from nbtool.worker.auto.guard import Envelope
-from nbtool.worker.environment import artifact_key, cache_root
+from nbtool.worker.environment import artifact_key, machine_folder
 from nbtool.worker.runtimes import package_version
 
 #: The packages whose versions a choice depends on (a newer one may convert or run
@@ -125,7 +125,7 @@ def record_path(spec: ModelSpec) -> str:
         >>> os.path.basename(record_path(spec)).endswith("-10-1.json")
         True
     """
-    return os.path.join(cache_root(), "runtimes", f"{artifact_key(spec)}.json")
+    return os.path.join(machine_folder(), "runtimes", f"{artifact_key(spec)}.json")
 
 
 def files_sha256(paths) -> str | None:

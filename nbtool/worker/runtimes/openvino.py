@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from nbtool.wire import ModelSpec
-from nbtool.worker.environment import artifact_key, cache_root
+from nbtool.worker.environment import artifact_key, machine_folder
 from nbtool.worker.runtimes.fixed_batch import (FixedBatchPredictor, as_float32,
     eager_preprocess)
 
@@ -90,7 +90,7 @@ def ir_dir(spec: ModelSpec) -> str:
         >>> ir_dir(spec).split(os.sep)[-2:][0], ir_dir(spec).endswith("-10-1-" + openvino_version())
         ('openvino', True)
     """
-    return os.path.join(cache_root(), "openvino",
+    return os.path.join(machine_folder(), "openvino",
                         f"{artifact_key(spec)}-{openvino_version()}")
 
 

@@ -24,7 +24,7 @@ import warnings
 
 from nbtool._util import expects_gpu, native_logs_filtered
 from nbtool.wire import ModelSpec
-from nbtool.worker.environment import artifact_key, cache_root, tensorflow
+from nbtool.worker.environment import artifact_key, machine_folder, tensorflow
 from nbtool.worker.runtimes.litert import LiteRTModel, open_tflite
 
 
@@ -52,7 +52,7 @@ def litert_path(spec: ModelSpec) -> str:
         True
     """
     versions = f"tf{package_version('tensorflow')}-litert{package_version('ai-edge-litert')}"
-    return os.path.join(cache_root(), "litert", f"{artifact_key(spec)}-{versions}",
+    return os.path.join(machine_folder(), "litert", f"{artifact_key(spec)}-{versions}",
                         "model.tflite")
 
 
