@@ -7,6 +7,10 @@ inside the same ``tf.function`` as the model, on the worker's GPU when it has on
 Presets cover common image models; a :class:`Preprocess` can also be built by hand, and any
 function of TF ops works too (``preprocess=lambda x: tf.cast(x, tf.float32) / 255``).
 
+Declared shared: the kernel builds a :class:`Preprocess` (no TensorFlow needed) and the
+worker runs it, unpickled, inside the model's graph; so this module imports nothing of
+nbtool (``tests/test_layout.py`` holds it to that).
+
 Example:
     >>> from nbtool.preprocess import preset
     >>> preset("mobilenet")

@@ -1,4 +1,4 @@
-"""The engine's facade: arguments refused before anything runs, a closed engine says so,
+"""The Engine's methods: arguments refused before anything runs, a closed engine says so,
 a finished run is let go, and every table reads one status."""
 
 import asyncio
@@ -108,3 +108,31 @@ def test_the_tables_and_status_tell_one_story_of_a_models_life(engine, model_dir
     assert engine.unload(name) == [name]
     assert engine.status([home])[home].state_of(name).describe() == "unloaded"
     assert row()["state"] == f"{home}: unloaded"
+
+
+def test_options_are_declared_once_and_the_engine_takes_them_as_its_own():
+    """Issue 25: ``RunOptions`` and ``ModelOptions`` declare the options; the engine's
+    methods take their fields as parameters (help() and IDEs show them), document each
+    once, and refuse an unknown one naming the method and what it takes."""
+    import dataclasses
+    import inspect
+
+    from nbtool.catalog.registration import ModelOptions
+    from nbtool.engine.engine import Engine
+    from nbtool.prediction.runs import RunOptions
+
+    run_fields = [f.name for f in dataclasses.fields(RunOptions)]
+    for method in (Engine.predict, Engine.predict_async, Engine.submit):
+        assert list(inspect.signature(method).parameters) == ["self", "models", "x", *run_fields]
+    model_fields = [f.name for f in dataclasses.fields(ModelOptions)]
+    assert list(inspect.signature(Engine.register).parameters) == \
+        ["self", "name", "model", *model_fields]
+    assert inspect.iscoroutinefunction(Engine.predict_async)
+    for doc, fields in ((Engine.predict.__doc__, run_fields),
+                        (Engine.register.__doc__, model_fields)):
+        assert not [f for f in fields if f"``{f}" not in doc], "an option without its doc"
+    with pytest.raises(TypeError, match=r"predict\(\): got an unexpected keyword argument "
+                                        r"'chunksize'; it takes models, x, chunk_size"):
+        Engine.predict.__wrapped__(None, "m", None, chunksize=10)
+    with pytest.raises(ValueError, match="combine='median' is not a combine method"):
+        Engine.submit.__wrapped__(None, "m", None, 10, "median")

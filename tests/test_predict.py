@@ -275,7 +275,7 @@ def test_a_model_retrained_and_saved_in_place_is_served_new_on_every_row_with_a_
     with pytest.warns(UserWarning, match=rf"model '{name}' \(.*retrained.keras\) changed since "
                       "it was registered; using the new file") as notes:
         second = engine.predict(name, x, chunk_size=10, combine=None)
-    assert notes[0].filename == __file__    # the user's line, not the facade's insides
+    assert notes[0].filename == __file__    # the user's line, not the engine's insides
     assert second.ok and np.abs(second[name] - new).max() <= TOL
     fingerprint = file_fingerprint(path)
     assert engine.registry.get(name).fingerprint == fingerprint

@@ -39,7 +39,7 @@ from nbtool.worker import NbtoolWorkerPlugin
 
 
 def _doc(implementation):
-    """Give a facade method the docstring of the part that does its work: the behaviour is
+    """Give an Engine method the docstring of the part that does its work: the behaviour is
     written once, where it is implemented (as ``dask.utils.derived_from`` does)."""
     def take(method):
         method.__doc__ = implementation.__doc__
@@ -375,6 +375,9 @@ class Engine:
         - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
           (workers decode and resize their own files);
         - a Dask array (its row blocks become the chunks).
+
+        ``chunk_size`` is the rows each task computes: None picks one from the rows, the
+        workers and their memory (a Dask array's own row blocks, if it has them).
 
         The input is checked against every model before anything is scheduled (a
         SavedModel's input is learned at its first load, once). ``res[name]`` is the

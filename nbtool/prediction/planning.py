@@ -285,6 +285,6 @@ class RunOrder:
 
     def _first_worker(self, m: int, i: int) -> str | None:
         """The worker of model ``m``'s chunk ``i`` if no earlier chunk of it went there
-        (chunks go to a model's workers in turn, offset by ``m``: see the runner)."""
+        (chunks go to a model's workers in turn, offset by ``m``: see prediction/run.py)."""
         workers = self.placements[m][1]
         return workers[(i + m) % len(workers)] if i < len(workers) else None

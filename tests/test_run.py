@@ -1,4 +1,4 @@
-"""runner.py: one prediction run on the cluster: cancelled between batches, and heard of
+"""prediction/run.py: one prediction run on the cluster: cancelled between batches, and heard of
 when it ends by whoever subscribed."""
 
 import numpy as np
