@@ -91,18 +91,12 @@ class Catalog:
         return self.add(spec)
 
     def register_dir(self, folder, options: ModelOptions = ModelOptions()) -> list[ModelSpec]:
-        """Register every ``.keras``/``.h5``/``.tflite`` file and SavedModel directory in
-        ``folder``.
-
-        Each is named after its file (without suffix). They are placed largest first, so
-        ``device="auto"`` spreads them evenly over the workers' budgets. A file that cannot
-        be read is skipped with a warning that says why; the others are registered. So is
-        a file whose name is not a valid model name (``my model.keras``): the warning
-        suggests a clean name to register it under (nbtool never picks one for you). So
-        are SavedModels and files holding a Python lambda, unless ``trusted=True``.
+        """Register the models in ``folder`` with ``options``, largest first; a file that
+        cannot be read is skipped with a warning (documented on
+        :meth:`nbtool.engine.Engine.register_dir`).
 
         Example:
-            >>> [s.name for s in eng.register_dir("models/")]   # doctest: +SKIP
+            >>> [s.name for s in catalog.register_dir("models/")]   # doctest: +SKIP
             ['cnn', 'mlp', 'exported']
         """
         options = options.checked(None)
