@@ -9,7 +9,9 @@ import importlib
 
 import pytest
 
-PURE_MODULES = ["nbtool.errors", "nbtool.worker.writing", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices",
+PURE_MODULES = ["nbtool._util", "nbtool.engine", "nbtool.engine.persist", "nbtool.catalog",
+                "nbtool.prediction", "nbtool.notebook", "nbtool.views", "nbtool.worker.runtimes",
+                "nbtool.worker.auto", "nbtool.errors", "nbtool.worker.writing", "nbtool.wire", "nbtool._util.warn", "nbtool.engine.devices",
                 "nbtool.catalog.registration", "nbtool.catalog.files", "nbtool.prediction.sources",
                 "nbtool.prediction.inputs", "nbtool.prediction.store", "nbtool.prediction.metrics",
                 "nbtool.notebook.magic_args", "nbtool._util.quiet",

@@ -7,8 +7,8 @@ Shared: the kernel and the workers both import it, so it imports nothing else of
 
 Example:
     >>> from nbtool._util import human_bytes
-    >>> human_bytes(3 * 2**20)
-    '3.0 MiB'
+    >>> human_bytes(3_000_000)
+    '3.0 MB'
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 It lives in the notebook kernel and never imports TensorFlow; models load inside the
 workers. Its parts: the :class:`~nbtool.engine.pool.WorkerPool` (the named workers and their
-status), the :class:`~nbtool.catalog.catalog.Catalog` (registered models, where they are placed,
-loading and unloading them) and :class:`~nbtool.prediction.runs.Runs` (the predictions).
-``nbtool.start()`` (:mod:`nbtool.engine.session`) builds one.
+status), the :class:`~nbtool.catalog.catalog.Catalog` (registered models and where they are
+placed: data), :class:`~nbtool.catalog.loads.Loads` (loading and unloading them) and
+:class:`~nbtool.prediction.runs.Runs` (the predictions), one way: runs use loads, loads use
+the catalog. The options the user passes are declared once (``ModelOptions``,
+``RunOptions``) and documented here, once. ``nbtool.start()`` (:mod:`nbtool.engine.session`)
+builds one.
 
 Example:
     >>> import nbtool
