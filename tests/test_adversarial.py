@@ -248,12 +248,14 @@ def test_two_runs_on_one_store_one_is_refused_and_each_reads_only_its_own_rows(
 @pytest.mark.parametrize("names", [("a/b", "a%2Fb"), (".", ".."), ("x.y", "x%2Ey", "x%252Ey"),
                                    ("cnn@int8", "cnn%40int8")])
 def test_model_names_that_could_share_or_escape_a_store_folder_stay_apart(tmp_path, names):
-    from nbtool.prediction.store import ResultStore, StoreRef
+    from nbtool.prediction.store import ResultStore
+    from nbtool.wire import StoreRef
+    from nbtool.worker.writing import write_chunk
 
     store = ResultStore(tmp_path / "p.zarr")
     store.prepare([(n, "fp", [((1,), "float32")]) for n in names], "input", 2, 2)
     for i, n in enumerate(names):
-        StoreRef(store.path, 0, store.run_id).write(n, 0, [np.full((2, 1), i, "float32")])
+        write_chunk(StoreRef(store.path, 0, store.run_id), n, 0, [np.full((2, 1), i, "float32")])
     store.release()
     assert [store.arrays(n)[0][0, 0] for n in names] == list(range(len(names)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]    # nothing climbed out
