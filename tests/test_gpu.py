@@ -32,7 +32,7 @@ GPUS = gs.real_gpus()
 BACKENDS = gs.backends()
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU: NVML (nbtool.engine.devices.discover_gpus) "
+    pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU: NVML (nbtool._util.gpus.discover_gpus) "
                        "finds none here; these checks run on a GPU machine (make gpu-check)"),
     pytest.mark.skipif(not BACKENDS, reason="no Keras backend to run: keras with jax, torch "
                        "or tensorflow must be importable"),
