@@ -105,7 +105,7 @@ def test_dashboard_in_jupyterlab_loads_a_model_and_runs_a_prediction(browser_pat
         # An injected GPU inventory (this machine has none): the GPU section shows it,
         # with its memory total and no invented readings.
         "import os\nos.environ['NBTOOL_FAKE_GPUS'] = '1x16GB'\n"
-        "dash = nbtool.views.panel(interval=0.5)\ndash",
+        "dash = nbtool.dashboard(interval=0.5)\ndash",
     ]
     nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
                      "execution_count": None} for c in cells],

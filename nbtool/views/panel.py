@@ -13,7 +13,7 @@ helper thread that touches no widget, and runs are background runs watched from 
 loop.
 
 Example (in a notebook):
-    >>> dash = nbtool.views.panel()    # doctest: +SKIP
+    >>> dash = nbtool.dashboard()    # doctest: +SKIP
     >>> dash                         # doctest: +SKIP
 """
 
