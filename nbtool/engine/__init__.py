@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from nbtool._util import discover_gpus   # the GPUs a plan would use, for notebooks
 from nbtool.engine.backends import check_backend
 from nbtool.engine.current import current_engine, default_engine
 from nbtool.engine.devices import select_gpus
@@ -28,4 +29,5 @@ from nbtool.engine.persist import attach, idle_seconds, idle_words, running, shu
 from nbtool.engine.session import start
 
 __all__ = ["Engine", "VARIANTS", "attach", "check_backend", "current_engine", "default_engine",
+           "discover_gpus",
            "idle_seconds", "idle_words", "running", "select_gpus", "shutdown", "start"]
