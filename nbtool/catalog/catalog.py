@@ -80,7 +80,7 @@ class Catalog:
         check_name(name, model if isinstance(model, (str, os.PathLike)) else None)
         options = options.checked(name)
         path = self.model_path(name, model)
-        spec = inspect_model(name, path, **dataclasses.asdict(options))
+        spec = inspect_model(name, path, **vars(options))   # vars: shallow (a Preprocess stays one)
         if spec.precision and spec.format in ("tflite", "savedmodel"):
             # Mixed precision rebuilds a Keras model; silently running float32 instead
             # would report a precision that was never used.
@@ -108,7 +108,7 @@ class Catalog:
         specs, problems = [], []
         for n, p in found.items():
             try:
-                spec = inspect_model(n, p, **dataclasses.asdict(options))
+                spec = inspect_model(n, p, **vars(options))
                 check_backend_support(spec, {w.backend for w in self.pool.workers.values()})
                 specs.append(spec)
             except NbtoolError as e:   # one bad file must not cost the user the others

@@ -417,7 +417,7 @@ class Engine:
             >>> run.progress()                        # doctest: +SKIP
             {'cnn': (3, 8)}
         """
-        return self.submit(models, x, **dataclasses.asdict(options)).collect()
+        return self.submit(models, x, **vars(options)).collect()
 
     @_open
     @_with_options(RunOptions)
@@ -429,7 +429,7 @@ class Engine:
         Example:
             >>> res = await eng.predict_async(["cnn"], x)   # doctest: +SKIP
         """
-        run = self.submit(models, x, **dataclasses.asdict(options))
+        run = self.submit(models, x, **vars(options))
         try:
             return await asyncio.to_thread(run.collect)
         except asyncio.CancelledError:
