@@ -29,7 +29,7 @@ lab: $(STAMP)
 
 # Everything, the slow end-to-end tests included (what CI runs).
 test: $(STAMP)
-	@echo "==> running every test, the slow end-to-end ones included (13 to 23 minutes on 2 cores)"
+	@echo "==> running every test, the slow end-to-end ones included (13 to 25 minutes on 2 cores)"
 	@$(BIN)/python -m pytest --durations=20
 
 # Skip the tests that start extra clusters or notebooks.
