@@ -379,6 +379,7 @@ class CombineError(NbtoolError, ValueError):
     """
 
     def __init__(self, method, reason: str):
+        self.reason = reason
         super().__init__(f"combine={method!r} is not possible: {reason}. The per-model "
                          "outputs are kept in the Prediction; fix: predict with combine=None, "
                          "or with models whose outputs have the same shape.")

@@ -286,6 +286,11 @@ def learned_signature(spec: ModelSpec, state: ModelState) -> ModelSpec:
     if spec.input_shape is None and state.input_shape:
         changes.update(input_shape=tuple(state.input_shape), input_dtype=state.input_dtype,
                        n_outputs=state.n_outputs)
+    if not spec.inputs and state.inputs:
+        first = state.inputs[0]
+        changes.update(inputs=tuple(state.inputs), input_shape=first.shape,
+                       input_dtype=first.dtype, n_inputs=len(state.inputs),
+                       n_outputs=state.n_outputs)
     if spec.output_specs is None and state.output_specs is not None:
         changes["output_specs"] = tuple((tuple(shape), str(dtype))
                                         for shape, dtype in state.output_specs)
@@ -307,6 +312,10 @@ def with_learned(spec: ModelSpec, old: ModelSpec) -> ModelSpec:
     changes: dict[str, Any] = {"output_specs": old.output_specs}
     if spec.input_shape is None:
         changes.update(input_shape=old.input_shape, input_dtype=old.input_dtype)
+    if not spec.inputs:
+        changes.update(inputs=old.inputs, n_inputs=old.n_inputs)
+    if spec.output_names is None:
+        changes["output_names"] = old.output_names
     if spec.n_outputs is None:
         changes["n_outputs"] = old.n_outputs
     return dataclasses.replace(spec, **changes)

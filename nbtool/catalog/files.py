@@ -5,8 +5,8 @@ client needs to know about a model (format, size, input shape and dtype, outputs
 from the file itself: the ``config.json`` inside a ``.keras`` zip, the ``model_config``
 attribute of an ``.h5`` file (Keras 2 or Keras 3), the flatbuffer of a ``.tflite`` (read
 with LiteRT's schema), the graph of an OpenVINO IR ``.xml`` (:mod:`nbtool.catalog.files`).
-SavedModel directories only tell their size here; their signature is learned on a worker
-at the first load. What would run code at load (a Python lambda, any SavedModel graph) is
+A SavedModel's signature is read from its ``saved_model.pb`` (:func:`savedmodel_signature`,
+a few protobuf fields decoded by hand). What would run code at load (a Python lambda, any SavedModel graph) is
 said here too, so the registry can refuse it unless trusted.
 
 Example:
@@ -22,7 +22,7 @@ Example:
     ...                                           "config": {"layers": layers}}))
     >>> info = read_model_file(path)
     >>> info.format, info.inputs, info.n_outputs, info.unsafe
-    ('keras', [((None, 8), 'float32')], 1, None)
+    ('keras', [InputSpec(name='input', shape=(None, 8), dtype='float32')], 1, None)
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 import xml.etree.ElementTree as ET
 import zipfile
 
 from nbtool.errors import ModelFileError, UnsupportedFormat
+from nbtool.wire import InputSpec, named_outputs
+from nbtool.catalog.savedmodel_pb import savedmodel_signature
 
 
 #: OpenVINO's element types (the ``element_type`` of a ``Parameter``) as numpy dtype names.
@@ -123,12 +126,13 @@ def inspect_ir(name: str | None, p: Path):
             if shape:
                 shape = (None, *shape[1:])   # the worker reshapes the batch axis
             element = data.get("element_type", "f32")
-            inputs.append((shape or None, ELEMENT_TYPES.get(element, element)))
+            inputs.append(InputSpec(layer.get("name") or f"input_{len(inputs)}",
+                                    shape or None, ELEMENT_TYPES.get(element, element)))
     if not inputs or not n_outputs:
         raise ModelFileError(name, str(p), f"an OpenVINO IR with {len(inputs)} inputs "
                              f"(Parameter layers) and {n_outputs} outputs (Result layers)",
                              _FIX)
-    return ir_size(p), inputs, n_outputs, None
+    return ir_size(p), inputs, n_outputs, None, None
 
 
 #: File suffixes and what they are. A directory holding ``saved_model.pb`` is "savedmodel";
@@ -147,9 +151,9 @@ _SAVEDMODEL_WHY = ("can run arbitrary TensorFlow ops on the workers, including f
 @dataclasses.dataclass(frozen=True)
 class ModelFile:
     """What a model file says about itself: its format and size, its inputs
-    ``[(batch shape, dtype)]`` and number of outputs where the file tells them (a
-    SavedModel's are learned at its first load), and ``unsafe``: ``(what, why)`` when
-    loading it would run code of its own.
+    (:class:`~nbtool.wire.InputSpec`, in the model's order) and outputs (their number, and
+    their names where the model names them) where the file tells them, and ``unsafe``:
+    ``(what, why)`` when loading it would run code of its own.
 
     Example:
         >>> ModelFile("savedmodel", 2048, [], None, ("a TensorFlow graph", "...")).input
@@ -161,11 +165,12 @@ class ModelFile:
     inputs: list
     n_outputs: int | None
     unsafe: tuple[str, str] | None = None
+    output_names: tuple | None = None
 
     @property
     def input(self) -> tuple:
         """The first input's ``(batch shape, dtype)``, or ``(None, None)`` if unknown."""
-        return self.inputs[0] if self.inputs else (None, None)
+        return (self.inputs[0].shape, self.inputs[0].dtype) if self.inputs else (None, None)
 
 
 def read_model_file(path: str | os.PathLike, model: str | None = None) -> ModelFile:
@@ -186,8 +191,8 @@ def read_model_file(path: str | os.PathLike, model: str | None = None) -> ModelF
     p = Path(path).resolve()
     reader = {"keras": _read_keras_zip, "h5": _read_h5, "savedmodel": _read_savedmodel,
               "tflite": _read_tflite, "openvino": inspect_ir}[fmt]
-    size, inputs, n_outputs, unsafe = reader(model, p)
-    return ModelFile(fmt, size, inputs, n_outputs, unsafe)
+    size, inputs, n_outputs, unsafe, output_names = reader(model, p)
+    return ModelFile(fmt, size, inputs, n_outputs, unsafe, output_names)
 
 
 def detect_format(path: str | os.PathLike, model: str | None = None) -> str:
@@ -261,8 +266,8 @@ def _read_keras_zip(name: str | None, p: Path):
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
         raise ModelFileError(name, str(p), f"not a readable .keras archive ({e})",
                              "re-save the model with model.save('name.keras')") from None
-    return (max(weights, p.stat().st_size), *_signature_from_config(config),
-            _lambda_trust(config))
+    inputs, n_outputs, names = _signature_from_config(config)
+    return max(weights, p.stat().st_size), inputs, n_outputs, _lambda_trust(config), names
 
 
 def _lambda_trust(config: dict) -> tuple[str, str] | None:
@@ -285,13 +290,18 @@ def _read_h5(name: str | None, p: Path):
                              "config", "save the whole model with model.save('name.keras'), "
                              "not model.save_weights()")
     config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    return p.stat().st_size, *_signature_from_config(config), _lambda_trust(config)
+    inputs, n_outputs, names = _signature_from_config(config)
+    return p.stat().st_size, inputs, n_outputs, _lambda_trust(config), names
 
 
 def _read_savedmodel(name: str | None, p: Path):
     # Its graph is code: any SavedModel needs trusted=True (see _SAVEDMODEL_WHY).
-    return disk_size(p), [], None, ("a TensorFlow graph (a SavedModel directory)",
-                                    _SAVEDMODEL_WHY)
+    unsafe = ("a TensorFlow graph (a SavedModel directory)", _SAVEDMODEL_WHY)
+    signature = savedmodel_signature(p / "saved_model.pb")
+    if signature is None:   # unreadable here: the worker learns it at the first load
+        return disk_size(p), [], None, unsafe, None
+    inputs, outputs = signature
+    return disk_size(p), inputs, len(outputs), unsafe, named_outputs(outputs)[1]
 
 
 def disk_size(path: str | Path) -> int:
@@ -332,6 +342,9 @@ def _read_tflite(name: str | None, p: Path):
         model = schema.Model.GetRootAs(data, 0)
         graph = model.Subgraphs(0)
         inputs = []
+        signature = model.SignatureDefs(0) if model.SignatureDefsLength() == 1 else None
+        input_names = _tflite_names(signature, "Inputs") if signature else {}
+        output_names = _tflite_names(signature, "Outputs") if signature else {}
         for i in range(graph.InputsLength()):
             t = graph.Tensors(graph.Inputs(i))
             dims = t.ShapeSignatureAsNumpy() if t.ShapeSignatureLength() else t.ShapeAsNumpy()
@@ -343,14 +356,26 @@ def _read_tflite(name: str | None, p: Path):
             q = t.Quantization()
             if dtype in ("int8", "uint8") and q is not None and q.ScaleLength():
                 dtype = "float32"
-            inputs.append((shape or None, dtype))
+            name = input_names.get(graph.Inputs(i)) or (t.Name() or b"").decode() or f"input_{i}"
+            inputs.append(InputSpec(name, shape or None, dtype))
         n_outputs = graph.OutputsLength()
     except ImportError:   # without ai-edge-litert the worker learns it at the first load
-        return p.stat().st_size, [], None, None
+        return p.stat().st_size, [], None, None, None
     except Exception as e:   # a truncated or damaged flatbuffer
         raise ModelFileError(name, str(p), f"a damaged .tflite flatbuffer ({type(e).__name__}"
                              f": {e})", fix) from None
-    return p.stat().st_size, inputs, n_outputs, None
+    names = tuple(output_names.get(graph.Outputs(i), "") for i in range(n_outputs))
+    # Named as the worker returns them: a Keras conversion's output_0, output_1... are
+    # numbers, not names (the worker orders its outputs by them).
+    named = all(names) and not all(re.fullmatch(r"output_\d+", n) for n in names)
+    return p.stat().st_size, inputs, n_outputs, None, names if named else None
+
+
+def _tflite_names(signature, which: str) -> dict[int, str]:
+    """A ``.tflite`` signature's names of its input or output tensors, by tensor index."""
+    return {getattr(signature, which)(j).TensorIndex():
+            getattr(signature, which)(j).Name().decode()
+            for j in range(getattr(signature, f"{which}Length")())}
 
 
 #: LiteRT's tensor type codes (schema ``TensorType``) for the dtypes a model input can have.
@@ -358,42 +383,52 @@ _TFLITE_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64",
                  7: "int16", 9: "int8", 10: "float64"}
 
 
-def _signature_from_config(config: dict) -> tuple[list[tuple[tuple, str]], int | None]:
-    """Inputs ``[(batch_shape, dtype), ...]`` and the number of outputs of a Keras config."""
+def _signature_from_config(config: dict) -> tuple[list[InputSpec], int | None,
+                                                   tuple | None]:
+    """Inputs (:class:`InputSpec`, in the model's order), the number of outputs and their
+    names (a dict of outputs: its keys in the order the worker flattens them, sorted) of
+    a Keras config (Keras 3 or Keras 2)."""
     cfg = config.get("config", {})
     layers = cfg.get("layers", [])
     by_name = {l.get("config", {}).get("name"): l for l in layers}
-    inputs: list[tuple[tuple, str]] = []
+    inputs: list[InputSpec] = []
     if config.get("class_name") == "Sequential":
         first = layers[0] if layers else {}
         if first.get("class_name") == "InputLayer":
             inputs.append(_input_layer_signature(first))
         elif cfg.get("build_input_shape"):
-            inputs.append((tuple(cfg["build_input_shape"]), _dtype_name(cfg.get("dtype"))))
-        return inputs, 1
-    for ref in _refs(cfg.get("input_layers")):
+            inputs.append(InputSpec("input", tuple(cfg["build_input_shape"]),
+                                    _dtype_name(cfg.get("dtype"))))
+        return inputs, 1, None
+    for key, ref in _refs(cfg.get("input_layers")):
         layer = by_name.get(ref)
         if layer is not None and layer.get("class_name") == "InputLayer":
-            inputs.append(_input_layer_signature(layer))
+            spec = _input_layer_signature(layer)
+            # A dict of inputs is called by its keys, a list by the layers' names.
+            inputs.append(dataclasses.replace(spec, name=key or spec.name))
     outputs = _refs(cfg.get("output_layers"))
-    return inputs, (len(outputs) or None)
+    names = named_outputs([k for k, _ in outputs])[1] \
+        if outputs and all(k is not None for k, _ in outputs) else None
+    return inputs, (len(outputs) or None), names
 
 
-def _refs(spec) -> list[str]:
-    """Layer names from Keras' ``input_layers``/``output_layers`` (one ref or a list)."""
+def _refs(spec) -> list[tuple[str | None, str]]:
+    """``(key, layer name)`` pairs from Keras' ``input_layers``/``output_layers`` (one
+    ref, a list of them, or a dict of them by key; the key is None but in a dict)."""
     if not spec:
         return []
     if isinstance(spec, list) and spec and isinstance(spec[0], str):
-        return [spec[0]]
+        return [(None, spec[0])]
     if isinstance(spec, dict):
-        return [r[0] for r in spec.values()]
-    return [r[0] for r in spec if isinstance(r, list) and r]
+        return [(k, r[0]) for k, r in spec.items()]
+    return [(None, r[0]) for r in spec if isinstance(r, list) and r]
 
 
-def _input_layer_signature(layer: dict) -> tuple[tuple, str]:
+def _input_layer_signature(layer: dict) -> InputSpec:
     c = layer.get("config", {})
     shape = c.get("batch_shape") or c.get("batch_input_shape")
-    return (tuple(shape) if shape else None), _dtype_name(c.get("dtype"))
+    return InputSpec(c.get("name") or layer.get("name") or "input",
+                     tuple(shape) if shape else None, _dtype_name(c.get("dtype")))
 
 
 def _dtype_name(dtype) -> str:

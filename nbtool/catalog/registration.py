@@ -31,7 +31,7 @@ from nbtool._util import warn_user
 from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
     UntrustedModel)
-from nbtool.wire import ModelSpec, content_digest, file_fingerprint
+from nbtool.wire import ModelSpec, content_digest, file_fingerprint, tensorflow_only
 from nbtool.worker import PRECISIONS
 
 #: The longest model name: names become file names and result-store array names.
@@ -119,10 +119,32 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     # A .tflite runs in LiteRT; every other format in TensorFlow unless asked otherwise.
     options["runtime"] = check_runtime(name, options.get("runtime"), info.format,
                                        options.get("precision"))
+    check_convertible(name, options["runtime"], info.inputs)
     return ModelSpec(name=name, path=str(p), format=info.format, size_bytes=info.size_bytes,
                      fingerprint=fingerprint, content=content, input_shape=shape,
-                     input_dtype=dtype,
+                     input_dtype=dtype, inputs=tuple(info.inputs),
+                     output_names=info.output_names,
                      n_inputs=max(len(info.inputs), 1), n_outputs=info.n_outputs, **options)
+
+
+def check_convertible(model: str, runtime: str, inputs) -> None:
+    """Refuse a forced conversion (``runtime='openvino'``/``'litert'``) of a model that
+    only TensorFlow runs here (:func:`tensorflow_only`).
+
+    Example:
+        >>> from nbtool.wire import InputSpec
+        >>> check_convertible("two", "openvino", [InputSpec("a"), InputSpec("b")])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nbtool.errors.InvalidOption: model 'two': runtime='openvino'; expected 'auto' or 'tensorflow' (it takes 2 inputs...
+    """
+    why = tensorflow_only(inputs)
+    if why and runtime in ("openvino", "litert"):
+        raise InvalidOption(model, "runtime", runtime,
+                            f"'auto' or 'tensorflow' ({why}; nbtool converts models with one "
+                            "numeric input to OpenVINO and LiteRT)",
+                            "runtime='tensorflow', or leave runtime= out (auto runs it in "
+                            "TensorFlow)")
 
 
 def check_name(name: Any, path: str | os.PathLike | None = None) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 
 from nbtool.errors import InputMismatch, NbtoolError
 from nbtool.prediction.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource,
-    Source, ZarrSource)
-from nbtool.wire import ModelSpec
+    SeveralSource, Source, ZarrSource)
+from nbtool.wire import ModelSpec, is_text_dtype
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the
 #: per-task overhead (a few ms) stays small against the work.
@@ -244,7 +244,8 @@ def _is_dask_array(x) -> bool:
 
 # -- checks before a run ---------------------------------------------------------------
 def check_fits(spec: ModelSpec, source: Source) -> None:
-    """Raise :class:`InputMismatch` if the input's rows or dtype do not fit the model.
+    """Raise :class:`InputMismatch` if the input's rows or dtype do not fit the model
+    (each of its inputs, for a model of several).
 
     Nothing is scheduled before this passes. Unknown dimensions (``None``) match anything;
     a model with ``preprocess`` is not checked (the preprocessing may reshape).
@@ -261,20 +262,46 @@ def check_fits(spec: ModelSpec, source: Source) -> None:
     if pre is not None and getattr(pre, "input_dtype", None) is not None:
         _check_preprocess_input(spec, pre, source)
         return
-    if pre is not None or spec.input_shape is None:
+    if pre is not None or spec.input_shape is None and not spec.inputs:
         return
-    want = spec.input_row_shape
+    if isinstance(source, SeveralSource):
+        binding = source.bindings[spec.name]
+        if isinstance(binding, dict):
+            for inp in spec.inputs:
+                _check_rows(spec, inp.shape, inp.dtype, source.parts[binding[inp.name]],
+                            f"input {inp.name!r}: ")
+            return
+        source = source.parts[binding]
+    if spec.input_shape is None:
+        return
+    _check_rows(spec, spec.input_shape, spec.input_dtype, source)
+
+
+def _check_rows(spec: ModelSpec, batch_shape: tuple, dtype: str | None, source: Source,
+                which: str = "") -> None:
+    """One input's rows (shape, then dtype) against what the model wants there."""
+    want = tuple(batch_shape[1:])
     got = tuple(source.row_shape)
     fits = len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got))
     if not fits:
         shown = tuple("?" if w is None else w for w in want)
         fix = _reshape_fix(tuple(want), got, source.n_rows)
         raise InputMismatch(spec.name, spec.path,
-                            f"rows of shape {shown} (batch shape {spec.input_shape})",
+                            f"{which}rows of shape {shown} (batch shape {tuple(batch_shape)})",
                             f"rows of shape {got} from {source.describe()}", fix)
-    want_dtype = np.dtype(spec.input_dtype or "float32")
+    if is_text_dtype(dtype or "float32") or np.dtype(source.dtype).kind in "USO":
+        if is_text_dtype(dtype or "float32") != (np.dtype(source.dtype).kind in "USO"):
+            want_text = is_text_dtype(dtype or "float32")
+            raise InputMismatch(spec.name, spec.path,
+                                f"{which}{'text (strings)' if want_text else f'{dtype} numbers'}",
+                                f"{'numbers' if want_text else 'text'} from {source.describe()}",
+                                "pass the strings themselves (a list, or an array of str)"
+                                if want_text else "turn the text into numbers first (or "
+                                "register a model whose input takes strings)")
+        return
+    want_dtype = np.dtype(dtype or "float32")
     if not np.can_cast(source.dtype, want_dtype, casting="same_kind"):
-        raise InputMismatch(spec.name, spec.path, f"{want_dtype} input",
+        raise InputMismatch(spec.name, spec.path, f"{which}{want_dtype} input",
                             f"{source.dtype} from {source.describe()}",
                             f"convert it first, e.g. x.astype('{want_dtype}')")
 

@@ -39,7 +39,7 @@ def outputs_by_model(res) -> dict[str, list]:
         >>> [o.shape for o in outputs_by_model(res)["m"]]
         [(2, 3)]
     """
-    return {m: out if isinstance(out, list) else [out] for m, out in res.items()}
+    return res.output_lists()
 
 
 def classifier_scores(res) -> dict[str, np.ndarray]:
@@ -53,17 +53,25 @@ def classifier_scores(res) -> dict[str, np.ndarray]:
         >>> sorted(classifier_scores(res))
         ['a', 'b']
     """
-    out = {}
-    for m, outs in outputs_by_model(res).items():
-        if len(outs) != 1 or outs[0].ndim != 2:
-            continue
-        o = outs[0]
-        if o.shape[1] == 1:   # one unit: a sigmoid classifier only if it looks like one
-            finite = o[np.isfinite(o)] if o.dtype.kind == "f" else o
-            if finite.size == 0 or finite.min() < 0 or finite.max() > 1:
-                continue
-        out[m] = o
-    return out
+    return {m: outs[0] for m, outs in outputs_by_model(res).items()
+            if len(outs) == 1 and looks_like_classifier(outs[0])}
+
+
+def looks_like_classifier(o) -> bool:
+    """Whether an output looks like class scores: (rows, classes) with two or more
+    columns, or one column of values in [0, 1] (a sigmoid).
+
+    Example:
+        >>> looks_like_classifier(np.eye(3)), looks_like_classifier(np.array([[3.5], [-1.0]]))
+        (True, False)
+    """
+    o = np.asarray(o)
+    if o.ndim != 2:
+        return False
+    if o.shape[1] == 1:   # one unit: a sigmoid classifier only if it looks like one
+        finite = o[np.isfinite(o)] if o.dtype.kind == "f" else o
+        return bool(finite.size and finite.min() >= 0 and finite.max() <= 1)
+    return True
 
 
 def to_classes(scores: np.ndarray) -> np.ndarray:
@@ -96,7 +104,8 @@ def predicted_classes(res) -> dict[str, np.ndarray]:
         {'a': [0, 1, 2, 1], 'b': [0, 1, 0, 0]}
     """
     out = {m: to_classes(s) for m, s in classifier_scores(res).items()}
-    if res.combined is not None and out and len(res.models) > 1:
+    if res.combined is not None and not isinstance(res.combined, dict) and out \
+            and len(res.models) > 1:
         comb = np.asarray(res.combined)
         out["ensemble"] = comb.astype(np.int64) if comb.ndim == 1 else to_classes(comb)
     return out

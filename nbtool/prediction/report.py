@@ -98,7 +98,7 @@ def summary_rows(res) -> list[dict]:
         outs = outputs.get(m)
         row = {
             "model": m,
-            "output": ", ".join(str(o.shape) for o in outs) if outs else "failed",
+            "output": output_shapes(outs, res.output_names.get(m)) if outs else "failed",
             "device": ", ".join(t.get("devices", [])) or "-",
             "seconds": t.get("seconds", float("nan")),
             "rows/s": t.get("rows_per_second", float("nan")),
@@ -114,6 +114,19 @@ def summary_rows(res) -> list[dict]:
                      if res.wall_seconds else float("nan"), "load s": "", "errors": "",
                      "accuracy": acc["ensemble"]})
     return rows
+
+
+def output_shapes(outs: list, names: tuple | None = None) -> str:
+    """A model's outputs as the table shows them: each one's shape, after its name when
+    the model names them.
+
+    Example:
+        >>> output_shapes([np.ones((2, 4)), np.ones((2, 3))], ("box", "class"))
+        'box (2, 4), class (2, 3)'
+    """
+    if names and len(names) == len(outs):
+        return ", ".join(f"{n} {tuple(o.shape)}" for n, o in zip(names, outs))
+    return ", ".join(str(tuple(o.shape)) for o in outs)
 
 
 def fmt(value, spec: str | None = None) -> str:

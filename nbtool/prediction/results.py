@@ -102,9 +102,15 @@ class Prediction:
                  timings: dict[str, dict[str, Any]] | None = None,
                  errors: list[Exception] = (), wall_seconds: float = 0.0, source=None,
                  combined_note: str | None = None, store_path: str | None = None,
-                 store_runs: dict | None = None):
+                 store_runs: dict | None = None, output_names: dict | None = None,
+                 row_ids=None):
         self.models = list(models)
         self._outputs = outputs
+        #: Per model, its outputs' names where the model names them (``res[name]`` is
+        #: then a dict by output name).
+        self.output_names = {m: tuple(n) for m, n in (output_names or {}).items() if n}
+        #: The input rows' labels (a table's index, ``ids=``), for :meth:`to_pandas`.
+        self.row_ids = row_ids
         self._combined = combined     # an array, or a function that computes it on access
         self.combine = combine
         self.timings = dict(timings or {})
@@ -164,6 +170,24 @@ class Prediction:
         return self._combined
 
     def __getitem__(self, name: str):
+        """The model's output: one array, a list of arrays for several outputs, or a dict
+        by output name when the model names them (a dict of outputs, a ``.tflite``'s or
+        SavedModel's signature)."""
+        outs = self.outputs(name)
+        names = self.output_names.get(name)
+        if names and len(names) == len(outs):
+            return dict(zip(names, outs))
+        return outs[0] if len(outs) == 1 else list(outs)
+
+    def outputs(self, name: str) -> list:
+        """The model's outputs as a list, in the order the model returns them (by name:
+        ``res.output_names[name]``).
+
+        Example:
+            >>> res = Prediction(["m"], {"m": [np.ones((2, 3))]}, n_rows=2, chunk_size=2)
+            >>> [o.shape for o in res.outputs("m")]
+            [(2, 3)]
+        """
         if name not in self._outputs:
             from nbtool.errors import ModelNotFound
 
@@ -175,7 +199,26 @@ class Prediction:
             mine = [e for e in self.errors if getattr(e, "model", None) == name]
             # No chunk of this model was kept: say so rather than "everything else was".
             raise PredictionFailed(mine or self.errors, kept=0 if mine else None)
-        return outs[0] if len(outs) == 1 else list(outs)
+        return list(outs)
+
+    def to_pandas(self):
+        """The result as a pandas DataFrame: one row per input row, indexed by the input's
+        labels (a DataFrame's index, its ``ids=`` column, or ``ids=`` given with an array;
+        else 0..n-1); per model and output, for a classifier its predicted class and that
+        class's probability, else one column per value (``model.output[i]``).
+
+        Example:
+            >>> res = Prediction(["m"], {"m": [np.array([[0.9, 0.1], [0.2, 0.8]])]},
+            ...                  n_rows=2, chunk_size=2, row_ids=["a", "b"])
+            >>> res.to_pandas()
+               m.class  m.probability
+            a        0            0.9
+            b        1            0.8
+        """
+        from nbtool.prediction.result_table import prediction_frame
+
+        self._check_store()
+        return prediction_frame(self)
 
     def keys(self) -> list[str]:
         return list(self.models)
@@ -188,6 +231,15 @@ class Prediction:
 
     def items(self):
         return [(m, self[m]) for m in self.models if self._outputs.get(m) is not None]
+
+    def output_lists(self) -> dict[str, list]:
+        """Each model's outputs as a list (models that failed are left out).
+
+        Example:
+            >>> Prediction(["m"], {"m": [np.ones(2)]}, n_rows=2, chunk_size=2).output_lists()
+            {'m': [array([1., 1.])]}
+        """
+        return {m: self.outputs(m) for m in self.models if self._outputs.get(m) is not None}
 
     @property
     def ok(self) -> bool:
@@ -269,10 +321,14 @@ class Prediction:
         self._check_store()
         arrays = {}
         for m in self.models:
+            names = self.output_names.get(m)
             for i, o in enumerate(self._outputs.get(m) or []):
-                arrays[m if i == 0 else f"{m}:{i}"] = o
-        if self.combined is not None:
-            arrays["combined"] = self.combined
+                arrays[f"{m}:{names[i]}" if names else m if i == 0 else f"{m}:{i}"] = o
+        combined = self.combined
+        if isinstance(combined, dict):   # combined per named output
+            arrays.update({f"combined:{k}": v for k, v in combined.items()})
+        elif combined is not None:
+            arrays["combined"] = combined
         np.savez(path, **arrays)
         return path
 

@@ -141,9 +141,10 @@ class PredictionRun:
         tasks, keys = [], []
         for m, (spec, names) in enumerate(self.placements):
             done = self.stored.get(spec.name, set()) | set(self.cached.get(spec.name, ()))
-            for i, (data, start, stop) in enumerate(args):
+            for i, chunk in enumerate(args):
                 if i in done:      # in the result store or the output cache: not recomputed
                     continue
+                data, start, stop = self.source.task_args(spec.name, chunk)
                 # Each chunk goes to one of the model's workers, in turn (offset per model
                 # so an ensemble's first chunks start on every worker at once). The worker
                 # is named by its resource, which survives restarts and cannot be stolen.
@@ -159,7 +160,8 @@ class PredictionRun:
                     tasks.append(dask.delayed(predict_chunk, pure=False)(
                         spec, data, start, stop, i, ref, ahead, dask_key_name=key))
                 keys.append((spec.name, i))
-        self._scattered = list({d.key: d for d, _, _ in args if isinstance(d, Future)}.values())
+        self._scattered = list({d.key: d for d in self.source.scattered(args)
+                                if isinstance(d, Future)}.values())
         self.started = time.perf_counter()
         self.futures = self.client.compute(tasks, optimize_graph=False)
         self._task_of = {f.key: k for f, k in zip(self.futures, keys)}
@@ -351,17 +353,31 @@ class PredictionRun:
     # -- assembling the outputs: every chunk back at its rows, timings, the ensemble --
 
     def _combine(self, outputs: dict):
-        """The ensemble of single-output models; a :class:`CombineError` if impossible.
-        One model alone is nothing to combine: its several outputs are no failure."""
-        singles = [np.asarray(outputs[s.name][0]) for s, _ in self.placements
-                   if outputs[s.name] is not None and len(outputs[s.name]) == 1]
-        multi = [s.name for s, _ in self.placements
-                 if outputs[s.name] is not None and len(outputs[s.name]) > 1]
+        """The ensemble of single-output models, or of models whose outputs agree in
+        names (a dict by output name, each combined); a :class:`CombineError` if
+        impossible. One model alone is nothing to combine: its several outputs are no
+        failure."""
+        done = [(s, outputs[s.name]) for s, _ in self.placements if outputs[s.name] is not None]
+        multi = [s for s, outs in done if len(outs) > 1]
         if multi and len(self.placements) == 1:
             return None
-        if multi:
-            raise CombineError(self.combine, f"model(s) {multi} have several outputs")
-        return combine_outputs(singles, self.combine) if singles else None
+        if not multi:
+            singles = [np.asarray(outs[0]) for _, outs in done]
+            return combine_outputs(singles, self.combine) if singles else None
+        names = {s.name: s.output_names for s, _ in done}
+        if len(multi) < len(done) or None in names.values() or len(set(names.values())) > 1:
+            raise CombineError(self.combine, "the models' outputs differ: " + "; ".join(
+                f"{m!r} has {len(outputs[m])} output(s)" +
+                (f" named {list(n)}" if n else " without names") for m, n in names.items()))
+        order = next(iter(names.values()))
+        combined = {}
+        for k, name in enumerate(order):
+            try:
+                combined[name] = combine_outputs([np.asarray(outs[k]) for _, outs in done],
+                                                 self.combine)
+            except CombineError as e:
+                raise CombineError(self.combine, f"output {name!r}: {e.reason}") from None
+        return combined
 
     def _assemble(self, results, errors, finished_at, wall) -> Prediction:
         outputs, timings = {}, {}
@@ -412,7 +428,9 @@ class PredictionRun:
                           chunk_size=self.chunk_size, wall_seconds=wall,
                           source=self.source, combined_note=note,
                           store_path=self.store.path if self.store is not None else None,
-                          store_runs=self.store.runs() if self.store is not None else None)
+                          store_runs=self.store.runs() if self.store is not None else None,
+                          output_names={s.name: s.output_names for s, _ in self.placements},
+                          row_ids=self.source.row_ids)
 
     def _combine_note(self, errors: list, outputs: dict) -> str | None:
         """Why ``combined`` is missing (or, with ``partial_combine``, what it leaves out)

@@ -26,7 +26,8 @@ import time
 from typing import Any
 import uuid
 
-from nbtool.prediction.inputs import as_source, check_fits, resolve_chunk_size
+from nbtool.prediction.binding import bind_input
+from nbtool.prediction.inputs import check_fits, resolve_chunk_size
 from nbtool.prediction.metrics import output_agreement
 from nbtool.prediction.output_memo import RunCache
 from nbtool.prediction.planning import plan_routes
@@ -63,6 +64,10 @@ class RunOptions:
     save: str | None = None
     partial_combine: bool = dataclasses.field(default=False, kw_only=True)
     cache: bool = dataclasses.field(default=False, kw_only=True)
+    #: A table's columns for each model input, by input name (a column or a list of them).
+    columns: dict | None = dataclasses.field(default=None, kw_only=True)
+    #: The table column that labels the rows (else its index), or an array's row labels.
+    ids: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         check_combine(self.combine)
@@ -109,9 +114,9 @@ class Runs:
         self.loads.refresh(names)
         # Everything that can refuse the run comes first; the input goes to shared memory
         # last (see handoff), so a refused input costs no RAM.
-        source = as_source(x)
         store = save_target(save)   # a path that cannot be written fails before any load
         specs = self.signed(names, outputs=store is not None)
+        source = bind_input(x, specs, options.columns, options.ids)
         for spec in specs:
             check_fits(spec, source)
         used = {w for n in names for w in self.catalog.placement[n]}
@@ -187,7 +192,8 @@ class Runs:
             (None, 8)
         """
         specs = self.catalog.specs(names)
-        unknown = [s.name for s in specs if (s.input_shape is None and s.preprocess is None)
+        unknown = [s.name for s in specs if (s.input_shape is None and not s.inputs
+                                             and s.preprocess is None)
                    or (outputs and s.output_specs is None)]
         if unknown:
             self.loads.load(unknown, main_only=True)
@@ -231,15 +237,22 @@ class Runs:
             >>> type(runs.handoff(as_source(x))).__name__   # doctest: +SKIP
             'SharedArraySource'
         """
-        from nbtool.prediction.sources import ArraySource, SharedArraySource, shared_folder
+        from nbtool.prediction.sources import (ArraySource, SeveralSource, SharedArraySource,
+            shared_folder)
 
+        if isinstance(source, SeveralSource):   # each input's array, in place
+            for key, part in source.parts.items():
+                source.parts[key] = self.handoff(part)
+            return source
         if not self.local or self.work_dir is None or type(source) is not ArraySource:
             return source
         folder = shared_folder(self.work_dir / "inputs", source.array.nbytes)
         self.shared_dirs.add(folder)
         before = set(os.listdir(folder)) if folder.is_dir() else set()
         try:
-            return SharedArraySource(source.array, folder)
+            shared = SharedArraySource(source.array, folder)
+            shared.row_ids = source.row_ids
+            return shared
         except OSError as e:
             for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
                 if name.startswith("input-"):

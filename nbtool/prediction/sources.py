@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nbtool.errors import InputMismatch, NbtoolError
-from nbtool.wire import ImageFiles, NpyFile, ZarrRef
+from nbtool.wire import ImageFiles, NpyFile, SeveralInputs, ZarrRef
 
 
 class Source:
@@ -44,6 +44,8 @@ class Source:
     n_rows: int
     row_shape: tuple
     dtype: np.dtype
+    #: The rows' labels (a table's index or ``ids=``), for ``Prediction.to_pandas``.
+    row_ids = None
 
     def describe(self) -> str:
         """How an error names these rows (what the user passed, never a file of ours)."""
@@ -61,6 +63,16 @@ class Source:
     def fingerprint(self) -> str:
         """Changes when the rows change: how a result store knows its input."""
         raise NotImplementedError
+
+    def task_args(self, model: str, args: tuple) -> tuple:
+        """What the task of ``model`` gets for one chunk of :meth:`chunk_args` (the same
+        for every model, but with several inputs: :class:`SeveralSource`)."""
+        return args
+
+    def scattered(self, args: list[tuple]) -> list:
+        """The data each chunk of :meth:`chunk_args` refers to (scattered arrays among
+        them are released with the run)."""
+        return [data for data, _, _ in args]
 
     @property
     def row_nbytes(self) -> int:
@@ -344,3 +356,92 @@ class DaskSource(Source):
         from dask.base import tokenize
 
         return "dask:" + tokenize(self.array)
+
+
+class SeveralSource(Source):
+    """Several inputs in step (a model's inputs, a table's columns): named parts, each a
+    :class:`Source` of the same rows, chunked together; each model of the run is bound
+    to the parts it takes (``bindings``: model -> its input names -> part keys, or one
+    part key for a model of one input).
+
+    Every chunk travels as one :class:`~nbtool.wire.SeveralInputs` of all the parts'
+    references; :meth:`task_args` gives each model only its own, by its input names.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> src = SeveralSource({"img": SharedArraySource(np.zeros((5, 2, 2)), folder),
+        ...                      "meta": SharedArraySource(np.ones((5, 3)), folder)},
+        ...                     {"m": {"image": "img", "meta": "meta"}, "solo": "meta"})
+        >>> src.n_rows, src.row_nbytes, src.describe()
+        (5, 56, "inputs 'img' (your array of shape (5, 2, 2) and dtype float64), 'meta' (your array of shape (5, 3) and dtype float64)")
+        >>> data, start, stop = src.task_args("m", src.chunk_args(None, [], 4)[1])
+        >>> data.names, start, stop
+        (('image', 'meta'), 4, 5)
+        >>> src.task_args("solo", src.chunk_args(None, [], 4)[1])[1:]
+        (4, 5)
+        >>> src.cleanup()
+    """
+
+    def __init__(self, parts: dict[str, Source], bindings: dict, row_ids=None,
+                 what: str = "inputs"):
+        counts = {k: p.n_rows for k, p in parts.items()}
+        if len(set(counts.values())) > 1:
+            raise InputMismatch(None, None, "the same number of rows in every input",
+                                ", ".join(f"{k!r}: {n:,} rows" for k, n in counts.items()),
+                                "give every input one row per example (the rows of one "
+                                "example at the same position in each)")
+        self.parts, self.bindings, self.row_ids, self.what = dict(parts), bindings, row_ids, what
+        self.n_rows = next(iter(counts.values()))
+        first = next(iter(self.parts.values()))
+        self.row_shape, self.dtype = first.row_shape, first.dtype
+
+    @property
+    def row_nbytes(self) -> int:
+        return sum(p.row_nbytes for p in self.parts.values())
+
+    def describe(self):
+        return f"{self.what} " + ", ".join(f"{k!r} ({p.describe()})" for k, p in self.parts.items())
+
+    def part_of(self, model: str, name: str | None = None) -> Source:
+        """The part ``model`` reads for its input ``name`` (its one input: None)."""
+        binding = self.bindings[model]
+        return self.parts[binding if name is None else binding[name]]
+
+    def chunk_bounds(self, chunk_size):
+        # Dask parts are rechunked to chunk_size: their blocks fall on these bounds too.
+        return Source.chunk_bounds(self, chunk_size)
+
+    def chunk_args(self, client, workers, chunk_size):
+        per_part = [p.chunk_args(client, workers, chunk_size) for p in self.parts.values()]
+        keys = tuple(self.parts)
+        return [(SeveralInputs(keys, tuple(chunk), a), a, b)
+                for chunk, (a, b) in zip(zip(*per_part), self.chunk_bounds(chunk_size))]
+
+    def task_args(self, model: str, args: tuple) -> tuple:
+        """What the task of ``model`` gets for one chunk of :meth:`chunk_args`: its one
+        part's ``(data, start, stop)``, or its inputs' parts as one SeveralInputs."""
+        data, start, stop = args
+        binding = self.bindings[model]
+        by_key = dict(zip(data.names, data.parts))
+        if not isinstance(binding, dict):
+            return by_key[binding]
+        return (SeveralInputs(tuple(binding), tuple(by_key[k] for k in binding.values()),
+                              data.start), start, stop)
+
+    def scattered(self, args: list[tuple]) -> list:
+        """The data every chunk refers to (scattered arrays are released with the run)."""
+        return [d for data, _, _ in args for d, _, _ in data.parts]
+
+    def fingerprint(self):
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for k, p in self.parts.items():
+            h.update(f"{k}={p.fingerprint()};".encode())
+        return "several:" + h.hexdigest()
+
+    def cleanup(self) -> None:
+        """Remove the parts' shared files (when the run that reads them is over)."""
+        for p in self.parts.values():
+            getattr(p, "cleanup", lambda: None)()

@@ -2,7 +2,7 @@
 and the load errors that say what went wrong and the fix.
 
 Example:
-    >>> from nbtool.wire import ModelSpec
+    >>> from nbtool.wire import SAVEDMODEL_ENDPOINTS, ModelSpec, named_outputs
     >>> out_of_memory(ModelSpec("cnn", "cnn.keras", "keras", 1, "1-1"), "gpu0").reason
     'out of memory even with batch size 1'
 """
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from nbtool.errors import ModelLoadError, first_line
-from nbtool.wire import ModelSpec
+from nbtool.wire import SAVEDMODEL_ENDPOINTS, ModelSpec, named_outputs
 from nbtool.worker.environment import (describe_exception, out_of_memory_error, tensorflow,
     tensorflow_version, worker_name)
 from nbtool.worker.keras_backends import backend_name, start_backend
@@ -54,26 +54,8 @@ def open_model(spec: ModelSpec):
         start_backend()
         return open_keras(spec)
     tf = tensorflow()
-    import keras
-
     if spec.format == "savedmodel":
-        obj = tf.saved_model.load(spec.path)
-        endpoint = "serve" if hasattr(obj, "serve") else "serving_default"
-        del obj
-        layer = keras.layers.TFSMLayer(spec.path, call_endpoint=endpoint)
-        fn = layer.call_endpoint_fn
-        signature = getattr(fn, "input_signature", None) or fn.structured_input_signature
-        inputs = [s for s in tf.nest.flatten(signature) if isinstance(s, tf.TensorSpec)]
-        if len(inputs) != 1:
-            raise ModelLoadError(spec.name, spec.path, worker_name(),
-                                 f"its endpoint {endpoint!r} takes {len(inputs)} inputs",
-                                 "nbtool runs single-input models; export one that takes "
-                                 "one tensor")
-        shape, dtype = tuple(inputs[0].shape)[1:], inputs[0].dtype.name
-
-        def call(x, training=False):
-            return layer(x)
-        return call, shape, dtype, None, weight_bytes(layer.weights)
+        return open_savedmodel(spec, tf)
     return open_keras(spec)
 
 
@@ -89,13 +71,49 @@ def open_keras(spec: ModelSpec):
     model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
     if spec.precision:
         model = with_precision(model, spec.precision)
-    if len(model.inputs) != 1:
-        raise ModelLoadError(spec.name, spec.path, worker_name(),
-                             f"the model takes {len(model.inputs)} inputs",
-                             "nbtool runs single-input models; wrap it in a model that "
-                             "takes one tensor")
+    if len(model.inputs) > 1:   # rows come as a dict by input name
+        names = list(model.input) if isinstance(model.input, dict) else \
+            [t.name for t in model.inputs]
+        shapes = {n: tuple(t.shape)[1:] for n, t in zip(names, model.inputs)}
+        dtypes = {n: t.dtype for n, t in zip(names, model.inputs)}
+        return model, shapes, dtypes, len(model.outputs), weight_bytes(model.weights)
     shape = tuple(model.inputs[0].shape)[1:]
     return model, shape, model.inputs[0].dtype, len(model.outputs), weight_bytes(model.weights)
+
+
+def open_savedmodel(spec: ModelSpec, tf):
+    """A SavedModel's serving signature (:data:`~nbtool.wire.SAVEDMODEL_ENDPOINTS`) as a
+    callable of rows (a dict by input name for several inputs), its outputs in the order
+    of their names (:func:`~nbtool.wire.named_outputs`); returned as :func:`open_model`
+    does.
+
+    Example:
+        >>> call, row_shape, dtype, n_outputs, weight_bytes = open_savedmodel(spec, tf)  # doctest: +SKIP
+    """
+    obj = tf.saved_model.load(spec.path)
+    endpoint = next((e for e in SAVEDMODEL_ENDPOINTS if e in obj.signatures), None)
+    if endpoint is None:
+        raise ModelLoadError(spec.name, spec.path, worker_name(),
+                             f"it has no serving signature (it has {sorted(obj.signatures)})",
+                             "export it with model.export(path) or tf.saved_model.save(obj, "
+                             "path, signatures=...)")
+    fn = obj.signatures[endpoint]
+    specs = fn.structured_input_signature[1]   # keyword arguments: name -> TensorSpec
+    names = sorted(specs)
+    order = []   # the outputs' names, in the order they are returned (known at the first call)
+
+    def call(x, training=False):
+        out = fn(**(x if isinstance(x, dict) else {names[0]: x}))
+        if not order:
+            order.extend(named_outputs(out)[0])
+        return [out[k] for k in order]
+    call.signature = obj   # keeps the loaded object (and its variables) alive
+    if len(names) == 1:
+        row_shape, dtype = tuple(specs[names[0]].shape)[1:], specs[names[0]].dtype.name
+    else:
+        row_shape = {n: tuple(specs[n].shape)[1:] for n in names}
+        dtype = {n: specs[n].dtype.name for n in names}
+    return call, row_shape, dtype, len(fn.structured_outputs), weight_bytes(fn.variables)
 
 
 def with_precision(model, precision: str):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 from nbtool.worker.environment import machine_folder, out_of_memory_error, worker_device
 from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, make_predictor
 
@@ -49,8 +49,9 @@ def best_batch_size(spec: ModelSpec, call, row_shape, dtype, device: str,
         >>> best_batch_size(spec, model, (8,), "float32", "cpu:0")   # doctest: +SKIP
         256
     """
-    if os.environ.get("NBTOOL_BATCH_SWEEP", "1") == "0" or None in row_shape:
-        return DEFAULT_BATCH_SIZE
+    if os.environ.get("NBTOOL_BATCH_SWEEP", "1") == "0" or isinstance(row_shape, dict) \
+            or None in row_shape or is_text_dtype(dtype):
+        return DEFAULT_BATCH_SIZE   # free sizes, several inputs, text: no one row to time
     key = machine_key(spec, device, row_shape, np.dtype(dtype))
     cache = machine_cache("batch_sizes.json")
     if cache.get(key) is not None:

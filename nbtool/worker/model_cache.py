@@ -23,8 +23,8 @@ import numpy as np
 
 from nbtool._util import human_bytes
 from nbtool.errors import ConversionDisagrees, ModelFileChanged, NbtoolError
-from nbtool.wire import (ModelSpec, ModelState, SOFT_UNLOAD_ON_GPU, UnloadResult, WorkerStatus,
-    file_fingerprint)
+from nbtool.wire import (InputSpec, ModelSpec, ModelState, SOFT_UNLOAD_ON_GPU, UnloadResult,
+    WorkerStatus, file_fingerprint, is_text_dtype)
 from nbtool.worker.auto import (CONVERTERS, Guard, discard, open_for_runtime,
     remember_envelope, remember_fallback)
 from nbtool.worker.environment import (describe_exception, held_memory, memory_in_use, on_gpu,
@@ -216,7 +216,7 @@ class ModelCache:
             self._states[spec.name] = dataclasses.replace(
                 info, state="loaded", size_bytes=spec.size_bytes, weight_bytes=weight_bytes,
                 footprint=footprint, load_seconds=seconds, loads=info.loads + 1,
-                input_shape=(None, *row_shape), input_dtype=str(np.dtype(dtype)),
+                **input_signature_state(row_shape, dtype),
                 # A SavedModel's graph says its outputs only when it runs: at warm-up.
                 n_outputs=len(predictor.output_specs) if n_outputs is None else n_outputs,
                 batch_size=predictor.batch_size,
@@ -459,3 +459,21 @@ def soft_unload_verdict(freed: int, dropped: int, gpu: bool, backend: str) -> st
     share = freed / dropped
     word = "yes" if share >= 0.5 else "no" if share < 0.1 else "partly"
     return f"{word} ({human_bytes(freed)} of {human_bytes(dropped)})"
+
+
+def input_signature_state(row_shape, dtype) -> dict:
+    """What a load reports of the input it took: its batch shape and dtype (text as
+    ``"string"``), and every input (:class:`~nbtool.wire.InputSpec`) for several.
+
+    Example:
+        >>> input_signature_state((8,), np.float32)
+        {'input_shape': (None, 8), 'input_dtype': 'float32'}
+        >>> input_signature_state({"a": (2,), "t": (1,)}, {"a": "float32", "t": "string"})["inputs"]
+        [InputSpec(name='a', shape=(None, 2), dtype='float32'), InputSpec(name='t', shape=(None, 1), dtype='string')]
+    """
+    def name(d):
+        return "string" if is_text_dtype(d) else str(np.dtype(getattr(d, "name", d)))
+    if not isinstance(row_shape, dict):
+        return {"input_shape": (None, *row_shape), "input_dtype": name(dtype)}
+    inputs = [InputSpec(k, (None, *v), name(dtype[k])) for k, v in row_shape.items()]
+    return {"input_shape": inputs[0].shape, "input_dtype": inputs[0].dtype, "inputs": inputs}

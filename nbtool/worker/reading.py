@@ -24,16 +24,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from nbtool.errors import NbtoolError
-from nbtool.wire import ImageFiles, NpyFile, ZarrRef
+from nbtool.wire import ImageFiles, NpyFile, SeveralInputs, ZarrRef
 
 
-def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray:
-    """Rows ``start:stop`` of ``data`` (an array or a file reference), on a worker.
+def read_rows(data: Any, start: int, stop: int | None) -> np.ndarray | dict:
+    """Rows ``start:stop`` of ``data`` (an array or a file reference), on a worker; for
+    :class:`~nbtool.wire.SeveralInputs`, a dict of each input's rows by name.
 
     Example:
         >>> read_rows(np.arange(10), 2, 5)
         array([2, 3, 4])
+        >>> read_rows(SeveralInputs(("a", "b"), ((np.arange(10), 4, 8), (np.ones(4), 0, None))), 1, 3)
+        {'a': array([5, 6]), 'b': array([1., 1.])}
     """
+    if isinstance(data, SeveralInputs):   # each part's rows count from its own start
+        a, b = start - data.start, None if stop is None else stop - data.start
+        return {name: read_rows(part, first + a, None if b is None else first + b)
+                for name, (part, first, _) in zip(data.names, data.parts)}
     if isinstance(data, NpyFile):
         return np.asarray(np.load(data.path, mmap_mode="r")[start:stop])
     if isinstance(data, ZarrRef):

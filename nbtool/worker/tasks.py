@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import ChunkCancelled, ChunkError, NbtoolError, first_line
-from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
+from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref, row_count
 from nbtool.worker.auto import CHECK_ROWS
 from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory,
     keras_backend, memory_in_use, out_of_memory_error, worker_name)
@@ -99,7 +99,7 @@ def read_and_run(cache: ModelCache, loaded: LoadedModel, data: Any, start: int,
     """
     if stop is None or not is_file_ref(data) or not read_ahead_enabled():
         rows = read_rows(data, start, stop)
-        return len(rows), cache.run(loaded, rows)
+        return row_count(rows), cache.run(loaded, rows)
     bounds = pieces(start, stop, loaded.predictor.batch_size * PIECE_BATCHES)
     outputs = overlapped(lambda a, b: read_rows(data, a, b), bounds,
                          lambda rows: cache.run(loaded, rows))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 from nbtool.worker.auto.agreement import check_rows
 from nbtool.worker.loading import open_model
 from nbtool.worker.runtimes import (LiteRTModel, OpenVINOModel, input_signature, ir_files,
@@ -66,20 +66,29 @@ def open_original(spec: ModelSpec, note: str | None = None) -> Opened:
     row_shape, dtype = input_signature(spec, own_shape, own_dtype)
     if spec.format == "openvino" and note is None:   # an IR file: the precision it runs in
         note = ir_note(call)
-    return Opened(call, tuple(row_shape), dtype, n_outputs, weight_bytes,
+    return Opened(call, row_shape if isinstance(row_shape, dict) else tuple(row_shape),
+                  dtype, n_outputs, weight_bytes,
                   {"tflite": "litert", "openvino": "openvino"}.get(spec.format, "tensorflow"),
                   note,
-                  own_shape=tuple(own_shape), own_dtype=dtype_name(own_dtype))
+                  own_shape=own_shape if isinstance(own_shape, dict) else tuple(own_shape),
+                  own_dtype=dtype_name(own_dtype))
 
 
 def dtype_name(dtype) -> str:
     """A dtype as a plain name (``"float32"``), whatever framework's object it is.
 
+    Several inputs' dtypes (a dict by input name) give a dict of names; text is
+    ``"string"``.
+
     Example:
-        >>> dtype_name(np.float32), dtype_name("uint8")
-        ('float32', 'uint8')
+        >>> dtype_name(np.float32), dtype_name("uint8"), dtype_name({"t": "string"})
+        ('float32', 'uint8', {'t': 'string'})
     """
+    if isinstance(dtype, dict):
+        return {k: dtype_name(v) for k, v in dtype.items()}
     name = getattr(dtype, "name", dtype)
+    if is_text_dtype(name):
+        return "string"
     try:
         return np.dtype(name).name
     except TypeError:   # bfloat16 has no numpy dtype

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, tensorflow_only
 from nbtool.worker.auto.agreement import (candidate_batches, compare, time_alternating,
     timing_batch)
 from nbtool.worker.auto.candidates import (CONVERTERS, Opened, artifact_files, discard,
@@ -43,12 +43,13 @@ logger = logging.getLogger("nbtool.worker")
 NEAR_TIE = 1.15
 
 
-def fixed_tensorflow_note(precision: str | None, gpu: bool) -> str | None:
+def fixed_tensorflow_note(precision: str | None, gpu: bool, inputs=()) -> str | None:
     """Why ``auto`` is TensorFlow here without measuring anything, or None when the
     choice runs (a CPU worker, the model as saved).
 
     OpenVINO's GPU plugin targets Intel GPUs and nbtool runs LiteRT on the CPU, so a GPU
-    worker keeps TensorFlow; mixed precision is TensorFlow's own.
+    worker keeps TensorFlow; mixed precision is TensorFlow's own; a model with several
+    ``inputs`` or a text input is not converted.
 
     Example:
         >>> fixed_tensorflow_note(None, gpu=True)  # doctest: +ELLIPSIS
@@ -59,6 +60,10 @@ def fixed_tensorflow_note(precision: str | None, gpu: bool) -> str | None:
                 "GPU plugin targets Intel GPUs; nbtool runs LiteRT on CPU); no choice made")
     if precision not in (None, "float32"):
         return f"tensorflow: precision={precision!r} is TensorFlow's mixed precision"
+    why = tensorflow_only(inputs)
+    if why:
+        return (f"tensorflow: {why}, and nbtool converts models with one numeric input to "
+                "OpenVINO and LiteRT; no choice made")
     return None
 
 

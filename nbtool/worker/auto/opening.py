@@ -55,7 +55,7 @@ def open_for_runtime(spec: ModelSpec, batch: int | None,
         return open_original(spec)
     if spec.runtime in CONVERTERS:
         return open_forced(spec, user_rows(sample))
-    fixed = fixed_tensorflow_note(spec.precision, on_gpu())
+    fixed = fixed_tensorflow_note(spec.precision, on_gpu(), spec.inputs)
     if fixed is not None:
         return open_original(spec, fixed)
     with choice_lock(spec):   # a second worker waits here, then reads the first's record

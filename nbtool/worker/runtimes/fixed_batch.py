@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from nbtool.errors import BatchAxisMismatch, ChunkCancelled
+from nbtool.wire import numpy_dtype, row_count, take_rows
 from nbtool.worker.environment import tensorflow
 
 
@@ -35,6 +36,8 @@ def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray
     """``run_batch`` on every ``batch_size`` rows (as ``dtype``), the last batch padded with
     zeros; returns one array per output, the padding rows dropped.
 
+    ``rows`` is an array, or a dict of arrays by input name for a model with several
+    inputs (``dtype`` then a dict too): each batch is then a dict of batches in step.
     Every output's first axis must be the rows sent: a model that merges or fixes its batch
     axis would otherwise give outputs of the wrong shape (or wrong rows) without a word, so
     it raises :class:`~nbtool.errors.BatchAxisMismatch` naming ``model`` and ``path``.
@@ -46,23 +49,42 @@ def run_in_batches(rows, batch_size: int, dtype, run_batch: Callable[[np.ndarray
         ...                      lambda b: seen.append(len(b)) or [b.sum(axis=1)])
         >>> seen, out[0].tolist()
         ([2, 2], [1.0, 1.0, 1.0])
+        >>> two = {"a": np.ones((3, 1)), "b": np.arange(3.0)[:, None]}
+        >>> run_in_batches(two, 2, {"a": "float32", "b": "float32"},
+        ...                lambda b: [b["a"] + b["b"]])[0].ravel().tolist()
+        [1.0, 2.0, 3.0]
     """
-    dtype = np.dtype(dtype)
     parts: list[list[np.ndarray]] = []
     cancelled = cancellation_check()
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, row_count(rows), batch_size):
         if cancelled():   # Dask cannot stop a running task: it stops itself, between batches
             raise ChunkCancelled()
-        batch = np.asarray(rows[start:start + batch_size], dtype=dtype)
-        m = len(batch)
-        if m < batch_size:   # pad: one input shape, no retracing
-            padded = np.zeros((batch_size, *batch.shape[1:]), dtype)
-            padded[:m] = batch
-            batch = padded
+        batch = take_rows(rows, start, start + batch_size)
+        m = row_count(batch)
+        batch = {k: padded(v, batch_size, dtype[k]) for k, v in batch.items()} \
+            if isinstance(batch, dict) else padded(batch, batch_size, dtype)
         outs = [np.asarray(y) for y in run_batch(batch)]
         check_batch_axis(outs, batch_size, model, path)
         parts.append([y[:m] for y in outs])
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def padded(rows, batch_size: int, dtype) -> np.ndarray:
+    """``rows`` as ``dtype`` (text as fixed-width unicode), padded with zeros (empty
+    strings) to ``batch_size`` rows: one input shape, never a retrace.
+
+    Example:
+        >>> padded(np.ones((1, 2)), 3, "float32").tolist()
+        [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+        >>> padded(np.array(["hi"], object), 2, "string").tolist()
+        ['hi', '']
+    """
+    batch = np.asarray(rows, dtype=numpy_dtype(dtype))
+    if len(batch) < batch_size:
+        out = np.zeros((batch_size, *batch.shape[1:]), batch.dtype)
+        out[:len(batch)] = batch
+        batch = out
+    return batch
 
 
 def cancellation_check() -> Callable[[], bool]:
@@ -133,8 +155,11 @@ class FixedBatchPredictor:
                  name: str | None = None, path: str | None = None):
         self.name, self.path = name, path          # for errors: which model this is
         self.batch_size = int(batch_size)
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
+        # Several inputs: a row shape and a dtype per input name (rows come as a dict).
+        self.row_shape = {k: tuple(v) for k, v in row_shape.items()} \
+            if isinstance(row_shape, dict) else tuple(row_shape)
+        self.dtype = {k: numpy_dtype(v) for k, v in dtype.items()} \
+            if isinstance(dtype, dict) else numpy_dtype(dtype)
         self.preprocess = preprocess
         self.output_specs: list[tuple[tuple, str]] = []
         self.batch_note: str | None = None         # why the batch is not what was asked
@@ -161,23 +186,39 @@ class FixedBatchPredictor:
         self._warm = True
         with self._lock:
             self.prepare()
-        shape = tuple(1 if d is None else d for d in self.row_shape)
-        outs = self(np.zeros((1, *shape), self.dtype))
+        outs = self(zero_rows(self.row_shape, self.dtype, 1))
         self.output_specs = [(tuple(o.shape[1:]), str(o.dtype)) for o in outs]
 
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, rows) -> list[np.ndarray]:
         if not self._warm:   # e.g. the batch sweep's predictors: never warmed up
             self.warm_up()
         with self._lock:
             outs = run_in_batches(rows, self.batch_size, self.dtype, self.run_batch,
                                   self.name, self.path)
-        if not self.propagates_nan and self.dtype.kind == "f" and len(rows):
+        if not self.propagates_nan and not isinstance(rows, dict) \
+                and self.dtype.kind == "f" and len(rows):
             bad = ~np.isfinite(np.asarray(rows).reshape(len(rows), -1)).all(axis=1)
             if bad.any():
                 for y in outs:
                     if y.dtype.kind == "f":
                         y[bad] = np.nan
         return outs
+
+
+def zero_rows(row_shape, dtype, n: int):
+    """``n`` rows of zeros (empty strings for text) of ``row_shape``, one size for each
+    free dimension; a dict of them by input name for several inputs.
+
+    Example:
+        >>> zero_rows((None, 3), np.dtype("float32"), 2).shape
+        (2, 1, 3)
+        >>> {k: v.shape for k, v in zero_rows({"a": (2,), "b": ()}, {"a": "f4", "b": "f4"}, 1).items()}
+        {'a': (1, 2), 'b': (1,)}
+    """
+    if isinstance(row_shape, dict):
+        return {k: zero_rows(v, dtype[k], n) for k, v in row_shape.items()}
+    shape = tuple(1 if d is None else d for d in row_shape)
+    return np.zeros((n, *shape), numpy_dtype(dtype))
 
 
 def eager_preprocess(preprocess, batch: np.ndarray) -> np.ndarray:

@@ -64,7 +64,13 @@ class CompiledPredictor(FixedBatchPredictor):
                  path: str | None = None):
         super().__init__(batch_size, row_shape, dtype, preprocess, name, path)
         tf = tensorflow()
-        signature = [tf.TensorSpec((self.batch_size, *self.row_shape), self.dtype)]
+
+        def tensor_spec(row_shape, dtype):   # text travels as tf.string
+            return tf.TensorSpec((self.batch_size, *row_shape),
+                                 tf.string if dtype.kind in "USO" else dtype)
+        signature = [{k: tensor_spec(v, self.dtype[k]) for k, v in self.row_shape.items()}
+                     if isinstance(self.row_shape, dict)
+                     else tensor_spec(self.row_shape, self.dtype)]
 
         def infer(x):
             if preprocess is not None:
