@@ -29,111 +29,6 @@ from nbtool._util import human_bytes
 
 
 @dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One input of a model: its name, batch shape (``None`` where any size goes) and
-    dtype (``"string"`` for text).
-
-    Example:
-        >>> InputSpec("meta", (None, 3)).row_shape, InputSpec("text", (None, 1), "string").text
-        ((3,), True)
-    """
-
-    name: str
-    shape: tuple | None = None
-    dtype: str = "float32"
-
-    @property
-    def row_shape(self) -> tuple | None:
-        """The shape of one row (the batch shape without its first axis), if known."""
-        return None if self.shape is None else tuple(self.shape[1:])
-
-    @property
-    def text(self) -> bool:
-        """Whether it takes strings."""
-        return is_text_dtype(self.dtype)
-
-    def describe(self) -> str:
-        """``'meta' (rows of (3,), float32)``: how errors name it.
-
-        Example:
-            >>> InputSpec("meta", (None, None, 3)).describe()
-            "'meta' (rows of (?, 3), float32)"
-        """
-        rows = "?" if self.row_shape is None else \
-            "(" + ", ".join("?" if d is None else str(d) for d in self.row_shape) + \
-            ("," if len(self.row_shape) == 1 else "") + ")"
-        return f"{self.name!r} (rows of {rows}, {self.dtype})"
-
-
-def is_text_dtype(dtype) -> bool:
-    """Whether a dtype (a name, numpy's or TensorFlow's) holds strings.
-
-    Example:
-        >>> is_text_dtype("string"), is_text_dtype(np.dtype("<U5")), is_text_dtype("float32")
-        (True, True, False)
-    """
-    name = getattr(dtype, "name", dtype)
-    if isinstance(dtype, np.dtype):
-        return dtype.kind in "USO"
-    return str(name) in ("string", "str", "object", "bytes") or str(name).startswith(("<U", "|S", "str"))
-
-
-def numpy_dtype(dtype) -> np.dtype:
-    """The numpy dtype rows of a model input are sent as: text as fixed-width unicode
-    (never Python objects: no file a worker opens ever needs ``allow_pickle``).
-
-    Example:
-        >>> numpy_dtype("string"), numpy_dtype("float32")
-        (dtype('<U'), dtype('float32'))
-    """
-    return np.dtype(str) if is_text_dtype(dtype) else np.dtype(getattr(dtype, "name", dtype))
-
-
-def tensorflow_only(inputs) -> str | None:
-    """Why a model with these inputs (:class:`~nbtool.wire.InputSpec`) runs in TensorFlow
-    only (its conversions to OpenVINO and LiteRT here take one numeric input), or None.
-
-    Example:
-        >>> tensorflow_only([InputSpec("text", (None, 1), "string")])
-        'its input is text (strings)'
-        >>> tensorflow_only([InputSpec("x", (None, 8))]) is None
-        True
-    """
-    if len(inputs) > 1:
-        return f"it takes {len(inputs)} inputs"
-    if inputs and inputs[0].text:
-        return "its input is text (strings)"
-    return None
-
-
-#: The SavedModel signatures the worker calls, in the order it looks for them
-#: (``model.export`` writes "serve"; ``tf.saved_model.save`` writes "serving_default").
-SAVEDMODEL_ENDPOINTS = ("serve", "serving_default")
-
-
-def named_outputs(names) -> tuple | None:
-    """The order a model's outputs come back in, by their names (a dict's keys, a
-    signature's), and the names to give them: ``(order, names)``, where ``names`` is None
-    when they are only numbers (``output_0``, ``output_1``... as Keras and converters
-    call unnamed outputs: ordered by their number, not as text).
-
-    Example:
-        >>> named_outputs(["output_1", "output_10", "output_2", "output_0"])
-        (['output_0', 'output_1', 'output_2', 'output_10'], None)
-        >>> named_outputs(["note", "contour", "onset"])
-        (['contour', 'note', 'onset'], ('contour', 'note', 'onset'))
-    """
-    import re
-
-    names = list(names)
-    numbers = [re.fullmatch(r"output_(\d+)", n) for n in names]
-    if names and all(numbers):
-        return [n for _, n in sorted(zip((int(m.group(1)) for m in numbers), names))], None
-    order = sorted(names)
-    return order, tuple(order)
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything a worker needs to load and run one registered model.
 
@@ -171,7 +66,7 @@ class ModelSpec:
     #: file (its runtime, conversions, cached outputs, stored chunks) is keyed by it, not
     #: by its path or times. None for a spec made by hand: the fingerprint stands in.
     content: str | None = None
-    #: Every input, in the model's order (:class:`InputSpec`); empty while unknown (a
+    #: Every input, in the model's order (:class:`~nbtool.signature.InputSpec`); empty while unknown (a
     #: spec made by hand). ``input_shape``/``input_dtype`` are the first one's.
     inputs: tuple = ()
     #: The outputs' names where the model names them (a dict of outputs, a ``.tflite``
@@ -183,6 +78,7 @@ class ModelSpec:
         """Whether the model takes more than one input (rows then travel as a dict).
 
         Example:
+            >>> from nbtool.signature import InputSpec
             >>> ModelSpec("m", "/m", "keras", 1, "1-1", inputs=(InputSpec("a", (None, 2)),
             ...           InputSpec("b", (None, 3)))).several
             True
@@ -194,7 +90,9 @@ class ModelSpec:
         """The inputs' names in the model's order (empty while unknown).
 
         Example:
-            >>> ModelSpec("m", "/m", "keras", 1, "1-1", inputs=(InputSpec("x", (None, 2)),)).input_names
+            >>> from nbtool.signature import InputSpec
+            >>> ModelSpec("m", "/m", "keras", 1, "1-1",
+            ...           inputs=(InputSpec("x", (None, 2)),)).input_names
             ('x',)
         """
         return tuple(i.name for i in self.inputs)
@@ -361,30 +259,6 @@ def is_file_ref(data: Any) -> bool:
     if isinstance(data, SeveralInputs):
         return any(is_file_ref(d) for d, _, _ in data.parts)
     return isinstance(data, (NpyFile, ZarrRef, ImageFiles))
-
-
-def row_count(rows) -> int:
-    """The rows in ``rows``: an array, or a dict of arrays by input name (several inputs).
-
-    Example:
-        >>> row_count({"a": np.zeros((3, 2)), "b": np.zeros((3,))}), row_count(np.zeros(4))
-        (3, 4)
-    """
-    if isinstance(rows, dict):
-        return len(next(iter(rows.values()))) if rows else 0
-    return len(rows)
-
-
-def take_rows(rows, start: int, stop: int | None):
-    """Rows ``start:stop`` of an array or of every array of a dict (several inputs).
-
-    Example:
-        >>> take_rows({"a": np.arange(4), "b": np.arange(4) * 2}, 1, 3)
-        {'a': array([1, 2]), 'b': array([2, 4])}
-    """
-    if isinstance(rows, dict):
-        return {k: v[start:stop] for k, v in rows.items()}
-    return rows[start:stop]
 
 
 # -- what workers send back ------------------------------------------------------------

@@ -19,6 +19,8 @@ PURE_MODULES = ["nbtool._util", "nbtool.engine", "nbtool.engine.persist", "nbtoo
                 "nbtool.views.gpu_monitor", "nbtool.prediction.svg", "nbtool.prediction.report",
                 "nbtool.preprocess", "nbtool.prediction.results", "nbtool.tables",
                 "nbtool.prediction.output_memo", "nbtool.worker", "nbtool.worker.reading",
+                "nbtool.signature", "nbtool.catalog.savedmodel_pb", "nbtool.prediction.binding",
+                "nbtool.prediction.frames", "nbtool.prediction.result_table",
                 "nbtool.worker.runtimes.fixed_batch", "nbtool.worker.runtimes.litert",
                 "nbtool.worker.measure", "nbtool.worker.environment", "nbtool.worker.loading",
                 "nbtool.worker.runtimes.predictors", "nbtool.worker.model_cache",

@@ -19,12 +19,14 @@ TESTS = Path(__file__).resolve().parent
 MAX_LINES = 600
 #: Imported by both sides (kernel and workers): they import nothing above them. ``_util``
 #: is a subpackage of small helpers; ``preprocess`` is kernel code that runs on workers.
-SHARED_PREFIXES = ("nbtool.wire", "nbtool.errors", "nbtool.preprocess", "nbtool._util")
+SHARED_PREFIXES = ("nbtool.wire", "nbtool.signature", "nbtool.errors", "nbtool.preprocess",
+                   "nbtool._util")
 #: The face: what the user touches. It reaches models, runs and workers only via the engine.
 FACE_PREFIXES = ("nbtool.notebook", "nbtool.views")
 #: What may stand loose at the top: the public API and the shared modules (issue 25: about
 #: 8 at most).
-TOP_LEVEL = {"nbtool", "nbtool.errors", "nbtool.wire", "nbtool.preprocess", "nbtool.tables"}
+TOP_LEVEL = {"nbtool", "nbtool.errors", "nbtool.wire", "nbtool.signature", "nbtool.preprocess",
+             "nbtool.tables"}
 
 
 def shared(name: str) -> bool:

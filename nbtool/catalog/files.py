@@ -37,7 +37,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 
 from nbtool.errors import ModelFileError, UnsupportedFormat
-from nbtool.wire import InputSpec, named_outputs
+from nbtool.signature import InputSpec, named_outputs
 from nbtool.catalog.savedmodel_pb import savedmodel_signature
 
 

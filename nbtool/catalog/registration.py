@@ -31,7 +31,8 @@ from nbtool._util import warn_user
 from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
     UntrustedModel)
-from nbtool.wire import ModelSpec, content_digest, file_fingerprint, tensorflow_only
+from nbtool.signature import tensorflow_only
+from nbtool.wire import ModelSpec, content_digest, file_fingerprint
 from nbtool.worker import PRECISIONS
 
 #: The longest model name: names become file names and result-store array names.
@@ -132,7 +133,7 @@ def check_convertible(model: str, runtime: str, inputs) -> None:
     only TensorFlow runs here (:func:`tensorflow_only`).
 
     Example:
-        >>> from nbtool.wire import InputSpec
+        >>> from nbtool.signature import InputSpec
         >>> check_convertible("two", "openvino", [InputSpec("a"), InputSpec("b")])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from nbtool.wire import SAVEDMODEL_ENDPOINTS, InputSpec
+from nbtool.signature import SAVEDMODEL_ENDPOINTS, InputSpec
 
 #: TensorFlow's ``DataType`` enum values, as dtype names.
 DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8",

@@ -9,7 +9,8 @@ input the column of its name (or what ``columns=`` maps to it), and a model of o
 scheduled, naming the model, its inputs and what was given.
 
 Example:
-    >>> from nbtool.wire import InputSpec, ModelSpec
+    >>> from nbtool.signature import InputSpec
+    >>> from nbtool.wire import ModelSpec
     >>> two = ModelSpec("two", "two.keras", "keras", 1, "1-1", input_shape=(None, 2),
     ...                 inputs=(InputSpec("image", (None, 2)), InputSpec("meta", (None, 3))))
     >>> src = bind_input({"meta": np.ones((4, 3)), "image": np.zeros((4, 2))}, [two])
@@ -47,7 +48,8 @@ def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
     labels of an array's rows.
 
     Example:
-        >>> from nbtool.wire import InputSpec, ModelSpec
+        >>> from nbtool.signature import InputSpec
+        >>> from nbtool.wire import ModelSpec
         >>> text = ModelSpec("clf", "clf.keras", "keras", 1, "1-1", input_shape=(None, 1),
         ...                  input_dtype="string", inputs=(InputSpec("t", (None, 1), "string"),))
         >>> bind_input(["good film", "bad film"], [text]).array.tolist()

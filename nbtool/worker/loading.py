@@ -2,7 +2,7 @@
 and the load errors that say what went wrong and the fix.
 
 Example:
-    >>> from nbtool.wire import SAVEDMODEL_ENDPOINTS, ModelSpec, named_outputs
+    >>> from nbtool.wire import ModelSpec
     >>> out_of_memory(ModelSpec("cnn", "cnn.keras", "keras", 1, "1-1"), "gpu0").reason
     'out of memory even with batch size 1'
 """
@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from nbtool.errors import ModelLoadError, first_line
-from nbtool.wire import SAVEDMODEL_ENDPOINTS, ModelSpec, named_outputs
+from nbtool.signature import SAVEDMODEL_ENDPOINTS, named_outputs
+from nbtool.wire import ModelSpec
 from nbtool.worker.environment import (describe_exception, out_of_memory_error, tensorflow,
     tensorflow_version, worker_name)
 from nbtool.worker.keras_backends import backend_name, start_backend

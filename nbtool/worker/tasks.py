@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import ChunkCancelled, ChunkError, NbtoolError, first_line
-from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref, row_count
+from nbtool.signature import row_count
+from nbtool.wire import ChunkOutput, ModelSpec, ModelState, WorkerStatus, is_file_ref
 from nbtool.worker.auto import CHECK_ROWS
 from nbtool.worker.environment import (cpu_worker, describe_exception, held_memory,
     keras_backend, memory_in_use, out_of_memory_error, worker_name)

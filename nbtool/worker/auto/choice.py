@@ -25,7 +25,8 @@ import logging
 import os
 import time
 
-from nbtool.wire import ModelSpec, tensorflow_only
+from nbtool.signature import tensorflow_only
+from nbtool.wire import ModelSpec
 from nbtool.worker.auto.agreement import (candidate_batches, compare, time_alternating,
     timing_batch)
 from nbtool.worker.auto.candidates import (CONVERTERS, Opened, artifact_files, discard,
