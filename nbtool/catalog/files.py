@@ -392,6 +392,10 @@ def _signature_from_config(config: dict) -> tuple[list[InputSpec], int | None,
     layers = cfg.get("layers", [])
     by_name = {l.get("config", {}).get("name"): l for l in layers}
     inputs: list[InputSpec] = []
+    pre = cfg.get("preprocessor") if isinstance(cfg.get("preprocessor"), dict) else None
+    if pre and cfg.get("backbone") and "tokenizer" in pre.get("config", {}):
+        # A keras_hub task with a text preprocessor: it takes raw strings, one per row.
+        return [InputSpec("text", (None,), "string")], 1, None
     if config.get("class_name") == "Sequential":
         first = layers[0] if layers else {}
         if first.get("class_name") == "InputLayer":

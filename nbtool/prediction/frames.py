@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import InputMismatch, NbtoolError
+from nbtool.prediction.inputs import describe_objects
 from nbtool.prediction.sources import ArraySource, DaskSource, Source
 
 
@@ -110,12 +111,11 @@ class Table:
             self.n_rows = int(arr.shape[0])
             return DaskSource(arr)
         if not text:
-            try:
-                return ArraySource(picked.to_numpy())
-            except (TypeError, ValueError) as e:
-                raise InputMismatch(None, None, "numeric columns", f"{cols}: {e}",
-                                    "fill missing values (df.fillna) or convert the columns") \
-                    from None
+            values = picked.to_numpy()
+            if values.dtype == object:   # pandas' nullable columns holding <NA>
+                found, fix = describe_objects(values)
+                raise InputMismatch(None, None, f"numbers in the columns {cols}", found, fix)
+            return ArraySource(values)
         values = picked.to_numpy(dtype=object)
         for j, c in enumerate(cols):
             bad = [v for v in values[:, j] if not isinstance(v, str)]

@@ -92,7 +92,7 @@ def as_source(x: Any) -> Source:
                                 f"a ragged sequence ({e})",
                                 "pad or crop the rows to one shape first") from None
         if arr.dtype == object:
-            found, fix = _describe_objects(arr)
+            found, fix = describe_objects(arr)
             raise InputMismatch(None, None, "a numeric array", found, fix)
         src = ArraySource(arr) if arr.ndim else None
         if src is None:
@@ -170,8 +170,13 @@ def _numeric_dtype(dt: Any) -> bool:
     return name.startswith(("float", "int", "uint", "bool"))
 
 
-def _describe_objects(arr: np.ndarray) -> tuple[str, str]:
-    """What an object array holds, and the fix: (found, fix) for an InputMismatch."""
+def describe_objects(arr: np.ndarray) -> tuple[str, str]:
+    """What an object array holds, and the fix: (found, fix) for an InputMismatch.
+
+    Example:
+        >>> describe_objects(np.array([1.0, None], dtype=object))[0]
+        'an array holding None among its values (missing data?)'
+    """
     if arr.ndim == 0:
         item = arr.item()
         return (f"an object of type {type(item).__name__}",

@@ -72,6 +72,11 @@ def open_keras(spec: ModelSpec):
     model = keras.saving.load_model(spec.path, compile=False, safe_mode=not spec.trusted)
     if spec.precision:
         model = with_precision(model, spec.precision)
+    if text_task(model):   # a keras_hub task: raw strings through its own preprocessor
+        def call(x, training=False):
+            return model(model.preprocessor(x), training=training)
+        call.model = model
+        return call, (), "string", 1, weight_bytes(model.weights)
     if len(model.inputs) > 1:   # rows come as a dict by input name
         names = list(model.input) if isinstance(model.input, dict) else \
             [t.name for t in model.inputs]
@@ -80,6 +85,19 @@ def open_keras(spec: ModelSpec):
         return model, shapes, dtypes, len(model.outputs), weight_bytes(model.weights)
     shape = tuple(model.inputs[0].shape)[1:]
     return model, shape, model.inputs[0].dtype, len(model.outputs), weight_bytes(model.weights)
+
+
+def text_task(model) -> bool:
+    """Whether ``model`` is a ``keras_hub`` task with a text preprocessor (a tokenizer):
+    called directly it refuses strings; it takes them through ``model.preprocessor``.
+
+    Example:
+        >>> text_task(object())
+        False
+    """
+    pre = getattr(model, "preprocessor", None)
+    return pre is not None and hasattr(model, "backbone") and \
+        getattr(pre, "tokenizer", None) is not None
 
 
 def open_savedmodel(spec: ModelSpec, tf):
@@ -156,7 +174,8 @@ def weight_bytes(weights) -> int:
         >>> weight_bytes([np.zeros((8, 3), "float32"), np.zeros(3, "float32")])
         108
     """
-    return int(sum(np.prod(w.shape, dtype=np.int64) * np.dtype(w.dtype).itemsize
+    return int(sum(np.prod(w.shape, dtype=np.int64)   # a tf.Variable's dtype is a tf.DType
+                   * np.dtype(getattr(w.dtype, "as_numpy_dtype", w.dtype)).itemsize
                    for w in weights))
 
 
