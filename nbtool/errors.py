@@ -128,11 +128,15 @@ class UnsupportedFormat(NbtoolError, ValueError):
         "model 'm' (m.onnx): ... expected a .keras, .h5, .tflite or OpenVINO .xml file..."
     """
 
-    def __init__(self, model: str | None, path: str, found: str | None = None):
+    def __init__(self, model: str | None, path: str, found: str | None = None,
+                 fix: str | None = None):
         self.path = str(path)
         name = str(path).rsplit("/", 1)[-1]
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else "(no suffix)"
         what = found or f"a file ending in {suffix!r}"
+        if fix is not None:   # a format nbtool runs, in a form it does not
+            super().__init__(f"model {model!r} ({path}): nbtool cannot run {what}. Fix: {fix}.")
+            return
         super().__init__(
             f"model {model!r} ({path}): nbtool cannot run {what}; expected a .keras, .h5, "
             ".tflite or OpenVINO .xml file, or a TensorFlow SavedModel directory (one with "

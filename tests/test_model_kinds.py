@@ -292,3 +292,59 @@ def test_a_keras_hub_text_classifier_takes_raw_strings(engine, keras, tmp_path, 
     res = engine.predict(name, sentences, chunk_size=8)
     res.raise_for_errors()
     assert close(res[name], want) <= TOL
+
+
+def named_heads_tflite(path: Path) -> Path:
+    """A ``.tflite`` whose signature names its outputs (as basic-pitch's ``nmp.tflite``
+    names ``contour``, ``note``, ``onset``), in an order unlike their names'."""
+    import tensorflow as tf
+
+    w = tf.constant(np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3))
+
+    class Heads(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32, name="audio")])
+        def serve(self, x):
+            return {"onset": tf.sigmoid(x @ w), "note": x * 2.0, "contour": tf.reduce_sum(x, 1,
+                                                                                  keepdims=True)}
+
+    module = Heads()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module)
+    path.write_bytes(conv.convert())
+    return path
+
+
+def test_a_tflite_gives_its_signature_output_names(engine, tmp_path, unique):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = named_heads_tflite(tmp_path / "heads.tflite")
+    x = np.random.default_rng(3).normal(size=(50, 4)).astype("float32")
+    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    want = {k: np.concatenate([runner(audio=x[i:i + 1])[k] for i in range(len(x))])
+            for k in ("contour", "note", "onset")}
+    name = f"{unique}_heads_tflite"
+    engine.register(name, path)
+    assert sorted(engine.catalog.specs([name])[0].output_names) == ["contour", "note", "onset"]
+    res = engine.predict(name, x, chunk_size=16)
+    assert set(res[name]) == {"contour", "note", "onset"}
+    for k, v in want.items():
+        assert close(res[name][k], v) == 0, k
+
+
+def test_a_tflite_or_ir_of_several_inputs_is_refused_at_register(engine, tmp_path, unique):
+    import tensorflow as tf
+
+    from nbtool.errors import UnsupportedFormat
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 2), tf.float32, name="a"),
+                                      tf.TensorSpec((None, 3), tf.float32, name="b")])
+        def serve(self, a, b):
+            return tf.concat([a, b], 1)
+
+    module = Two()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module)
+    (tmp_path / "two.tflite").write_bytes(conv.convert())
+    with pytest.raises(UnsupportedFormat, match=r"takes 2 inputs \('(a|b)', '(a|b)'\).*Keras original"):
+        engine.register(f"{unique}_two_tflite", tmp_path / "two.tflite")

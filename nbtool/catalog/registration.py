@@ -30,7 +30,7 @@ from typing import Any
 from nbtool._util import warn_user
 from nbtool.catalog.files import FORMATS, detect_format, read_model_file
 from nbtool.errors import (BackendUnsupported, InvalidModelName, InvalidOption, ModelFileError,
-    UntrustedModel)
+    UnsupportedFormat, UntrustedModel)
 from nbtool.signature import tensorflow_only
 from nbtool.wire import ModelSpec, content_digest, file_fingerprint
 from nbtool.worker import PRECISIONS
@@ -120,7 +120,14 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
     # A .tflite runs in LiteRT; every other format in TensorFlow unless asked otherwise.
     options["runtime"] = check_runtime(name, options.get("runtime"), info.format,
                                        options.get("precision"))
-    check_convertible(name, options["runtime"], info.inputs)
+    if info.format in ("tflite", "openvino") and len(info.inputs) > 1:
+        names = ", ".join(repr(i.name) for i in info.inputs)
+        raise UnsupportedFormat(name, str(p), f"a {FORMAT_LABELS[info.format]} that takes "
+                                f"{len(info.inputs)} inputs ({names}): nbtool runs those "
+                                "formats with one input", "register the Keras original "
+                                "(.keras, .h5 or a SavedModel), which runs its several "
+                                "inputs in TensorFlow")
+    check_convertible(name, options["runtime"], info.inputs, info.format)
     return ModelSpec(name=name, path=str(p), format=info.format, size_bytes=info.size_bytes,
                      fingerprint=fingerprint, content=content, input_shape=shape,
                      input_dtype=dtype, inputs=tuple(info.inputs),
@@ -128,7 +135,11 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
                      n_inputs=max(len(info.inputs), 1), n_outputs=info.n_outputs, **options)
 
 
-def check_convertible(model: str, runtime: str, inputs) -> None:
+#: How errors name the formats that run outside TensorFlow.
+FORMAT_LABELS = {"tflite": ".tflite", "openvino": "OpenVINO IR"}
+
+
+def check_convertible(model: str, runtime: str, inputs, format: str = "keras") -> None:
     """Refuse a forced conversion (``runtime='openvino'``/``'litert'``) of a model that
     only TensorFlow runs here (:func:`tensorflow_only`).
 
@@ -140,7 +151,7 @@ def check_convertible(model: str, runtime: str, inputs) -> None:
         nbtool.errors.InvalidOption: model 'two': runtime='openvino'; expected 'auto' or 'tensorflow' (it takes 2 inputs...
     """
     why = tensorflow_only(inputs)
-    if why and runtime in ("openvino", "litert"):
+    if why and runtime in ("openvino", "litert") and format not in FORMAT_LABELS:
         raise InvalidOption(model, "runtime", runtime,
                             f"'auto' or 'tensorflow' ({why}; nbtool converts models with one "
                             "numeric input to OpenVINO and LiteRT)",
