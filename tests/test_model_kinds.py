@@ -348,3 +348,32 @@ def test_a_tflite_or_ir_of_several_inputs_is_refused_at_register(engine, tmp_pat
     (tmp_path / "two.tflite").write_bytes(conv.convert())
     with pytest.raises(UnsupportedFormat, match=r"takes 2 inputs \('(a|b)', '(a|b)'\).*Keras original"):
         engine.register(f"{unique}_two_tflite", tmp_path / "two.tflite")
+
+
+def test_save_to_parquet_writes_a_dataset_that_resumes_and_reads_everywhere(
+        engine, kinds, models, tmp_path):
+    import dask.dataframe as dd
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    import nbtool
+
+    heads, tab = models["heads"], models["two"]
+    x = {"image": kinds["img"], "meta": kinds["meta"]}
+    path = tmp_path / "preds.parquet"
+    res = engine.predict([heads, tab], x, save=str(path), chunk_size=30, combine=None)
+    assert close(res[heads]["box"], kinds["heads"]["box"]) <= TOL
+    assert sorted(p.name for p in (path / heads).iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    frame = pd.read_parquet(path)
+    assert len(frame) == N * 3 and set(frame.model) == {heads, tab}   # (box, class) + one
+    box = frame[(frame.model == heads) & (frame.output == "box")].sort_values("row")
+    assert close(np.stack(box["values"].to_list()), kinds["heads"]["box"]) <= TOL
+    assert pq.read_table(path).num_rows == N * 3 and len(dd.read_parquet(path)) == N * 3
+    (path / tab / "part-00001.parquet").unlink()   # a lost chunk: only it is computed again
+    again = engine.predict([heads, tab], x, save=str(path), chunk_size=30, combine=None)
+    assert again.timings[heads]["resumed_chunks"] == 3
+    assert again.timings[tab]["resumed_chunks"] == 2
+    assert close(again[tab], kinds["two"]) <= TOL
+    back = nbtool.open_prediction(path)
+    assert close(back[tab], kinds["two"]) <= TOL

@@ -355,11 +355,12 @@ def open_prediction(path: str | os.PathLike):
         >>> res.completed, res["cnn"][3:5].tolist()
         ({'cnn': {1}}, [[nan, nan, nan], [1.0, 1.0, 1.0]])
     """
-    from nbtool.prediction.store import MANIFEST, ResultStore
+    from nbtool.prediction.store import open_result_store
 
-    store = ResultStore(path)
+    store = open_result_store(path)
     if store.manifest is None:
-        raise NbtoolError(f"{path}: not an nbtool result store (no {MANIFEST}). Fix: pass the "
+        raise NbtoolError(f"{path}: not an nbtool result store (no {store.manifest_name}). "
+                          "Fix: pass the "
                           "path given as save= to predict.")
     m = store.manifest
     models = list(m["models"])

@@ -71,7 +71,7 @@ class RunOptions:
 
     def __post_init__(self):
         check_combine(self.combine)
-        if self.cache and self.save and str(self.save).lower().endswith(".zarr"):
+        if self.cache and self.save and str(self.save).lower().endswith((".zarr", ".parquet")):
             raise ValueError(f"cache=True with save={self.save!r}: a result store already "
                              "resumes (its chunks are not computed again), so the two do "
                              "not combine. Fix: drop cache=True, or save to a .npz file.")
@@ -263,9 +263,10 @@ class Runs:
 
 
 def save_target(save):
-    """Check ``save`` before anything runs: ``"*.zarr"`` gives the (not yet locked)
-    :class:`~nbtool.prediction.store.ResultStore`; ``"*.npz"`` is checked writable (it is written
-    at the end, by the run); None is nothing to save.
+    """Check ``save`` before anything runs: ``"*.zarr"`` (or ``"*.parquet"``, a Parquet
+    dataset) gives the (not yet locked) :class:`~nbtool.prediction.store.ResultStore`;
+    ``"*.npz"`` is checked writable (it is written at the end, by the run); None is nothing
+    to save.
 
     Example:
         >>> save_target(None) is None, save_target("/tmp/p.npz") is None
@@ -278,16 +279,16 @@ def save_target(save):
     if not save:
         return None
     suffix = str(save).lower().rsplit(".", 1)[-1]
-    if suffix not in ("zarr", "npz"):
-        raise ValueError(f"save={save!r}: expected a path ending in .zarr (a result "
-                         "store written chunk by chunk, resumable) or .npz (written once "
-                         "at the end).")
-    from nbtool.prediction.store import ResultStore, check_npz_target
+    if suffix not in ("zarr", "parquet", "npz"):
+        raise ValueError(f"save={save!r}: expected a path ending in .zarr or .parquet (a "
+                         "result store written chunk by chunk, resumable) or .npz (written "
+                         "once at the end).")
+    from nbtool.prediction.store import check_npz_target, open_result_store
 
     if suffix == "npz":
         check_npz_target(save)
         return None
-    store = ResultStore(save)
+    store = open_result_store(save)
     store.check_target()   # a path that cannot be a store fails before models load
     return store
 

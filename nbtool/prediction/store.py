@@ -167,6 +167,9 @@ class ResultStore:
         [[nan, nan, nan], [1.0, 1.0, 1.0]]
     """
 
+    #: The manifest's file name in the store's folder.
+    manifest_name = MANIFEST
+
     def __init__(self, path: str | os.PathLike):
         self.path = str(Path(path).resolve())
         self.manifest = self._read_manifest()
@@ -261,13 +264,13 @@ class ResultStore:
         return {n: e.get("run") for n, e in m.get("models", {}).items()}
 
     def _read_manifest(self) -> dict | None:
-        f = Path(self.path) / MANIFEST
+        f = Path(self.path) / self.manifest_name
         if not f.exists():
             return None
         try:
             return json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            raise NbtoolError(f"result store {self.path}: its manifest {MANIFEST} is "
+            raise NbtoolError(f"result store {self.path}: its manifest {self.manifest_name} is "
                               f"unreadable ({e}). Fix: delete the folder to start over, or "
                               "save to another path.") from None
 
@@ -287,8 +290,6 @@ class ResultStore:
         gives it back). Each model that this run will write (chunks missing, or new) is
         recorded in the manifest as written by this run.
         """
-        import zarr
-
         if not self.locked:
             import uuid
 
@@ -312,8 +313,7 @@ class ResultStore:
             m = {"format": FORMAT_VERSION, "input": input_fingerprint, "n_rows": n_rows,
                  "chunk_size": chunk_size, "models": {}}
             self.manifest = m
-        # mode="a", never "w": "w" deletes the folder, the lock file with it.
-        group = zarr.open_group(self.path, mode="a")
+        group = self._open_outputs()
         n_chunks = n_chunks if n_chunks is not None else -(-n_rows // chunk_size)
         for name, fingerprint, specs in models:
             m["models"][name] = self._prepare_model(group, name, fingerprint, specs,
@@ -334,19 +334,29 @@ class ResultStore:
         if known is None:
             shutil.rmtree(root / _key(name), ignore_errors=True)
             shutil.rmtree(root / "done" / _key(name), ignore_errors=True)
-            for k, (shape, dtype) in enumerate(specs):
-                dt = np.dtype(dtype)
-                group.create_array(f"{_key(name)}/out{k}", shape=(n_rows, *shape),
-                                   chunks=(chunk_size, *shape), dtype=dt,
-                                   fill_value=np.nan if dt.kind == "f" else 0,
-                                   overwrite=True)
+            self._new_outputs(group, name, specs, n_rows, chunk_size)
         writes = known is None or len(self.completed(name)) < n_chunks
         if not writes:   # wholly stored: this run reads it, the last writer stays
             return {**entry, "run": known.get("run"), "written_at": known.get("written_at")}
         return {**entry, "run": self.run_id, "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
+    def _open_outputs(self):
+        """Where the outputs go: the zarr group (opened to add arrays)."""
+        import zarr
+
+        # mode="a", never "w": "w" deletes the folder, the lock file with it.
+        return zarr.open_group(self.path, mode="a")
+
+    def _new_outputs(self, group, name: str, specs: list, n_rows: int, chunk_size: int):
+        """A model's empty outputs: one zarr array per output, one zarr chunk per chunk."""
+        for k, (shape, dtype) in enumerate(specs):
+            dt = np.dtype(dtype)
+            group.create_array(f"{_key(name)}/out{k}", shape=(n_rows, *shape),
+                               chunks=(chunk_size, *shape), dtype=dt,
+                               fill_value=np.nan if dt.kind == "f" else 0, overwrite=True)
+
     def _write_manifest(self, m: dict) -> None:
-        f = Path(self.path) / MANIFEST
+        f = Path(self.path) / self.manifest_name
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(m, indent=1))
         os.replace(tmp, f)
@@ -359,6 +369,76 @@ class ResultStore:
         group = zarr.open_group(self.path, mode="r")
         n = len(self.manifest["models"][model]["outputs"])
         return [group[f"{self._key(model)}/out{k}"] for k in range(n)]
+
+
+class ParquetStore(ResultStore):
+    """A result store as a Parquet dataset: ``save="preds.parquet"``.
+
+    Each (model, chunk) task writes one file, ``<model>/part-<chunk>.parquet``, from its
+    worker by an atomic rename (a file there is a whole chunk: it is the chunk's marker).
+    Every file has one schema, so pandas, pyarrow and Dask read the whole folder as one
+    table: a record per (input row, model, output) with the row's number, the model's and
+    output's names (an unnamed output's is its index), the output's index, and its values
+    (a list: the row's values in C order, as float64, whatever the output's dtype). Lock,
+    manifest (``_nbtool.json``: a name Parquet readers skip) and resuming are the zarr
+    store's.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "preds.parquet"
+        >>> store = ParquetStore(path); store.acquire("run1")
+        >>> store.prepare([("cnn", "model-fp", [((3,), "float32")])], "input-fp", 10, 4)
+        {'cnn': set()}
+        >>> from nbtool.wire import StoreRef; from nbtool.worker.writing import write_chunk
+        >>> write_chunk(StoreRef(store.path, 4, "run1"), "cnn", 1, [np.ones((4, 3), "float32")])
+        >>> store.release(); store.completed("cnn")
+        {1}
+        >>> store.arrays("cnn")[0][3:5].tolist()
+        [[nan, nan, nan], [1.0, 1.0, 1.0]]
+        >>> import pandas as pd
+        >>> pd.read_parquet(path).columns.tolist()
+        ['row', 'model', 'output', 'output_index', 'values']
+    """
+
+    manifest_name = "_nbtool.json"
+
+    def completed(self, model: str) -> set[int]:
+        folder = Path(self.path) / self._key(model)
+        return {int(p.name[5:-8]) for p in folder.glob("part-*.parquet")} \
+            if folder.is_dir() else set()
+
+    def _open_outputs(self):
+        return None
+
+    def _new_outputs(self, group, name: str, specs: list, n_rows: int, chunk_size: int):
+        (Path(self.path) / _key(name)).mkdir(parents=True, exist_ok=True)
+
+    def arrays(self, model: str) -> list[np.ndarray]:
+        """The model's outputs read from its files (NaN where a chunk is not stored)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        specs = self.manifest["models"][model]["outputs"]
+        out = [np.full((self.manifest["n_rows"], *shape), np.nan,
+                       np.dtype(dtype) if np.dtype(dtype).kind in "fc" else np.float64)
+               for shape, dtype in specs]
+        for f in sorted((Path(self.path) / self._key(model)).glob("part-*.parquet")):
+            table = pq.read_table(f)
+            for k, (shape, _) in enumerate(specs):
+                part = table.filter(pc.equal(table["output_index"], k))
+                values = part.column("values").combine_chunks().flatten().to_numpy()
+                out[k][part.column("row").to_numpy()] = values.reshape(-1, *shape)
+        return out
+
+
+def open_result_store(path: str | os.PathLike) -> ResultStore:
+    """The result store at ``path``: a Parquet dataset for ``.parquet``, else zarr.
+
+    Example:
+        >>> type(open_result_store("p.parquet")).__name__, type(open_result_store("p.zarr")).__name__
+        ('ParquetStore', 'ResultStore')
+    """
+    return (ParquetStore if str(path).lower().endswith(".parquet") else ResultStore)(path)
 
 
 def _clear(root: Path) -> None:
@@ -408,8 +488,10 @@ def check_runs(path: str, runs: dict[str, str | None], models: list[str]) -> Non
     Example:
         >>> check_runs("preds.zarr", res.store_runs, ["cnn"])   # doctest: +SKIP
     """
+    manifest = (ParquetStore if str(path).lower().endswith(".parquet") else ResultStore
+                ).manifest_name
     try:
-        m = json.loads((Path(path) / MANIFEST).read_text())
+        m = json.loads((Path(path) / manifest).read_text())
     except (OSError, ValueError):
         m = None
     for name in models:

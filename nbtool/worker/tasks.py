@@ -68,7 +68,7 @@ def predict_chunk(spec: ModelSpec, data: Any, start: int, stop: int | None,
             loaded.row_cost_recorded = True
             record_cost(spec, cache.device, row=seconds / n_rows)
         if store is not None:   # written here, on the worker; only a receipt goes back
-            write_chunk(store, spec.name, chunk, outputs)
+            write_chunk(store, spec.name, chunk, outputs, spec.output_names)
             outputs = None
         notes, loaded.notes = tuple(loaded.notes), []
         return ChunkOutput(outputs, seconds, load_seconds, worker,

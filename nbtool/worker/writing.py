@@ -25,11 +25,17 @@ from nbtool.errors import ResultStoreError
 from nbtool.wire import StoreRef, store_key, store_owner
 
 
-def write_chunk(ref: StoreRef, model: str, chunk: int, outputs: list[np.ndarray]) -> None:
-    """Write one chunk's outputs, then mark it done (atomically)."""
+def write_chunk(ref: StoreRef, model: str, chunk: int, outputs: list[np.ndarray],
+                names: tuple | None = None) -> None:
+    """Write one chunk's outputs, then mark it done (atomically); a ``.parquet`` store
+    gets one file for the chunk (``names``: the outputs' names, if the model has them).
+    """
     import zarr
 
     _check_owner(ref, model, chunk)
+    if ref.path.lower().endswith(".parquet"):
+        _write_parquet(ref, model, chunk, outputs, names)
+        return
     group = zarr.open_group(ref.path, mode="r+")
     for k, out in enumerate(outputs):
         group[f"{store_key(model)}/out{k}"][ref.start:ref.start + len(out)] = out
@@ -41,6 +47,32 @@ def write_chunk(ref: StoreRef, model: str, chunk: int, outputs: list[np.ndarray]
     # done in a store that another run holds now.
     _check_owner(ref, model, chunk)
     os.replace(tmp, done / str(chunk))
+
+
+def _write_parquet(ref: StoreRef, model: str, chunk: int, outputs: list[np.ndarray],
+                   names: tuple | None) -> None:
+    """The chunk's file ``<model>/part-<chunk>.parquet``: a record per (row, output),
+    written beside it and renamed into place (a file there is a whole chunk)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(outputs[0]) if outputs else 0
+    rows, labels, index, values = [], [], [], []
+    for k, out in enumerate(outputs):
+        flat = np.asarray(out, dtype=np.float64).reshape(n, -1)
+        rows.append(np.arange(ref.start, ref.start + n, dtype=np.int64))
+        labels += [names[k] if names else str(k)] * n
+        index.append(np.full(n, k, np.int32))
+        values.append(pa.FixedSizeListArray.from_arrays(flat.reshape(-1), flat.shape[1]))
+    table = pa.table({"row": np.concatenate(rows), "model": [model] * len(labels),
+                      "output": labels, "output_index": np.concatenate(index),
+                      "values": pa.concat_arrays([v.cast(pa.list_(pa.float64())) for v in values])})
+    folder = Path(ref.path) / store_key(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".part-{chunk:05d}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    _check_owner(ref, model, chunk)   # a run that ended meanwhile must not add a chunk
+    os.replace(tmp, folder / f"part-{chunk:05d}.parquet")
 
 
 def _check_owner(ref: StoreRef, model: str, chunk: int) -> None:
