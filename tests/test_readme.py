@@ -123,10 +123,9 @@ def test_python_block_registers_each_format_and_predicts_what_its_own_runtime_do
     for n in names:
         np.testing.assert_allclose(res[f"{unique}_{n}"], truth[n], rtol=1e-5, atol=1e-6,
                                    err_msg=n)
-    # The table: a SavedModel's input is learned at its first load, not at register.
-    assert engine.registry.get(f"{unique}_exported").input_shape == (None, 8)
+    # The table: a SavedModel's input is read from its serving signature at register.
     fresh = engine.register(f"{unique}_exported2", d / "exported", trusted=True)
-    assert fresh.input_shape is None
+    assert fresh.input_shape == (None, 8) and fresh.input_dtype == "float32"
 
 
 def test_magic_blocks_run_as_pasted(engine, byom, unique, monkeypatch, keep_default_engine):
@@ -254,3 +253,61 @@ def test_the_load_errors_it_quotes_are_the_ones_users_get(engine, byom, keras, u
         engine.predict(f"{unique}_fit", x[:, :5])
     phrase = "expects rows of shape (8,) (batch shape (None, 8)), got rows of shape (5,)"
     assert phrase in text and phrase in str(caught.value)
+
+
+KINDS = "Models with several inputs, tables and text"
+
+
+@pytest.fixture(scope="module")
+def kinds_files(tmp_path_factory, keras):
+    """The section's three models, saved as users save them, and their inputs."""
+    import pandas as pd
+
+    d = tmp_path_factory.mktemp("readme_kinds")
+    rng = np.random.default_rng(5)
+    keras.utils.set_random_seed(5)
+    image, meta = keras.Input((6, 6, 3), name="image"), keras.Input((2,), name="meta")
+    h = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(image), meta])
+    keras.Model([image, meta], keras.layers.Dense(4, activation="softmax")(h)).save(
+        d / "photo_meta.keras")
+    cols = {c: keras.Input((1,), name=c) for c in ("age", "income", "plan")}
+    t = keras.layers.Dense(6, activation="relu")(keras.layers.Concatenate()(list(cols.values())))
+    keras.Model(cols, keras.layers.Dense(2, activation="softmax")(t)).save(d / "churn.keras")
+    text = keras.Input((1,), dtype="string", name="review")
+    vec = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=4)
+    vec.adapt(["a fine film", "dull and long", "fine acting"])
+    e = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(30, 3)(vec(text)))
+    keras.Model(text, keras.layers.Dense(2, activation="softmax")(e)).save(d / "sentiment.keras")
+    customers = pd.DataFrame({"age": rng.uniform(20, 70, 25), "income": rng.normal(size=25),
+                              "plan": rng.integers(0, 3, 25)},
+                             index=pd.Index([f"c{i}" for i in range(25)], name="customer"))
+    ns = {"images": rng.normal(size=(25, 6, 6, 3)).astype("float32"),
+          "meta": rng.normal(size=(25, 2)).astype("float32"), "customers": customers}
+    return d, ns
+
+
+def test_several_inputs_tables_and_text_blocks_run_and_equal_keras(engine, kinds_files, keras,
+                                                                    unique, monkeypatch):
+    import tensorflow as tf
+
+    d, inputs = kinds_files
+    blocks = fenced_blocks(readme_section(KINDS), "python")
+    assert len(blocks) == 3
+    monkeypatch.chdir(d)
+    load = {n: keras.saving.load_model(d / f"{n}.keras")
+            for n in ("photo_meta", "churn", "sentiment")}
+    ns = {"eng": engine, **inputs}
+    exec(compile(prefixed_python(blocks[0], ["photo_meta"], unique), KINDS, "exec"), ns)
+    want = load["photo_meta"].predict([inputs["images"], inputs["meta"]], verbose=0)
+    np.testing.assert_allclose(ns["res"][f"{unique}_photo_meta"], want, atol=1e-5)
+    exec(compile(prefixed_python(blocks[1], ["churn"], unique), KINDS, "exec"), ns)
+    df = inputs["customers"]
+    want = load["churn"].predict({c: df[[c]].to_numpy("float32") for c in df}, verbose=0)
+    np.testing.assert_allclose(ns["res"][f"{unique}_churn"], want, atol=1e-5)
+    table = ns["res"].to_pandas()
+    assert table.index.name == "customer" and list(table.columns) == [
+        f"{unique}_churn.class", f"{unique}_churn.probability"]
+    exec(compile(prefixed_python(blocks[2], ["sentiment"], unique), KINDS, "exec"), ns)
+    want = load["sentiment"].predict(tf.constant([["a fine film"], ["dull and long"]]),
+                                     verbose=0)
+    np.testing.assert_allclose(ns["res"][f"{unique}_sentiment"], want, atol=1e-5)

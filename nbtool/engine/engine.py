@@ -377,15 +377,33 @@ class Engine:
           zarr array object (workers read their own slices);
         - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
           (workers decode and resize their own files);
-        - a Dask array (its row blocks become the chunks).
+        - a Dask array (its row blocks become the chunks);
+        - for models of several inputs (read from the file at register: each input's name,
+          shape and dtype), a list of those in the model's input order, or a dict by input
+          name (also a ``.npz`` file or a zarr group, by array name); the inputs are
+          chunked in step;
+        - a table: a pandas DataFrame, a pyarrow Table, a Dask DataFrame or a Parquet file
+          or folder (the last two stay lazy, read by the workers). Its columns go to the
+          inputs of their names (``columns={"input": "column"}`` or ``{"input": [cols]}``
+          maps others); a model of one input ``(k,)`` takes its k columns in order. The
+          index (or the column ``ids="user_id"``) labels the rows in ``res.to_pandas()``;
+          ``ids=`` can also give an array's row labels;
+        - text for a model whose input is a string (a ``TextVectorization`` model, a
+          ``keras_hub`` task with its preprocessor): a list of strings, an array of them,
+          or a DataFrame's text column. Text travels as fixed-width unicode, never as
+          pickled objects.
 
         ``chunk_size`` is the rows each task computes: None picks one from the rows, the
         workers and their memory (a Dask array's own row blocks, if it has them).
 
         The input is checked against every model before anything is scheduled (a
-        SavedModel's input is learned at its first load, once). ``res[name]`` is the
-        model's output, a list of arrays for a model with several outputs (a ``.tflite``
-        gives them in its signature's order). ``combine`` is ``"mean"``, ``"vote"`` or ``None``. A
+        SavedModel's input is read from its signature, else learned at its first load).
+        ``res[name]`` is the model's output, a list of arrays for a model with several
+        outputs, or a dict by output name when the model names them (a dict of outputs, a
+        ``.tflite`` or SavedModel signature). ``combine`` is ``"mean"``, ``"vote"`` or
+        ``None``; models whose outputs agree in names and shapes are combined per output
+        (``res.combined`` is then a dict). ``res.to_pandas()`` is the result as a table,
+        one row per input row. A
         chunk that fails does not discard the others: see ``res.errors`` and
         ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
         says which model failed where), unless ``partial_combine=True``: the rows a model
@@ -395,8 +413,11 @@ class Engine:
         written by its worker as it completes, ``res[name]`` is then a zarr array on disk,
         and running the same prediction again computes only the chunks not stored yet
         (one run at a time: another run on the same path is refused);
-        ``nbtool.open_prediction("preds.zarr")`` reads it back later. ``save="preds.npz"``
-        writes the outputs once, at the end.
+        ``nbtool.open_prediction("preds.zarr")`` reads it back later.
+        ``save="preds.parquet"`` does the same as a Parquet dataset (one file per model and
+        chunk, one schema: ``pd.read_parquet("preds.parquet")`` reads every model, a record
+        per row, model and output). ``save="preds.npz"`` writes the outputs once, at the
+        end.
 
         ``cache=True`` memoises each chunk's outputs on disk (:mod:`nbtool.prediction.output_memo`),
         keyed by the model (file fingerprint, precision, preprocessing, runtime) and the

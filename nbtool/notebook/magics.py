@@ -338,13 +338,20 @@ class Nbtool(EngineCommands, Magics):
               "reads them back (default: %%config Nbtool.cache)")
     @argument("--background", action="store_true", help="return at once; the result is "
               "bound to --out when it is done")
+    @argument("--ids", default=None, help="a table's column that labels the rows (default: "
+              "its index): res.to_pandas() is indexed by it")
+    @argument("--columns", default=None, help="an expression for a dict mapping model inputs "
+              "to table columns, e.g. \"{'age': 'Age'}\"")
     @cell_magic
     def infer(self, line: str, cell: str):
         """Predict with registered models; the cell's last expression is the input.
 
         The input is an ndarray, a path to a .npy file, a .zarr array or a folder of
-        images, a zarr or Dask array, or ``nbtool.images(folder, size=...)``. The result
-        renders below the cell, is bound to --out and is returned (so ``_`` works).
+        images, a zarr or Dask array, or ``nbtool.images(folder, size=...)``; for models of
+        several inputs a list or a dict of those; a DataFrame (pandas, Arrow, Dask) or a
+        Parquet path, its columns matched to the models' inputs by name; text as a list of
+        strings. The result renders below the cell, is bound to --out and is returned (so
+        ``_`` works).
 
         Example (a cell)::
 
@@ -364,9 +371,11 @@ class Nbtool(EngineCommands, Magics):
         try:
             # `is None`, not `or`: a 0 must reach the check that refuses it, not the default.
             size = self.chunk_size if args.chunk_size is None else args.chunk_size
+            columns = self.shell.ev(args.columns) if args.columns else None
             run = self._engine().submit(args.names, x, size, combine, args.save,
                                         partial_combine=args.partial_combine,
-                                        cache=args.cache or self.cache)
+                                        cache=args.cache or self.cache, columns=columns,
+                                        ids=args.ids)
         except NbtoolError as e:
             raise UsageError(f"{type(e).__name__}: {e}") from None
         except ValueError as e:

@@ -342,18 +342,42 @@ def _notebook_namespace() -> dict:
 
 
 def _candidate_inputs(ns: dict) -> list[str]:
-    """Names in the namespace that can be predicted on: arrays, Dask arrays, .npy paths."""
+    """Names in the namespace that can be predicted on: arrays, Dask arrays, .npy and
+    Parquet paths, tables (pandas, Arrow, Dask), dicts of arrays (several inputs by
+    name) and lists of strings (text).
+
+    Example:
+        >>> import pandas as pd
+        >>> _candidate_inputs({"x": np.zeros((3, 2)), "df": pd.DataFrame({"a": [1]}),
+        ...                    "two": {"image": np.zeros((2, 4)), "meta": np.ones((2, 1))},
+        ...                    "reviews": ["good", "bad"], "n": 3, "_x": np.zeros(2)})
+        ['df', 'reviews', 'two', 'x']
+    """
     out = []
     for k, v in list(ns.items()):
         if k.startswith("_"):
             continue
-        if isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype != object:
+        if _one_input(v):
             out.append(k)
-        elif type(v).__module__.startswith("dask.array") and hasattr(v, "to_delayed"):
+        elif isinstance(v, dict) and v and all(isinstance(n, str) and _one_input(a)
+                                               for n, a in v.items()):
             out.append(k)
-        elif isinstance(v, str) and v.endswith(".npy"):
+        elif isinstance(v, list) and v and all(isinstance(t, str) for t in v[:100]):
+            out.append(k)
+        elif type(v).__module__.split(".")[0] in ("pandas", "pyarrow", "dask") \
+                and hasattr(v, "columns" if not hasattr(v, "column_names") else "column_names"):
             out.append(k)
     return sorted(out)
+
+
+def _one_input(v) -> bool:
+    """Whether ``v`` is rows on its own: an array (of numbers or text), a Dask array, or
+    a ``.npy``/``.parquet`` path."""
+    if isinstance(v, np.ndarray):
+        return v.ndim >= 1 and (v.dtype != object or v.size > 0 and isinstance(v.flat[0], str))
+    if type(v).__module__.startswith("dask.array") and hasattr(v, "to_delayed"):
+        return True
+    return isinstance(v, str) and v.endswith((".npy", ".parquet"))
 
 
 def _state(info: ModelState, queued: bool) -> str:
