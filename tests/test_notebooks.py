@@ -123,7 +123,7 @@ OWN_TESTS = {"optimization.ipynb"}
 
 def test_every_notebook_has_a_test_here():
     tested = {"quickstart.ipynb", "ensembles.ipynb", "memory.ipynb", "multi_gpu.ipynb",
-              "large_data.ipynb"}
+              "large_data.ipynb", "tables_and_text.ipynb"}
     assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} - OWN_TESTS == tested
 
 
@@ -288,3 +288,16 @@ def test_a_persistent_engine_survives_kernel_restart_in_a_real_kernel(tmp_path, 
     assert "ended at" in text and "shut down by nbtool.shutdown()" in text, text
     assert not list(runtime.glob("default.json"))
     assert_quiet(nb, "the kernel-restart notebook")
+
+
+def test_tables_and_text_runs_both_models_from_one_dataframe():
+    nb = run_notebook("tables_and_text.ipynb")
+    text = printed(nb)
+    for name in ("churn", "sentiment"):
+        assert float(line_with(text, f"{name} accuracy").split()[-1]) > 0.8, text
+    assert "rows labelled by customer: True" in text
+    assert "sentiment of two reviews: [0, 1]" in text
+    assert float(line_with(text, "churn: max abs diff against Keras").split()[-1]) <= 1e-5
+    assert "('review', (None, 1), 'string')" in text
+    assert "nbtool-prediction" in outputs_text(nb)                  # the inline report
+    assert "Traceback" not in text
