@@ -181,7 +181,7 @@ def shm_files() -> set[str]:
                   "(3,), float32), got one array of shape (90, 4, 4, 1)"),
     ("missing", "missing ['meta']"),
     ("extra", "the extra keys ['label']"),
-    ("rows", "'image': 90 rows, 'meta': 10 rows"),
+    ("rows", "got inputs of different row counts: 'image' 90 rows, 'meta' 10 rows"),
     ("dtype", "input 'meta': float32 input, got complex64"),
     ("shape", "input 'meta': rows of shape (3,)"),
 ])

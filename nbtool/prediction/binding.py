@@ -140,11 +140,11 @@ def _is_strings(x: Any) -> bool:
 
 def _is_input_list(x, several: list[ModelSpec]) -> bool:
     """Whether a list is the models' inputs in order (not rows): as long as their
-    number of inputs, and made of arrays (or paths, Dask arrays), not numbers."""
-    n = {len(s.inputs) for s in several}
-    if len(x) not in n:
+    number of inputs, and made of arrays, paths or nested lists (a list of numbers is
+    one row, never an input)."""
+    if len(x) not in {len(s.inputs) for s in several}:
         return False
-    return all(isinstance(v, (np.ndarray, str, os.PathLike)) or hasattr(v, "shape")
+    return all(hasattr(v, "shape") or isinstance(v, (str, os.PathLike))
                or isinstance(v, (list, tuple)) and len(v) and not np.isscalar(v[0])
                or isinstance(v, (list, tuple)) and len(v) and isinstance(v[0], str)
                for v in x)
@@ -203,6 +203,18 @@ def _bind_dict(x: Mapping, specs: list[ModelSpec]) -> SeveralSource:
         except InputMismatch as e:
             raise InputMismatch(None, None, f"input {k!r} to be rows", str(e),
                                 "see above") from None
+    return _in_step(parts, bindings, specs)
+
+
+def _in_step(parts: dict, bindings: dict, specs: list[ModelSpec]) -> SeveralSource:
+    """The inputs as one source, or a refusal naming the model when their rows differ."""
+    counts = {k: p.n_rows for k, p in parts.items()}
+    if len(set(counts.values())) > 1:
+        spec = next(s for s in specs if s.several)
+        raise InputMismatch(spec.name, spec.path, f"{_expects(spec)}, with one row per "
+                            "example in each", "inputs of different row counts: " +
+                            ", ".join(f"{k!r} {n:,} rows" for k, n in counts.items()),
+                            "give every input the same rows, in the same order")
     return SeveralSource(parts, bindings)
 
 
@@ -238,7 +250,7 @@ def _bind_list(x, specs: list[ModelSpec]) -> SeveralSource:
     for k, v in enumerate(x):
         views = [_takes(sp, sp.inputs[k].name) for sp in specs]
         parts[keys[k]] = _shaped(_one_input(v, views), views)
-    return SeveralSource(parts, bindings, what="inputs")
+    return _in_step(parts, bindings, specs)
 
 
 def _bind_table(table: Table, specs: list[ModelSpec], columns: dict) -> SeveralSource:
