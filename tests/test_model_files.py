@@ -19,7 +19,7 @@ def test_keras_h5_and_savedmodel_are_read_with_their_input_signature(model_dir):
     assert (keras_spec.format, h5_spec.format, sm_spec.format) == ("keras", "h5", "savedmodel")
     assert keras_spec.input_shape == h5_spec.input_shape == (None, 8)
     assert keras_spec.input_dtype == "float32"
-    assert sm_spec.input_shape is None          # learned on a worker at first load
+    assert sm_spec.input_shape == (None, 8)     # read from its serving signature
     assert all(s.size_bytes > 0 for s in (keras_spec, h5_spec, sm_spec))
 
 
@@ -124,8 +124,14 @@ def test_an_openvino_ir_is_read_without_tensorflow_or_openvino(tmp_path):
     size = (tmp_path / "det.xml").stat().st_size + (tmp_path / "det.bin").stat().st_size
     assert out == ["openvino", "openvino", "(None,", "6,", "6,", "2)", "float32", "2",
                    str(size), "False", "False"]   # an IR runs no code: no trust needed
-    two = inspect_model("two", _save_ir(tmp_path / "two.xml", n_inputs=2))
-    assert two.n_inputs == 2 and two.n_outputs == 3
+    from nbtool.catalog.files import read_model_file
+    from nbtool.errors import UnsupportedFormat
+
+    two = read_model_file(_save_ir(tmp_path / "two.xml", n_inputs=2))
+    assert [i.name for i in two.inputs] == ["x0", "x1"] and two.n_outputs == 3
+    with pytest.raises(UnsupportedFormat, match=r"IR that takes 2 inputs \('x0', 'x1'\).*"
+                                                r"Keras original"):
+        inspect_model("two", tmp_path / "two.xml")   # it would fail at load: refused now
 
 
 def test_a_broken_or_foreign_ir_is_named_with_a_fix(tmp_path):

@@ -122,7 +122,7 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
                                        options.get("precision"))
     if info.format in ("tflite", "openvino") and len(info.inputs) > 1:
         names = ", ".join(repr(i.name) for i in info.inputs)
-        raise UnsupportedFormat(name, str(p), f"a {FORMAT_LABELS[info.format]} that takes "
+        raise UnsupportedFormat(name, str(p), f"{FORMAT_LABELS[info.format]} that takes "
                                 f"{len(info.inputs)} inputs ({names}): nbtool runs those "
                                 "formats with one input", "register the Keras original "
                                 "(.keras, .h5 or a SavedModel), which runs its several "
@@ -136,7 +136,7 @@ def inspect_model(name: str, path: str | os.PathLike, **options: Any) -> ModelSp
 
 
 #: How errors name the formats that run outside TensorFlow.
-FORMAT_LABELS = {"tflite": ".tflite", "openvino": "OpenVINO IR"}
+FORMAT_LABELS = {"tflite": "a .tflite", "openvino": "an OpenVINO IR"}
 
 
 def check_convertible(model: str, runtime: str, inputs, format: str = "keras") -> None:

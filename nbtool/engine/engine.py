@@ -378,20 +378,14 @@ class Engine:
         - a folder of images, as a path or ``nbtool.images("photos/", size=(224, 224))``
           (workers decode and resize their own files);
         - a Dask array (its row blocks become the chunks);
-        - for models of several inputs (read from the file at register: each input's name,
-          shape and dtype), a list of those in the model's input order, or a dict by input
-          name (also a ``.npz`` file or a zarr group, by array name); the inputs are
-          chunked in step;
-        - a table: a pandas DataFrame, a pyarrow Table, a Dask DataFrame or a Parquet file
-          or folder (the last two stay lazy, read by the workers). Its columns go to the
-          inputs of their names (``columns={"input": "column"}`` or ``{"input": [cols]}``
-          maps others); a model of one input ``(k,)`` takes its k columns in order. The
-          index (or the column ``ids="user_id"``) labels the rows in ``res.to_pandas()``;
-          ``ids=`` can also give an array's row labels;
-        - text for a model whose input is a string (a ``TextVectorization`` model, a
-          ``keras_hub`` task with its preprocessor): a list of strings, an array of them,
-          or a DataFrame's text column. Text travels as fixed-width unicode, never as
-          pickled objects.
+        - for models of several inputs, a list of those in input order or a dict by input
+          name (a ``.npz`` file, a zarr group), chunked in step;
+        - a table (pandas, pyarrow, Dask, a Parquet path; the last two stay lazy): columns
+          go to the inputs of their names (``columns={"input": "col" or [cols]}`` maps
+          others), a model of one input ``(k,)`` takes k columns; the index (or
+          ``ids="col"``; for an array, ``ids=labels``) labels ``res.to_pandas()``'s rows;
+        - text for a string input: a list or array of strings, a text column (sent as
+          fixed-width unicode, never pickled).
 
         ``chunk_size`` is the rows each task computes: None picks one from the rows, the
         workers and their memory (a Dask array's own row blocks, if it has them).
