@@ -391,13 +391,10 @@ class Engine:
         workers and their memory (a Dask array's own row blocks, if it has them).
 
         The input is checked against every model before anything is scheduled (a
-        SavedModel's input is read from its signature, else learned at its first load).
-        ``res[name]`` is the model's output, a list of arrays for a model with several
-        outputs, or a dict by output name when the model names them (a dict of outputs, a
-        ``.tflite`` or SavedModel signature). ``combine`` is ``"mean"``, ``"vote"`` or
-        ``None``; models whose outputs agree in names and shapes are combined per output
-        (``res.combined`` is then a dict). ``res.to_pandas()`` is the result as a table,
-        one row per input row. A
+        SavedModel's input is read from its signature). ``res[name]`` is the model's
+        output: a list of arrays for several outputs, a dict when the model names them.
+        ``combine`` is ``"mean"``, ``"vote"`` or ``None`` (per output name where the models'
+        outputs agree). ``res.to_pandas()``: one row per input row. A
         chunk that fails does not discard the others: see ``res.errors`` and
         ``res.raise_for_errors()``. Then ``res.combined`` is None (``res.combined_note``
         says which model failed where), unless ``partial_combine=True``: the rows a model

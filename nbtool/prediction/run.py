@@ -366,7 +366,9 @@ class PredictionRun:
             return combine_outputs(singles, self.combine) if singles else None
         names = {s.name: s.output_names for s, _ in done}
         if len(multi) < len(done) or None in names.values() or len(set(names.values())) > 1:
-            raise CombineError(self.combine, "the models' outputs differ: " + "; ".join(
+            raise CombineError(self.combine, "the models' outputs differ (several outputs "
+                               "combine per name, where every model names the same "
+                               "outputs): " + "; ".join(
                 f"{m!r} has {len(outputs[m])} output(s)" +
                 (f" named {list(n)}" if n else " without names") for m, n in names.items()))
         order = next(iter(names.values()))
