@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from nbtool.wire import is_text_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
@@ -56,30 +58,6 @@ class InputSpec:
             "(" + ", ".join("?" if d is None else str(d) for d in self.row_shape) + \
             ("," if len(self.row_shape) == 1 else "") + ")"
         return f"{self.name!r} (rows of {rows}, {self.dtype})"
-
-
-def is_text_dtype(dtype) -> bool:
-    """Whether a dtype (a name, numpy's or TensorFlow's) holds strings.
-
-    Example:
-        >>> is_text_dtype("string"), is_text_dtype(np.dtype("<U5")), is_text_dtype("float32")
-        (True, True, False)
-    """
-    name = getattr(dtype, "name", dtype)
-    if isinstance(dtype, np.dtype):
-        return dtype.kind in "USO"
-    return str(name) in ("string", "str", "object", "bytes") or str(name).startswith(("<U", "|S", "str"))
-
-
-def numpy_dtype(dtype) -> np.dtype:
-    """The numpy dtype rows of a model input are sent as: text as fixed-width unicode
-    (never Python objects: no file a worker opens ever needs ``allow_pickle``).
-
-    Example:
-        >>> numpy_dtype("string"), numpy_dtype("float32")
-        (dtype('<U'), dtype('float32'))
-    """
-    return np.dtype(str) if is_text_dtype(dtype) else np.dtype(getattr(dtype, "name", dtype))
 
 
 def tensorflow_only(inputs) -> str | None:
@@ -133,7 +111,7 @@ def row_count(rows) -> int:
     """
     if isinstance(rows, dict):
         return len(next(iter(rows.values()))) if rows else 0
-    return len(rows)
+    return int(np.shape(rows)[0]) if not hasattr(rows, "__len__") else len(rows)
 
 
 def take_rows(rows, start: int, stop: int | None):

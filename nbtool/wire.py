@@ -189,6 +189,30 @@ def content_digest(path: str | os.PathLike, fingerprint: str | None = None) -> s
     return _DIGESTS[key]
 
 
+def is_text_dtype(dtype) -> bool:
+    """Whether a dtype (a name, numpy's or TensorFlow's) holds strings.
+
+    Example:
+        >>> is_text_dtype("string"), is_text_dtype(np.dtype("<U5")), is_text_dtype("float32")
+        (True, True, False)
+    """
+    name = getattr(dtype, "name", dtype)
+    if isinstance(dtype, np.dtype):
+        return dtype.kind in "USO"
+    return str(name) in ("string", "str", "object", "bytes") or str(name).startswith(("<U", "|S", "str"))
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype rows of a model input are sent as: text as fixed-width unicode
+    (never Python objects: no file a worker opens ever needs ``allow_pickle``).
+
+    Example:
+        >>> numpy_dtype("string"), numpy_dtype("float32")
+        (dtype('<U'), dtype('float32'))
+    """
+    return np.dtype(str) if is_text_dtype(dtype) else np.dtype(getattr(dtype, "name", dtype))
+
+
 # -- references to rows that workers read themselves -------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NpyFile:

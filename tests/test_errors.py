@@ -88,7 +88,8 @@ def test_input_that_does_not_fit_is_refused_before_anything_runs(engine, model_d
     assert "rows of shape (8,)" in msg and "got rows of shape (8, 8, 1)" in msg
     # 64 values a row cannot become rows of 8: no reshape is suggested that would fail.
     assert "64 values each and the model's hold 8, so no reshape fits" in msg
-    with pytest.raises(InputMismatch, match=r"expects float32 numbers, got text from your array of shape \(4, 8\) and dtype <U3"):
+    with pytest.raises(InputMismatch, match=r"expects float32 numbers, got text from your "
+                                            r"array of shape \(4, 8\) and dtype <U3"):
         engine.predict(name, np.full((4, 8), "abc"))
     st = engine.status()
     assert all(name not in s.models for s in st.values())       # nothing was scheduled

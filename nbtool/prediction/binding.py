@@ -10,7 +10,7 @@ scheduled, naming the model, its inputs and what was given.
 
 Example:
     >>> from nbtool.signature import InputSpec
-    >>> from nbtool.wire import ModelSpec
+    >>> from nbtool.wire import ModelSpec, is_text_dtype
     >>> two = ModelSpec("two", "two.keras", "keras", 1, "1-1", input_shape=(None, 2),
     ...                 inputs=(InputSpec("image", (None, 2)), InputSpec("meta", (None, 3))))
     >>> src = bind_input({"meta": np.ones((4, 3)), "image": np.zeros((4, 2))}, [two])
@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 
 from nbtool.errors import InputMismatch
-from nbtool.prediction.frames import Table, is_table, open_table
 from nbtool.prediction.inputs import as_source
 from nbtool.prediction.sources import ArraySource, SeveralSource, Source
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 
 
 def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
@@ -49,7 +48,7 @@ def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
 
     Example:
         >>> from nbtool.signature import InputSpec
-        >>> from nbtool.wire import ModelSpec
+        >>> from nbtool.wire import ModelSpec, is_text_dtype
         >>> text = ModelSpec("clf", "clf.keras", "keras", 1, "1-1", input_shape=(None, 1),
         ...                  input_dtype="string", inputs=(InputSpec("t", (None, 1), "string"),))
         >>> bind_input(["good film", "bad film"], [text]).array.tolist()
@@ -59,6 +58,8 @@ def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
     if several and isinstance(x, (str, os.PathLike)):
         x = _named_arrays(Path(x)) or x   # a .npz, or a zarr group: arrays by name
     if is_table(x):
+        from nbtool.prediction.frames import open_table   # tables only: pandas, pyarrow
+
         return _bind_table(open_table(x, ids), specs, columns or {})
     if columns:
         raise InputMismatch(None, None, "a table (a DataFrame, an Arrow table or Parquet) "
@@ -71,6 +72,29 @@ def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
     if several:
         raise _several_refusal(several[0], x)
     return _labelled(_one_input(x, specs), ids)
+
+
+def is_table(x: Any) -> bool:
+    """Whether ``x`` is a table nbtool reads by column: a pandas, pyarrow or Dask
+    DataFrame/Table, or a path to a ``.parquet`` file or a folder of them.
+
+    Example:
+        >>> import pandas as pd
+        >>> is_table(pd.DataFrame({"a": [1]})), is_table(np.zeros(3)), is_table("x.parquet")
+        (True, False, True)
+    """
+    module = type(x).__module__
+    if module.startswith("pandas") and hasattr(x, "columns"):
+        return True
+    if module.startswith("pyarrow") and hasattr(x, "column_names"):
+        return True
+    if module.startswith("dask") and hasattr(x, "columns") and hasattr(x, "npartitions"):
+        return True
+    if isinstance(x, (str, os.PathLike)):
+        p = Path(x)
+        return p.suffix.lower() in (".parquet", ".pq") or (
+            p.is_dir() and any(f.suffix.lower() in (".parquet", ".pq") for f in p.iterdir()))
+    return False
 
 
 def _named_arrays(p: Path) -> dict | None:
@@ -109,7 +133,8 @@ def _shaped(src: Source, specs: list[ModelSpec], name: str | None = None) -> Sou
     arr = getattr(src, "array", None)
     if type(src) is ArraySource and arr.ndim == 1 and arr.dtype.kind in "US":
         wants = [_input(s, name) for s in specs]
-        if any(i is not None and i.text and i.row_shape == (1,) for i in wants):
+        if any(i is not None and is_text_dtype(i.dtype) and i.row_shape == (1,)
+               for i in wants):
             return ArraySource(arr[:, None])
     return src
 
@@ -123,7 +148,7 @@ def _input(spec: ModelSpec, name: str | None):
 
 
 def _text(spec: ModelSpec) -> bool:
-    return bool(spec.inputs) and spec.inputs[0].text and spec.preprocess is None
+    return bool(spec.inputs) and is_text_dtype(spec.inputs[0].dtype) and spec.preprocess is None
 
 
 def _is_strings(x: Any) -> bool:
@@ -253,7 +278,7 @@ def _bind_list(x, specs: list[ModelSpec]) -> SeveralSource:
     return _in_step(parts, bindings, specs)
 
 
-def _bind_table(table: Table, specs: list[ModelSpec], columns: dict) -> SeveralSource:
+def _bind_table(table, specs: list[ModelSpec], columns: dict) -> SeveralSource:
     """Columns to inputs: by name (or ``columns=``); a model of one input ``(k,)`` takes
     k columns (all those no other input takes, in order). Unused columns are refused."""
     columns = {k: [v] if isinstance(v, str) else list(v) for k, v in columns.items()}

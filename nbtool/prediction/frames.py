@@ -30,29 +30,6 @@ from nbtool.prediction.inputs import describe_objects
 from nbtool.prediction.sources import ArraySource, DaskSource, Source
 
 
-def is_table(x: Any) -> bool:
-    """Whether ``x`` is a table nbtool reads by column: a pandas, pyarrow or Dask
-    DataFrame/Table, or a path to a ``.parquet`` file or a folder of them.
-
-    Example:
-        >>> import pandas as pd
-        >>> is_table(pd.DataFrame({"a": [1]})), is_table(np.zeros(3)), is_table("x.parquet")
-        (True, False, True)
-    """
-    module = type(x).__module__
-    if module.startswith("pandas") and hasattr(x, "columns"):
-        return True
-    if module.startswith("pyarrow") and hasattr(x, "column_names"):
-        return True
-    if module.startswith("dask") and hasattr(x, "columns") and hasattr(x, "npartitions"):
-        return True
-    if isinstance(x, (str, os.PathLike)):
-        p = Path(x)
-        return p.suffix.lower() in (".parquet", ".pq") or (
-            p.is_dir() and any(f.suffix.lower() in (".parquet", ".pq") for f in p.iterdir()))
-    return False
-
-
 class Table:
     """A table's columns, each group of them turned into a :class:`Source` on demand.
 

@@ -26,8 +26,7 @@ import numpy as np
 from nbtool.errors import InputMismatch, NbtoolError
 from nbtool.prediction.sources import (ArraySource, DaskSource, ImageFolderSource, NpySource,
     SeveralSource, Source, ZarrSource)
-from nbtool.signature import is_text_dtype
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 
 #: Default chunks per worker: enough to balance replicas and overlap, few enough that the
 #: per-task overhead (a few ms) stays small against the work.

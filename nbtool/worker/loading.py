@@ -112,10 +112,7 @@ def open_savedmodel(spec: ModelSpec, tf):
     obj = tf.saved_model.load(spec.path)
     endpoint = next((e for e in SAVEDMODEL_ENDPOINTS if e in obj.signatures), None)
     if endpoint is None:
-        raise ModelLoadError(spec.name, spec.path, worker_name(),
-                             f"it has no serving signature (it has {sorted(obj.signatures)})",
-                             "export it with model.export(path) or tf.saved_model.save(obj, "
-                             "path, signatures=...)")
+        return open_serve_function(spec, obj, tf)
     fn = obj.signatures[endpoint]
     specs = fn.structured_input_signature[1]   # keyword arguments: name -> TensorSpec
     names = sorted(specs)
@@ -165,6 +162,31 @@ def with_precision(model, precision: str):
     rebuilt = model.__class__.from_config(patch(model.get_config()))
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+def open_serve_function(spec: ModelSpec, obj, tf):
+    """A SavedModel without a serving signature, called by its ``serve`` function (a
+    ``tf.Module`` saved with a traced ``serve`` method): one input, its spec from the
+    function's own signature; returned as :func:`open_model` does.
+
+    Example:
+        >>> call, row_shape, dtype, n_outputs, weight_bytes = open_serve_function(spec, obj, tf)  # doctest: +SKIP
+    """
+    fn = getattr(obj, "serve", None)
+    specs = [s for s in tf.nest.flatten(getattr(fn, "input_signature", None) or ())
+             if isinstance(s, tf.TensorSpec)]
+    if fn is None or len(specs) != 1:
+        found = f"a serve function of {len(specs)} inputs" if fn is not None else \
+            f"no serve function, and no signature (it has {sorted(obj.signatures)})"
+        raise ModelLoadError(spec.name, spec.path, worker_name(), f"it has {found}",
+                             "export it with model.export(path), or tf.saved_model.save(obj, "
+                             "path, signatures=...) with a serving signature")
+
+    def call(x, training=False):
+        return fn(x)
+    call.signature = obj
+    return (call, tuple(specs[0].shape)[1:], specs[0].dtype.name, None,
+            weight_bytes(getattr(obj, "variables", ())))
 
 
 def weight_bytes(weights) -> int:

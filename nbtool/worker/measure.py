@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nbtool.signature import is_text_dtype
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 from nbtool.worker.environment import machine_folder, out_of_memory_error, worker_device
 from nbtool.worker.runtimes import DEFAULT_BATCH_SIZE, make_predictor
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from nbtool._util import human_bytes
 from nbtool.errors import ConversionDisagrees, ModelFileChanged, NbtoolError
-from nbtool.signature import InputSpec, is_text_dtype
+from nbtool.signature import InputSpec
 from nbtool.wire import (ModelSpec, ModelState, SOFT_UNLOAD_ON_GPU, UnloadResult,
-    WorkerStatus, file_fingerprint)
+    WorkerStatus, file_fingerprint, is_text_dtype)
 from nbtool.worker.auto import (CONVERTERS, Guard, discard, open_for_runtime,
     remember_envelope, remember_fallback)
 from nbtool.worker.environment import (describe_exception, held_memory, memory_in_use, on_gpu,

@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nbtool.signature import is_text_dtype
-from nbtool.wire import ModelSpec
+from nbtool.wire import ModelSpec, is_text_dtype
 from nbtool.worker.auto.agreement import check_rows
 from nbtool.worker.loading import open_model
 from nbtool.worker.runtimes import (LiteRTModel, OpenVINOModel, input_signature, ir_files,

@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from nbtool.errors import BatchAxisMismatch, ChunkCancelled
-from nbtool.signature import numpy_dtype, row_count, take_rows
+from nbtool.signature import row_count, take_rows
+from nbtool.wire import numpy_dtype
 from nbtool.worker.environment import tensorflow
 
 
