@@ -10,7 +10,7 @@ scheduled, naming the model, its inputs and what was given.
 
 Example:
     >>> from nbtool.signature import InputSpec
-    >>> from nbtool.wire import ModelSpec, is_text_dtype
+    >>> from nbtool.wire import ModelSpec
     >>> two = ModelSpec("two", "two.keras", "keras", 1, "1-1", input_shape=(None, 2),
     ...                 inputs=(InputSpec("image", (None, 2)), InputSpec("meta", (None, 3))))
     >>> src = bind_input({"meta": np.ones((4, 3)), "image": np.zeros((4, 2))}, [two])
@@ -48,7 +48,7 @@ def bind_input(x: Any, specs: list[ModelSpec], columns: dict | None = None,
 
     Example:
         >>> from nbtool.signature import InputSpec
-        >>> from nbtool.wire import ModelSpec, is_text_dtype
+        >>> from nbtool.wire import ModelSpec
         >>> text = ModelSpec("clf", "clf.keras", "keras", 1, "1-1", input_shape=(None, 1),
         ...                  input_dtype="string", inputs=(InputSpec("t", (None, 1), "string"),))
         >>> bind_input(["good film", "bad film"], [text]).array.tolist()

@@ -242,8 +242,9 @@ def model_key(spec, backends: list[str]) -> str:
 
 def chunk_keys(source, bounds: list[tuple[int, int]]) -> list[str] | None:
     """One key per chunk of ``source``: its rows' hash, or the source's fingerprint with
-    the chunk's bounds where the rows live in files the kernel does not read; None for a
-    Dask array (not cached: see the module's text).
+    the chunk's bounds where the rows live in files the kernel does not read; for several
+    inputs, one key of all their rows' keys; None for a Dask array (not cached: see the
+    module's text).
 
     Example:
         >>> from nbtool.prediction.sources import ArraySource
@@ -253,8 +254,14 @@ def chunk_keys(source, bounds: list[tuple[int, int]]) -> list[str] | None:
         >>> a[0] == b[0], a[1] == b[1]
         (True, False)
     """
-    from nbtool.prediction.sources import DaskSource, NpySource
+    from nbtool.prediction.sources import DaskSource, NpySource, SeveralSource
 
+    if isinstance(source, SeveralSource):   # several inputs: keys of all their rows
+        parts = [chunk_keys(p, bounds) for p in source.parts.values()]
+        if any(p is None for p in parts):
+            return None
+        return [hashlib.blake2b("|".join(ks).encode(), digest_size=16).hexdigest()
+                for ks in zip(*parts)]
     if isinstance(source, DaskSource):
         return None
     rows = getattr(source, "array", None)
