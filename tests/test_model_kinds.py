@@ -377,3 +377,19 @@ def test_save_to_parquet_writes_a_dataset_that_resumes_and_reads_everywhere(
     assert close(again[tab], kinds["two"]) <= TOL
     back = nbtool.open_prediction(path)
     assert close(back[tab], kinds["two"]) <= TOL
+    assert close(back[heads]["class"], kinds["heads"]["class"]) <= TOL   # by name again
+
+
+def test_the_infer_magic_takes_inputs_by_name_and_a_table_with_ids(engine, kinds, models):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbtool")
+    ip.user_ns.update(img=kinds["img"], meta=kinds["meta"],
+                      table=kinds["df"].rename(columns={"age": "Age"}).reset_index(names="user"))
+    two, tab = models["two"], models["tab"]
+    res = ip.run_cell_magic("infer", f"{two} --out r1", "{'meta': meta, 'image': img}")
+    assert close(res[two], kinds["two"]) <= TOL and ip.user_ns["r1"] is res
+    res = ip.run_cell_magic("infer", f"{tab} --ids user --columns \"{{'age': 'Age'}}\"", "table")
+    assert close(res[tab], kinds["tab"]) <= TOL
+    assert res.to_pandas().index.name == "user"

@@ -367,7 +367,8 @@ def open_prediction(path: str | os.PathLike):
     n_chunks = -(-m["n_rows"] // m["chunk_size"])
     res = Prediction(models, {name: store.arrays(name) for name in models},
                      n_rows=m["n_rows"], chunk_size=m["chunk_size"], store_path=store.path,
-                     store_runs=store.runs())
+                     store_runs=store.runs(),
+                     output_names={n: m["models"][n].get("names") for n in models})
     res.completed = {name: store.completed(name) for name in models}
     res.n_chunks = n_chunks
     return res

@@ -304,7 +304,7 @@ def open_store(store, specs: list[ModelSpec], source, chunk_size: int,
     """
     if store is None:
         return None
-    models = [(s.name, s.identity, list(s.output_specs)) for s in specs]
+    models = [(s.name, s.identity, list(s.output_specs), s.output_names) for s in specs]
     store.acquire(run_id)
     try:
         return store.prepare(models, source.fingerprint(), source.n_rows, chunk_size,

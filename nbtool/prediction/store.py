@@ -285,7 +285,8 @@ class ResultStore:
                 ) -> dict[str, set[int]]:
         """Make the store ready for a run; returns the chunks already done per model.
 
-        ``models`` holds (name, model fingerprint, output specs [(row shape, dtype)]).
+        ``models`` holds (name, model fingerprint, output specs [(row shape, dtype)]), and
+        optionally the outputs' names.
         Takes the writer lock first if this object does not hold it yet (:meth:`release`
         gives it back). Each model that this run will write (chunks missing, or new) is
         recorded in the manifest as written by this run.
@@ -315,11 +316,13 @@ class ResultStore:
             self.manifest = m
         group = self._open_outputs()
         n_chunks = n_chunks if n_chunks is not None else -(-n_rows // chunk_size)
-        for name, fingerprint, specs in models:
+        for name, fingerprint, specs, *names in models:
             m["models"][name] = self._prepare_model(group, name, fingerprint, specs,
                                                     n_rows, chunk_size, n_chunks)
+            if names and names[0]:   # the outputs' names, for open_prediction
+                m["models"][name]["names"] = list(names[0])
         self._write_manifest(m)
-        return {name: self.completed(name) for name, _, _ in models}
+        return {name: self.completed(name) for name, *_ in models}
 
     def _prepare_model(self, group, name: str, fingerprint: str, specs: list, n_rows: int,
                        chunk_size: int, n_chunks: int) -> dict:
