@@ -393,3 +393,49 @@ def test_the_infer_magic_takes_inputs_by_name_and_a_table_with_ids(engine, kinds
     res = ip.run_cell_magic("infer", f"{tab} --ids user --columns \"{{'age': 'Age'}}\"", "table")
     assert close(res[tab], kinds["tab"]) <= TOL
     assert res.to_pandas().index.name == "user"
+
+
+@pytest.fixture(scope="module")
+def basic_pitch(tmp_path_factory):
+    """Spotify's basic-pitch model files as its PyPI wheel ships them (a .tflite and a
+    SavedModel with named outputs ``contour``, ``note``, ``onset``): files nbtool did not
+    write. Fetched with pip (--no-deps: only the 750 kB wheel); CI must be able to."""
+    import subprocess
+    import sys
+    import zipfile
+
+    d = tmp_path_factory.mktemp("basic_pitch")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "basic-pitch==0.4.0",
+                          "--no-deps", "-d", str(d), "-q"], capture_output=True, text=True,
+                         timeout=300)
+    wheels = list(d.glob("basic_pitch-*.whl"))
+    if got.returncode or not wheels:
+        if os.environ.get("CI"):
+            pytest.fail(f"pip could not fetch basic-pitch: {got.stderr[-500:]}")
+        pytest.skip("basic-pitch's wheel cannot be fetched here (no package index)")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(d, [n for n in z.namelist() if "/icassp_2022/nmp" in n
+                         and "mlpackage" not in n and not n.endswith(".onnx")])
+    return d / "basic_pitch" / "saved_models" / "icassp_2022"
+
+
+def test_third_party_tflite_and_savedmodel_give_their_named_outputs(engine, basic_pitch,
+                                                                   unique):
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(3, 43844, 1)).astype("float32")
+    runner = Interpreter(model_path=str(basic_pitch / "nmp.tflite")).get_signature_runner()
+    lite = {k: np.concatenate([runner(input_2=x[i:i + 1])[k] for i in range(len(x))])
+            for k in ("contour", "note", "onset")}
+    graph = tf.saved_model.load(str(basic_pitch / "nmp")).signatures["serving_default"]
+    saved = {k: v.numpy() for k, v in graph(input_2=tf.constant(x)).items()}
+    t, s = f"{unique}_nmp_tflite", f"{unique}_nmp_sm"
+    engine.register(t, basic_pitch / "nmp.tflite")
+    engine.register(s, basic_pitch / "nmp", trusted=True)
+    res = engine.predict([t, s], x, combine=None, chunk_size=2)
+    res.raise_for_errors()
+    for name, want in ((t, lite), (s, saved)):
+        assert set(res[name]) == {"contour", "note", "onset"}, name
+        for k, v in want.items():
+            assert close(res[name][k], v) <= TOL, (name, k)
