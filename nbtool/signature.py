@@ -61,7 +61,7 @@ class InputSpec:
 
 
 def tensorflow_only(inputs) -> str | None:
-    """Why a model with these inputs (:class:`~nbtool.wire.InputSpec`) runs in TensorFlow
+    """Why a model with these inputs (:class:`InputSpec`) runs in TensorFlow
     only (its conversions to OpenVINO and LiteRT here take one numeric input), or None.
 
     Example:
@@ -82,7 +82,7 @@ def tensorflow_only(inputs) -> str | None:
 SAVEDMODEL_ENDPOINTS = ("serve", "serving_default")
 
 
-def named_outputs(names) -> tuple | None:
+def named_outputs(names) -> tuple[list[str], tuple | None]:
     """The order a model's outputs come back in, by their names (a dict's keys, a
     signature's), and the names to give them: ``(order, names)``, where ``names`` is None
     when they are only numbers (``output_0``, ``output_1``... as Keras and converters

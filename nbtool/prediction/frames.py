@@ -35,6 +35,12 @@ class Table:
 
     ``row_ids``: the rows' labels (the index, or the ``ids`` column, left out of the
     columns); None for a lazy table without an ``ids`` column (rows are then numbered).
+
+    Example:
+        >>> import pandas as pd
+        >>> t = Table(pd.DataFrame({"user": ["a", "b"], "x": [1.0, 2.0]}), ids="user")
+        >>> t.columns, list(t.row_ids), t.row_ids.name
+        (['x'], ['a', 'b'], 'user')
     """
 
     def __init__(self, frame, ids: str | None = None, lazy: bool = False,
@@ -68,6 +74,16 @@ class Table:
 
         Raises :class:`InputMismatch` naming a missing column, text mixed with numbers,
         or a text column holding something else than strings.
+
+        Example:
+            >>> import pandas as pd
+            >>> t = Table(pd.DataFrame({"a": [1, 2], "b": [0.5, 1.5]}))
+            >>> t.part(["b", "a"]).array.tolist()
+            [[0.5, 1.0], [1.5, 2.0]]
+            >>> t.part(["c"])  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            nbtool.errors.InputMismatch: the input expects the columns ['c'], got your DataFrame with the columns ['a', 'b']...
         """
         missing = [c for c in cols if c not in self._names]
         if missing:
