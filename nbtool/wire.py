@@ -210,7 +210,10 @@ def numpy_dtype(dtype) -> np.dtype:
         >>> numpy_dtype("string"), numpy_dtype("float32")
         (dtype('<U'), dtype('float32'))
     """
-    return np.dtype(str) if is_text_dtype(dtype) else np.dtype(getattr(dtype, "name", dtype))
+    if is_text_dtype(dtype):
+        return np.dtype(str)
+    # A numpy dtype stays as it is: bfloat16's name means nothing to numpy without ml_dtypes.
+    return dtype if isinstance(dtype, np.dtype) else np.dtype(getattr(dtype, "name", dtype))
 
 
 # -- references to rows that workers read themselves -------------------------------------
