@@ -410,7 +410,7 @@ def basic_pitch(tmp_path_factory):
                          timeout=300)
     wheels = list(d.glob("basic_pitch-*.whl"))
     if got.returncode or not wheels:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") == "true":   # CI installs from the index: it can fetch
             pytest.fail(f"pip could not fetch basic-pitch: {got.stderr[-500:]}")
         pytest.skip("basic-pitch's wheel cannot be fetched here (no package index)")
     with zipfile.ZipFile(wheels[0]) as z:

@@ -403,11 +403,6 @@ class SeveralSource(Source):
     def describe(self):
         return f"{self.what} " + ", ".join(f"{k!r} ({p.describe()})" for k, p in self.parts.items())
 
-    def part_of(self, model: str, name: str | None = None) -> Source:
-        """The part ``model`` reads for its input ``name`` (its one input: None)."""
-        binding = self.bindings[model]
-        return self.parts[binding if name is None else binding[name]]
-
     def chunk_bounds(self, chunk_size):
         # Dask parts are rechunked to chunk_size: their blocks fall on these bounds too.
         return Source.chunk_bounds(self, chunk_size)
